@@ -1,0 +1,147 @@
+"""Turns samples into batches.
+
+One function builds the package's `HiggsAudioSampleCollator` with every flag
+read from the loaded model config (delay pattern, number of codebooks,
+Whisper on or off, audio-in tokens, token ids), and one function collates a
+list of samples with it; training and inference both use them. Samples are
+checked before collation so that a placeholder/clip mismatch or an
+out-of-range code is an error naming the sample, never a silent mis-pairing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchInput, HiggsAudioSampleCollator
+from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+from transformers import WhisperFeatureExtractor
+
+# The collator splits Whisper input into 30 s chunks and duplicates the
+# placeholder tokens per chunk, but not the codes: a longer reference would
+# desynchronise placeholders and clips.
+WHISPER_MAX_SECONDS = 30.0
+
+
+class SampleError(ValueError):
+    """A sample that cannot be collated; the message names it."""
+
+
+class WhisperFeatures:
+    """What the collator reads of a Whisper processor: its `feature_extractor`.
+
+    The collator only ever touches `whisper_processor.feature_extractor`; a
+    full `WhisperProcessor` would also need Whisper's text tokenizer files,
+    which play no part here. The feature extractor is the real one.
+    """
+
+    def __init__(self, feature_extractor: WhisperFeatureExtractor):
+        self.feature_extractor = feature_extractor
+
+
+def uses_whisper(config: HiggsAudioConfig) -> bool:
+    """True when the model turns `<|AUDIO|>` clips into Whisper features (a tower exists and is used)."""
+    return bool(config.encode_whisper_embed) and not config.skip_audio_tower
+
+
+def whisper_features(config: HiggsAudioConfig, processor_dir: str | None = None) -> WhisperFeatures | None:
+    """The Whisper feature extractor the config calls for, or None when it uses no Whisper.
+
+    From `processor_dir` when given (e.g. a local copy of
+    openai/whisper-large-v3-turbo), else the standard extractor with the
+    config's number of mel bins (16 kHz in, 30 s chunks).
+    """
+    if not uses_whisper(config):
+        return None
+    if processor_dir:
+        return WhisperFeatures(WhisperFeatureExtractor.from_pretrained(processor_dir))
+    return WhisperFeatures(WhisperFeatureExtractor(feature_size=config.audio_encoder_config.num_mel_bins))
+
+
+def build_collator(config: HiggsAudioConfig, whisper: WhisperFeatures | None = None) -> HiggsAudioSampleCollator:
+    """The package's collator, configured from the model config alone.
+
+    `mask_audio_out_token_label=False`: with the default True the collator
+    writes -100 into the caller's `label_ids` in place, so a sample collated
+    twice (every epoch of an in-memory dataset) silently loses all its audio
+    labels. The model masks audio positions out of its text labels itself, so
+    the loss is the same.
+    """
+    whisper_on = uses_whisper(config)
+    if whisper_on and whisper is None:
+        raise ValueError("the model config uses Whisper features: pass whisper_features(config)")
+    return HiggsAudioSampleCollator(
+        whisper_processor=whisper if whisper_on else None,
+        audio_in_token_id=config.audio_in_token_idx,
+        audio_out_token_id=config.audio_out_token_idx,
+        audio_stream_bos_id=config.audio_stream_bos_id,
+        audio_stream_eos_id=config.audio_stream_eos_id,
+        pad_token_id=config.pad_token_id,
+        encode_whisper_embed=whisper_on,
+        return_audio_in_tokens=config.encode_audio_in_tokens,
+        use_delay_pattern=config.use_delay_pattern,
+        audio_num_codebooks=config.audio_num_codebooks,
+        round_to=1,
+        pad_left=False,
+        mask_audio_out_token_label=False,
+    )
+
+
+def check_sample(sample: ChatMLDatasetSample, collator: HiggsAudioSampleCollator, codebook_size: int, name: str) -> None:
+    """Raise `SampleError` unless placeholders, clips, codes and waveforms agree."""
+    placeholders = _placeholder_count(sample.input_ids, collator)
+    clips = len(sample.audio_ids_start)
+    if placeholders != clips:
+        raise SampleError(f"sample {name}: {placeholders} audio placeholders but {clips} audio clips")
+    codes = sample.audio_ids_concat
+    if clips and codes.shape[0] < collator.audio_num_codebooks:
+        raise SampleError(f"sample {name}: {codes.shape[0]} codebooks, the model needs {collator.audio_num_codebooks}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise SampleError(
+            f"sample {name}: audio codes span {int(codes.min())}..{int(codes.max())}, outside 0..{codebook_size - 1}"
+        )
+    if sample.label_ids is not None and len(sample.label_ids) != len(sample.input_ids):
+        raise SampleError(f"sample {name}: {len(sample.label_ids)} labels for {len(sample.input_ids)} tokens")
+    if collator.encode_whisper_embed:
+        _check_whisper_waveforms(sample, collator, name)
+
+
+def _placeholder_count(input_ids: torch.Tensor, collator: HiggsAudioSampleCollator) -> int:
+    return int(((input_ids == collator.audio_in_token_id) | (input_ids == collator.audio_out_token_id)).sum())
+
+
+def _check_whisper_waveforms(sample: ChatMLDatasetSample, collator: HiggsAudioSampleCollator, name: str) -> None:
+    audio_in = int((sample.input_ids == collator.audio_in_token_id).sum())
+    waveforms = len(sample.audio_waveforms_start)
+    if audio_in != waveforms:
+        raise SampleError(f"sample {name}: {audio_in} <|AUDIO|> placeholders but {waveforms} waveforms for Whisper")
+    out_positions = (sample.input_ids == collator.audio_out_token_id).nonzero()
+    in_positions = (sample.input_ids == collator.audio_in_token_id).nonzero()
+    if len(out_positions) and len(in_positions) and out_positions[0] < in_positions[-1]:
+        # Package limitation: the Whisper path numbers waveforms by <|AUDIO|>
+        # alone and mis-indexes when an <|AUDIO_OUT|> comes first.
+        raise SampleError(f"sample {name}: an <|AUDIO_OUT|> precedes an <|AUDIO|>, which the Whisper path mis-indexes")
+    bounds = torch.cat([sample.audio_waveforms_start, torch.tensor([len(sample.audio_waveforms_concat)])])
+    seconds = bounds.diff().float() / sample.audio_sample_rate.float()
+    if audio_in and seconds.max() > WHISPER_MAX_SECONDS:
+        raise SampleError(f"sample {name}: a {float(seconds.max()):.1f} s clip for Whisper exceeds {WHISPER_MAX_SECONDS:.0f} s")
+
+
+def collate(
+    collator: HiggsAudioSampleCollator,
+    samples: list[ChatMLDatasetSample],
+    codebook_size: int,
+    names: list[str] | None = None,
+) -> HiggsAudioBatchInput:
+    """Check every sample, then collate them with the package's collator."""
+    names = names or [str(i) for i in range(len(samples))]
+    for sample, name in zip(samples, names, strict=True):
+        check_sample(sample, collator, codebook_size, name)
+    return collator(samples)
+
+
+def batch_to_model_inputs(batch: HiggsAudioBatchInput, device: torch.device | str) -> dict:
+    """The batch as `model(**inputs)` keyword arguments, tensors on `device`."""
+    inputs = {key: value for key, value in asdict(batch).items() if key != "reward"}
+    return {key: value.contiguous().to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
