@@ -138,6 +138,10 @@ def collate(
     names = names or [str(i) for i in range(len(samples))]
     for sample, name in zip(samples, names, strict=True):
         check_sample(sample, collator, codebook_size, name)
+    labelled = [name for sample, name in zip(samples, names) if sample.label_ids is not None]
+    if labelled and len(labelled) != len(samples):
+        unlabelled = [name for name in names if name not in labelled]
+        raise SampleError(f"a batch mixes training samples and prompts; unlabelled: {', '.join(unlabelled)}")
     return collator(samples)
 
 

@@ -15,6 +15,9 @@ mono or multi-channel) to mono float32 at the audio tokenizer's rate.
 
 from __future__ import annotations
 
+import json
+import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,9 @@ from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare
 
 SYSTEM_INSTRUCTION = "Generate audio following instruction."
 GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n"
-AUDIO_PLACEHOLDERS = ("<|AUDIO|>", "<|AUDIO_OUT|>")
+# Text that spells a control token (<|eot_id|>, <|AUDIO_OUT|>, ...) would be
+# tokenised into the real token by prepare_chatml_sample.
+_CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 
 
@@ -208,6 +213,10 @@ def build_sample(
         ref_text = (ref_text or "").strip()
         if not ref_text:
             raise ValueError("the reference transcript is empty")
+    for name, value in (("text", text), ("reference transcript", ref_text or ""), ("scene", scene or "")):
+        control = _CONTROL_TOKEN.search(value)
+        if control:
+            raise ValueError(f"the {name} contains the control token {control.group()}, which would become a real one")
     layout = PromptLayout(ref_in_system=ref_in_system, scene=scene)
     messages = build_messages(ref_text, text, layout)
     clips = [_check_codes(ref_codes, "reference")]
@@ -252,3 +261,116 @@ def _reference_waveform(waveform, sample_rate: int | None, ref_in_system: bool):
         raise ValueError("a reference waveform needs its sample_rate")
     waveform = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
     return waveform, torch.zeros(1, dtype=torch.long), torch.tensor([float(sample_rate)])
+
+
+# --------------------------------------------------------------------------
+# Manifests and training pairs
+# --------------------------------------------------------------------------
+
+SPEAKER_FIELDS = ("id", "audio", "text", "speaker")
+PAIRED_FIELDS = ("id", "ref_audio", "ref_text", "audio", "text")
+
+
+class ManifestError(ValueError):
+    """A manifest row that cannot be used; the message names the file and row."""
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a JSONL manifest, audio paths made absolute (relative to the manifest's folder).
+
+    Each row is either speaker-grouped (`id, audio, text, speaker`) or paired
+    (`id, ref_audio, ref_text, audio, text`); optional `scene`, `language`.
+    A malformed row or a duplicate id is a `ManifestError` naming the row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such manifest: {path}")
+    rows, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ManifestError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+        fields = PAIRED_FIELDS if "ref_audio" in row else SPEAKER_FIELDS
+        missing = [name for name in fields if not str(row.get(name, "")).strip()]
+        if missing:
+            raise ManifestError(f"{path}:{number}: missing or empty {', '.join(missing)}")
+        if row["id"] in seen:
+            raise ManifestError(f"{path}:{number}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        for key in ("audio", "ref_audio"):
+            if key in row:
+                row[key] = str((path.parent / row[key]).resolve())
+        rows.append(row)
+    if not rows:
+        raise ManifestError(f"{path}: no rows")
+    return rows
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example: speak `target`'s text in `reference`'s voice."""
+
+    id: str
+    ref_audio: str
+    ref_text: str
+    audio: str
+    text: str
+    scene: str | None = None
+
+
+def training_pairs(rows: list[dict], seed: int, epoch: int) -> tuple[list[Pair], list[str]]:
+    """This epoch's pairs, and the ids left out because their speaker has no other utterance.
+
+    Speaker-grouped rows take as reference a different utterance of the same
+    speaker, drawn anew each epoch and deterministically from (seed, epoch);
+    paired rows keep their own reference.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    by_speaker: dict[str, list[dict]] = {}
+    for row in rows:
+        if "speaker" in row and "ref_audio" not in row:
+            by_speaker.setdefault(row["speaker"], []).append(row)
+    pairs, lonely = [], []
+    for row in rows:
+        if "ref_audio" in row:
+            pairs.append(Pair(row["id"], row["ref_audio"], row["ref_text"], row["audio"], row["text"], row.get("scene")))
+            continue
+        others = [other for other in by_speaker[row["speaker"]] if other["id"] != row["id"]]
+        if not others:
+            lonely.append(row["id"])
+            continue
+        ref = rng.choice(others)
+        pairs.append(Pair(row["id"], ref["audio"], ref["text"], row["audio"], row["text"], row.get("scene")))
+    return pairs, lonely
+
+
+class CodeCache:
+    """Audio codes by file, each clip encoded once per process (a clip may serve as reference and target)."""
+
+    def __init__(self, audio_tokenizer):
+        self.audio_tokenizer = audio_tokenizer
+        self.codes: dict[str, torch.Tensor] = {}
+
+    def __call__(self, path: str) -> torch.Tensor:
+        if path not in self.codes:
+            rate = self.audio_tokenizer.sampling_rate
+            with torch.no_grad():
+                self.codes[path] = self.audio_tokenizer.encode(load_audio(path, rate), rate).cpu()
+        return self.codes[path]
+
+
+def pair_to_sample(pair: Pair, tokenizer, codes: CodeCache, ref_in_system: bool = False, whisper: bool = False) -> ChatMLDatasetSample:
+    """A training sample for one pair, through the shared builder.
+
+    `whisper`: the model turns the system-message reference into Whisper
+    features too, so the sample carries the reference waveform.
+    """
+    rate = codes.audio_tokenizer.sampling_rate
+    waveform = load_audio(pair.ref_audio, rate) if whisper and ref_in_system else None
+    return build_sample(
+        tokenizer, pair.ref_text, codes(pair.ref_audio), pair.text, target_codes=codes(pair.audio),
+        scene=pair.scene, ref_in_system=ref_in_system, ref_waveform=waveform, sample_rate=rate,
+    )

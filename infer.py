@@ -117,9 +117,9 @@ def audio_sequence_to_codes(sequence: torch.Tensor, codebook_size: int, use_dela
     frames. Codes outside the codebook inside the clip are clamped as the
     package's serve engine does, but reported, never silently.
     """
-    codes = revert_delay_pattern(sequence) if use_delay_pattern else sequence
     eos = codebook_size + 1
-    finished = bool((codes[:, -1] == eos).all())
+    finished = bool((sequence[:, -1] == eos).all())
+    codes = revert_delay_pattern(sequence) if use_delay_pattern else sequence
     codes = codes[:, 1:-1] if finished else codes[:, 1:]
     stray = int(((codes < 0) | (codes >= codebook_size)).sum())
     if stray:
@@ -536,7 +536,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--scene", help="scene description for the system message (default: none, as in training)")
     io.add_argument("--ref-in-system", action="store_true", help="put the reference in the system message instead of an assistant turn")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=model_utils.TINY_PRESET, help="model directory, or a preset: tiny, tiny-whisper [tiny]")
+    model.add_argument("--model", help="model directory, or a preset: tiny, tiny-whisper "
+                       "[the newest runs/*/export of train.py, else tiny]")
     model.add_argument("--audio-tokenizer", help="audio tokenizer directory (config.json + model.pth); required with a model directory")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device [cuda if present, else cpu]")
     model.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights dtype [float32]")
@@ -635,6 +636,9 @@ def run_clone_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.model is None:
+        args.model = model_utils.TINY_PRESET if args.parity else (model_utils.newest_export() or model_utils.TINY_PRESET)
+        print(f"model: {args.model}")
     try:
         return run_parity_cli(args) if args.parity else run_clone_cli(args)
     except (data.AudioError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:

@@ -357,12 +357,29 @@ def load_bundle(
         return Bundle(higgs.to(device=device, dtype=dtype), tokenizer, audio)
     if not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/"))):
         raise FileNotFoundError(f"model directory not found: {model}")
+    audio_tokenizer = audio_tokenizer or exported_audio_tokenizer(model)
     if audio_tokenizer is None:
         raise ValueError("a model directory needs --audio-tokenizer DIR (e.g. bosonai/higgs-audio-v2-tokenizer)")
     higgs = HiggsAudioModel.from_pretrained(model, torch_dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
     special_token_ids(tokenizer)
     return Bundle(higgs, tokenizer, load_audio_tokenizer(audio_tokenizer, device))
+
+
+def exported_audio_tokenizer(model_dir: str) -> str | None:
+    """The audio tokenizer a `train.py` export names: its `audio_tokenizer/` folder or `audio_tokenizer.json`."""
+    path = Path(model_dir)
+    if (path / "audio_tokenizer").is_dir():
+        return str(path / "audio_tokenizer")
+    if (path / "audio_tokenizer.json").is_file():
+        return json.loads((path / "audio_tokenizer.json").read_text())["audio_tokenizer"]
+    return None
+
+
+def newest_export(runs_dir: str = "runs") -> str | None:
+    """The most recently written `runs/*/export` model, if any."""
+    exports = [path for path in Path(runs_dir).glob("*/export") if (path / "config.json").is_file()]
+    return str(max(exports, key=lambda path: path.stat().st_mtime)) if exports else None
 
 
 # --------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def test_clone_writes_a_playable_24khz_wav(tmp_path, capsys):
 def test_clone_is_repeatable_greedy(tmp_path):
     paths = [tmp_path / "a.wav", tmp_path / "b.wav"]
     for path in paths:
-        assert infer.main(["--text", "Same words.", "--greedy", "--max-seconds", "0.5", "--out", str(path)]) == 0
+        assert infer.main(["--model", "tiny", "--text", "Same words.", "--greedy", "--max-seconds", "0.5", "--out", str(path)]) == 0
     first, second = (sf.read(path)[0] for path in paths)
     assert len(first) > 0 and (first == second).all()
 
@@ -127,7 +127,7 @@ def test_clone_is_repeatable_greedy(tmp_path):
 def test_text_file_gives_one_wav_per_line(tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("First line.\n\nSecond line.\n", encoding="utf-8")
-    assert infer.main(["--text-file", str(lines), "--out", str(tmp_path / "wavs"), "--max-seconds", "0.4"]) == 0
+    assert infer.main(["--model", "tiny", "--text-file", str(lines), "--out", str(tmp_path / "wavs"), "--max-seconds", "0.4"]) == 0
     assert sorted(path.name for path in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
 
 

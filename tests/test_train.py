@@ -1,0 +1,127 @@
+"""The training loop: loss falls, resume is exact, scopes freeze what they say, signals and export work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import HubertConfig
+
+import infer
+import model_utils
+import train
+from conftest import DEMO_DIR, ROOT
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory):
+    """Two speakers (one English, one Arabic) with two utterances each, from the committed demo clips."""
+    rows = [json.loads(line) for line in (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    keep = [row for row in rows if row["id"] in {"en_female_0", "en_female_1", "ar_male_0", "ar_male_2"}]
+    for row in keep:
+        row["audio"] = str(DEMO_DIR / row["audio"])
+    path = tmp_path_factory.mktemp("manifest") / "small.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in keep), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path, manifest, **changes) -> train.TrainConfig:
+    values = dict(train_manifest=str(manifest), out_dir=str(tmp_path), run_name="run", device="cpu",
+                  precision="fp32", batch_size=2, max_steps=4, save_every=100, warmup_steps=2)
+    values.update(changes)
+    return train.TrainConfig(**values)
+
+
+def _losses(run_dir, tag="loss/total") -> dict[int, float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, small_manifest):
+    out = tmp_path_factory.mktemp("work") / "runs"
+    return train.train(_config(out, small_manifest, max_steps=14, lr=5e-3))
+
+
+def test_loss_falls_and_tensorboard_has_the_scalars(trained_run):
+    losses = _losses(trained_run)
+    assert sorted(losses) == list(range(1, 15))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (12, 13, 14)) / 3
+    assert last < first - 1.0, losses
+    events = EventAccumulator(str(trained_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"loss/text", "loss/audio", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
+                "train/padding_fraction"} | {f"loss/codebook_{k}" for k in range(8)}
+    assert expected <= tags
+    assert json.loads((trained_run / "config.json").read_text())["max_steps"] == 14
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, small_manifest):
+    straight = train.train(_config(tmp_path / "a", small_manifest, max_steps=5))
+    train.train(_config(tmp_path / "b", small_manifest, max_steps=5, stop_after=2))
+    resumed = train.train(_config(tmp_path / "b", small_manifest, max_steps=5, resume=True))
+    assert _losses(straight) == _losses(resumed)
+    assert len(_losses(straight)) == 5
+
+
+@pytest.mark.parametrize("scope", ["audio", "full"])
+def test_scope_trains_what_it_says_and_freezes_the_rest(tmp_path, small_manifest, scope):
+    run = train.train(_config(tmp_path, small_manifest, max_steps=2, scope=scope))
+    tokenizer = model_utils.build_tiny_text_tokenizer()
+    before = model_utils.build_tiny_model(tokenizer, seed=0).state_dict()
+    after = model_utils.load_bundle(str(run / "export")).model.state_dict()
+    audio = [name for name in before if any(marker in name for marker in train.AUDIO_PARAMETER_MARKERS)]
+    text = [name for name in before if name not in audio and "rotary" not in name]
+    assert audio and text
+    assert all(not torch.equal(before[name], after[name]) for name in audio), "every trained tensor moves"
+    unchanged = [name for name in text if torch.equal(before[name], after[name])]
+    if scope == "audio":
+        assert unchanged == text, "the text LLM stays bit-identical"
+    else:
+        assert not unchanged
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path, small_manifest):
+    command = [sys.executable, str(ROOT / "train.py"), "--train-manifest", str(small_manifest), "--out-dir", str(tmp_path),
+               "--run-name", "run", "--max-steps", "10000", "--device", "cpu", "--precision", "fp32"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    events = tmp_path / "run" / "tensorboard"
+    deadline = time.time() + 120
+    while not (events.is_dir() and any(events.iterdir())) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped at step" in output
+    checkpoint = train.latest_checkpoint(tmp_path / "run")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] >= 0 and state["model"] and state["optimizer"]["state"] is not None
+
+
+def test_export_loads_in_the_serve_engine(trained_run):
+    export = trained_run / "export"
+    teacher = HubertConfig.from_pretrained(export / "audio_tokenizer" / "semantic_teacher")
+    with model_utils._offline_semantic_teacher(teacher):
+        engine = HiggsAudioServeEngine(str(export), str(export / "audio_tokenizer"), device="cpu", torch_dtype=torch.float32,
+                                       kv_cache_lengths=[512])
+    ours = model_utils.load_bundle(str(export)).model.state_dict()
+    assert all(torch.equal(ours[name], value) for name, value in engine.model.state_dict().items())
+
+
+def test_infer_without_arguments_uses_the_newest_export(trained_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained_run.parent.parent)
+    out = tmp_path / "clone.wav"
+    assert infer.main(["--out", str(out), "--max-seconds", "0.5"]) == 0
+    assert f"model: runs/{trained_run.name}/export" in capsys.readouterr().out
+    assert out.is_file()
