@@ -212,10 +212,6 @@ def _inference_prompt(tokenizer, case: ParityCase):
     )
 
 
-def _collator_for(config, whisper):
-    return collate.build_collator(config, whisper)
-
-
 @dataclass
 class Pipeline:
     """The pieces of training and inference that parity compares; the defaults are the project's own.
@@ -226,8 +222,8 @@ class Pipeline:
 
     training_sample: Callable = _training_sample
     inference_prompt: Callable = _inference_prompt
-    training_collator: Callable = _collator_for
-    inference_collator: Callable = _collator_for
+    training_collator: Callable = collate.build_collator
+    inference_collator: Callable = collate.build_collator
     loss: Callable = lambda outputs, batch: model_utils.compute_loss(outputs, batch.label_audio_ids)
 
 
