@@ -571,6 +571,8 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 def _reference_paths(args: argparse.Namespace) -> tuple[str, str]:
     if args.ref_audio:
+        if not Path(args.ref_audio).is_file():
+            raise data.AudioError(f"{args.ref_audio}: no such audio file")
         if args.ref_text is None and not args.ref_in_system:
             raise ValueError("--ref-audio needs --ref-text (its transcript)")
         return args.ref_audio, args.ref_text or ""

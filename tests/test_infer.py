@@ -105,7 +105,7 @@ def test_each_known_bug_fails_parity(tiny, parity_case, mutation):
 def test_clone_writes_a_playable_24khz_wav(tmp_path, capsys):
     out = tmp_path / "clone.wav"
     code = infer.main([
-        "--ref-audio", str(VOICE_PROMPTS / "belinda.wav"),
+        "--model", "tiny", "--ref-audio", str(VOICE_PROMPTS / "belinda.wav"),
         "--ref-text", (VOICE_PROMPTS / "belinda.txt").read_text(encoding="utf-8"),
         "--text", "Hello from the tiny model.", "--out", str(out), "--max-seconds", "1", "--seed", "3",
     ])
