@@ -6,12 +6,16 @@ Whisper on or off, audio-in tokens, token ids), and one function collates a
 list of samples with it; training and inference both use them. Samples are
 checked before collation so that a placeholder/clip mismatch or an
 out-of-range code is an error naming the sample, never a silent mis-pairing.
+A token-budget sampler groups samples of similar length into batches, so that
+padding stays small.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Sequence
 
+import numpy as np
 import torch
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchInput, HiggsAudioSampleCollator
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
@@ -149,3 +153,138 @@ def batch_to_model_inputs(batch: HiggsAudioBatchInput, device: torch.device | st
     """The batch as `model(**inputs)` keyword arguments, tensors on `device`."""
     inputs = {key: value for key, value in asdict(batch).items() if key != "reward"}
     return {key: value.contiguous().to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+
+
+def describe_batch(batch: HiggsAudioBatchInput, tokenizer, config: HiggsAudioConfig, index: int = 0) -> str:
+    """A readable view of one sample of a collated batch, for checking what training sees.
+
+    The prompt decoded with its special tokens, each audio segment with its
+    role and length, and the tokens that carry labels. Ids outside the
+    vocabulary are an error; -100 is never decoded.
+    """
+    real = batch.attention_mask[index].bool()
+    ids = batch.input_ids[index][real]
+    vocab = len(tokenizer)
+    outside = ids[(ids < 0) | (ids >= vocab)]
+    if len(outside):
+        raise SampleError(f"batch sample {index}: token ids {outside.tolist()[:5]} outside the vocabulary of {vocab}")
+    lines = [f"--- batch sample {index} of {batch.input_ids.shape[0]}: {len(ids)} tokens", tokenizer.decode(ids), "--- audio"]
+    lines += _describe_clips("audio in", batch.audio_in_ids, batch.audio_in_ids_start, None,
+                             _clips_before(batch.input_ids, config.audio_in_token_idx, index), ids, config.audio_in_token_idx)
+    lines += _describe_clips("audio out", batch.audio_out_ids, batch.audio_out_ids_start, batch.label_audio_ids,
+                             _clips_before(batch.input_ids, config.audio_out_token_idx, index), ids, config.audio_out_token_idx)
+    if batch.label_ids is not None:
+        labels = batch.label_ids[index][real]
+        labelled = labels[labels != -100]
+        lines.append(f"--- text labels on {len(labelled)} of {len(ids)} tokens: {tokenizer.decode(labelled)}")
+    return "\n".join(lines)
+
+
+def _clips_before(input_ids: torch.Tensor, token_id: int, index: int) -> int:
+    return int((input_ids[:index] == token_id).sum())
+
+
+def _describe_clips(kind, codes, starts, labels, first, ids, token_id) -> list[str]:
+    if codes is None or starts is None:
+        return []
+    count = int((ids == token_id).sum())
+    bounds = torch.cat([starts, torch.tensor([codes.shape[1]])])
+    lines = []
+    for clip in range(first, first + count):
+        begin, end = int(bounds[clip]), int(bounds[clip + 1])
+        trained = labels is not None and bool((labels[:, begin:end] != -100).any())
+        role = "target, trained" if trained else "context, not trained"
+        lines.append(f"{kind} clip {clip}: {end - begin} columns ({role})")
+    return lines
+
+
+# --------------------------------------------------------------------------
+# Batching by token budget
+# --------------------------------------------------------------------------
+
+# In training the model pads its merged text-and-audio sequence to a multiple
+# of 8 (`round_to = 1 if use_cache else 8` in HiggsAudioModel.forward).
+MODEL_ROUND_TO = 8
+
+
+def sample_tokens(sample: ChatMLDatasetSample, num_codebooks: int, delay_pattern: bool = True) -> int:
+    """Positions of `sample` in the model's merged sequence: what its attention-mask row sums to in training.
+
+    Each audio placeholder becomes its clip's columns: the frames, the stream
+    BOS and EOS and, with the delay pattern, `num_codebooks - 1` more. A sample
+    carrying a waveform for Whisper is refused: Whisper features add
+    positions this count does not know.
+    """
+    if len(sample.audio_waveforms_start):
+        raise ValueError("sample_tokens does not count Whisper features")
+    clips = len(sample.audio_ids_start)
+    frames = sample.audio_ids_concat.shape[1] if clips else 0
+    per_clip = 2 + (num_codebooks - 1 if delay_pattern else 0)
+    return len(sample.input_ids) - clips + frames + clips * per_clip
+
+
+def padded_tokens(lengths: Sequence[int]) -> int:
+    """Positions a batch of samples of these lengths occupies once the model pads it."""
+    return len(lengths) * _round_up(max(lengths))
+
+
+def padding_fraction(lengths: Sequence[int]) -> float:
+    """The share of a batch's positions that is padding."""
+    return 1.0 - sum(lengths) / padded_tokens(lengths)
+
+
+def _round_up(length: int) -> int:
+    return -(-length // MODEL_ROUND_TO) * MODEL_ROUND_TO
+
+
+def token_budget_batches(
+    lengths: Sequence[int],
+    max_tokens: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    bucket_size: int = 1024,
+) -> list[list[int]]:
+    """This process's batches of sample indices for one epoch, each within `max_tokens` padded positions.
+
+    The epoch's samples are shuffled, cut into buckets of `bucket_size`, each
+    bucket sorted by length and packed greedily, and the batches shuffled, so
+    that a batch holds samples of similar length (little padding) while the
+    order still changes every epoch; `bucket_size=1` packs in shuffled order.
+    Deterministic in (seed, epoch) alone, so a resumed run takes the same list
+    and skips the batches it consumed. Every process computes the same list
+    and takes every `world_size`-th batch from `rank`; the last
+    `len % world_size` batches (others each epoch) are left out so that every
+    process takes as many steps.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), bucket_size):
+        bucket = order[start : start + bucket_size]
+        bucket = bucket[np.argsort([lengths[i] for i in bucket], kind="stable")]
+        batches += _pack([int(i) for i in bucket], lengths, max_tokens)
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    usable = len(batches) - len(batches) % world_size
+    if usable == 0:
+        raise ValueError(f"{len(batches)} batches per epoch cannot feed {world_size} processes")
+    return batches[rank:usable:world_size]
+
+
+def _pack(indices: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Greedy batches of `indices` (ascending length, so the newest sample is the longest)."""
+    batches, batch = [], []
+    for index in indices:
+        padded = _round_up(lengths[index])
+        if padded > max_tokens:
+            raise ValueError(f"sample {index} takes {lengths[index]} tokens, over the batch budget of {max_tokens}")
+        if batch and (len(batch) + 1) * padded > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(index)
+    if batch:
+        batches.append(batch)
+    return batches

@@ -328,3 +328,13 @@ def test_a_batch_mixing_training_samples_and_prompts_is_an_error(tiny):
     collator = collate.build_collator(tiny.model.config)
     with pytest.raises(collate.SampleError, match="unlabelled: b"):
         collate.collate(collator, [sample, prompt], 1024, names=["a", "b"])
+
+
+def test_describe_batch_rejects_ids_outside_the_vocabulary(tiny):
+    codes = torch.randint(0, 1024, (8, 5))
+    sample = data.build_sample(tiny.tokenizer, "Ref.", codes, "Target.", target_codes=codes)
+    batch = collate.collate(collate.build_collator(tiny.model.config), [sample], 1024)
+    assert "(target, trained)" in collate.describe_batch(batch, tiny.tokenizer, tiny.model.config)
+    batch.input_ids[0, 3] = len(tiny.tokenizer)
+    with pytest.raises(collate.SampleError, match="outside the vocabulary"):
+        collate.describe_batch(batch, tiny.tokenizer, tiny.model.config)

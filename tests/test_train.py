@@ -34,7 +34,7 @@ def small_manifest(tmp_path_factory):
 
 
 def _config(tmp_path, manifest, **changes) -> train.TrainConfig:
-    values = dict(train_manifest=str(manifest), out_dir=str(tmp_path), run_name="run", device="cpu",
+    values = dict(train_manifest=str(manifest), val_manifest="", out_dir=str(tmp_path), run_name="run", device="cpu",
                   precision="fp32", batch_size=2, max_steps=4, save_every=100, warmup_steps=2)
     values.update(changes)
     return train.TrainConfig(**values)
@@ -49,7 +49,8 @@ def _losses(run_dir, tag="loss/total") -> dict[int, float]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, small_manifest):
     out = tmp_path_factory.mktemp("work") / "runs"
-    return train.train(_config(out, small_manifest, max_steps=14, lr=5e-3))
+    return train.train(_config(out, small_manifest, max_steps=14, lr=5e-3, val_manifest=str(small_manifest),
+                               eval_every=7, eval_max_seconds=1.0))
 
 
 def test_loss_falls_and_tensorboard_has_the_scalars(trained_run):
@@ -64,6 +65,18 @@ def test_loss_falls_and_tensorboard_has_the_scalars(trained_run):
                 "train/padding_fraction"} | {f"loss/codebook_{k}" for k in range(8)}
     assert expected <= tags
     assert json.loads((trained_run / "config.json").read_text())["max_steps"] == 14
+
+
+def test_evaluation_logs_validation_losses_audio_and_spectrograms(trained_run):
+    events = EventAccumulator(str(trained_run / "tensorboard"), size_guidance={"images": 0, "audio": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"val/total", "val/text", "val/audio"} <= set(tags["scalars"])
+    assert [event.step for event in events.Scalars("val/total")] == [7, 14]
+    assert len(tags["audio"]) == 2 and len(tags["images"]) == 2
+    image = events.Images(tags["images"][0])[-1]
+    assert image.height == 80 and image.width > 100
+    assert (trained_run / "checkpoints" / "best.pt").is_file()
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, small_manifest):
@@ -91,8 +104,52 @@ def test_scope_trains_what_it_says_and_freezes_the_rest(tmp_path, small_manifest
         assert not unchanged
 
 
+def test_lora_trains_adapters_on_attention_and_both_ffns_and_merges_on_export(tmp_path, small_manifest):
+    run = train.train(_config(tmp_path, small_manifest, max_steps=2, scope="lora", lora_rank=4))
+    saved = torch.load(train.latest_checkpoint(run), weights_only=True)["model"]
+    assert saved and all("lora_" in name for name in saved)
+    assert any("audio_mlp" in name for name in saved), "the audio FFN is adapted, not attention alone"
+    before = model_utils.build_tiny_model(model_utils.build_tiny_text_tokenizer(), seed=0).state_dict()
+    merged = model_utils.load_bundle(str(run / "export")).model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], merged[name])}
+    targeted = {name for name in before if name.endswith(".weight") and name.split(".")[-2] in train.LORA_TARGETS}
+    assert changed == targeted
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, small_manifest):
+    """Each of 2 processes takes 1 sample per step; 1 process accumulates 2 micro-batches of 1."""
+    common = ["--train-manifest", str(small_manifest), "--val-manifest", "", "--out-dir", str(tmp_path), "--max-steps", "3",
+              "--batch-size", "1", "--device", "cpu", "--precision", "fp32"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "train.py")]
+    for command in (torchrun + common + ["--run-name", "two"], [sys.executable, str(ROOT / "train.py")] + common + ["--run-name", "one", "--grad-accum", "2"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for tag in ("loss/total", "train/grad_norm"):
+        one, two = _losses(tmp_path / "one", tag), _losses(tmp_path / "two", tag)
+        assert sorted(one) == sorted(two) == [1, 2, 3]
+        assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (tag, one, two)
+
+
+def test_non_finite_losses_stop_the_run_naming_the_samples(tmp_path, small_manifest, capsys):
+    args = ["--train-manifest", str(small_manifest), "--val-manifest", "", "--out-dir", str(tmp_path), "--device", "cpu",
+            "--precision", "fp32", "--lr", "1e30", "--warmup-steps", "1", "--grad-clip", "0", "--max-bad-steps", "3"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss, step skipped" in err
+    assert "3 non-finite losses in a row" in err and ("en_female" in err or "ar_male" in err)
+
+
+def test_inspect_prints_the_first_batch_and_trains_nothing(tmp_path, small_manifest, capsys):
+    assert train.main(["--train-manifest", str(small_manifest), "--out-dir", str(tmp_path), "--run-name", "look", "--inspect", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "<|start_header_id|>assistant<|end_header_id|>" in out
+    assert "(context, not trained)" in out and "(target, trained)" in out
+    assert "text labels on 4 of" in out and "-100" not in out
+    assert not (tmp_path / "look" / "checkpoints").exists()
+
+
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path, small_manifest):
-    command = [sys.executable, str(ROOT / "train.py"), "--train-manifest", str(small_manifest), "--out-dir", str(tmp_path),
+    command = [sys.executable, str(ROOT / "train.py"), "--train-manifest", str(small_manifest), "--val-manifest", "", "--out-dir", str(tmp_path),
                "--run-name", "run", "--max-steps", "10000", "--device", "cpu", "--precision", "fp32"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     events = tmp_path / "run" / "tensorboard"
