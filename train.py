@@ -2,10 +2,10 @@
 
     python train.py                                        # tiny preset on the committed demo data (CPU, ~1 min)
     python train.py --model DIR --audio-tokenizer DIR --train-manifest M.jsonl --scope audio
-    torchrun --nproc-per-node 8 train.py --model DIR --audio-tokenizer DIR --train-manifest M.jsonl
+    torchrun --nproc-per-node 8 train.py --model DIR --audio-tokenizer DIR --train-manifest M.jsonl --parallel fsdp
 
 Read top to bottom: configuration, distributed setup, data, model (what is
-trained, LoRA, activation checkpointing, compile, DDP), optimizer and
+trained, LoRA, activation checkpointing, compile, DDP or FSDP2), optimizer and
 schedule, checkpoints and export, evaluation, and the loop itself. Samples
 come from `data.build_sample` (the one builder inference uses too), batches
 from `collate.build_collator`, the loss from `model_utils.compute_loss`.
@@ -77,6 +77,7 @@ class TrainConfig:
     precision: str = "bf16" if torch.cuda.is_available() else "fp32"
     compile: bool = False
     grad_checkpoint: bool = False
+    parallel: str = "ddp"
     # optimisation
     batch_size: int = 2
     grad_accum: int = 1
@@ -111,6 +112,7 @@ HELP = {
     "seed": "seed of everything", "device": "torch device",
     "precision": "bf16 (autocast on CUDA, fp32 master weights) or fp32",
     "compile": "torch.compile the decoder layers", "grad_checkpoint": "recompute decoder layers in backward",
+    "parallel": "under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)",
     "batch_size": "samples per micro-batch (per process)", "grad_accum": "micro-batches per optimizer step",
     "max_steps": "optimizer steps (the schedule's length)",
     "stop_after": "stop with a checkpoint after this many steps of the schedule (0 = never)",
@@ -140,7 +142,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         values.update(_read_config_file(args.config))
     values.update({key: value for key, value in vars(args).items() if key != "config" and value is not None})
     config = TrainConfig(**values)
-    for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32"))):
+    for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp"))):
         if getattr(config, name) not in allowed:
             parser.error(f"--{name} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
     return config
@@ -271,7 +273,7 @@ class SampleMaker:
 
 
 # --------------------------------------------------------------------------
-# Model: what is trained, LoRA, activation checkpointing, compile, DDP
+# Model: what is trained, LoRA, activation checkpointing, compile, DDP / FSDP2
 # --------------------------------------------------------------------------
 
 AUDIO_PARAMETER_MARKERS = ("audio_mlp", "audio_post_attention_layernorm", "audio_input_layernorm",
@@ -319,8 +321,16 @@ def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def parallelize(model: torch.nn.Module, config: TrainConfig, env: Dist) -> torch.nn.Module:
-    """DDP: gradients are all-reduced in backward, so the forward always goes through the wrapper."""
+    """DDP (gradients all-reduced in backward, so the forward always goes through the wrapper), or
+    FSDP2: each decoder layer, then the rest, sharded over the processes."""
     if not env.enabled:
+        return model
+    if config.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
         return model
     device_ids = [env.local_rank] if config.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)
@@ -385,7 +395,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPo
                     env: Dist, best_loss: float, name: str | None = None) -> Path:
     """`checkpoints/step_N.pt` (or `name`), written to a temporary file and renamed.
 
-    Every process sends its RNG state; process 0 writes. Only trained parameters are kept.
+    Every process takes part in gathering the (possibly sharded) state and
+    sends its RNG state; process 0 writes. Only trained parameters are kept.
     """
     folder = run_dir / "checkpoints"
     keep = trained_names(model)
@@ -561,7 +572,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model}, training {config.scope}: {n_trained:,} of {n_total:,} parameters; "
-        f"{env.world_size} process(es)")
+        f"{env.world_size} process(es){', ' + config.parallel if env.enabled else ''}")
     first_batch = maker.batch(epoch_batches(rows, config, 0)[0])
     say(collate.describe_batch(first_batch, bundle.tokenizer, bundle.model.config))
     if config.inspect:
@@ -622,6 +633,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         bad_steps.clear()
         trained = [p for p in model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        # Under FSDP the norm is a DTensor; making it whole is a collective, so every process does it.
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -633,7 +646,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         elapsed = time.time() - started
         train_loss = means["total"]
         if writer and step % config.log_every == 0:
-            _log(writer, step, means, optimizer, float(grad_norm), tokens / elapsed, samples / elapsed,
+            _log(writer, step, means, optimizer, grad_norm, tokens / elapsed, samples / elapsed,
                  padded / max(1.0, tokens + padded))
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
         progress.update(1)
@@ -645,7 +658,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
             if writer:
                 for name, value in val.items():
                     writer.add_scalar(f"val/{name}", value, step)
-                log_generations(writer, step, _unwrap_ddp(model), maker, val_pairs, config)
+                if config.parallel == "ddp" or not env.enabled:
+                    log_generations(writer, step, _unwrap_ddp(model), maker, val_pairs, config)
             if val["total"] < best_loss:
                 best_loss = val["total"]
                 save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss, name="best.pt")

@@ -116,18 +116,26 @@ def test_lora_trains_adapters_on_attention_and_both_ffns_and_merges_on_export(tm
     assert changed == targeted
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, small_manifest):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, small_manifest, parallel):
     """Each of 2 processes takes 1 sample per step; 1 process accumulates 2 micro-batches of 1."""
     common = ["--train-manifest", str(small_manifest), "--val-manifest", "", "--out-dir", str(tmp_path), "--max-steps", "3",
               "--batch-size", "1", "--device", "cpu", "--precision", "fp32"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "train.py")]
-    for command in (torchrun + common + ["--run-name", "two"], [sys.executable, str(ROOT / "train.py")] + common + ["--run-name", "one", "--grad-accum", "2"]):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py")]
+    runs = {
+        "two": torchrun + common + ["--run-name", "two", "--parallel", parallel],
+        "one": [sys.executable, str(ROOT / "train.py")] + common + ["--run-name", "one", "--grad-accum", "2"],
+    }
+    for command in runs.values():
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for tag in ("loss/total", "train/grad_norm"):
         one, two = _losses(tmp_path / "one", tag), _losses(tmp_path / "two", tag)
         assert sorted(one) == sorted(two) == [1, 2, 3]
         assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (tag, one, two)
+    exported = model_utils.load_bundle(str(tmp_path / "two" / "export")).model.state_dict()
+    reference = model_utils.load_bundle(str(tmp_path / "one" / "export")).model.state_dict()
+    assert all(torch.allclose(exported[name], reference[name], atol=1e-5) for name in reference)
 
 
 def test_non_finite_losses_stop_the_run_naming_the_samples(tmp_path, small_manifest, capsys):
