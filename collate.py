@@ -248,10 +248,11 @@ def token_budget_batches(
 ) -> list[list[int]]:
     """This process's batches of sample indices for one epoch, each within `max_tokens` padded positions.
 
-    The epoch's samples are shuffled, cut into buckets of `bucket_size`, each
-    bucket sorted by length and packed greedily, and the batches shuffled, so
-    that a batch holds samples of similar length (little padding) while the
-    order still changes every epoch; `bucket_size=1` packs in shuffled order.
+    The epoch's samples are shuffled, each run of `bucket_size` of them sorted
+    by length, the sequence cut greedily into batches and the batches
+    shuffled, so that a batch holds samples of similar length (little
+    padding) while batches change every epoch; `bucket_size=1` sorts nothing
+    (random batches under the same budget).
     Deterministic in (seed, epoch) alone, so a resumed run takes the same list
     and skips the batches it consumed. Every process computes the same list
     and takes every `world_size`-th batch from `rank`; the last
@@ -262,11 +263,10 @@ def token_budget_batches(
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    batches = []
     for start in range(0, len(order), bucket_size):
         bucket = order[start : start + bucket_size]
-        bucket = bucket[np.argsort([lengths[i] for i in bucket], kind="stable")]
-        batches += _pack([int(i) for i in bucket], lengths, max_tokens)
+        order[start : start + bucket_size] = bucket[np.argsort([lengths[i] for i in bucket], kind="stable")]
+    batches = _pack([int(i) for i in order], lengths, max_tokens)
     batches = [batches[i] for i in rng.permutation(len(batches))]
     usable = len(batches) - len(batches) % world_size
     if usable == 0:
@@ -275,16 +275,16 @@ def token_budget_batches(
 
 
 def _pack(indices: list[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Greedy batches of `indices` (ascending length, so the newest sample is the longest)."""
-    batches, batch = [], []
+    """Batches of consecutive `indices`, each as large as the budget allows."""
+    batches, batch, longest = [], [], 0
     for index in indices:
-        padded = _round_up(lengths[index])
-        if padded > max_tokens:
+        if _round_up(lengths[index]) > max_tokens:
             raise ValueError(f"sample {index} takes {lengths[index]} tokens, over the batch budget of {max_tokens}")
-        if batch and (len(batch) + 1) * padded > max_tokens:
+        if batch and (len(batch) + 1) * _round_up(max(longest, lengths[index])) > max_tokens:
             batches.append(batch)
-            batch = []
+            batch, longest = [], 0
         batch.append(index)
+        longest = max(longest, lengths[index])
     if batch:
         batches.append(batch)
     return batches
