@@ -58,6 +58,7 @@ DEMO_MANIFEST = ROOT / "demo" / "data" / "manifest.jsonl"
 class TrainConfig:
     # data
     train_manifest: str = str(DEMO_MANIFEST)
+    cache: str = ""
     val_manifest: str = str(DEMO_MANIFEST)
     ref_in_system: bool = False
     # model
@@ -80,6 +81,7 @@ class TrainConfig:
     parallel: str = "ddp"
     # optimisation
     batch_size: int = 2
+    batch_tokens: int = 0
     grad_accum: int = 1
     max_steps: int = 60
     stop_after: int = 0
@@ -99,7 +101,8 @@ class TrainConfig:
 
 
 HELP = {
-    "train_manifest": "JSONL manifest, speaker-grouped or paired rows",
+    "train_manifest": "JSONL manifest, speaker-grouped or paired rows (validated, encoded on the fly)",
+    "cache": "a prepared code cache (python data.py prepare) to train from instead of --train-manifest",
     "val_manifest": "JSONL manifest for validation loss and generated samples ('' = none)",
     "ref_in_system": "put the reference in the system message instead of an assistant turn",
     "model": "model directory or preset (tiny, tiny-whisper)",
@@ -113,7 +116,8 @@ HELP = {
     "precision": "bf16 (autocast on CUDA, fp32 master weights) or fp32",
     "compile": "torch.compile the decoder layers", "grad_checkpoint": "recompute decoder layers in backward",
     "parallel": "under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)",
-    "batch_size": "samples per micro-batch (per process)", "grad_accum": "micro-batches per optimizer step",
+    "batch_size": "samples per micro-batch (per process), unless --batch-tokens is set",
+    "batch_tokens": "token budget per micro-batch (padded positions), length-bucketed; 0 = --batch-size samples", "grad_accum": "micro-batches per optimizer step",
     "max_steps": "optimizer steps (the schedule's length)",
     "stop_after": "stop with a checkpoint after this many steps of the schedule (0 = never)",
     "lr": "peak learning rate", "min_lr_ratio": "cosine floor as a fraction of lr",
@@ -224,14 +228,20 @@ class DataPosition:
     index: int = 0  # micro-batches consumed in this epoch, over all processes
 
 
-def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int) -> list[list[data.Pair]]:
+def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int, maker: SampleMaker) -> list[list[data.Pair]]:
+    """All micro-batches of an epoch: `batch_size` pairs each, or length-bucketed within `batch_tokens`."""
     pairs, _ = data.training_pairs(rows, config.seed, epoch)
+    if config.batch_tokens:
+        num_codebooks = maker.bundle.model.config.audio_num_codebooks
+        lengths = [collate.sample_tokens(sample, num_codebooks) for sample in maker.samples(pairs)]
+        batches = collate.token_budget_batches(lengths, config.batch_tokens, config.seed, epoch)
+        return [[pairs[i] for i in batch] for batch in batches]
     order = list(range(len(pairs)))
     random.Random(config.seed * 7919 + epoch).shuffle(order)
     return [[pairs[i] for i in order[start : start + config.batch_size]] for start in range(0, len(order), config.batch_size)]
 
 
-def micro_batches(rows: list[dict], config: TrainConfig, position: DataPosition, env: Dist):
+def micro_batches(rows: list[dict], config: TrainConfig, position: DataPosition, env: Dist, maker: SampleMaker):
     """Yields (position after this micro-batch, this process's pairs) forever.
 
     The epoch's micro-batches are dealt round-robin: process r takes
@@ -240,7 +250,7 @@ def micro_batches(rows: list[dict], config: TrainConfig, position: DataPosition,
     the micro-batches that A processes see in one step.
     """
     while True:
-        batches = epoch_batches(rows, config, position.epoch)
+        batches = epoch_batches(rows, config, position.epoch, maker)
         usable = len(batches) - len(batches) % env.world_size
         if usable == 0:
             raise ValueError(f"{len(batches)} micro-batches per epoch cannot feed {env.world_size} processes")
@@ -251,15 +261,36 @@ def micro_batches(rows: list[dict], config: TrainConfig, position: DataPosition,
         position = DataPosition(position.epoch + 1, 0)
 
 
+def training_rows(config: TrainConfig, bundle: model_utils.Bundle, env: Dist, run_dir: Path) -> tuple[list[dict], object]:
+    """Kept rows and their code source: a prepared cache, or the manifest validated and encoded now.
+
+    Either way the counts are printed so that they reconcile with the
+    prepare step's: rows read = kept + rejected, by reason; the rejected rows
+    are listed in the run's `rejections.jsonl`.
+    """
+    if config.cache:
+        prepared = data.read_prepared(config.cache, data.audio_tokenizer_id(bundle.audio_tokenizer))
+        if env.main:
+            print(f"data: {config.cache}: {prepared.summary}")
+        return prepared.rows, prepared.codes
+    codes = data.CodeCache(bundle.audio_tokenizer)
+    validated = data.validate_manifest(config.train_manifest, codes, progress=env.main)
+    if env.main:
+        print(f"data: {config.train_manifest}: {validated.summary()}")
+        if validated.rejections:
+            validated.write_report(run_dir / "rejections.jsonl")
+            print(f"rejected rows, with row numbers and reasons: {run_dir / 'rejections.jsonl'}")
+    return validated.kept, codes
+
+
 class SampleMaker:
     """Pairs to collated batches, through the shared builder and collator."""
 
-    def __init__(self, bundle: model_utils.Bundle, config: TrainConfig):
-        self.bundle, self.config = bundle, config
+    def __init__(self, bundle: model_utils.Bundle, config: TrainConfig, codes):
+        self.bundle, self.config, self.codes = bundle, config, codes
         model_config = bundle.model.config
         self.whisper = collate.whisper_features(model_config)
         self.collator = collate.build_collator(model_config, self.whisper)
-        self.codes = data.CodeCache(bundle.audio_tokenizer)
 
     def samples(self, pairs: list[data.Pair]) -> list:
         return [
@@ -554,16 +585,18 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
 
-    # data
-    rows = data.read_manifest(config.train_manifest)
-    _, lonely = data.training_pairs(rows, config.seed, 0)
-    say(f"data: {len(rows)} rows from {config.train_manifest}; {len(rows) - len(lonely)} usable, {len(lonely)} left out "
-        f"(speaker with a single utterance){': ' + ', '.join(lonely[:5]) if lonely else ''}")
-    val_pairs = data.training_pairs(data.read_manifest(config.val_manifest), config.seed, 0)[0] if config.val_manifest else []
-
-    # model
+    # model pieces and data: rows whose every problem was counted and reported
     bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=config.device)
-    maker = SampleMaker(bundle, config)
+    rows, codes = training_rows(config, bundle, env, run_dir)
+    maker = SampleMaker(bundle, config, codes)
+    val_pairs, val_maker = [], None
+    if config.val_manifest:
+        val_codes = data.CodeCache(bundle.audio_tokenizer)
+        validated = data.validate_manifest(config.val_manifest, val_codes)
+        say(f"validation data: {validated.summary()}")
+        val_pairs = data.training_pairs(validated.kept, config.seed, 0)[0]
+        val_maker = SampleMaker(bundle, config, val_codes)
+
     model = bundle.model
     if config.scope == "lora":
         model = add_lora(model, config)
@@ -573,7 +606,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model}, training {config.scope}: {n_trained:,} of {n_total:,} parameters; "
         f"{env.world_size} process(es){', ' + config.parallel if env.enabled else ''}")
-    first_batch = maker.batch(epoch_batches(rows, config, 0)[0])
+    first_batch = maker.batch(epoch_batches(rows, config, 0, maker)[0])
     say(collate.describe_batch(first_batch, bundle.tokenizer, bundle.model.config))
     if config.inspect:
         return run_dir
@@ -591,7 +624,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.main else None
     stop = StopRequested()
-    batches = micro_batches(rows, config, position, env)
+    batches = micro_batches(rows, config, position, env, maker)
     last_step = min(config.max_steps, config.stop_after or config.max_steps)
     bad_steps: list[str] = []
     train_loss = float("nan")
@@ -654,12 +687,12 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         # evaluation and checkpoints
         if val_pairs and config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
             model.eval()
-            val = validation_loss(model, maker, val_pairs, config, env)
+            val = validation_loss(model, val_maker, val_pairs, config, env)
             if writer:
                 for name, value in val.items():
                     writer.add_scalar(f"val/{name}", value, step)
                 if config.parallel == "ddp" or not env.enabled:
-                    log_generations(writer, step, _unwrap_ddp(model), maker, val_pairs, config)
+                    log_generations(writer, step, _unwrap_ddp(model), val_maker, val_pairs, config)
             if val["total"] < best_loss:
                 best_loss = val["total"]
                 save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss, name="best.pt")

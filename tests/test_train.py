@@ -190,3 +190,29 @@ def test_infer_without_arguments_uses_the_newest_export(trained_run, tmp_path, m
     assert infer.main(["--out", str(out), "--max-seconds", "0.5"]) == 0
     assert f"model: runs/{trained_run.name}/export" in capsys.readouterr().out
     assert out.is_file()
+
+
+def test_training_from_a_prepared_cache_equals_training_from_the_manifest(tmp_path, small_manifest, tiny):
+    import data
+
+    data.prepare(str(small_manifest), tmp_path / "cache", tiny.audio_tokenizer)
+    raw = train.train(_config(tmp_path / "raw", small_manifest, max_steps=2))
+    cached = train.train(_config(tmp_path / "cached", small_manifest, max_steps=2, cache=str(tmp_path / "cache"),
+                                 train_manifest="/nonexistent.jsonl"))
+    assert _losses(raw) == _losses(cached)
+
+
+def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manifest, tiny):
+    import collate
+    import data
+
+    config = _config(tmp_path, small_manifest, batch_tokens=500)
+    codes = data.CodeCache(tiny.audio_tokenizer)
+    rows = data.validate_manifest(small_manifest, codes).kept
+    maker = train.SampleMaker(tiny, config, codes)
+    batches = train.epoch_batches(rows, config, 0, maker)
+    assert sum(len(pairs) for pairs in batches) == len(rows) and max(len(pairs) for pairs in batches) > 1
+    with torch.no_grad():
+        for pairs in batches:
+            outputs = tiny.model(**collate.batch_to_model_inputs(maker.batch(pairs), "cpu"))
+            assert outputs.attention_mask.numel() <= 500
