@@ -501,17 +501,29 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
 
 
 def validation_loss(model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig, env: Dist) -> dict[str, float]:
-    """Mean losses over this process's share of the validation pairs, averaged over processes."""
-    totals: dict[str, float] = {}
-    shards = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
-    mine = shards[env.rank :: env.world_size] or shards[:1]
+    """Mean losses over the validation pairs, each process taking every W-th chunk.
+
+    Every process runs as many forwards (FSDP gathers parameters in each, so
+    all must take part); a process short of chunks repeats one at weight 0.
+    """
+    chunks = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
+    sums: dict[str, float] = {}
+    weight = 0.0
     with torch.no_grad(), autocast(config):
-        for pairs_chunk in mine:
-            batch = maker.batch(pairs_chunk)
+        for round_ in range(math.ceil(len(chunks) / env.world_size)):
+            index = round_ * env.world_size + env.rank
+            batch = maker.batch(chunks[index % len(chunks)])
             loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, config.device)), batch.label_audio_ids)
-            _accumulate(totals, loss, len(mine))
-    names = sorted(totals)
-    return dict(zip(names, all_mean([totals[name] for name in names], env, config.device)))
+            real = float(index < len(chunks))
+            _accumulate(sums, loss, real)
+            weight += real
+    names = sorted(sums)
+    totals = [sums[name] for name in names] + [weight]
+    if env.enabled:
+        reduced = torch.tensor(totals, dtype=torch.float64, device=config.device)
+        dist.all_reduce(reduced)
+        totals = reduced.tolist()
+    return {name: value / totals[-1] for name, value in zip(names, totals)}
 
 
 def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig) -> None:
@@ -650,8 +662,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
                 loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
                 (loss.total / config.grad_accum).backward()
             finite &= bool(torch.isfinite(loss.total))
-            _accumulate(totals, loss, config.grad_accum)
-            mask = batch.attention_mask
+            _accumulate(totals, loss, 1 / config.grad_accum)
+            mask = outputs.attention_mask  # the merged text-and-audio sequence the model ran on
             counts += (int(mask.sum()), int(mask.numel() - mask.sum()), len(pairs))
 
         if any_process(not finite, env, config.device):
@@ -721,11 +733,12 @@ def _unwrap_ddp(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _accumulate(totals: dict, loss: model_utils.LossBreakdown, parts: int) -> None:
+def _accumulate(totals: dict, loss: model_utils.LossBreakdown, scale: float) -> None:
+    """Add `scale` times each loss value (total, text, audio, per codebook) to `totals`."""
     values = {"total": loss.total, "text": loss.text, "audio": loss.audio}
     values.update({f"codebook_{k}": value for k, value in enumerate(loss.per_codebook)})
     for name, value in values.items():
-        totals[name] = totals.get(name, 0.0) + float(value.detach()) / parts
+        totals[name] = totals.get(name, 0.0) + float(value.detach()) * scale
 
 
 def _log(writer, step, means, optimizer, grad_norm, tokens_per_s, samples_per_s, padding) -> None:
