@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -338,17 +338,30 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
     """Activation checkpointing (the package has none) and/or compile, one decoder layer at a time.
 
-    The wrappers' name prefixes (`_checkpoint_wrapped_module`, `_orig_mod`)
-    are stripped by torch's state-dict utilities, so checkpoints do not
-    depend on these flags.
+    Each layer keeps its class and its parameter names: the package's decoder
+    calls a layer with the audio mask only `if isinstance(layer,
+    HiggsAudioDualFFNDecoderLayer)`, so a wrapper module (`checkpoint_wrapper`,
+    the `OptimizedModule` of `torch.compile(layer)`) would silently route
+    every token through the text FFN. Hence the layer's own `forward` is
+    checkpointed and `Module.compile` compiles in place.
     """
-    layers = decoder_layers(model)
-    for index, layer in enumerate(layers):
+    for layer in decoder_layers(model):
         if config.grad_checkpoint:
-            layer = checkpoint_wrapper(layer)
+            checkpoint_forward(layer)
         if config.compile:
-            layer = torch.compile(layer, dynamic=True)
-        layers[index] = layer
+            layer.compile(dynamic=True)
+
+
+def checkpoint_forward(layer: torch.nn.Module) -> None:
+    """Recompute `layer`'s activations in backward instead of keeping them (training only)."""
+    forward = layer.forward
+
+    def checkpointed(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    layer.forward = checkpointed
 
 
 def parallelize(model: torch.nn.Module, config: TrainConfig, env: Dist) -> torch.nn.Module:
@@ -409,17 +422,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def trained_names(model: torch.nn.Module) -> set[str]:
-    """Names of the trained parameters as torch's state-dict utilities spell them (wrappers stripped)."""
-    keys = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
-    wrapped = [name for name, p in model.named_parameters() if p.requires_grad]
-    clean = {_strip_wrappers(name) for name in wrapped}
-    return {key for key in keys if key in clean}
-
-
-def _strip_wrappers(name: str) -> str:
-    for wrapper in ("module.", "_orig_mod.", "_checkpoint_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
+    """Names of the trained parameters as torch's state-dict utilities spell them (DDP's `module.` dropped)."""
+    return {name.removeprefix("module.") for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPosition, config: TrainConfig,

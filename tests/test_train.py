@@ -216,3 +216,10 @@ def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manif
         for pairs in batches:
             outputs = tiny.model(**collate.batch_to_model_inputs(maker.batch(pairs), "cpu"))
             assert outputs.attention_mask.numel() <= 500
+
+
+def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path, small_manifest):
+    plain = _losses(train.train(_config(tmp_path / "plain", small_manifest, max_steps=2)))
+    wrapped = _losses(train.train(_config(tmp_path / "wrapped", small_manifest, max_steps=2, compile=True, grad_checkpoint=True)))
+    assert sorted(plain) == sorted(wrapped) == [1, 2]
+    assert all(abs(plain[step] - wrapped[step]) <= 1e-4 * plain[step] for step in plain), (plain, wrapped)
