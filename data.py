@@ -603,32 +603,6 @@ def _lone_speaker_rejections(standing: list[tuple[int, dict]]) -> dict[int, RowR
     }
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a JSONL manifest, audio paths made absolute; the first malformed row is a `ManifestError`.
-
-    The checks that need no audio (UTF-8, JSON, fields, duplicate ids,
-    texts); `validate_manifest` checks the clips too, and counts rejections
-    instead of stopping.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such manifest: {path}")
-    rows, seen = [], set()
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = _read_json(raw)
-                _check_row(row, path.parent, seen, Filters())
-            except RowRejected as error:
-                raise ManifestError(f"{path}:{number}: {error}") from None
-            rows.append(row)
-    if not rows:
-        raise ManifestError(f"{path}: no rows")
-    return rows
-
-
 # Clips and their codes ----------------------------------------------------
 
 
