@@ -84,6 +84,7 @@ class TrainConfig:
     batch_tokens: int = 0
     grad_accum: int = 1
     max_steps: int = 60
+    epochs: float = 0.0
     stop_after: int = 0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -119,6 +120,7 @@ HELP = {
     "batch_size": "samples per micro-batch (per process), unless --batch-tokens is set",
     "batch_tokens": "token budget per micro-batch (padded positions), length-bucketed; 0 = --batch-size samples", "grad_accum": "micro-batches per optimizer step",
     "max_steps": "optimizer steps (the schedule's length)",
+    "epochs": "train this many epochs instead: sets --max-steps from the first epoch's size (0 = use --max-steps)",
     "stop_after": "stop with a checkpoint after this many steps of the schedule (0 = never)",
     "lr": "peak learning rate", "min_lr_ratio": "cosine floor as a fraction of lr",
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW decay (matrices only)",
@@ -596,7 +598,6 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -622,7 +623,14 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model}, training {config.scope}: {n_trained:,} of {n_total:,} parameters; "
         f"{env.world_size} process(es){', ' + config.parallel if env.enabled else ''}")
-    first_batch = maker.batch(epoch_batches(rows, config, 0, maker)[0])
+    first_epoch = epoch_batches(rows, config, 0, maker)
+    if config.epochs:
+        steps_per_epoch = max(1, len(first_epoch) // env.world_size // config.grad_accum)
+        config.max_steps = math.ceil(config.epochs * steps_per_epoch)
+        say(f"{config.epochs:g} epochs of {steps_per_epoch} steps: --max-steps {config.max_steps}")
+    if env.main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    first_batch = maker.batch(first_epoch[0])
     say(collate.describe_batch(first_batch, bundle.tokenizer, bundle.model.config))
     if config.inspect:
         return run_dir

@@ -223,3 +223,10 @@ def test_compile_and_activation_checkpointing_keep_the_losses(tmp_path, small_ma
     wrapped = _losses(train.train(_config(tmp_path / "wrapped", small_manifest, max_steps=2, compile=True, grad_checkpoint=True)))
     assert sorted(plain) == sorted(wrapped) == [1, 2]
     assert all(abs(plain[step] - wrapped[step]) <= 1e-4 * plain[step] for step in plain), (plain, wrapped)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, small_manifest):
+    """4 rows, 2 per micro-batch, 1 micro-batch per step: an epoch is 2 steps."""
+    run = train.train(_config(tmp_path, small_manifest, epochs=1.5))
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 3
+    assert sorted(_losses(run)) == [1, 2, 3]
