@@ -19,8 +19,7 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
