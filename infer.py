@@ -141,7 +141,7 @@ class Reference:
 def encode_reference(bundle: model_utils.Bundle, audio_path: str, text: str, ref_in_system: bool) -> Reference:
     rate = bundle.audio_tokenizer.sampling_rate
     waveform = data.load_audio(audio_path, rate)
-    codes = bundle.audio_tokenizer.encode(waveform, rate).cpu()
+    codes = data.encode_clip(bundle.audio_tokenizer, waveform)
     needs_waveform = ref_in_system and collate.uses_whisper(bundle.model.config)
     return Reference(text, codes, waveform if needs_waveform else None, rate)
 
@@ -513,9 +513,9 @@ def demo_case(bundle: model_utils.Bundle, ref_in_system: bool = False, scene: st
     rows = {row["id"]: row for row in map(json.loads, (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines())}
     ref, target = rows["ar_female_0"], rows["ar_female_1"]
     reference = encode_reference(bundle, str(DEMO_DIR / ref["audio"]), ref["text"], ref_in_system)
-    target_codes = bundle.audio_tokenizer.encode(data.load_audio(DEMO_DIR / target["audio"], reference.sample_rate), reference.sample_rate)
+    target_codes = data.encode_clip(bundle.audio_tokenizer, data.load_audio(DEMO_DIR / target["audio"], reference.sample_rate))
     return ParityCase(
-        ref_text=reference.text, ref_codes=reference.codes, text=target["text"], target_codes=target_codes.cpu(),
+        ref_text=reference.text, ref_codes=reference.codes, text=target["text"], target_codes=target_codes,
         ref_waveform=reference.waveform, sample_rate=reference.sample_rate, scene=scene, ref_in_system=ref_in_system,
     )
 

@@ -267,8 +267,7 @@ def training_rows(config: TrainConfig, bundle: model_utils.Bundle, env: Dist, ru
     """Kept rows and their code source: a prepared cache, or the manifest validated and encoded now.
 
     Either way the counts are printed so that they reconcile with the
-    prepare step's: rows read = kept + rejected, by reason; the rejected rows
-    are listed in the run's `rejections.jsonl`.
+    prepare step's: rows read = kept + rejected, by reason.
     """
     if config.cache:
         prepared = data.read_prepared(config.cache, data.audio_tokenizer_id(bundle.audio_tokenizer))
@@ -276,13 +275,19 @@ def training_rows(config: TrainConfig, bundle: model_utils.Bundle, env: Dist, ru
             print(f"data: {config.cache}: {prepared.summary}")
         return prepared.rows, prepared.codes
     codes = data.CodeCache(bundle.audio_tokenizer)
-    validated = data.validate_manifest(config.train_manifest, codes, progress=env.main)
+    return validated_rows(config.train_manifest, codes, env, run_dir / "rejections.jsonl"), codes
+
+
+def validated_rows(manifest: str, codes: data.CodeCache, env: Dist, report: Path) -> list[dict]:
+    """The kept rows of `manifest`, their clips encoded into `codes`; the counts are printed and the
+    rejected rows, with row numbers and reasons, listed in `report`."""
+    validated = data.validate_manifest(manifest, codes, progress=env.main)
     if env.main:
-        print(f"data: {config.train_manifest}: {validated.summary()}")
+        print(f"data: {manifest}: {validated.summary()}")
         if validated.rejections:
-            validated.write_report(run_dir / "rejections.jsonl")
-            print(f"rejected rows, with row numbers and reasons: {run_dir / 'rejections.jsonl'}")
-    return validated.kept, codes
+            validated.write_report(report)
+            print(f"rejected rows, with row numbers and reasons: {report}")
+    return validated.kept
 
 
 class SampleMaker:
@@ -608,10 +613,10 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     maker = SampleMaker(bundle, config, codes)
     val_pairs, val_maker = [], None
     if config.val_manifest:
-        val_codes = data.CodeCache(bundle.audio_tokenizer)
-        validated = data.validate_manifest(config.val_manifest, val_codes)
-        say(f"validation data: {validated.summary()}")
-        val_pairs = data.training_pairs(validated.kept, config.seed, 0)[0]
+        # Clips shared with the training manifest (the demo validates on its own data) are encoded once.
+        val_codes = codes if isinstance(codes, data.CodeCache) else data.CodeCache(bundle.audio_tokenizer)
+        val_rows = validated_rows(config.val_manifest, val_codes, env, run_dir / "val_rejections.jsonl")
+        val_pairs = data.training_pairs(val_rows, config.seed, 0)[0]
         val_maker = SampleMaker(bundle, config, val_codes)
 
     model = bundle.model
