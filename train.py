@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -373,18 +375,44 @@ def checkpoint_forward(layer: torch.nn.Module) -> None:
 
 def parallelize(model: torch.nn.Module, config: TrainConfig, env: Dist) -> torch.nn.Module:
     """DDP (gradients all-reduced in backward, so the forward always goes through the wrapper), or
-    FSDP2: each decoder layer, then the rest, sharded over the processes."""
+    FSDP2 (`shard_model`)."""
     if not env.enabled:
         return model
     if config.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        return shard_model(model, config)
     device_ids = [env.local_rank] if config.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard_model(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """FSDP2 under `fsdp_mixed_precision`: each decoder layer, then the rest, sharded over the processes."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = fsdp_mixed_precision(config)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def fsdp_mixed_precision(config: TrainConfig):
+    """FSDP2's policy: under bf16, parameters all-gathered and computed in bf16, gradients reduced in fp32.
+
+    The sharded parameters, their gradients and the optimizer state stay fp32
+    (the master copy); only the unsharded copy that each layer gathers for its
+    forward and backward is bf16. That halves each all-gather's bytes and the
+    unsharded copies' memory: a released dual-FFN layer (176.2M parameters) is
+    705 MB gathered in fp32, 352 MB in bf16; the root group (embeddings and
+    heads, 838.4M) 3.35 GB and 1.68 GB; a micro-batch's 57 all-gathers (28
+    layers in forward and again in backward, the root once) 42.8 GB and 21.4 GB
+    per process. Gradients are reduced over processes in fp32, so summing many
+    bf16 contributions does not round away small updates. Under fp32 nothing is cast.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if config.precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -439,7 +467,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPo
 
     Every process takes part in gathering the (possibly sharded) state and
     sends its RNG state; process 0 writes. Only trained parameters are kept.
+    FSDP runs write a sharded directory instead (`save_sharded_checkpoint`).
     """
+    if sharded_checkpoints(config, env):
+        return save_sharded_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss, name)
     folder = run_dir / "checkpoints"
     keep = trained_names(model)
     model_state = {k: v for k, v in get_model_state_dict(model, options=FULL_STATE).items() if k in keep}
@@ -465,11 +496,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPo
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    folder = run_dir / "checkpoints"
+    found = sorted([*folder.glob("step_*.pt"), *folder.glob(f"step_*{SHARDED_SUFFIX}")])
     return found[-1] if found else None
 
 
 def load_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, DataPosition, float]:
+    if path.is_dir():
+        return load_sharded_checkpoint(path, model, optimizer, env)
     state = torch.load(path, map_location="cpu", weights_only=True)
     missing = trained_names(model) - set(state["model"])
     if missing:
@@ -478,6 +512,89 @@ def load_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, DataP
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     if len(state["rng"]) != env.world_size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {env.world_size})")
+    set_rng_state(state["rng"][env.rank])
+    return state["step"], DataPosition(**state["position"]), state["best_loss"]
+
+
+SHARDED_SUFFIX = ".dcp"
+TRAIN_STATE = "train_state.pt"
+
+
+def sharded_checkpoints(config: TrainConfig, env: Dist) -> bool:
+    """FSDP runs save sharded checkpoints; one-process and DDP runs a single file."""
+    return env.enabled and config.parallel == "fsdp"
+
+
+def sharded_tensors(model, optimizer) -> dict:
+    """This process's shards of the trained parameters and of the optimizer state, as DCP saves and loads them."""
+    keep = trained_names(model)
+    return {"model": {k: v for k, v in get_model_state_dict(model).items() if k in keep},
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPosition, config: TrainConfig,
+                            env: Dist, best_loss: float, name: str | None = None) -> Path:
+    """`checkpoints/step_N.dcp/` (`best.dcp/` for `name="best.pt"`): a torch.distributed.checkpoint directory.
+
+    Each process writes its own shards of the trained parameters and optimizer
+    state (`__RANK_0.distcp`), so nothing is gathered: for full fine-tuning of
+    the released model that is ~69 GB of fp32 weights and AdamW state that no
+    longer passes through process 0's memory at every save. Process 0 adds
+    `train_state.pt` (step, data position, every process's RNG state, best
+    loss, config). All of it is written into `NAME.dcp.tmp/` and renamed once
+    complete, so a directory named `*.dcp` is always whole. Across machines,
+    `--out-dir` must be a filesystem every node sees.
+    """
+    folder = run_dir / "checkpoints"
+    path = folder / ((Path(name).stem if name else f"step_{step:08d}") + SHARDED_SUFFIX)
+    temporary = path.with_name(path.name + ".tmp")
+    if env.main:
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while saving
+        temporary.mkdir(parents=True)
+    dist.barrier()
+    # DCP writes each process's files (fsynced), then the metadata on process 0 after all have reported.
+    dcp.save(sharded_tensors(model, optimizer), checkpoint_id=temporary)
+    rngs = [None] * env.world_size
+    dist.all_gather_object(rngs, rng_state())
+    if env.main:
+        state = {"step": step, "position": asdict(position), "rng": rngs, "best_loss": best_loss, "config": asdict(config)}
+        with open(temporary / TRAIN_STATE, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        _replace_directory(temporary, path)
+        for old in sorted(folder.glob(f"step_*{SHARDED_SUFFIX}"))[: -config.keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return path
+
+
+def _replace_directory(new: Path, path: Path) -> None:
+    """Rename `new` to `path`; an existing `path` (best.dcp) is first moved aside to `PATH.old`, then deleted."""
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, path)
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the rename itself survives a crash
+    finally:
+        os.close(descriptor)
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, DataPosition, float]:
+    """Restore a `save_sharded_checkpoint` directory: each process reads the shards it holds."""
+    state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+    if len(state["rng"]) != env.world_size:
+        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {env.world_size})")
+    tensors = sharded_tensors(model, optimizer)
+    dcp.load(tensors, checkpoint_id=path)
+    set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     set_rng_state(state["rng"][env.rank])
     return state["step"], DataPosition(**state["position"]), state["best_loss"]
 
