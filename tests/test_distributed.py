@@ -101,10 +101,11 @@ def test_two_nodes_on_localhost_match_one_process_with_the_same_global_batch(tmp
             launcher.kill()
     assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(output[-2000:] for output in outputs)
     assert "2 process(es), fsdp" in "".join(outputs)
-    for tag in ("loss/total", "train/grad_norm"):
+    # measured: losses bit-identical, gradient norms within 8.6e-6 (FSDP sums squares per shard, then over processes)
+    for tag, tolerance in (("loss/total", 1e-5), ("train/grad_norm", 5e-5)):
         one, two = _losses(one_process, tag), _losses(tmp_path / "nodes", tag)
         assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
-        assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (tag, one, two)
+        assert all(abs(one[s] - two[s]) <= tolerance * abs(one[s]) for s in one), (tag, one, two)
     shards = tmp_path / "nodes" / "checkpoints" / f"step_{STEPS:08d}.dcp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", train.TRAIN_STATE} <= {path.name for path in shards.iterdir()}
 
@@ -114,10 +115,10 @@ def bf16_runs(tmp_path_factory, cache, val_manifest):
     """FSDP2 with the bf16 policy on 2 gloo processes: straight through, and stopped at step 2 then resumed."""
     out = tmp_path_factory.mktemp("bf16")
     standalone = TORCHRUN + ["--standalone", "--nproc-per-node", "2"]
-    extra = ("--precision", "bf16", "--val-manifest", str(val_manifest), "--eval-every", "2", "--save-every", "1")
+    extra = ("--precision", "bf16", "--val-manifest", str(val_manifest), "--eval-every", "2", "--save-every", "2", "--keep-last", "1")
     _run(standalone + _train_args(out, cache, "straight", *extra))
     _run(standalone + _train_args(out, cache, "resumed", *extra, "--stop-after", "2"))
-    partial = out / "resumed" / "checkpoints" / f"step_{3:08d}.dcp.tmp"  # what a save killed midway leaves
+    partial = out / "resumed" / "checkpoints" / f"step_{4:08d}.dcp.tmp"  # what a save killed midway leaves
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"cut short")
     resumed = _run(standalone + _train_args(out, cache, "resumed", *extra, "--resume"))
@@ -129,7 +130,7 @@ def test_fsdp_bf16_policy_trains_close_to_fp32_and_validates(bf16_runs, one_proc
     out, _ = bf16_runs
     bf16, fp32 = _losses(out / "straight"), _losses(one_process)
     assert sorted(bf16) == list(range(1, STEPS + 1))
-    assert all(abs(bf16[s] - fp32[s]) <= 1e-2 * fp32[s] for s in fp32), (bf16, fp32)
+    assert all(abs(bf16[s] - fp32[s]) <= 3e-3 * fp32[s] for s in fp32), (bf16, fp32)  # measured: 2.9e-4 at most
     assert bf16 != fp32
     assert sorted(_losses(out / "straight", "val/total")) == [2, 4]
     assert (out / "straight" / "export" / "config.json").is_file()
@@ -138,7 +139,7 @@ def test_fsdp_bf16_policy_trains_close_to_fp32_and_validates(bf16_runs, one_proc
 def test_sharded_checkpoints_are_per_process_shards_kept_last_and_best(bf16_runs):
     out, _ = bf16_runs
     folder = out / "straight" / "checkpoints"
-    assert sorted(path.name for path in folder.iterdir()) == ["best.dcp", f"step_{3:08d}.dcp", f"step_{4:08d}.dcp"]
+    assert sorted(path.name for path in folder.iterdir()) == ["best.dcp", f"step_{4:08d}.dcp"], "step 2 pruned (--keep-last 1)"
     latest = train.latest_checkpoint(out / "straight")
     assert latest == folder / f"step_{4:08d}.dcp"
     state = torch.load(latest / train.TRAIN_STATE, weights_only=True)
@@ -157,7 +158,7 @@ def test_sharded_checkpoint_resumes_exactly(bf16_runs):
     for tag in ("loss/total", "train/grad_norm", "val/total"):
         assert _losses(out / "resumed", tag) == _losses(out / "straight", tag), tag
     names = {path.name for path in (out / "resumed" / "checkpoints").iterdir()}
-    assert names == {"best.dcp", f"step_{3:08d}.dcp", f"step_{4:08d}.dcp"}, "the partial save was replaced"
+    assert names == {"best.dcp", f"step_{4:08d}.dcp"}, "the partial save was replaced"
 
 
 @pytest.mark.parametrize("precision, gathered", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
