@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -57,7 +58,7 @@ def halves(encoder) -> dict[tuple[str, int], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def noise() -> np.ndarray:
-    return np.random.default_rng(0).normal(0.0, 0.1, 2 * RATE).astype(np.float32)
+    return np.random.default_rng(0).normal(0.0, 0.1, 3 * RATE).astype(np.float32)
 
 
 def test_sim_is_higher_for_two_halves_of_one_recording_than_for_two_speakers(halves):
@@ -177,3 +178,41 @@ def test_wavlm_speaker_model_directory_loads_and_embeds(tmp_path):
     assert metrics.speaker_similarity(encoder, waveform[: 2 * RATE], waveform[: 2 * RATE], RATE) == pytest.approx(1.0)
     with pytest.raises(FileNotFoundError, match="--speaker-model"):
         metrics.speaker_encoder(str(tmp_path / "missing"))
+
+
+def _tiny_whisper_directory(path) -> None:
+    """A random Whisper (1 layer, width 32) with a byte-level tokenizer knowing English and Arabic, saved offline."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(bytes_to_unicode().values())}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = WhisperTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token="<|endoftext|>",
+                                 bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    specials = ["<|startoftranscript|>", "<|en|>", "<|ar|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials + ["<|endoftext|>"]}
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=16), tokenizer).save_pretrained(path)
+    end = ids["<|endoftext|>"]
+    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                           max_target_positions=64, pad_token_id=end, bos_token_id=end, eos_token_id=end,
+                           decoder_start_token_id=ids["<|startoftranscript|>"])
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    generation = model.generation_config
+    generation.lang_to_id = {"<|en|>": ids["<|en|>"], "<|ar|>": ids["<|ar|>"]}
+    generation.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
+    generation.no_timestamps_token_id, generation.is_multilingual, generation.max_length = ids["<|notimestamps|>"], True, 8
+    generation._from_model_config = False  # else from_pretrained rebuilds it from the model config, dropping the language table
+    model.save_pretrained(path)
+
+
+def test_whisper_directory_transcribes_the_languages_it_knows(tmp_path):
+    _tiny_whisper_directory(tmp_path)
+    asr = metrics.transcriber(str(tmp_path))
+    assert asr.supports("en") and asr.supports("ar-EG") and not asr.supports("zh") and asr.supports(None)
+    waveform, _ = _prompt("en_woman")
+    assert isinstance(asr.transcribe(waveform[:RATE], RATE, "ar"), str)
+    with pytest.raises(FileNotFoundError, match="--asr-model"):
+        metrics.transcriber(str(tmp_path / "missing"))
