@@ -569,8 +569,9 @@ def selection_problem(config: TrainConfig) -> str | None:
         return f"--best-by must be one of {', '.join(BEST_BY)}, not {config.best_by}"
     if config.patience < 0:
         return f"--patience must be 0 (never stop early) or more, not {config.patience}"
-    if (config.patience or config.best_by != "val_loss") and not (config.val_manifest and config.eval_every > 0):
-        return f"--best-by {config.best_by} and --patience need evaluations: set --val-manifest and --eval-every"
+    uses = [f"--best-by {config.best_by}"] * (config.best_by != "val_loss") + ["--patience"] * (config.patience > 0)
+    if uses and not (config.val_manifest and config.eval_every > 0):
+        return f"{' and '.join(uses)} need{'s' if len(uses) == 1 else ''} evaluations: set --val-manifest and --eval-every"
     if config.best_by != "val_loss" and config.eval_prompts < 1:
         return f"--best-by {config.best_by} measures generated clips: set --eval-prompts to 1 or more"
     return None

@@ -151,8 +151,8 @@ def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint(
 @pytest.mark.parametrize("flags, message", [
     (["--best-by", "loss"], "--best-by must be one of val_loss, sim, wer, sim_wer, not loss"),
     (["--patience", "-1"], "--patience must be 0"),
-    (["--best-by", "sim", "--val-manifest", ""], "need evaluations"),
-    (["--patience", "3", "--eval-every", "0"], "need evaluations"),
+    (["--best-by", "sim", "--val-manifest", ""], "evaluations: set --val-manifest"),
+    (["--patience", "3", "--eval-every", "0"], "evaluations: set --val-manifest"),
     (["--best-by", "wer", "--eval-prompts", "0"], "--eval-prompts to 1 or more"),
 ])
 def test_bad_selection_flags_are_one_line_errors(flags, message, capsys):
