@@ -8,6 +8,10 @@ Prove that training and inference build the same thing:
 
     python infer.py --parity
 
+Measure clones of every row of a held-out manifest (SIM, WER/CER, timing; see metrics.py):
+
+    python infer.py --eval held_out.jsonl --out eval/base
+
 Both go through `data.build_sample` (the one sample builder) and
 `collate.build_collator` (the one collator), then the package's `generate`,
 delay-pattern revert and audio-tokenizer decode.
@@ -17,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
+import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,10 +36,12 @@ import torch
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
 from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
 from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import collate
 import data
+import metrics
 import model_utils
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "data"
@@ -156,6 +165,27 @@ def clone(
     force_audio: bool = True,
 ) -> np.ndarray:
     """Speak `text` in the reference voice; returns a waveform at the audio tokenizer's rate."""
+    return clone_clip(bundle, reference, text, sampling, scene, ref_in_system, force_audio).waveform
+
+
+@dataclass
+class Clone:
+    """A generated clip, and whether the model ended it itself (rather than the length limit)."""
+
+    waveform: np.ndarray
+    stopped: bool
+
+
+def clone_clip(
+    bundle: model_utils.Bundle,
+    reference: Reference,
+    text: str,
+    sampling: Sampling,
+    scene: str | None = None,
+    ref_in_system: bool = False,
+    force_audio: bool = True,
+) -> Clone:
+    """`clone`, also saying whether the audio stream ended with EOS before `sampling.max_seconds`."""
     config = bundle.model.config
     collator = collate.build_collator(config, collate.whisper_features(config))
     prompt = data.build_sample(
@@ -171,11 +201,13 @@ def clone(
         _, audio_sequences = generate(bundle, inputs, sampling, processors)
     if not audio_sequences:
         raise RuntimeError("the model produced no audio (it answered in text); try --force-audio")
-    codes = audio_sequence_to_codes(audio_sequences[0].cpu(), config.audio_codebook_size, config.use_delay_pattern)
+    sequence = audio_sequences[0].cpu()
+    stopped = bool((sequence[:, -1] == config.audio_codebook_size + 1).all())
+    codes = audio_sequence_to_codes(sequence, config.audio_codebook_size, config.use_delay_pattern)
     if codes.shape[1] == 0:
         raise RuntimeError("the model ended the clip before producing any frame")
     waveform = bundle.audio_tokenizer.decode(codes.unsqueeze(0).to(device))[0, 0]
-    return np.asarray(waveform, dtype=np.float32)
+    return Clone(np.asarray(waveform, dtype=np.float32), stopped)
 
 
 # --------------------------------------------------------------------------
@@ -521,6 +553,95 @@ def demo_case(bundle: model_utils.Bundle, ref_in_system: bool = False, scene: st
 
 
 # --------------------------------------------------------------------------
+# Evaluation: clone each row of a manifest and measure the clip
+# --------------------------------------------------------------------------
+
+
+def evaluate_pair(
+    bundle: model_utils.Bundle,
+    judge: metrics.Judge,
+    pair: data.Pair,
+    language: str | None,
+    sampling: Sampling,
+    codes,
+    scene: str | None = None,
+    ref_in_system: bool = False,
+    force_audio: bool = True,
+) -> tuple[dict, np.ndarray | None]:
+    """Clone `pair.text` from its reference; the row's record (generated and real target scores) and the clip.
+
+    A generation that yields no audio is a record with its error and no
+    generated values, never a dropped row. `codes` gives a clip's codes by path.
+    """
+    rate = bundle.audio_tokenizer.sampling_rate
+    ref_waveform = data.load_audio(pair.ref_audio, rate)
+    needs_waveform = ref_in_system and collate.uses_whisper(bundle.model.config)
+    reference = Reference(pair.ref_text, codes(pair.ref_audio), ref_waveform if needs_waveform else None, rate)
+    embedding = judge.reference_embedding(pair.ref_audio, ref_waveform, rate)
+    language = judge.language(language)
+    target = judge.score_target(pair.audio, data.load_audio(pair.audio, rate), rate, embedding, pair.text, language)
+    try:
+        result = clone_clip(bundle, reference, pair.text, sampling, pair.scene or scene, ref_in_system, force_audio)
+    except RuntimeError as error:
+        return metrics.row_record(pair.id, language, pair.text, None, None, target, str(error)), None
+    scores = judge.score_clip(result.waveform, rate, embedding, pair.text, language)
+    return metrics.row_record(pair.id, language, pair.text, scores, result.stopped, target), result.waveform
+
+
+def write_records_csv(records: list[dict], path: Path) -> None:
+    """One line per row; unavailable values are written `n/a`."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]) if records else ["id"])
+        writer.writeheader()
+        for record in records:
+            writer.writerow({key: value if isinstance(value, str) else metrics.fmt(value, 4) for key, value in record.items()})
+
+
+def _wav_name(index: int, row_id: str) -> str:
+    return f"{index:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', row_id)}.wav"
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    """`--eval MANIFEST --out DIR`: wavs/, rows.csv, summary.json and rejections.jsonl in DIR, and a printed summary."""
+    out = Path(args.out)
+    if out.suffix.lower() == ".wav":
+        raise ValueError("--eval writes a directory of results: give --out DIR")
+    bundle = _load(args)
+    judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device)
+    codes = data.CodeCache(bundle.audio_tokenizer)
+    validated = data.validate_manifest(args.eval, codes, progress=True)
+    (out / "wavs").mkdir(parents=True, exist_ok=True)
+    validated.write_report(out / "rejections.jsonl")
+    print(f"data: {args.eval}: {validated.summary()}" + (f"; rejected rows: {out / 'rejections.jsonl'}" if validated.rejections else ""))
+    pairs, _ = data.training_pairs(validated.kept, args.seed, 0)
+    languages = {row["id"]: row.get("language") for row in validated.kept}
+    sampling = sampling_from_args(args)
+    records, started = [], time.time()
+    for index, pair in enumerate(tqdm(pairs, desc="eval", dynamic_ncols=True)):
+        record, waveform = evaluate_pair(bundle, judge, pair, languages[pair.id], sampling, codes, args.scene,
+                                         args.ref_in_system, args.force_audio)
+        if waveform is not None:
+            sf.write(out / "wavs" / _wav_name(index, pair.id), waveform, bundle.audio_tokenizer.sampling_rate)
+        records.append(record)
+    seconds = time.time() - started
+    write_records_csv(records, out / "rows.csv")
+    summary = metrics.summarize_records(records, args.seed)
+    failed = sum(bool(record["error"]) for record in records)
+    report = {
+        "manifest": str(args.eval), "model": args.model, "rows_read": validated.rows_read, "kept": len(validated.kept),
+        "rejected": len(validated.rejections), "rejected_by_reason": validated.counts(), "evaluated": len(records),
+        "generation_failed": failed, "speaker_encoder": judge.encoder.name, "asr": judge.asr.name,
+        "seed": args.seed, "sampling": vars(sampling), "scene": args.scene, "ref_in_system": args.ref_in_system,
+        "seconds_per_row": seconds / max(1, len(records)), "metrics": summary,
+    }
+    (out / "summary.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(metrics.format_summary(summary))
+    print(f"{len(records)} rows evaluated ({failed} without audio), {validated.summary()}; "
+          f"{seconds / max(1, len(records)):.2f} s per row; wrote {out / 'rows.csv'}, {out / 'summary.json'}, {out / 'wavs'}")
+    return 0
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -554,6 +675,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parity = parser.add_argument_group("parity")
     parity.add_argument("--parity", action="store_true", help="run the training/inference parity suite and exit")
     parity.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated parity checks [{','.join(CHECKS)}]")
+    evaluation = parser.add_argument_group("evaluation (--eval)")
+    evaluation.add_argument("--eval", metavar="MANIFEST", help="clone every row of a paired or speaker-grouped manifest "
+                            "(speaker pairing fixed by --seed) and measure SIM, WER/CER and timing; --out is a directory")
+    evaluation.add_argument("--asr-model", metavar="DIR", help="local Whisper directory for WER/CER in any language "
+                            "[pocketsphinx en-us: English rows only, other languages n/a]")
+    evaluation.add_argument("--speaker-model", metavar="DIR", help="local WavLMForXVector directory for SIM [resemblyzer GE2E]")
+    evaluation.add_argument("--language", help="language of rows that have no language field (e.g. en) [none: their WER is n/a]")
     return parser.parse_args(argv)
 
 
@@ -616,15 +744,19 @@ def replace_namespace(args: argparse.Namespace, **changes) -> argparse.Namespace
     return argparse.Namespace(**{**vars(args), **changes})
 
 
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    return Sampling(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, ras_win_len=args.ras_win_len or None,
+        greedy=args.greedy, seed=args.seed, max_seconds=args.max_seconds,
+    )
+
+
 def run_clone_cli(args: argparse.Namespace) -> int:
     texts = _texts(args)
     ref_audio, ref_text = _reference_paths(args)
     bundle = _load(args)
     reference = encode_reference(bundle, ref_audio, ref_text, args.ref_in_system)
-    sampling = Sampling(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, ras_win_len=args.ras_win_len or None,
-        greedy=args.greedy, seed=args.seed, max_seconds=args.max_seconds,
-    )
+    sampling = sampling_from_args(args)
     out = Path(args.out)
     targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if args.text_file else [out]
     for text, target in zip(texts, targets):
@@ -642,8 +774,10 @@ def main(argv: list[str] | None = None) -> int:
         args.model = model_utils.TINY_PRESET if args.parity else (model_utils.newest_export() or model_utils.TINY_PRESET)
         print(f"model: {args.model}")
     try:
-        return run_parity_cli(args) if args.parity else run_clone_cli(args)
-    except (data.AudioError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:
+        if args.parity:
+            return run_parity_cli(args)
+        return run_eval_cli(args) if args.eval else run_clone_cli(args)
+    except (data.AudioError, data.ManifestError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

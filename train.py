@@ -45,6 +45,7 @@ from tqdm import tqdm
 import collate
 import data
 import infer
+import metrics
 import model_utils
 
 ROOT = Path(__file__).resolve().parent
@@ -98,6 +99,11 @@ class TrainConfig:
     eval_every: int = 30
     eval_prompts: int = 2
     eval_max_seconds: float = 4.0
+    asr_model: str = ""
+    speaker_model: str = ""
+    eval_language: str = ""
+    best_by: str = "val_loss"
+    patience: int = 0
     save_every: int = 30
     keep_last: int = 2
     max_bad_steps: int = 5
@@ -128,7 +134,13 @@ HELP = {
     "warmup_steps": "linear warmup steps", "weight_decay": "AdamW decay (matrices only)",
     "grad_clip": "max gradient norm (0 = off)", "log_every": "steps between logged scalars",
     "eval_every": "steps between evaluations (0 = never)", "eval_prompts": "validation prompts generated as audio",
-    "eval_max_seconds": "longest generated validation clip", "save_every": "steps between checkpoints",
+    "eval_max_seconds": "longest generated validation clip",
+    "asr_model": "local Whisper directory for the validation clips' WER/CER ('' = pocketsphinx en-us: English rows only)",
+    "speaker_model": "local WavLMForXVector directory for SIM ('' = resemblyzer GE2E)",
+    "eval_language": "language of validation rows without a language field ('' = none: their WER is n/a)",
+    "best_by": "what best.pt and --patience track: val_loss, sim (higher is better), wer (lower), or sim_wer (lower WER - SIM)",
+    "patience": "stop, with a checkpoint, after this many evaluations without a new best (0 = never)",
+    "save_every": "steps between checkpoints",
     "keep_last": "checkpoints kept (best.pt is kept too)", "max_bad_steps": "consecutive non-finite losses that stop the run",
 }
 SCOPES = ("full", "audio", "lora")
@@ -153,6 +165,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp"))):
         if getattr(config, name) not in allowed:
             parser.error(f"--{name} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
+    problem = selection_problem(config)
+    if problem:
+        parser.error(problem)
     return config
 
 
@@ -654,22 +669,115 @@ def validation_loss(model, maker: SampleMaker, pairs: list[data.Pair], config: T
     return {name: value / totals[-1] for name, value in zip(names, totals)}
 
 
-def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig) -> None:
-    """Greedy clones of the first validation prompts as audio, and mel spectrograms: generated | target | reference."""
+@dataclass
+class CloneEvaluation:
+    """What in-loop evaluation measures generated clips with: the judge and each validation row's language."""
+
+    judge: metrics.Judge
+    languages: dict[str, str | None]
+
+
+BEST_BY = ("val_loss", "sim", "wer", "sim_wer")
+
+
+def selection_problem(config: TrainConfig) -> str | None:
+    """Why --best-by / --patience cannot work as given, in one line; None when they can."""
+    if config.best_by not in BEST_BY:
+        return f"--best-by must be one of {', '.join(BEST_BY)}, not {config.best_by}"
+    if config.patience < 0:
+        return f"--patience must be 0 (never stop early) or more, not {config.patience}"
+    uses = [f"--best-by {config.best_by}"] * (config.best_by != "val_loss") + ["--patience"] * (config.patience > 0)
+    if uses and not (config.val_manifest and config.eval_every > 0):
+        return f"{' and '.join(uses)} need{'s' if len(uses) == 1 else ''} evaluations: set --val-manifest and --eval-every"
+    if config.best_by != "val_loss" and config.eval_prompts < 1:
+        return f"--best-by {config.best_by} measures generated clips: set --eval-prompts to 1 or more"
+    return None
+
+
+def clone_evaluation(config: TrainConfig, val_rows: list[dict], val_pairs: list[data.Pair], env: Dist) -> CloneEvaluation | None:
+    """The judge of generated validation clips, on process 0; None where no clip is generated.
+
+    Under FSDP no clip is generated (each generation step would need every
+    process), so --best-by on a clip metric is refused there.
+    """
+    generates = bool(val_pairs and config.eval_every and config.eval_prompts)
+    generates &= not (env.enabled and config.parallel == "fsdp")
+    if config.best_by != "val_loss" and not generates:
+        raise ValueError(f"--best-by {config.best_by} needs generated validation clips, which FSDP does not make; use val_loss")
+    evaluation = None
+    if generates and env.main:
+        judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None, config.device)
+        evaluation = CloneEvaluation(judge, {row["id"]: row.get("language") for row in val_rows})
+    prompts = val_pairs[: config.eval_prompts]
+    no_asr = evaluation is not None and config.best_by in ("wer", "sim_wer") and not any(
+        evaluation.judge.intelligibility_available(evaluation.languages[pair.id]) for pair in prompts)
+    if any_process(no_asr, env, config.device):
+        raise ValueError(f"--best-by {config.best_by}: no ASR for the languages of the first --eval-prompts validation rows; "
+                         "give --asr-model (Whisper) or --eval-language")
+    return evaluation
+
+
+def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig,
+                    evaluation: CloneEvaluation) -> dict[str, float]:
+    """Greedy clones of the first validation prompts: audio, mel spectrograms (generated | target | reference),
+    and their SIM, WER/CER and timing as scalars and a table with the transcripts; returns the metrics' means."""
     bundle = model_utils.Bundle(model, maker.bundle.tokenizer, maker.bundle.audio_tokenizer)
     rate = bundle.audio_tokenizer.sampling_rate
     sampling = infer.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds)
+    records = []
     for pair in pairs[: config.eval_prompts]:
-        waveform = data.load_audio(pair.ref_audio, rate) if maker.whisper is not None and config.ref_in_system else None
-        reference = infer.Reference(pair.ref_text, maker.codes(pair.ref_audio), waveform, rate)
-        try:
-            generated = infer.clone(bundle, reference, pair.text, sampling, pair.scene, config.ref_in_system)
-        except RuntimeError as error:
-            writer.add_text(f"eval/{pair.id}", f"no audio at step {step}: {error}", step)
+        record, generated = infer.evaluate_pair(bundle, evaluation.judge, pair, evaluation.languages[pair.id], sampling,
+                                                maker.codes, ref_in_system=config.ref_in_system)
+        records.append(record)
+        if generated is None:
             continue
         writer.add_audio(f"generated/{pair.id}", torch.from_numpy(generated)[None], step, sample_rate=rate)
         panels = [generated, data.load_audio(pair.audio, rate), data.load_audio(pair.ref_audio, rate)]
         writer.add_image(f"mel/{pair.id} (generated | target | reference)", mel_panels(panels, rate), step, dataformats="HW")
+    means = {name: stats["mean"] for name, stats in metrics.summarize_records(records, config.seed).items() if stats["n"]}
+    _log_values(writer, "quality", means, step)
+    writer.add_text("quality/table", metrics.markdown_table(records), step)
+    return means
+
+
+def evaluate_clones(writer, step: int, model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig, env: Dist,
+                    evaluation: CloneEvaluation | None) -> dict[str, float]:
+    """`log_generations` where clips are generated (process 0), its means shared with every process."""
+    quality = log_generations(writer, step, _unwrap_ddp(model), maker, pairs, config, evaluation) if evaluation else {}
+    if env.enabled:
+        shared = [quality]
+        dist.broadcast_object_list(shared, src=0)
+        quality = shared[0]
+    return quality
+
+
+def selection_score(best_by: str, val: dict[str, float], quality: dict[str, float]) -> float:
+    """What best.pt minimises: validation loss, -SIM, WER/CER, or WER/CER - SIM; inf when it is unavailable."""
+    sim, error = quality.get("sim", math.nan), quality.get("error_rate", math.nan)
+    score = {"val_loss": val["total"], "sim": -sim, "wer": error, "sim_wer": error - sim}[best_by]
+    return score if math.isfinite(score) else math.inf
+
+
+def best_value(best_by: str, score: float) -> float:
+    """A selection score in its metric's own sign (SIM is minimised as -SIM)."""
+    return -score if best_by == "sim" else score
+
+
+def out_of_patience(stale_evals: int, config: TrainConfig) -> bool:
+    return config.patience > 0 and stale_evals >= config.patience
+
+
+def teacher_forced_accuracy(hits: np.ndarray, env: Dist, device: str) -> dict[str, float]:
+    """Top-1 accuracy per codebook, overall and on stream-EOS labels, from every process's counts."""
+    summed = np.array(all_mean(hits.ravel().tolist(), env, device)).reshape(hits.shape)
+    return metrics.accuracy_from_hits(summed)
+
+
+def _log_values(writer, prefix: str, values: dict[str, float], step: int) -> None:
+    """Scalars `prefix/name`; an unavailable (NaN) value is not written, never written as 0."""
+    for name, value in values.items():
+        if value is not None and math.isfinite(value):
+            writer.add_scalar(f"{prefix}/{name}", value, step)
 
 
 def mel_panels(waveforms: list[np.ndarray], rate: int) -> np.ndarray:
@@ -735,6 +843,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         val_rows = validated_rows(config.val_manifest, val_codes, env, run_dir / "val_rejections.jsonl")
         val_pairs = data.training_pairs(val_rows, config.seed, 0)[0]
         val_maker = SampleMaker(bundle, config, val_codes)
+    evaluation = clone_evaluation(config, val_rows if config.val_manifest else [], val_pairs, env)
 
     model = bundle.model
     if config.scope == "lora":
@@ -760,7 +869,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     model = parallelize(model, config, env)
     optimizer = build_optimizer(model, config)
 
-    step, position, best_loss = 0, DataPosition(), float("inf")
+    step, position, best_loss, stale_evals = 0, DataPosition(), float("inf"), 0
     if config.resume:
         path = latest_checkpoint(run_dir)
         if path is None:
@@ -776,7 +885,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     train_loss = float("nan")
     model.train()
     progress = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True, disable=not env.main)
-    while step < last_step and not any_process(stop.requested, env, config.device):
+    while step < last_step and not out_of_patience(stale_evals, config) and not any_process(stop.requested, env, config.device):
         started = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
@@ -784,6 +893,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         # the step: accumulate gradients over micro-batches, all-reduced on the last one
         totals: dict[str, float] = {}
         counts = np.zeros(3)  # real tokens, padded positions, samples
+        hits = 0  # teacher-forced top-1 [correct, labelled] per codebook and on stream EOS
         ids: list[str] = []
         finite = True
         for micro in range(config.grad_accum):
@@ -796,6 +906,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
                 loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
                 (loss.total / config.grad_accum).backward()
             finite &= bool(torch.isfinite(loss.total))
+            hits = hits + metrics.teacher_forced_hits(outputs.audio_logits.detach(), batch.label_audio_ids,
+                                                       bundle.model.config.audio_codebook_size + 1)
             _accumulate(totals, loss, 1 / config.grad_accum)
             mask = outputs.attention_mask  # the merged text-and-audio sequence the model ran on
             counts += (int(mask.sum()), int(mask.numel() - mask.sum()), len(pairs))
@@ -824,9 +936,11 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         tokens, padded, samples = (value * env.world_size for value in all_mean(counts.tolist(), env, config.device))
         elapsed = time.time() - started
         train_loss = means["total"]
+        accuracy = teacher_forced_accuracy(hits, env, config.device)
         if writer and step % config.log_every == 0:
             _log(writer, step, means, optimizer, grad_norm, tokens / elapsed, samples / elapsed,
                  padded / max(1.0, tokens + padded))
+            _log_values(writer, "accuracy", accuracy, step)
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
         progress.update(1)
 
@@ -837,10 +951,11 @@ def _train(config: TrainConfig, env: Dist) -> Path:
             if writer:
                 for name, value in val.items():
                     writer.add_scalar(f"val/{name}", value, step)
-                if config.parallel == "ddp" or not env.enabled:
-                    log_generations(writer, step, _unwrap_ddp(model), val_maker, val_pairs, config)
-            if val["total"] < best_loss:
-                best_loss = val["total"]
+            quality = evaluate_clones(writer, step, model, val_maker, val_pairs, config, env, evaluation)
+            score = selection_score(config.best_by, val, quality)
+            stale_evals = 0 if score < best_loss else stale_evals + 1
+            if score < best_loss:
+                best_loss = score
                 save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss, name="best.pt")
             model.train()
         if step % config.save_every == 0 or step == config.max_steps:
@@ -849,16 +964,19 @@ def _train(config: TrainConfig, env: Dist) -> Path:
 
     if step < config.max_steps:
         path = save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss)
+        if out_of_patience(stale_evals, config):
+            say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): best.pt holds the best")
         say(f"stopped at step {step}; checkpoint {path}; continue with --run-name {run_dir.name} --resume")
     else:
         export = export_model(model, config, bundle, env, run_dir / "export")
         say(f"done: {step} steps, final train loss {train_loss:.3f}"
-            + (f", best validation loss {best_loss:.3f}" if math.isfinite(best_loss) else "")
+            + (f", best {config.best_by} {best_value(config.best_by, best_loss):.3f}" if math.isfinite(best_loss) else "")
             + f"\nTensorBoard: tensorboard --logdir {config.out_dir}\n"
             f"next: python infer.py --model {export}" + (" (or just python infer.py: it takes the newest export)" if config.out_dir == "runs" else ""))
     if writer:
         hparams = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, {"hparam/train_loss": train_loss, "hparam/best_val_loss": best_loss}, run_name="hparams")
+        writer.add_hparams(hparams, {"hparam/train_loss": train_loss, f"hparam/best_{config.best_by}": best_value(config.best_by, best_loss)},
+                           run_name="hparams")
         writer.close()
     return run_dir
 

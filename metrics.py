@@ -1,0 +1,433 @@
+"""Clone-quality metrics: does it sound like the reference, does it say the text, does it stop on time.
+
+* speaker similarity (SIM): cosine of speaker embeddings of two clips;
+  `resemblyzer`'s GE2E encoder by default (its weights ship in its wheel), or
+  a local `WavLMForXVector` directory (`--speaker-model DIR`);
+* intelligibility: WER of an ASR transcript against the text, or CER for
+  languages written without spaces; ASR from a local Whisper directory
+  (`--asr-model DIR`, any language) or, offline, pocketsphinx's bundled
+  en-us model (English only). A language no ASR covers gives `None`
+  ("n/a"), never 0;
+* timing: duration ratio generated / real target, whether the model ended
+  the clip itself, leading and trailing silence;
+* teacher-forced top-1 accuracy of the audio head, per codebook and on the
+  stream-EOS column, from `audio_logits` and `label_audio_ids`;
+* summaries: mean, median and a bootstrap 95% interval, as a dict and as a
+  printed table.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+ASR_RATE = 16000
+# Written without spaces between words: scored by characters (CER).
+CHARACTER_LANGUAGES = ("zh", "ja", "th", "lo", "km", "my", "yue", "bo")
+
+
+def base_language(language: str | None) -> str | None:
+    """`en-US` -> `en`; None stays None."""
+    return language.replace("_", "-").split("-")[0].lower() if language else None
+
+
+def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
+    import librosa
+
+    waveform = np.asarray(waveform, dtype=np.float32)
+    return waveform if rate == target else librosa.resample(waveform, orig_sr=rate, target_sr=target)
+
+
+# --------------------------------------------------------------------------
+# Speaker similarity
+# --------------------------------------------------------------------------
+
+
+class SpeakerEncoder(Protocol):
+    name: str
+
+    def embed(self, waveform: np.ndarray, rate: int) -> np.ndarray | None:
+        """A unit-length speaker embedding, or None when the clip holds no speech to embed."""
+
+
+class ResemblyzerEncoder:
+    """GE2E speaker encoder of `resemblyzer` (weights inside its package, so offline).
+
+    The clip is resampled to 16 kHz and its volume normalised as resemblyzer
+    does, without its VAD trimming: like the WavLM encoders of zero-shot TTS
+    benchmarks, the whole clip is embedded, so a noisy or babbling clip still
+    gets a (low) score instead of none.
+    """
+
+    name = "resemblyzer"
+
+    def __init__(self, device: str = "cpu"):
+        from resemblyzer import VoiceEncoder
+
+        self.encoder = VoiceEncoder(device=device, verbose=False)
+
+    def embed(self, waveform: np.ndarray, rate: int) -> np.ndarray | None:
+        from resemblyzer.audio import normalize_volume
+        from resemblyzer.hparams import audio_norm_target_dBFS, sampling_rate
+
+        if is_silent(waveform, rate):
+            return None
+        speech = normalize_volume(_resample(waveform, rate, sampling_rate), audio_norm_target_dBFS, increase_only=True)
+        return np.asarray(self.encoder.embed_utterance(speech), dtype=np.float64)
+
+
+class WavLMEncoder:
+    """A local speaker-verification model directory (e.g. a copy of microsoft/wavlm-base-plus-sv)."""
+
+    def __init__(self, model_dir: str, device: str = "cpu"):
+        from transformers import AutoFeatureExtractor, WavLMForXVector
+
+        if not Path(model_dir, "config.json").is_file():
+            raise FileNotFoundError(f"--speaker-model {model_dir}: no config.json (a WavLMForXVector directory)")
+        self.name = f"wavlm:{Path(model_dir).name}"
+        self.extractor = AutoFeatureExtractor.from_pretrained(model_dir, local_files_only=True)
+        self.model = WavLMForXVector.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+        self.device = device
+
+    def embed(self, waveform: np.ndarray, rate: int) -> np.ndarray | None:
+        if is_silent(waveform, rate):
+            return None
+        target = self.extractor.sampling_rate
+        features = self.extractor(_resample(waveform, rate, target), sampling_rate=target, return_tensors="pt")
+        with torch.no_grad():
+            embedding = self.model(**features.to(self.device)).embeddings[0].double().cpu().numpy()
+        return embedding / max(np.linalg.norm(embedding), 1e-12)
+
+
+def speaker_encoder(model_dir: str | None = None, device: str = "cpu") -> SpeakerEncoder:
+    """The default offline encoder, or a local WavLMForXVector directory."""
+    return WavLMEncoder(model_dir, device) if model_dir else ResemblyzerEncoder(device)
+
+
+def cosine(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def speaker_similarity(encoder: SpeakerEncoder, clip: np.ndarray, reference: np.ndarray, rate: int) -> float | None:
+    """Cosine similarity of the two clips' speaker embeddings; None when either holds no speech."""
+    return cosine(encoder.embed(clip, rate), encoder.embed(reference, rate))
+
+
+# --------------------------------------------------------------------------
+# Intelligibility
+# --------------------------------------------------------------------------
+
+
+class Transcriber(Protocol):
+    name: str
+
+    def supports(self, language: str | None) -> bool: ...
+
+    def transcribe(self, waveform: np.ndarray, rate: int, language: str | None) -> str: ...
+
+
+class PocketsphinxTranscriber:
+    """pocketsphinx with the en-us acoustic model, language model and dictionary its wheel ships: English only."""
+
+    name = "pocketsphinx-en-us"
+
+    def __init__(self):
+        from pocketsphinx import Decoder
+
+        self.decoder = Decoder(samprate=ASR_RATE, loglevel="FATAL")
+
+    def supports(self, language: str | None) -> bool:
+        return base_language(language) == "en"
+
+    def transcribe(self, waveform: np.ndarray, rate: int, language: str | None = "en") -> str:
+        samples = np.clip(_resample(waveform, rate, ASR_RATE), -1.0, 1.0)
+        self.decoder.start_utt()
+        self.decoder.process_raw((samples * 32767).astype(np.int16).tobytes(), full_utt=True)
+        self.decoder.end_utt()
+        hypothesis = self.decoder.hyp()
+        return hypothesis.hypstr if hypothesis is not None else ""
+
+
+class WhisperTranscriber:
+    """A local Whisper directory (processor + WhisperForConditionalGeneration), greedy, told the row's language."""
+
+    def __init__(self, model_dir: str, device: str = "cpu"):
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        if not Path(model_dir, "config.json").is_file():
+            raise FileNotFoundError(f"--asr-model {model_dir}: no config.json (a Whisper model directory)")
+        self.name = f"whisper:{Path(model_dir).name}"
+        self.processor = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.model = WhisperForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+        self.device = device
+        self.languages = set(getattr(self.model.generation_config, "lang_to_id", {}) or {})
+
+    def supports(self, language: str | None) -> bool:
+        # Without a language Whisper detects one; otherwise it must know the language.
+        return language is None or f"<|{base_language(language)}|>" in self.languages
+
+    def transcribe(self, waveform: np.ndarray, rate: int, language: str | None) -> str:
+        features = self.processor(_resample(waveform, rate, ASR_RATE), sampling_rate=ASR_RATE, return_tensors="pt")
+        options = {"task": "transcribe"} if language is None else {"task": "transcribe", "language": base_language(language)}
+        with torch.no_grad():
+            ids = self.model.generate(features.input_features.to(self.device), **options)
+        return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def transcriber(model_dir: str | None = None, device: str = "cpu") -> Transcriber:
+    """A local Whisper directory, or the offline English default."""
+    return WhisperTranscriber(model_dir, device) if model_dir else PocketsphinxTranscriber()
+
+
+def normalize_for_scoring(text: str) -> str:
+    """Case-folded, punctuation and symbols removed (apostrophes inside words kept), spaces collapsed."""
+    kept = []
+    for char in unicodedata.normalize("NFKC", text).casefold():
+        category = unicodedata.category(char)
+        if char == "'" or not category.startswith(("P", "S")):
+            kept.append(char)
+        else:
+            kept.append(" ")
+    return " ".join(word.strip("'") for word in "".join(kept).split() if word.strip("'"))
+
+
+def error_kind(language: str | None) -> str:
+    """`cer` for languages written without spaces, else `wer`."""
+    return "cer" if base_language(language) in CHARACTER_LANGUAGES else "wer"
+
+
+def error_rate(reference: str, hypothesis: str, language: str | None) -> float:
+    """WER (or CER, see `error_kind`) of `hypothesis` against `reference`, both normalised; can exceed 1."""
+    import jiwer
+
+    reference, hypothesis = normalize_for_scoring(reference), normalize_for_scoring(hypothesis)
+    if not reference:
+        raise ValueError("the reference text has no word left after normalisation")
+    if error_kind(language) == "cer":
+        return float(jiwer.cer(reference.replace(" ", ""), hypothesis.replace(" ", "")))
+    return float(jiwer.wer(reference, hypothesis))
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+
+def edge_silence(waveform: np.ndarray, rate: int, top_db: float = 40.0, floor_dbfs: float = -60.0) -> tuple[float, float]:
+    """Seconds of silence before the first and after the last sounding 20 ms frame.
+
+    A frame sounds when its RMS is within `top_db` of the loudest frame and
+    above `floor_dbfs`; a clip with no sounding frame is silent from end to end.
+    """
+    waveform = np.asarray(waveform, dtype=np.float64)
+    seconds = len(waveform) / rate
+    frame = max(1, int(0.02 * rate))
+    hop = max(1, frame // 2)
+    if len(waveform) < frame:
+        return seconds, seconds
+    starts = np.arange(0, len(waveform) - frame + 1, hop)
+    rms = np.sqrt(np.array([np.mean(waveform[s : s + frame] ** 2) for s in starts]))
+    level = 20 * np.log10(np.maximum(rms, 1e-10))
+    sounding = level >= max(level.max() - top_db, floor_dbfs)
+    if not sounding.any():
+        return seconds, seconds
+    first = int(np.argmax(sounding))
+    last = len(sounding) - 1 - int(np.argmax(sounding[::-1]))
+    return starts[first] / rate, max(0.0, seconds - (starts[last] + frame) / rate)
+
+
+def is_silent(waveform: np.ndarray, rate: int) -> bool:
+    """No sounding frame at all (see `edge_silence`): nothing to embed or transcribe."""
+    lead, _ = edge_silence(waveform, rate)
+    return lead >= len(waveform) / rate
+
+
+def duration_ratio(generated_seconds: float, target_seconds: float | None) -> float | None:
+    """Generated / real target duration; None without a target."""
+    if not target_seconds:
+        return None
+    return generated_seconds / target_seconds
+
+
+# --------------------------------------------------------------------------
+# Teacher-forced accuracy
+# --------------------------------------------------------------------------
+
+
+def teacher_forced_hits(audio_logits: torch.Tensor, label_audio_ids: torch.Tensor, eos_id: int) -> np.ndarray:
+    """Counts (n_q + 1, 2) of [correct top-1, labelled]: one row per codebook, the last for stream-EOS labels.
+
+    The same shift as the loss: `audio_logits[:-1, k]` predicts
+    `label_audio_ids[k, 1:]`; -100 labels are not counted. The EOS row counts
+    every (column, codebook) whose label is the stream EOS, i.e. whether the
+    model ends each delayed stream where the target does.
+    """
+    labels = label_audio_ids[:, 1:].to(audio_logits.device)
+    predicted = audio_logits[:-1].argmax(-1).T
+    labelled = labels != IGNORE_INDEX
+    correct = (predicted == labels) & labelled
+    eos = labels == eos_id
+    per_codebook = torch.stack([correct.sum(1), labelled.sum(1)], dim=1)
+    eos_counts = torch.stack([(correct & eos).sum(), eos.sum()])[None]
+    return torch.cat([per_codebook, eos_counts]).double().cpu().numpy()
+
+
+def accuracy_from_hits(hits: np.ndarray) -> dict[str, float]:
+    """`codebook_K`, `all` (every labelled audio position) and `eos` accuracies; NaN where nothing was labelled."""
+
+    def ratio(correct, total):
+        return float(correct / total) if total else math.nan
+
+    values = {f"codebook_{k}": ratio(*hits[k]) for k in range(len(hits) - 1)}
+    values["all"] = ratio(hits[:-1, 0].sum(), hits[:-1, 1].sum())
+    values["eos"] = ratio(*hits[-1])
+    return values
+
+
+# --------------------------------------------------------------------------
+# Scoring clips and rows
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ClipScores:
+    """What is measured on one clip (generated or real target) against its reference and text."""
+
+    seconds: float
+    sim: float | None
+    error_rate: float | None
+    transcript: str | None
+    lead_silence: float
+    trail_silence: float
+
+
+class Judge:
+    """Scores clips with one speaker encoder and the ASR that fits each language.
+
+    Reference embeddings and real-target scores are cached by path: in the
+    training loop the same validation rows are scored at every evaluation.
+    """
+
+    def __init__(self, encoder: SpeakerEncoder, asr: Transcriber | None, default_language: str | None = None):
+        self.encoder, self.asr, self.default_language = encoder, asr, default_language
+        self._embeddings: dict[str, np.ndarray | None] = {}
+        self._targets: dict[str, ClipScores] = {}
+
+    def language(self, language: str | None) -> str | None:
+        return language or self.default_language
+
+    def intelligibility_available(self, language: str | None) -> bool:
+        return self.asr is not None and self.asr.supports(self.language(language))
+
+    def reference_embedding(self, path: str, waveform: np.ndarray, rate: int) -> np.ndarray | None:
+        if path not in self._embeddings:
+            self._embeddings[path] = self.encoder.embed(waveform, rate)
+        return self._embeddings[path]
+
+    def score_clip(self, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str, language: str | None) -> ClipScores:
+        lead, trail = edge_silence(waveform, rate)
+        language = self.language(language)
+        transcript = rate_value = None
+        if self.intelligibility_available(language):
+            transcript = self.asr.transcribe(waveform, rate, language)
+            rate_value = error_rate(text, transcript, language)
+        sim = cosine(self.encoder.embed(waveform, rate), reference)
+        return ClipScores(len(waveform) / rate, sim, rate_value, transcript, lead, trail)
+
+    def score_target(self, path: str, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str,
+                     language: str | None) -> ClipScores:
+        if path not in self._targets:
+            self._targets[path] = self.score_clip(waveform, rate, reference, text, language)
+        return self._targets[path]
+
+
+def build_judge(speaker_model: str | None = None, asr_model: str | None = None, language: str | None = None,
+                device: str = "cpu") -> Judge:
+    """The encoder and ASR chosen by `--speaker-model` / `--asr-model` (offline defaults otherwise)."""
+    return Judge(speaker_encoder(speaker_model, device), transcriber(asr_model, device), language)
+
+
+def row_record(row_id: str, language: str | None, text: str, generated: ClipScores | None, stopped: bool | None,
+               target: ClipScores | None, error: str | None = None) -> dict:
+    """One flat row of the per-row table: the generated clip's values and the real target's (`target_*`)."""
+    kind = error_kind(language)
+    record = {"id": row_id, "language": language or "", "metric": kind, "text": text, "stopped": stopped}
+    for prefix, scores in (("", generated), ("target_", target)):
+        values = asdict(scores) if scores else dict.fromkeys(("seconds", "sim", "error_rate", "transcript", "lead_silence", "trail_silence"))
+        record.update({prefix + name: value for name, value in values.items()})
+    record["duration_ratio"] = duration_ratio(generated.seconds, target.seconds if target else None) if generated else None
+    record["error"] = error or ""
+    return record
+
+
+# --------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = ("sim", "error_rate", "duration_ratio", "stopped", "lead_silence", "trail_silence",
+                   "target_sim", "target_error_rate")
+
+
+def _numbers(values) -> np.ndarray:
+    kept = [float(v) for v in values if v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))]
+    return np.array(kept, dtype=np.float64)
+
+
+def summarize(values, seed: int = 0, resamples: int = 1000) -> dict:
+    """n, mean, median and a percentile-bootstrap 95% interval of the mean; unavailable values left out."""
+    numbers = _numbers(values)
+    if len(numbers) == 0:
+        return {"n": 0, "mean": None, "median": None, "ci95": [None, None]}
+    rng = np.random.default_rng(seed)
+    means = numbers[rng.integers(0, len(numbers), size=(resamples, len(numbers)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"n": int(len(numbers)), "mean": float(numbers.mean()), "median": float(np.median(numbers)),
+            "ci95": [float(low), float(high)]}
+
+
+def summarize_records(records: list[dict], seed: int = 0) -> dict[str, dict]:
+    """`summarize` of each summary column over the rows (`stopped` becomes the stop rate)."""
+    return {column: summarize([record[column] for record in records], seed) for column in SUMMARY_COLUMNS}
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table; unavailable is `n/a`, never 0."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    """The summary as an aligned text table."""
+    lines = [f"{'metric':<16}{'n':>4}{'mean':>9}{'median':>9}   95% CI"]
+    for name, stats in summary.items():
+        low, high = stats["ci95"]
+        interval = f"[{fmt(low)}, {fmt(high)}]" if stats["n"] else "n/a"
+        lines.append(f"{name:<16}{stats['n']:>4}{fmt(stats['mean']):>9}{fmt(stats['median']):>9}   {interval}")
+    return "\n".join(lines)
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Per-row values and transcripts as a Markdown table (TensorBoard's text panel renders it)."""
+    header = "| id | SIM | WER/CER | duration ratio | stopped | transcript | target SIM | target WER/CER | target transcript |"
+    lines = [header, "|" + "---|" * 9]
+    for r in records:
+        cells = [r["id"], fmt(r["sim"]), f"{fmt(r['error_rate'])} ({r['metric']})", fmt(r["duration_ratio"]),
+                 fmt(r["stopped"]), f"no audio: {r['error']}" if r["error"] else _or_na(r["transcript"]),
+                 fmt(r["target_sim"]), fmt(r["target_error_rate"]),
+                 _or_na(r["target_transcript"])]
+        lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _or_na(text: str | None) -> str:
+    return "n/a" if text is None else text

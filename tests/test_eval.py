@@ -1,0 +1,183 @@
+"""Clone evaluation: `infer.py --eval` on a manifest, and the same metrics in the training loop with --best-by/--patience."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import data
+import infer
+import metrics
+import train
+from conftest import DEMO_DIR
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, dict]:
+    """Demo rows whose clips are cut to their first second (to keep encoding and ASR quick), by id."""
+    folder = tmp_path_factory.mktemp("clips")
+    rows = {}
+    for row in map(json.loads, (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()):
+        waveform = data.load_audio(DEMO_DIR / row["audio"], 24000)[:24000]
+        path = folder / f"{row['id']}.wav"
+        sf.write(path, waveform, 24000)
+        rows[row["id"]] = {**row, "audio": str(path)}
+    return rows
+
+
+def _write(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def judge() -> metrics.Judge:
+    return metrics.build_judge()
+
+
+# --------------------------------------------------------------------------
+# python infer.py --eval
+# --------------------------------------------------------------------------
+
+
+def test_eval_writes_wavs_rows_and_summary_and_counts_the_bad_row(clips, tmp_path, capsys):
+    demo = clips
+    arabic = {"id": "ar_pair", "ref_audio": demo["ar_male_0"]["audio"], "ref_text": demo["ar_male_0"]["text"],
+              "audio": demo["ar_male_1"]["audio"], "text": demo["ar_male_1"]["text"], "language": "ar"}
+    missing = {"id": "gone", "audio": str(tmp_path / "nowhere.wav"), "text": "Not here.", "speaker": "en_female", "language": "en"}
+    manifest = _write(tmp_path / "eval.jsonl", [demo["en_female_0"], missing, demo["en_female_1"], arabic])
+    out = tmp_path / "eval"
+    assert infer.main(["--eval", str(manifest), "--out", str(out), "--model", "tiny", "--max-seconds", "0.5", "--greedy"]) == 0
+
+    with (out / "rows.csv").open(encoding="utf-8") as file:
+        rows = {row["id"]: row for row in csv.DictReader(file)}
+    assert sorted(rows) == ["ar_pair", "en_female_0", "en_female_1"]
+    english, arabic_row = rows["en_female_0"], rows["ar_pair"]
+    assert english["metric"] == "wer" and float(english["error_rate"]) >= 0 and float(english["target_error_rate"]) >= 0
+    assert 0 < float(english["duration_ratio"]) and english["stopped"] in ("True", "False")
+    assert -1 <= float(english["sim"]) <= 1 and -1 <= float(english["target_sim"]) <= 1
+    # no ASR for Arabic offline: unavailable, never 0
+    assert arabic_row["error_rate"] == "n/a" and arabic_row["target_error_rate"] == "n/a" and arabic_row["transcript"] == "n/a"
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert (summary["rows_read"], summary["kept"], summary["rejected"], summary["evaluated"]) == (4, 3, 1, 3)
+    assert summary["rejected_by_reason"] == {"missing_audio": 1}
+    assert summary["metrics"]["sim"]["n"] == 3 and summary["metrics"]["error_rate"]["n"] == 2
+    low, high = summary["metrics"]["duration_ratio"]["ci95"]
+    assert low <= summary["metrics"]["duration_ratio"]["mean"] <= high
+    assert len(list((out / "wavs").glob("*.wav"))) == 3
+    rejections = [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["id"], r["reason"]) for r in rejections] == [(2, "gone", "missing_audio")]
+    printed = capsys.readouterr().out
+    assert "rows read 4 = kept 3 + rejected 1 (missing_audio 1)" in printed and "error_rate" in printed
+
+
+def test_eval_refuses_a_wav_as_its_output_directory(tmp_path, capsys):
+    assert infer.main(["--eval", str(DEMO_DIR / "manifest.jsonl"), "--out", str(tmp_path / "x.wav")]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+
+
+def test_evaluate_pair_is_deterministic_with_a_seed(clips, tiny, judge):
+    pair = data.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Please bring me a cup of tea.")
+    codes = data.CodeCache(tiny.audio_tokenizer)
+    sampling = infer.Sampling(seed=3, max_seconds=0.3)  # sampled, not greedy
+    first = infer.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
+    second = infer.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
+    assert np.array_equal(first[1], second[1]) and first[0] == second[0]
+
+
+# --------------------------------------------------------------------------
+# In the training loop
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def patient_run(clips, tmp_path_factory):
+    """--best-by sim --patience 2 with an evaluation every step on the tiny preset."""
+    rows = [clips[row_id] for row_id in ("en_female_0", "en_female_1", "ar_male_0", "ar_male_2")]
+    manifest = _write(tmp_path_factory.mktemp("data") / "small.jsonl", rows)
+    config = train.TrainConfig(
+        train_manifest=str(manifest), val_manifest=str(manifest), out_dir=str(tmp_path_factory.mktemp("runs")), run_name="run",
+        device="cpu", precision="fp32", batch_size=2, max_steps=8, warmup_steps=2, save_every=100, eval_every=1,
+        eval_prompts=1, eval_max_seconds=0.5, best_by="sim", patience=2,
+    )
+    return train.train(config)
+
+
+def _events(run_dir) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_in_loop_evaluation_writes_quality_and_accuracy_scalars_and_a_table(patient_run):
+    events = _events(patient_run)
+    scalars = set(events.Tags()["scalars"])
+    quality = {f"quality/{name}" for name in ("sim", "error_rate", "duration_ratio", "stopped", "lead_silence", "trail_silence",
+                                              "target_sim", "target_error_rate")}
+    accuracy = {f"accuracy/codebook_{k}" for k in range(8)} | {"accuracy/all", "accuracy/eos"}
+    assert quality <= scalars and accuracy <= scalars
+    assert all(0 <= event.value <= 1 for tag in accuracy for event in events.Scalars(tag))
+    tables = events.Tensors("quality/table/text_summary")
+    assert len(tables) == len(events.Scalars("quality/sim"))
+    table = tables[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| id | SIM") and "en_female_0" in table
+
+
+def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint(patient_run):
+    sims = {event.step: event.value for event in _events(patient_run).Scalars("quality/sim")}
+    best_step, best, stale, stop_step = None, -np.inf, 0, None
+    for step in sorted(sims):  # the documented rule, replayed on the logged values
+        stale = 0 if sims[step] > best else stale + 1
+        if sims[step] > best:
+            best_step, best = step, sims[step]
+        if stale == 2:
+            stop_step = step
+            break
+    assert stop_step is not None and stop_step < 8, sims  # the run stopped early
+    assert max(sims) == stop_step
+    state = torch.load(patient_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == best_step and state["best_loss"] == pytest.approx(-best)
+    assert (patient_run / "checkpoints" / f"step_{stop_step:08d}.pt").is_file()
+    assert not (patient_run / "export").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--best-by", "loss"], "--best-by must be one of val_loss, sim, wer, sim_wer, not loss"),
+    (["--patience", "-1"], "--patience must be 0"),
+    (["--best-by", "sim", "--val-manifest", ""], "evaluations: set --val-manifest"),
+    (["--patience", "3", "--eval-every", "0"], "evaluations: set --val-manifest"),
+    (["--best-by", "wer", "--eval-prompts", "0"], "--eval-prompts to 1 or more"),
+])
+def test_bad_selection_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_config(flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+
+
+def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated(judge):
+    pairs = [data.Pair("ar_male_1", "ref.wav", "ref", "target.wav", "text")]
+    with pytest.raises(ValueError, match="FSDP"):
+        train.clone_evaluation(train.TrainConfig(best_by="sim", parallel="fsdp"), [], pairs, train.Dist(0, 2, 0))
+    with pytest.raises(ValueError, match="no ASR"):
+        train.clone_evaluation(train.TrainConfig(best_by="wer"), [{"id": "ar_male_1", "language": "ar"}], pairs, train.Dist())
+    evaluation = train.clone_evaluation(train.TrainConfig(best_by="wer", eval_language="en"), [{"id": "ar_male_1"}], pairs, train.Dist())
+    assert evaluation.judge.intelligibility_available(evaluation.languages["ar_male_1"])
+
+
+def test_selection_score_orders_each_metric_so_lower_is_better():
+    val = {"total": 2.0}
+    assert train.selection_score("val_loss", val, {}) == 2.0
+    assert train.selection_score("sim", val, {"sim": 0.8}) < train.selection_score("sim", val, {"sim": 0.6})
+    assert train.selection_score("wer", val, {"error_rate": 0.1}) < train.selection_score("wer", val, {"error_rate": 0.3})
+    assert train.selection_score("sim_wer", val, {"sim": 0.8, "error_rate": 0.2}) == pytest.approx(-0.6)
+    assert train.selection_score("sim", val, {}) == float("inf")  # unavailable never counts as a new best
+    assert train.best_value("sim", -0.8) == 0.8
