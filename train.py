@@ -909,7 +909,8 @@ def train(config: TrainConfig) -> Path:
     env = init_distributed(config)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
-        return _train(config, env)
+        with contextlib.ExitStack() as on_exit:
+            return _train(config, env, on_exit)
     finally:
         for signum, handler in handlers.items():
             if handler is not None:
@@ -918,7 +919,7 @@ def train(config: TrainConfig) -> Path:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, env: Dist) -> Path:
+def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Path:
     say = print if env.main else (lambda *args, **kwargs: None)
     run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
     resume_from, saved = open_run(run_dir, config, env, say)
@@ -980,7 +981,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     bad_steps: list[str] = []
     train_loss = float("nan")
     model.train()
-    progress = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True, disable=not env.main)
+    # closed on any exit, so that an error message starts its own line
+    progress = on_exit.enter_context(tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True, disable=not env.main))
     while step < last_step and not any_process(stop.requested, env, config.device):
         started = time.time()
         for group in optimizer.param_groups:
