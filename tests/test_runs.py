@@ -41,13 +41,15 @@ def _error_lines(err: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny):
-    """The code cache of two speakers with two utterances each (encoded once for every run here)."""
-    rows = [json.loads(line) for line in (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    keep = [dict(row, audio=str(DEMO_DIR / row["audio"])) for row in rows
-            if row["id"] in {"en_female_0", "en_female_1", "ar_male_0", "ar_male_2"}]
+    """The code cache of two paired rows on two demo clips, each the other's reference (encoded once, for every run)."""
+    first, second = (str(DEMO_DIR / f"en_male_{k}.flac") for k in (0, 1))
+    rows = [{"id": "a", "ref_audio": first, "ref_text": "The weather is lovely today.", "audio": second,
+             "text": "Please bring me a cup of tea."},
+            {"id": "b", "ref_audio": second, "ref_text": "Please bring me a cup of tea.", "audio": first,
+             "text": "The weather is lovely today."}]
     folder = tmp_path_factory.mktemp("cache")
-    (folder / "small.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in keep), encoding="utf-8")
-    data.prepare(str(folder / "small.jsonl"), folder / "codes", tiny.audio_tokenizer)
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    data.prepare(str(folder / "pairs.jsonl"), folder / "codes", tiny.audio_tokenizer)
     return folder / "codes"
 
 
@@ -245,11 +247,8 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporary
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
 
 
-def test_an_export_is_replaced_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
-    config = train.TrainConfig(out_dir=str(tmp_path), device="cpu")
+def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run" / "export"
-    train.export_model(tiny.model, config, tiny, train.Dist(), out)
-    first = _files(out)
 
     def disk_full(path, seed):
         pathlib.Path(path).mkdir(parents=True)
@@ -257,27 +256,46 @@ def test_an_export_is_replaced_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(model_utils, "save_tiny_audio_tokenizer", disk_full)
-    with pytest.raises(train.WriteError, match=f"cannot write {out}: No space left on device"):
-        train.export_model(tiny.model, config, tiny, train.Dist(), out)
-    assert _files(out) == first, "the earlier export is left as it was"
-    assert sorted(path.name for path in out.parent.iterdir()) == ["export"]
-    monkeypatch.undo()
-    train.export_model(tiny.model, config, tiny, train.Dist(), out)
-    assert sorted(path.name for path in out.parent.iterdir()) == ["export"] and _files(out) != first
+    with pytest.raises(train.WriteError, match=f"^cannot write {out}: No space left on device$"):
+        train.export_model(tiny.model, train.TrainConfig(device="cpu"), tiny, train.Dist(), out)
+    assert list(out.parent.iterdir()) == [] and model_utils.newest_export(str(tmp_path)) is None
 
 
-def test_newest_export_skips_an_export_cut_short(tiny, tmp_path, capsys):
-    config = train.TrainConfig(out_dir=str(tmp_path), device="cpu")
-    train.export_model(tiny.model, config, tiny, train.Dist(), tmp_path / "old" / "export")
-    half = tmp_path / "new" / "export"
-    shutil.copytree(tmp_path / "old" / "export", half)
-    os.utime(half)
-    weights = half / "audio_tokenizer" / "model.pth"
-    weights.write_bytes(weights.read_bytes()[:5000])
-    (tmp_path / "newer" / "export.tmp-1234").mkdir(parents=True)
-    (tmp_path / "newer" / "export.tmp-1234" / "config.json").write_text("{}")
+def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "export"
+    path.mkdir()
+    (path / "old.txt").write_text("old")
+    with pytest.raises(train.WriteError, match="cannot write .*export: No space left on device"):
+        with train.atomic_directory(path) as folder:
+            (folder / "new.txt").write_text("half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["old.txt"]
+    with train.atomic_directory(path) as folder:
+        (folder / "new.txt").write_text("new")
+    assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["new.txt"]
+
+
+def test_newest_export_skips_an_export_cut_short(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    for name in ("old", "new", "newer"):
+        export = tmp_path / name / "export"
+        (export / "audio_tokenizer").mkdir(parents=True)
+        (export / "config.json").write_text("{}")
+        save_file({"weight": torch.zeros(64)}, export / "model.safetensors")
+        torch.save({"weight": torch.zeros(64)}, export / "audio_tokenizer" / "model.pth")
+        time.sleep(0.01)
+    assert model_utils.newest_export(str(tmp_path)) == str(tmp_path / "newer" / "export")
+    weights = tmp_path / "newer" / "export" / "audio_tokenizer" / "model.pth"
+    weights.write_bytes(weights.read_bytes()[:300])
+    tensors = tmp_path / "new" / "export" / "model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-8])
+    (tmp_path / "newest" / "export.tmp-1234").mkdir(parents=True)
+    (tmp_path / "newest" / "export.tmp-1234" / "config.json").write_text("{}")
     assert model_utils.newest_export(str(tmp_path)) == str(tmp_path / "old" / "export")
-    assert f"skipping {half}: audio_tokenizer/model.pth is truncated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'newer' / 'export'}: audio_tokenizer/model.pth is truncated" in err
+    assert f"skipping {tmp_path / 'new' / 'export'}: model.safetensors is truncated" in err
 
 
 def test_a_read_only_out_dir_is_one_line_naming_it(tmp_path, monkeypatch):
