@@ -124,7 +124,7 @@ HELP = {
     "scope": "what is trained: full, audio (audio FFNs, codebook embeddings, audio head) or lora",
     "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
     "out_dir": "where runs are written", "run_name": "run folder name (default: a timestamp)",
-    "resume": "continue from the newest checkpoint of --run-name",
+    "resume": "continue --run-name from its newest intact checkpoint (flags that change the run are refused)",
     "inspect": "print the first batch readably and exit",
     "seed": "seed of everything", "device": "torch device",
     "precision": "bf16 (autocast on CUDA, fp32 master weights) or fp32",
@@ -140,7 +140,7 @@ HELP = {
     "grad_clip": "max gradient norm (0 = off)", "log_every": "steps between logged scalars",
     "eval_every": "steps between evaluations (0 = never)", "eval_prompts": "validation prompts generated as audio",
     "eval_max_seconds": "longest generated validation clip", "save_every": "steps between checkpoints",
-    "keep_last": "checkpoints kept (best.pt is kept too)", "max_bad_steps": "consecutive non-finite losses that stop the run",
+    "keep_last": "newest step checkpoints kept (best.pt is kept too)", "max_bad_steps": "consecutive non-finite losses that stop the run",
 }
 SCOPES = ("full", "audio", "lora")
 
@@ -662,6 +662,7 @@ def atomic_directory(path: Path):
     `path` (an older `path` is moved to `PATH.old-XXXX`, then deleted); on any failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    old = path.with_name(temporary.name.replace(".tmp-", ".old-"))
     try:
         yield temporary
         for folder, _, files in os.walk(temporary, topdown=False):
@@ -669,22 +670,26 @@ def atomic_directory(path: Path):
                 with open(os.path.join(folder, name), "rb") as handle:
                     os.fsync(handle.fileno())
             fsync_directory(Path(folder))
-        old = path.with_name(temporary.name.replace(".tmp-", ".old-")) if path.exists() else None
-        if old:
+        if path.exists():
             os.replace(path, old)
         os.replace(temporary, path)
         fsync_directory(path.parent)
-        if old:
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
         if isinstance(error, Exception):
             raise WriteError(path, error) from error
         raise
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
-    """Delete what an interrupted write left in a run (`checkpoints/*.tmp-*`, `export.tmp-*`, `export.old-*`)."""
+    """Delete what an interrupted write left in a run (`checkpoints/*.tmp-*`, `export.tmp-*`, `export.old-*`);
+    an `export.old-*` whose replacement never arrived is moved back to `export` instead."""
+    for old in run_dir.glob("export.old-*"):
+        if not (run_dir / "export").exists():
+            os.replace(old, run_dir / "export")
     stray = sorted([*(run_dir / "checkpoints").glob("*.tmp*"), *run_dir.glob("export.tmp-*"), *run_dir.glob("export.old-*")])
     for path in stray:
         shutil.rmtree(path) if path.is_dir() else path.unlink()

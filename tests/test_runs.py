@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -275,6 +276,19 @@ def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
     assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["new.txt"]
 
 
+def test_cleaning_removes_temporaries_and_puts_back_an_export_whose_replacement_never_arrived(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000004.pt.tmp-77").write_bytes(b"half")
+    (tmp_path / "checkpoints" / "step_00000003.pt").write_bytes(b"whole")
+    for name in ("export.tmp-new", "export.old-new"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(name)
+    assert train.clean_temporaries(tmp_path) == [tmp_path / "checkpoints" / "step_00000004.pt.tmp-77", tmp_path / "export.tmp-new"]
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["checkpoints", "export"]
+    assert (tmp_path / "export" / "config.json").read_text() == "export.old-new"
+    assert [entry.name for entry in (tmp_path / "checkpoints").iterdir()] == ["step_00000003.pt"]
+
+
 def test_newest_export_skips_an_export_cut_short(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -340,6 +354,11 @@ def test_every_numeric_flag_is_checked_at_parse_time(tmp_path, flag, value, mess
     status, out, err = _run("--out-dir", str(tmp_path), *FLAGS, flag, value)
     assert status == 2 and _error_lines(err) == [f"error: {message}"] and not out
     assert not any(tmp_path.iterdir()), "nothing is written"
+
+
+def test_every_numeric_field_has_a_limit():
+    numeric = {name for name, value in asdict(train.TrainConfig()).items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    assert numeric == set(train.LIMITS)
 
 
 def test_eval_every_zero_means_never_and_is_valid():
