@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -377,9 +379,48 @@ def exported_audio_tokenizer(model_dir: str) -> str | None:
 
 
 def newest_export(runs_dir: str = "runs") -> str | None:
-    """The most recently written `runs/*/export` model, if any."""
-    exports = [path for path in Path(runs_dir).glob("*/export") if (path / "config.json").is_file()]
+    """The most recently written whole `runs/*/export` model, if any.
+
+    `train.py` writes an export into `export.tmp-XXXX` and renames it into
+    place once whole; an `export` that is not whole (cut short while written
+    in place, or damaged since) is skipped with a note naming it."""
+    exports = []
+    for path in Path(runs_dir).glob("*/export"):
+        problem = export_problem(path)
+        if problem:
+            print(f"note: skipping {path}: {problem}", file=sys.stderr)
+        else:
+            exports.append(path)
     return str(max(exports, key=lambda path: path.stat().st_mtime)) if exports else None
+
+
+def export_problem(path: Path) -> str | None:
+    """What makes an export directory not whole: no `config.json`, a weights file cut short (a safetensors
+    file shorter than its header says, a torch zip file without its closing directory); None if whole."""
+    if not (path / "config.json").is_file():
+        return "no config.json"
+    for weights in sorted(path.rglob("*.safetensors")):
+        if not _safetensors_whole(weights):
+            return f"{weights.relative_to(path)} is truncated"
+    for weights in sorted(path.rglob("*.pth")):
+        if not zipfile.is_zipfile(weights):
+            return f"{weights.relative_to(path)} is truncated"
+    return None
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """A safetensors file is an 8-byte header size, a JSON header, then the tensors up to the last end offset."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return False
+        size = int.from_bytes(head, "little")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError:
+            return False
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + size + end
 
 
 # --------------------------------------------------------------------------

@@ -19,12 +19,24 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+
+def _interrupted_while_importing(_signum, _frame):
+    print("error: interrupted during start-up: nothing was trained", file=sys.stderr)
+    raise SystemExit(128 + signal.SIGINT)
+
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads is one line, not a traceback
+    signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 import numpy as np
 import torch
@@ -119,7 +131,7 @@ HELP = {
     "scope": "what is trained: full, audio (audio FFNs, codebook embeddings, audio head) or lora",
     "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
     "out_dir": "where runs are written", "run_name": "run folder name (default: a timestamp)",
-    "resume": "continue from the newest checkpoint of --run-name",
+    "resume": "continue --run-name from its newest intact checkpoint (flags that change the run are refused)",
     "inspect": "print the first batch readably and exit",
     "seed": "seed of everything", "device": "torch device",
     "precision": "bf16 (autocast on CUDA, fp32 master weights) or fp32",
@@ -141,14 +153,62 @@ HELP = {
     "best_by": "what best.pt and --patience track: val_loss, sim (higher is better), wer (lower), or sim_wer (lower WER - SIM)",
     "patience": "stop, with a checkpoint, after this many evaluations without a new best (0 = never)",
     "save_every": "steps between checkpoints",
-    "keep_last": "checkpoints kept (best.pt is kept too)", "max_bad_steps": "consecutive non-finite losses that stop the run",
+    "keep_last": "newest step checkpoints kept (best.pt is kept too)", "max_bad_steps": "consecutive non-finite losses that stop the run",
 }
 SCOPES = ("full", "audio", "lora")
 
 
+class ConfigError(ValueError):
+    """A bad flag or `--config` file: reported as one line, exit status 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda value: value >= low), f"at least {low}"
+
+
+def _positive() -> tuple[Callable[[float], bool], str]:
+    return (lambda value: value > 0), "positive"
+
+
+def _within(low: float, high: float, *, open_high: bool = False) -> tuple[Callable[[float], bool], str]:
+    if open_high:
+        return (lambda value: low <= value < high), f"in [{low}, {high})"
+    return (lambda value: low <= value <= high), f"in [{low}, {high}]"
+
+
+# The valid range of every numeric field, checked at parse time: a new numeric field adds one row.
+LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lora_rank": _at_least(1), "lora_alpha": _positive(), "lora_dropout": _within(0, 1, open_high=True),
+    "seed": _within(0, 2**32 - 1),  # numpy's seed range
+    "batch_size": _at_least(1), "batch_tokens": _at_least(0), "grad_accum": _at_least(1),
+    "max_steps": _at_least(1), "epochs": _at_least(0), "stop_after": _at_least(0),
+    "lr": _positive(), "min_lr_ratio": _within(0, 1), "warmup_steps": _at_least(0),
+    "weight_decay": _at_least(0), "grad_clip": _at_least(0),
+    "log_every": _at_least(1), "eval_every": _at_least(0), "eval_prompts": _at_least(0),
+    "eval_max_seconds": _positive(), "save_every": _at_least(1), "keep_last": _at_least(1),
+    "max_bad_steps": _at_least(1), "patience": _at_least(0),
+}
+
+
+def check_limits(config: TrainConfig) -> None:
+    """Every numeric field within its range (and finite), or a one-line ConfigError naming the flag."""
+    for name, (valid, rule) in LIMITS.items():
+        value = getattr(config, name)
+        if not (math.isfinite(value) and valid(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, not {value}")
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags override an optional JSON/YAML `--config` file, which overrides the defaults."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Flags override an optional JSON/YAML `--config` file, which overrides the defaults.
+
+    Any problem (an unknown flag or key, a wrong type, a value out of range,
+    an unreadable file) is a ConfigError with a one-line message."""
+    parser = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file of the fields below; flags override it")
     for name, value in asdict(TrainConfig()).items():
         flag = "--" + name.replace("_", "-")
@@ -165,6 +225,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp"))):
         if getattr(config, name) not in allowed:
             parser.error(f"--{name} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
+    check_limits(config)
     problem = selection_problem(config)
     if problem:
         parser.error(problem)
@@ -172,17 +233,46 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _read_config_file(path: str) -> dict:
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    """The fields of a JSON or YAML file, each of its field's type; any problem is a one-line ConfigError."""
+    import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
-    unknown = set(values) - set(asdict(TrainConfig()))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        values = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config {path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"--config {path}: invalid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of field names to values, not {type(values).__name__}")
+    defaults = asdict(TrainConfig())
+    unknown = set(values) - set(defaults)
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)} (fields are the flags' names with _ for -)")
+    for name, value in values.items():
+        if not _has_type(value, defaults[name]):
+            expected = "a string or null" if defaults[name] is None else type(defaults[name]).__name__
+            raise ConfigError(f"--config {path}: {name} must be {expected}, not {value!r}")
     return values
+
+
+def _has_type(value, default) -> bool:
+    """The type of the field's default; a bool is not a number here, an int is a float, a field whose
+    default is None takes a string or null."""
+    if default is None:
+        return value is None or isinstance(value, str)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------
@@ -500,20 +590,32 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPo
         folder.mkdir(parents=True, exist_ok=True)
         state = {"step": step, "model": model_state, "optimizer": optimizer_state, "position": asdict(position),
                  "rng": rngs, "best_loss": best_loss, "config": asdict(config)}
-        temporary = path.with_suffix(".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-        for old in sorted(folder.glob("step_*.pt"))[: -config.keep_last]:
-            old.unlink()
+        with atomic_file(path) as handle:
+            torch.save(state, handle)
+        prune_checkpoints(folder, config.keep_last, path)
     if env.enabled:
         dist.barrier()
     return path
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = run_dir / "checkpoints"
-    found = sorted([*folder.glob("step_*.pt"), *folder.glob(f"step_*{SHARDED_SUFFIX}")])
+    found = step_checkpoints(run_dir / "checkpoints")
     return found[-1] if found else None
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """`step_N.pt` files and `step_N.dcp` directories (FSDP), oldest to newest by step number (not by name)."""
+    found = [path for path in folder.glob("step_*") if STEP_CHECKPOINT.fullmatch(path.name)]
+    return sorted(found, key=lambda path: int(STEP_CHECKPOINT.fullmatch(path.name).group(1)))
+
+
+def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
+    """Keep the `keep_last` newest step checkpoints, and always the one just written."""
+    found = step_checkpoints(folder)
+    keep = set(found[-keep_last:]) | {written}
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def load_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, DataPosition, float]:
@@ -533,6 +635,7 @@ def load_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, DataP
 
 SHARDED_SUFFIX = ".dcp"
 TRAIN_STATE = "train_state.pt"
+STEP_CHECKPOINT = re.compile(rf"step_(\d+)(?:\.pt|{re.escape(SHARDED_SUFFIX)})")
 
 
 def sharded_checkpoints(config: TrainConfig, env: Dist) -> bool:
@@ -578,8 +681,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, position
             file.flush()
             os.fsync(file.fileno())
         _replace_directory(temporary, path)
-        for old in sorted(folder.glob(f"step_*{SHARDED_SUFFIX}"))[: -config.keep_last]:
-            shutil.rmtree(old)
+        prune_checkpoints(folder, config.keep_last, path)
     dist.barrier()
     return path
 
@@ -594,11 +696,7 @@ def _replace_directory(new: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(new, path)
-    descriptor = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)  # the rename itself survives a crash
-    finally:
-        os.close(descriptor)
+    fsync_directory(path.parent)
 
 
 def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, DataPosition, float]:
@@ -617,7 +715,7 @@ def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[in
 def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Dist, out: Path) -> Path:
     """The final model in `HiggsAudioModel.from_pretrained` format (LoRA merged), with its text tokenizer
     and its audio tokenizer (`audio_tokenizer/`, or a pointer to it), so `infer.py` and the package's
-    `HiggsAudioServeEngine` load it as it is."""
+    `HiggsAudioServeEngine` load it as it is. Written whole into a temporary folder, then renamed."""
     full = get_model_state_dict(model, options=FULL_STATE)
     if env.main:
         fresh = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed).model
@@ -626,16 +724,217 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
         fresh.load_state_dict(full)
         if config.scope == "lora":
             fresh = fresh.merge_and_unload()
-        out.mkdir(parents=True, exist_ok=True)
-        fresh.save_pretrained(out)
-        bundle.tokenizer.save_pretrained(out)
-        if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
-            model_utils.save_tiny_audio_tokenizer(out / "audio_tokenizer", seed=config.seed)
-        else:
-            (out / "audio_tokenizer.json").write_text(json.dumps({"audio_tokenizer": config.audio_tokenizer}))
+        with atomic_directory(out) as folder:
+            fresh.save_pretrained(folder)
+            bundle.tokenizer.save_pretrained(folder)
+            if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
+                model_utils.save_tiny_audio_tokenizer(folder / "audio_tokenizer", seed=config.seed)
+            else:
+                (folder / "audio_tokenizer.json").write_text(json.dumps({"audio_tokenizer": config.audio_tokenizer}))
     if env.enabled:
         dist.barrier()
     return out
+
+
+# --------------------------------------------------------------------------
+# Files that are whole or absent: temporary name, fsync, rename
+# --------------------------------------------------------------------------
+
+
+class WriteError(RuntimeError):
+    """A checkpoint, config or export that could not be written (disk full, read-only...): one line naming it."""
+
+    def __init__(self, path: Path, error: BaseException):
+        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else _first_line(error)
+        super().__init__(f"cannot write {path}: {reason}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yields a binary file `PATH.tmp-PID`; on success it is fsynced and renamed to `path`, on any failure
+    removed (a failure to write is a WriteError)."""
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, Exception):
+            raise WriteError(path, error) from error
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path):
+    """Yields an empty folder `PATH.tmp-XXXX`; on success every file in it is fsynced and it replaces
+    `path` (an older `path` is moved to `PATH.old-XXXX`, then deleted); on any failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    old = path.with_name(temporary.name.replace(".tmp-", ".old-"))
+    try:
+        yield temporary
+        for folder, _, files in os.walk(temporary, topdown=False):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+            fsync_directory(Path(folder))
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        if isinstance(error, Exception):
+            raise WriteError(path, error) from error
+        raise
+
+
+def clean_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what an interrupted write left in a run (`checkpoints/*.tmp-*`, `export.tmp-*`, `export.old-*`);
+    an `export.old-*` whose replacement never arrived is moved back to `export` instead."""
+    for old in run_dir.glob("export.old-*"):
+        if not (run_dir / "export").exists():
+            os.replace(old, run_dir / "export")
+    stray = sorted([*(run_dir / "checkpoints").glob("*.tmp*"), *run_dir.glob("export.tmp-*"), *run_dir.glob("export.old-*")])
+    for path in stray:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return stray
+
+
+# --------------------------------------------------------------------------
+# Runs: a run directory belongs to one run; --resume continues it unchanged
+# --------------------------------------------------------------------------
+
+# What --resume may change: where and how fast the run computes (the device, compile and activation
+# checkpointing change floating-point rounding at most), and what it observes and keeps. Anything else
+# (data, model, scope, LoRA, seed, batch, accumulation, placement, precision, parallelism, optimizer and
+# the schedule, --max-steps included since it sets the cosine's length) would make another run.
+RESUME_SAFE = {"out_dir", "run_name", "resume", "inspect", "device", "compile", "grad_checkpoint", "stop_after",
+               "log_every", "eval_every", "eval_prompts", "eval_max_seconds", "save_every", "keep_last", "max_bad_steps",
+               "patience", "asr_model", "speaker_model", "eval_language"}
+CHECKPOINT_KEYS = {"step", "model", "optimizer", "position", "rng", "best_loss", "config"}
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("config.json", "checkpoints", "tensorboard", "export"))
+
+
+def open_run(run_dir: Path, config: TrainConfig, env: Dist, say) -> tuple[Path | None, dict | None]:
+    """A new run claims a name no run holds; a --resume gets the newest intact checkpoint, after stray
+    temporaries are cleaned, and its state (tensors memory-mapped), whose config must match the flags."""
+    if not config.resume:
+        if holds_a_run(run_dir):
+            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
+        if env.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return None, None
+    if env.main:
+        stray = clean_temporaries(run_dir)
+        if stray:
+            say(f"removed what an interrupted write left: {', '.join(str(path) for path in stray)}")
+    path, state = newest_intact_checkpoint(run_dir, env, say)
+    check_resume_config(state["config"], config, path, ignore=("max_steps",) if config.epochs else ())
+    return path, state
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """A checkpoint's state with its tensors memory-mapped (read when used), or a ValueError saying what is
+    wrong with the file (empty, truncated, not a checkpoint, another program's)."""
+    required = CHECKPOINT_KEYS
+    if path.is_dir():  # a sharded checkpoint: its tensors are in the DCP files, the rest in train_state.pt
+        path, required = path / TRAIN_STATE, CHECKPOINT_KEYS - {"model", "optimizer"}
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("empty file")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except ValueError:
+        raise
+    except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
+        raise ValueError(_first_line(error)) from None
+    if not isinstance(state, dict) or not required <= set(state) or not isinstance(state["config"], dict):
+        raise ValueError(f"not a train.py checkpoint (a {type(state).__name__} without {sorted(required)})")
+    return state
+
+
+def newest_intact_checkpoint(run_dir: Path, env: Dist, say) -> tuple[Path, dict]:
+    """The newest readable `step_N.pt` and its state; damaged newer ones are named and set aside as `*.corrupt`."""
+    folder = run_dir / "checkpoints"
+    found = step_checkpoints(folder)
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {folder}: nothing to resume (pick another --run-name)")
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            state = read_checkpoint_state(path)
+        except ValueError as error:
+            damaged.append((path, str(error)))
+            continue
+        if damaged:
+            listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
+            say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
+            if env.main:
+                for bad, _ in damaged:
+                    os.replace(bad, bad.with_name(bad.name + ".corrupt"))
+        return path, state
+    listed = "; ".join(f"{bad.name} ({reason})" for bad, reason in damaged)
+    raise ValueError(f"--resume: no intact checkpoint in {folder}: {listed}")
+
+
+def config_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """Fields whose value differs from the checkpoint's config (old, new); a path naming the same file is the same."""
+    defaults = asdict(TrainConfig())
+    changes = {}
+    for name, value in asdict(config).items():
+        old = saved.get(name, defaults[name])
+        same_file = (isinstance(old, str) and isinstance(value, str) and old and value
+                     and os.path.exists(old) and os.path.exists(value) and os.path.samefile(old, value))
+        if old != value and not same_file:
+            changes[name] = (old, value)
+    return changes
+
+
+def check_resume_config(saved: dict, config: TrainConfig, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line naming each field, a --resume whose flags would change the run (see RESUME_SAFE)."""
+    refused = {name: change for name, change in config_changes(saved, config).items()
+               if name not in RESUME_SAFE and name not in ignore}
+    if not refused:
+        return
+    listed = ", ".join(f"--{name.replace('_', '-')} {old!r} (now {new!r})" for name, (old, new) in refused.items())
+    hint = "; to train longer, start a new run from this one's export" if "max_steps" in refused else ""
+    raise ValueError(f"--resume: {path} was trained with {listed}; resume with its values or start another --run-name{hint}")
+
+
+def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, saved: dict | None) -> None:
+    """`config.json` holds the configuration in force; a resume appends the fields it changed (old and new
+    values) to `resumes.jsonl`, so the earlier configuration is never lost."""
+    if resumed is not None:
+        changed = {name: list(change) for name, change in config_changes(saved["config"], config).items() if name != "resume"}
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(resumed), "step": saved["step"], "changed": changed}
+        with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+    with atomic_file(run_dir / "config.json") as handle:
+        handle.write(json.dumps(asdict(config), indent=2).encode())
 
 
 # --------------------------------------------------------------------------
@@ -684,8 +983,6 @@ def selection_problem(config: TrainConfig) -> str | None:
     """Why --best-by / --patience cannot work as given, in one line; None when they can."""
     if config.best_by not in BEST_BY:
         return f"--best-by must be one of {', '.join(BEST_BY)}, not {config.best_by}"
-    if config.patience < 0:
-        return f"--patience must be 0 (never stop early) or more, not {config.patience}"
     uses = [f"--best-by {config.best_by}"] * (config.best_by != "val_loss") + ["--patience"] * (config.patience > 0)
     if uses and not (config.val_manifest and config.eval_every > 0):
         return f"{' and '.join(uses)} need{'s' if len(uses) == 1 else ''} evaluations: set --val-manifest and --eval-every"
@@ -797,16 +1094,36 @@ def mel_panels(waveforms: list[np.ndarray], rate: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal; `main` exits with 128 + its number (143 SIGTERM, 130 Ctrl-C)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
 class StopRequested:
-    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the next step boundary and exits.
+    A second signal stops at once, without a checkpoint."""
 
     def __init__(self):
-        self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        self.signum = 0
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._request)
 
-    def _request(self, _signum, _frame):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return bool(self.signum)
+
+    def _request(self, signum, _frame):
+        name = signal.Signals(signum).name
+        if self.signum:
+            raise Stopped(signum, f"second {name}: stopped at once, without a checkpoint; --resume continues from the last one")
+        self.signum = signum
+        print(f"\n{name}: stopping with a checkpoint after this step ({name} again to stop at once)", file=sys.stderr)
 
 
 def autocast(config: TrainConfig):
@@ -816,18 +1133,22 @@ def autocast(config: TrainConfig):
 def train(config: TrainConfig) -> Path:
     """Run training; returns the run directory."""
     env = init_distributed(config)
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
-        return _train(config, env)
+        with contextlib.ExitStack() as on_exit:
+            return _train(config, env, on_exit)
     finally:
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
         if env.enabled:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, env: Dist) -> Path:
+def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Path:
     say = print if env.main else (lambda *args, **kwargs: None)
     run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    if env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from, saved = open_run(run_dir, config, env, say)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -835,6 +1156,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     # model pieces and data: rows whose every problem was counted and reported
     bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=config.device)
     rows, codes = training_rows(config, bundle, env, run_dir)
+    if not rows:
+        raise ValueError(f"{config.cache or config.train_manifest}: no usable row to train on (counts above)")
     maker = SampleMaker(bundle, config, codes)
     val_pairs, val_maker = [], None
     if config.val_manifest:
@@ -859,8 +1182,10 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         steps_per_epoch = max(1, len(first_epoch) // env.world_size // config.grad_accum)
         config.max_steps = math.ceil(config.epochs * steps_per_epoch)
         say(f"{config.epochs:g} epochs of {steps_per_epoch} steps: --max-steps {config.max_steps}")
-    if env.main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    if saved is not None:
+        check_resume_config(saved["config"], config, resume_from)
+    if env.main and not config.inspect:
+        record_config(run_dir, config, resume_from, saved)
     first_batch = maker.batch(first_epoch[0])
     say(collate.describe_batch(first_batch, bundle.tokenizer, bundle.model.config))
     if config.inspect:
@@ -870,21 +1195,21 @@ def _train(config: TrainConfig, env: Dist) -> Path:
     optimizer = build_optimizer(model, config)
 
     step, position, best_loss, stale_evals = 0, DataPosition(), float("inf"), 0
-    if config.resume:
-        path = latest_checkpoint(run_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-        step, position, best_loss = load_checkpoint(path, model, optimizer, env)
-        say(f"resumed from {path} at step {step}")
+    if resume_from is not None:
+        saved = None  # its memory-mapped tensors are not needed any more
+        step, position, best_loss = load_checkpoint(resume_from, model, optimizer, env)
+        say(f"resumed from {resume_from} at step {step}")
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if env.main else None
+    # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume_from else None) if env.main else None
     stop = StopRequested()
     batches = micro_batches(rows, config, position, env, maker)
     last_step = min(config.max_steps, config.stop_after or config.max_steps)
     bad_steps: list[str] = []
     train_loss = float("nan")
     model.train()
-    progress = tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True, disable=not env.main)
+    # closed on any exit, so that an error message starts its own line
+    progress = on_exit.enter_context(tqdm(total=last_step, initial=step, desc="train", dynamic_ncols=True, disable=not env.main))
     while step < last_step and not out_of_patience(stale_evals, config) and not any_process(stop.requested, env, config.device):
         started = time.time()
         for group in optimizer.param_groups:
@@ -966,7 +1291,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         path = save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss)
         if out_of_patience(stale_evals, config):
             say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): best.pt holds the best")
-        say(f"stopped at step {step}; checkpoint {path}; continue with --run-name {run_dir.name} --resume")
+        out_dir = f"--out-dir {config.out_dir} " if config.out_dir != TrainConfig.out_dir else ""
+        say(f"stopped at step {step}; checkpoint {path}; continue with the same flags and {out_dir}--run-name {run_dir.name} --resume")
     else:
         export = export_model(model, config, bundle, env, run_dir / "export")
         say(f"done: {step} steps, final train loss {train_loss:.3f}"
@@ -978,6 +1304,8 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         writer.add_hparams(hparams, {"hparam/train_loss": train_loss, f"hparam/best_{config.best_by}": best_value(config.best_by, best_loss)},
                            run_name="hparams")
         writer.close()
+    if stop.requested:
+        raise Stopped(stop.signum)
     return run_dir
 
 
@@ -1006,14 +1334,26 @@ def _log(writer, step, means, optimizer, grad_norm, tokens_per_s, samples_per_s,
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+    """Exit status: 0 done (or --stop-after reached), 2 an error (one line), 128 + N stopped by signal N
+    (143 SIGTERM, 130 Ctrl-C: resumable from its checkpoint; also a Ctrl-C during start-up)."""
     try:
-        train(config)
-    except (data.AudioError, data.ManifestError, collate.SampleError, FileNotFoundError, ValueError, RuntimeError) as error:
+        train(parse_config(argv))
+    except Stopped as stopped:
+        if stopped.message:
+            print(f"error: {stopped.message}", file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:
+        print("error: interrupted during start-up: nothing was trained", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as error:
+        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
+        return 2
+    except (data.AudioError, data.ManifestError, collate.SampleError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch is loaded: Ctrl-C is main's to handle
     sys.exit(main())
