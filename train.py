@@ -497,6 +497,7 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
         out.mkdir(parents=True, exist_ok=True)
         fresh.save_pretrained(out)
         bundle.tokenizer.save_pretrained(out)
+        data.write_prompt_layout(out, data.PromptLayout(ref_in_system=config.ref_in_system))
         if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
             model_utils.save_tiny_audio_tokenizer(out / "audio_tokenizer", seed=config.seed)
         else:
