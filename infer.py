@@ -247,7 +247,7 @@ def layout_from_args(args: argparse.Namespace) -> data.PromptLayout:
 # undo without patching the package: it builds its collator with
 # `return_audio_in_tokens=False` (a reference in the system message then
 # enters without its codes, so the merged sequence differs), it does not
-# normalise text, and the official example puts a scene in every prompt.
+# normalise text, and the official example puts a scene in its prompts by default.
 
 
 def align_serve_engine(engine) -> None:
