@@ -48,9 +48,9 @@ GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 # tokenised into the real token by prepare_chatml_sample.
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
-# A voice prompt for cloning: under a second carries too little of the voice (and a few samples are shorter
-# than the audio tokenizer's receptive field); over the 30 s the package's Whisper path handles, references
-# are outside what the model was conditioned on.
+# A voice prompt for cloning: under a second carries little of the voice (and a few samples are shorter than
+# the audio tokenizer's convolutions take); over 30 s is past what the collator's Whisper path handles and far
+# past the voice prompts of the official examples (seconds).
 MIN_REFERENCE_SECONDS, MAX_REFERENCE_SECONDS = 1.0, collate.WHISPER_MAX_SECONDS
 
 
