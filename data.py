@@ -48,6 +48,10 @@ GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 # tokenised into the real token by prepare_chatml_sample.
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
+# A voice prompt for cloning: under a second carries little of the voice (and a few samples are shorter than
+# the audio tokenizer's convolutions take); over 30 s is past what the collator's Whisper path handles and far
+# past the voice prompts of the official examples (seconds).
+MIN_REFERENCE_SECONDS, MAX_REFERENCE_SECONDS = 1.0, collate.WHISPER_MAX_SECONDS
 
 
 class AudioError(ValueError):
@@ -76,6 +80,13 @@ def load_audio(path: str | Path, target_rate: int) -> np.ndarray:
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
     return to_model_rate(samples.mean(axis=1), rate, target_rate, str(path))
+
+
+def check_reference_seconds(seconds: float, name: str) -> None:
+    """A reference clip outside MIN_REFERENCE_SECONDS..MAX_REFERENCE_SECONDS is an `AudioError` naming it."""
+    if not MIN_REFERENCE_SECONDS <= seconds <= MAX_REFERENCE_SECONDS:
+        raise AudioError(f"{name}: the reference lasts {seconds:.2f} s; a voice prompt must last "
+                         f"{MIN_REFERENCE_SECONDS:g} to {MAX_REFERENCE_SECONDS:g} s")
 
 
 def to_model_rate(samples: np.ndarray, rate: int, target_rate: int, name: str = "audio") -> np.ndarray:
@@ -124,9 +135,16 @@ _CHINESE_PUNCTUATION = {
     "』": '"',
 }
 _SYMBOLS = {"(": " ", ")": " ", "°F": " degrees Fahrenheit", "°C": " degrees Celsius"}
+# The table of upstream's current examples/generation.py, after its "se fix" commit, which made
+# `[humming start]` open with <SE_s> like the other start tags. The search index holds boson-ai/higgs-audio's
+# generation.py only before that fix (03dcdf698ba3cfdb9ff74df47f8937dceabe869d: `<SE>[Humming]</SE>`), so the
+# fixed text was read from forks that track upstream's head (langfod/higgs-audio
+# 5f7135e0389b9aac5bbdbc75f18bf0a3a678799c, yapit-tts/higgs-audio ae3de721520a8766ce8a4b52c8c068a4b0d95494):
+# this table, the punctuation and symbol tables, the order of the steps and the closing marks are theirs.
+# infer.OFFICIAL_NORMALISATION holds the expected outputs independently; the parity suite compares them.
 _EVENT_TAGS = {
     "[laugh]": "<SE>[Laughter]</SE>",
-    "[humming start]": "<SE>[Humming]</SE>",
+    "[humming start]": "<SE_s>[Humming]</SE_s>",
     "[humming end]": "<SE_e>[Humming]</SE_e>",
     "[music start]": "<SE_s>[Music]</SE_s>",
     "[music end]": "<SE_e>[Music]</SE_e>",
@@ -157,6 +175,17 @@ def normalize_text(text: str) -> str:
     return text
 
 
+def is_speakable(text: str) -> bool:
+    """Whether a (normalised) text has a letter or digit in any script: emoji and punctuation alone say nothing."""
+    return any(character.isalnum() for character in text)
+
+
+def normalization_version() -> str:
+    """A digest of the normalisation tables: an export records it, so a later change to them is detected."""
+    tables = [_CHINESE_PUNCTUATION, _SYMBOLS, _EVENT_TAGS, list(_CLOSING_MARKS)]
+    return "sha256:" + hashlib.sha256(json.dumps(tables, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------
 # The sample builder
 # --------------------------------------------------------------------------
@@ -168,6 +197,46 @@ class PromptLayout:
 
     ref_in_system: bool = False
     scene: str | None = None
+
+
+# An export records the layout it was trained with, so inference does not depend on repeating the flags.
+PROMPT_LAYOUT_FILE = "prompt_layout.json"
+
+
+@dataclass(frozen=True)
+class RecordedLayout:
+    """What `prompt_layout.json` holds: the layout, and the normalisation the training text went through."""
+
+    layout: PromptLayout
+    normalization: str
+
+
+def write_prompt_layout(model_dir: str | Path, layout: PromptLayout) -> Path:
+    """Write `model_dir/prompt_layout.json` (atomically) with the current normalisation version.
+
+    `scene` is the scene every sample without one of its own got: train.py
+    has no scene flag, so it is null there, and rows with a `scene` field
+    carried theirs.
+    """
+    record = dict(ref_in_system=layout.ref_in_system, scene=layout.scene, normalization=normalization_version())
+    path = Path(model_dir) / PROMPT_LAYOUT_FILE
+    _write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_prompt_layout(model_dir: str | Path) -> RecordedLayout | None:
+    """The layout recorded beside a model's weights; None when it has no `prompt_layout.json` (a preset, an old export)."""
+    path = Path(model_dir) / PROMPT_LAYOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON prompt layout ({error})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("ref_in_system"), bool) \
+            or not isinstance(record.get("scene"), (str, type(None))) or not isinstance(record.get("normalization"), str):
+        raise ValueError(f"{path}: needs ref_in_system (true/false), scene (text or null) and normalization (text)")
+    return RecordedLayout(PromptLayout(record["ref_in_system"], record["scene"]), record["normalization"])
 
 
 def build_messages(ref_text: str | None, text: str, layout: PromptLayout) -> list[Message]:
@@ -221,17 +290,7 @@ def build_sample(
     message (as `<|AUDIO|>`, no transcript turn); pass `ref_waveform` at
     `sample_rate` there when the model uses Whisper features.
     """
-    text = normalize_text(text)
-    if not text:
-        raise ValueError("the text to speak is empty")
-    if not ref_in_system:
-        ref_text = (ref_text or "").strip()
-        if not ref_text:
-            raise ValueError("the reference transcript is empty")
-    for name, value in (("text", text), ("reference transcript", ref_text or ""), ("scene", scene or "")):
-        control = _CONTROL_TOKEN.search(value)
-        if control:
-            raise ValueError(f"the {name} contains the control token {control.group()}, which would become a real one")
+    ref_text, text = prompt_texts(ref_text, text, scene, ref_in_system)
     layout = PromptLayout(ref_in_system=ref_in_system, scene=scene)
     messages = build_messages(ref_text, text, layout)
     clips = [_check_codes(ref_codes, "reference")]
@@ -257,6 +316,25 @@ def build_sample(
         audio_sample_rate=rates,
         audio_speaker_indices=torch.full((len(clips),), -1, dtype=torch.long),
     )
+
+
+def prompt_texts(ref_text: str | None, text: str, scene: str | None, ref_in_system: bool) -> tuple[str | None, str]:
+    """The reference transcript (stripped) and the text to speak (normalised) as a prompt holds them, checked:
+    something to speak, a transcript unless the reference is in the system message, no spelled control token."""
+    text = normalize_text(text)
+    if not text:
+        raise ValueError("the text to speak is empty")
+    if not is_speakable(text):
+        raise ValueError(f"the text to speak has no letter or digit once normalised ({text!r})")
+    if not ref_in_system:
+        ref_text = (ref_text or "").strip()
+        if not ref_text:
+            raise ValueError("the reference transcript is empty")
+    for name, value in (("text", text), ("reference transcript", ref_text or ""), ("scene", scene or "")):
+        control = _CONTROL_TOKEN.search(value)
+        if control:
+            raise ValueError(f"the {name} contains the control token {control.group()}, which would become a real one")
+    return ref_text, text
 
 
 def _check_codes(codes: torch.Tensor, role: str) -> torch.Tensor:
@@ -521,6 +599,8 @@ def _check_text(name: str, value: str, max_chars: int) -> None:
     spoken = normalize_text(value) if name == "text" else value.strip()
     if name in TEXT_FIELDS and not spoken:
         raise RowRejected("empty_text", f"{name} is empty or whitespace")
+    if name == "text" and not is_speakable(spoken):
+        raise RowRejected("empty_text", f"{name} has no letter or digit to speak ({spoken!r})")
     if len(value) > max_chars:
         raise RowRejected("text_too_long", f"{name} has {len(value)} characters, over {max_chars}")
     control = _CONTROL_TOKEN.search(value)

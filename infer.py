@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import json
+import math
 import re
 import sys
 import time
@@ -56,10 +58,15 @@ FRAMES_PER_SECOND = 25
 
 @dataclass
 class Sampling:
-    """How the next audio column is drawn (defaults: the package's serve engine)."""
+    """How the next audio column is drawn.
+
+    The defaults are those of `HiggsAudioServeEngine.generate` in the
+    installed package: temperature 0.7, no top-k, top-p 0.95, a
+    repetition-aware sampling window of 7 with at most 2 repeats.
+    """
 
     temperature: float = 0.7
-    top_k: int | None = 50
+    top_k: int | None = None
     top_p: float = 0.95
     ras_win_len: int | None = 7
     ras_win_max_num_repeat: int = 2
@@ -150,6 +157,7 @@ class Reference:
 def encode_reference(bundle: model_utils.Bundle, audio_path: str, text: str, ref_in_system: bool) -> Reference:
     rate = bundle.audio_tokenizer.sampling_rate
     waveform = data.load_audio(audio_path, rate)
+    data.check_reference_seconds(len(waveform) / rate, audio_path)
     codes = data.encode_clip(bundle.audio_tokenizer, waveform)
     needs_waveform = ref_in_system and collate.uses_whisper(bundle.model.config)
     return Reference(text, codes, waveform if needs_waveform else None, rate)
@@ -208,6 +216,104 @@ def clone_clip(
         raise RuntimeError("the model ended the clip before producing any frame")
     waveform = bundle.audio_tokenizer.decode(codes.unsqueeze(0).to(device))[0, 0]
     return Clone(np.asarray(waveform, dtype=np.float32), stopped)
+
+
+# --------------------------------------------------------------------------
+# The prompt layout a model was trained with
+# --------------------------------------------------------------------------
+
+
+def describe_layout(layout: data.PromptLayout) -> str:
+    placement = "reference in the system message" if layout.ref_in_system else "reference as an assistant turn"
+    return f"{placement}, " + (f"scene {layout.scene!r}" if layout.scene else "no scene")
+
+
+def resolve_layout(
+    model: str, ref_in_system: bool | None = None, scene: str | None = None, override: bool = False
+) -> data.PromptLayout:
+    """The layout to prompt `model` with: the one its export recorded (`prompt_layout.json`), else the flags'.
+
+    `ref_in_system` and `scene` are explicit choices, None where not given
+    (a scene of '' asks for none). One that contradicts the record is an
+    error unless `override`, then a warning. A record in use is announced in
+    one line; a record of another text normalisation than this code's is
+    warned about, since the old one cannot be reproduced.
+    """
+    wanted_scene = None if scene is None else (scene.strip() or None)
+    recorded = data.read_prompt_layout(model) if Path(model).is_dir() else None
+    if recorded is None:
+        return data.PromptLayout(bool(ref_in_system), wanted_scene)
+    trained, path = recorded.layout, Path(model) / data.PROMPT_LAYOUT_FILE
+    conflicts = []
+    if ref_in_system is not None and ref_in_system != trained.ref_in_system:
+        conflicts.append("--ref-in-system" if ref_in_system else "--no-ref-in-system")
+    if scene is not None and wanted_scene != trained.scene:
+        conflicts.append(f"--scene {scene!r}")
+    if conflicts and not override:
+        raise ValueError(f"{' and '.join(conflicts)} contradicts {path} (trained with {describe_layout(trained)}); "
+                         "leave the flag out, or add --layout-override to prompt the model so anyway")
+    layout = data.PromptLayout(trained.ref_in_system if ref_in_system is None else ref_in_system,
+                               trained.scene if scene is None else wanted_scene)
+    if conflicts:
+        print(f"warning: --layout-override: prompting with {describe_layout(layout)}, "
+              f"although the model was trained with {describe_layout(trained)}", file=sys.stderr)
+    else:
+        print(f"layout: {describe_layout(layout)}, from {path}")
+    if recorded.normalization != data.normalization_version():
+        print(f"warning: {path}: the model was trained with text normalisation {recorded.normalization}, this code's is "
+              f"{data.normalization_version()}: texts with event tags or Chinese punctuation are prompted unlike training",
+              file=sys.stderr)
+    return layout
+
+
+def layout_from_args(args: argparse.Namespace) -> data.PromptLayout:
+    """`resolve_layout` from infer.py's flags: --model, --ref-in-system, --scene, --layout-override."""
+    return resolve_layout(args.model, args.ref_in_system, args.scene, args.layout_override)
+
+
+# --------------------------------------------------------------------------
+# The package's HiggsAudioServeEngine, prompted as training prompts
+# --------------------------------------------------------------------------
+#
+# The engine departs from training in three ways, which these two functions
+# undo without patching the package: it builds its collator with
+# `return_audio_in_tokens=False` (a reference in the system message then
+# enters without its codes, so the merged sequence differs), it does not
+# normalise text, and the official example puts a scene in its prompts by default.
+
+
+def align_serve_engine(engine) -> None:
+    """Give a `HiggsAudioServeEngine` the training collator, through its public `collator` attribute."""
+    config = engine.model.config
+    if collate.uses_whisper(config):
+        raise ValueError("the serve engine passes no reference waveform, so a model with a Whisper tower "
+                         "cannot be prompted there as trained; use infer.py")
+    engine.collator = collate.build_collator(config)
+
+
+def serve_engine_sample(
+    engine, ref_audio: str, ref_text: str | None, text: str, layout: data.PromptLayout | None = None
+) -> ChatMLSample:
+    """A `ChatMLSample` for `engine.generate(sample, ..., force_audio_gen=True)` in the trained layout.
+
+    The messages of `data.build_messages`, with the texts normalised and
+    checked as `data.build_sample` does them, and the reference clip at
+    `ref_audio` (the engine reads and encodes it). `layout`: by default the
+    one recorded beside the engine's model.
+    """
+    layout = layout or resolve_layout(engine.model_name_or_path)
+    ref_text, text = data.prompt_texts(ref_text, text, layout.scene, layout.ref_in_system)
+    reference = AudioContent(audio_url=str(ref_audio))
+    return ChatMLSample(messages=[_with_audio(message, reference) for message in data.build_messages(ref_text, text, layout)])
+
+
+def _with_audio(message: Message, audio: AudioContent) -> Message:
+    content = message.content
+    if isinstance(content, AudioContent):
+        return dataclasses.replace(message, content=audio)
+    if isinstance(content, list):
+        return dataclasses.replace(message, content=[audio if isinstance(part, AudioContent) else part for part in content])
+    return message
 
 
 # --------------------------------------------------------------------------
@@ -302,12 +408,71 @@ def check_prompt_is_training_prefix(prepared: _Prepared) -> CheckResult:
     return CheckResult("prompt ids = training ids up to the generation point", same, f"{len(prompt_ids)} tokens" + first)
 
 
+# What the official example (boson-ai/higgs-audio examples/generation.py, after its "se fix"; see data.py's
+# _EVENT_TAGS for the versions read) makes of each text, written out by hand from its code and independent of
+# data.normalize_text: every Chinese punctuation mark, symbol and event tag it maps, the order of its steps
+# (punctuation, then parentheses and degrees, then tags, then whitespace per line) and its closing marks.
+OFFICIAL_NORMALISATION = [
+    ("你好，世界。", "你好, 世界."),
+    ("注意：明天；后天", "注意:明天;后天."),
+    ("真的吗？", "真的吗?"),
+    ("太好了！", "太好了!"),
+    ("备注（括号）", "备注 括号."),
+    ("【laugh】", "<SE>[Laughter]</SE>"),
+    ("《书名》", "<书名>."),
+    ("“双引号”", '"双引号"'),
+    ("‘单引号’", "'单引号'"),
+    ("苹果、香蕉", "苹果,香蕉."),
+    ("破折号—结束", "破折号-结束."),
+    ("等等…", "等等..."),
+    ("中间·点", "中间.点."),
+    ("「直角」", '"直角"'),
+    ("『双直角』", '"双直角"'),
+    ("Hello (world) again", "Hello world again."),
+    ("It is 20°C (68°F) outside", "It is 20 degrees Celsius 68 degrees Fahrenheit outside."),
+    ("[laugh]", "<SE>[Laughter]</SE>"),
+    ("[humming start]", "<SE_s>[Humming]</SE_s>."),
+    ("[humming end]", "<SE_e>[Humming]</SE_e>"),
+    ("[music start]", "<SE_s>[Music]</SE_s>."),
+    ("[music end]", "<SE_e>[Music]</SE_e>"),
+    ("[music]", "<SE>[Music]</SE>"),
+    ("[sing start]", "<SE_s>[Singing]</SE_s>."),
+    ("[sing end]", "<SE_e>[Singing]</SE_e>"),
+    ("[applause]", "<SE>[Applause]</SE>"),
+    ("[cheering]", "<SE>[Cheering]</SE>"),
+    ("[cough]", "<SE>[Cough]</SE>"),
+    ("Well [laugh] that is funny", "Well <SE>[Laughter]</SE> that is funny."),
+    ("  Hello   world \n\n  \n second\tline  ", "Hello world\nsecond line."),
+    ("Hello", "Hello."),
+    ("Note:", "Note:."),
+    ("Hello.", "Hello."),
+    ("Really?", "Really?"),
+    ("Wow!", "Wow!"),
+    ("Wait,", "Wait,"),
+    ("First; second;", "First; second;"),
+    ('He said "hi"', 'He said "hi"'),
+    ("It's 'ok'", "It's 'ok'"),
+]
+
+
+def official_normalisation_differences(normalize: Callable[[str], str] = data.normalize_text) -> list[str]:
+    """Each text of OFFICIAL_NORMALISATION that `normalize` does not turn into the official example's output."""
+    differences = []
+    for text, expected in OFFICIAL_NORMALISATION:
+        got = normalize(text)
+        if got != expected:
+            differences.append(f"{text!r} -> {got!r}, the official example gives {expected!r}")
+    return differences
+
+
 def official_prompt_ids(tokenizer, case: ParityCase) -> list[int]:
     """What the official example feeds `generate`, built as `prepare_generation_context` does.
 
     Written from the example's own code path (the system message as one
-    string with an audio placeholder split out; the target text normalised
-    by the shared normaliser), independently of `data.build_messages`.
+    string with an audio placeholder split out), independently of
+    `data.build_messages`. The target text goes through the shared
+    normaliser, which `check_prompt_is_official` holds to the example's
+    outputs in OFFICIAL_NORMALISATION.
     """
     placeholder = "<|__AUDIO_PLACEHOLDER__|>"
     messages = []
@@ -340,7 +505,12 @@ def check_prompt_is_official(bundle, case: ParityCase, prepared: _Prepared) -> C
     official = torch.tensor(official_prompt_ids(bundle.tokenizer, case))
     same = torch.equal(official, prepared.prompt.input_ids)
     first = _first_difference(prepared.prompt.input_ids, official)
-    return CheckResult("prompt ids = the official example's prompt", same, f"{len(official)} tokens" + first)
+    differences = official_normalisation_differences()
+    agreeing = len(OFFICIAL_NORMALISATION) - len(differences)
+    detail = f"{len(official)} tokens{first}; normalisation as the official example's on {agreeing}/{len(OFFICIAL_NORMALISATION)} texts"
+    if differences:
+        detail += f"; first difference: {differences[0]}"
+    return CheckResult("prompt ids = the official example's prompt", same and not differences, detail)
 
 
 def _first_difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
@@ -606,6 +776,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() == ".wav":
         raise ValueError("--eval writes a directory of results: give --out DIR")
+    check_sampling_args(args)
+    layout = layout_from_args(args)
     bundle = _load(args)
     judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device)
     codes = data.CodeCache(bundle.audio_tokenizer)
@@ -618,8 +790,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     records, started = [], time.time()
     for index, pair in enumerate(tqdm(pairs, desc="eval", dynamic_ncols=True)):
-        record, waveform = evaluate_pair(bundle, judge, pair, languages[pair.id], sampling, codes, args.scene,
-                                         args.ref_in_system, args.force_audio)
+        record, waveform = evaluate_pair(bundle, judge, pair, languages[pair.id], sampling, codes, layout.scene,
+                                         layout.ref_in_system, args.force_audio)
         if waveform is not None:
             sf.write(out / "wavs" / _wav_name(index, pair.id), waveform, bundle.audio_tokenizer.sampling_rate)
         records.append(record)
@@ -631,7 +803,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "manifest": str(args.eval), "model": args.model, "rows_read": validated.rows_read, "kept": len(validated.kept),
         "rejected": len(validated.rejections), "rejected_by_reason": validated.counts(), "evaluated": len(records),
         "generation_failed": failed, "speaker_encoder": judge.encoder.name, "asr": judge.asr.name,
-        "seed": args.seed, "sampling": vars(sampling), "scene": args.scene, "ref_in_system": args.ref_in_system,
+        "seed": args.seed, "sampling": vars(sampling), "scene": layout.scene, "ref_in_system": layout.ref_in_system,
         "seconds_per_row": seconds / max(1, len(records)), "metrics": summary,
     }
     (out / "summary.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -654,8 +826,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--text", help="text to speak in the reference voice")
     io.add_argument("--text-file", help="a UTF-8 file with one text per line; writes one wav per line into --out")
     io.add_argument("--out", default="out.wav", help="output wav (or directory with --text-file) [out.wav]")
-    io.add_argument("--scene", help="scene description for the system message (default: none, as in training)")
-    io.add_argument("--ref-in-system", action="store_true", help="put the reference in the system message instead of an assistant turn")
+    io.add_argument("--scene", help="scene description for the system message; '' for none "
+                    "[the model's prompt_layout.json, else none]")
+    io.add_argument("--ref-in-system", action=argparse.BooleanOptionalAction, default=None,
+                    help="put the reference in the system message (--no-ref-in-system: in an assistant turn) "
+                    "[the model's prompt_layout.json, else an assistant turn]")
+    io.add_argument("--layout-override", action="store_true",
+                    help="prompt with --ref-in-system/--scene even where they contradict the model's prompt_layout.json")
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="model directory, or a preset: tiny, tiny-whisper "
                        "[the newest runs/*/export of train.py, else tiny]")
@@ -663,13 +840,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device [cuda if present, else cpu]")
     model.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights dtype [float32]")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=float, default=Sampling.temperature, help="[0.7]")
-    sampling.add_argument("--top-k", type=int, default=Sampling.top_k, help="[50]")
-    sampling.add_argument("--top-p", type=float, default=Sampling.top_p, help="[0.95]")
-    sampling.add_argument("--ras-win-len", type=int, default=Sampling.ras_win_len, help="repetition-aware sampling window, 0 = off [7]")
+    sampling.add_argument("--temperature", type=float, default=Sampling.temperature,
+                          help="> 0; --greedy for argmax [0.7, the serve engine's]")
+    sampling.add_argument("--top-k", type=int, default=Sampling.top_k,
+                          help="sample among the k likeliest codes, k >= 1 [off, as in the serve engine]")
+    sampling.add_argument("--top-p", type=float, default=Sampling.top_p, help="nucleus mass, in (0, 1] [0.95, the serve engine's]")
+    sampling.add_argument("--ras-win-len", type=int, default=Sampling.ras_win_len,
+                          help="repetition-aware sampling window, 0 = off [7, the serve engine's]")
     sampling.add_argument("--greedy", action="store_true", help="argmax decoding, repetition-aware sampling off")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
-    sampling.add_argument("--max-seconds", type=float, default=Sampling.max_seconds, help="longest clip to generate [20]")
+    sampling.add_argument("--max-seconds", type=float, default=Sampling.max_seconds, help="longest clip to generate, > 0 [20]")
     sampling.add_argument("--no-force-audio", dest="force_audio", action="store_false",
                           help="let the model choose its first token instead of forcing <|audio_out_bos|>")
     parity = parser.add_argument_group("parity")
@@ -685,31 +865,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Sampling values the package would reject with its own messages, or take silently (`--max-seconds 0`)."""
+    if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
+        raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
+    if not args.temperature > 0 or not math.isfinite(args.temperature):
+        raise ValueError(f"--temperature must be > 0, got {args.temperature:g} (--greedy decodes by argmax)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p:g}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k} (leave it out for no top-k)")
+    if args.ras_win_len < 0:
+        raise ValueError(f"--ras-win-len must be >= 0 (0 turns it off), got {args.ras_win_len}")
+
+
+def check_text(text: str, name: str) -> None:
+    """A text to speak within training's limits: at most data.Filters.max_text_chars characters, something speakable."""
+    limit = data.Filters.max_text_chars
+    if len(text) > limit:
+        raise ValueError(f"{name} has {len(text)} characters, over the {limit} training accepts; split it")
+    spoken = data.normalize_text(text)
+    if not data.is_speakable(spoken):
+        raise ValueError(f"{name} has no letter or digit to speak once normalised ({spoken!r})")
+
+
 def _texts(args: argparse.Namespace) -> list[str]:
     if args.text_file:
         path = Path(args.text_file)
         if not path.is_file():
             raise FileNotFoundError(f"no such text file: {path}")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
+        numbered = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        if not numbered:
             raise ValueError(f"{path} has no non-empty line")
-        return lines
+        for number, line in numbered:
+            check_text(line, f"{path}:{number}")
+        return [line for _, line in numbered]
     if args.text is None:
         return ["This voice was cloned from a few seconds of speech."]
     if not args.text.strip():
         raise ValueError("--text is empty")
+    check_text(args.text, "--text")
     return [args.text]
 
 
-def _reference_paths(args: argparse.Namespace) -> tuple[str, str]:
+def _reference_paths(args: argparse.Namespace, layout: data.PromptLayout) -> tuple[str, str]:
     if args.ref_audio:
         if not Path(args.ref_audio).is_file():
             raise data.AudioError(f"{args.ref_audio}: no such audio file")
-        if args.ref_text is None and not args.ref_in_system:
+        if args.ref_text is None and not layout.ref_in_system:
             raise ValueError("--ref-audio needs --ref-text (its transcript)")
+        if args.ref_text is not None and len(args.ref_text) > data.Filters.max_text_chars:
+            raise ValueError(f"--ref-text has {len(args.ref_text)} characters, over the {data.Filters.max_text_chars} training accepts")
+        _check_reference_file(args.ref_audio)
         return args.ref_audio, args.ref_text or ""
     row = json.loads((DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
     return str(DEMO_DIR / row["audio"]), row["text"]
+
+
+def _check_reference_file(path: str) -> None:
+    """The reference's duration, from its header, before the model loads (encode_reference checks the clip itself)."""
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError):
+        return  # data.load_audio reports it unreadable
+    data.check_reference_seconds(info.frames / info.samplerate, path)
 
 
 def _load(args: argparse.Namespace) -> model_utils.Bundle:
@@ -722,18 +941,19 @@ def run_parity_cli(args: argparse.Namespace) -> int:
     unknown = set(checks) - set(CHECKS)
     if unknown:
         raise ValueError(f"unknown parity checks: {', '.join(sorted(unknown))}; known: {', '.join(CHECKS)}")
-    layouts = [(args.model, False)]
     if args.model == model_utils.TINY_PRESET:
-        layouts.append((model_utils.TINY_WHISPER_PRESET, True))
-    elif args.ref_in_system:
-        layouts = [(args.model, True)]
+        layouts = [(args.model, False), (model_utils.TINY_WHISPER_PRESET, True)]
+        scene = args.scene or None
+    else:
+        layout = layout_from_args(args)
+        layouts, scene = [(args.model, layout.ref_in_system)], layout.scene
     failures = 0
     for model_name, in_system in layouts:
         bundle = _load(replace_namespace(args, model=model_name))
         placement = "reference in system message" if in_system else "reference as assistant turn"
         whisper = " + Whisper" if collate.uses_whisper(bundle.model.config) else ""
         print(f"== parity: {model_name}, {placement}{whisper}")
-        for result in run_parity(bundle, demo_case(bundle, in_system, args.scene), checks=checks):
+        for result in run_parity(bundle, demo_case(bundle, in_system, scene), checks=checks):
             failures += not result.passed
             print(f"{'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
     print("parity: all checks passed" if not failures else f"parity: {failures} check(s) FAILED")
@@ -752,15 +972,17 @@ def sampling_from_args(args: argparse.Namespace) -> Sampling:
 
 
 def run_clone_cli(args: argparse.Namespace) -> int:
+    check_sampling_args(args)
     texts = _texts(args)
-    ref_audio, ref_text = _reference_paths(args)
+    layout = layout_from_args(args)
+    ref_audio, ref_text = _reference_paths(args, layout)
     bundle = _load(args)
-    reference = encode_reference(bundle, ref_audio, ref_text, args.ref_in_system)
+    reference = encode_reference(bundle, ref_audio, ref_text, layout.ref_in_system)
     sampling = sampling_from_args(args)
     out = Path(args.out)
     targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if args.text_file else [out]
     for text, target in zip(texts, targets):
-        waveform = clone(bundle, reference, text, sampling, args.scene, args.ref_in_system, args.force_audio)
+        waveform = clone(bundle, reference, text, sampling, layout.scene, layout.ref_in_system, args.force_audio)
         target.parent.mkdir(parents=True, exist_ok=True)
         sf.write(target, waveform, bundle.audio_tokenizer.sampling_rate)
         seconds = len(waveform) / bundle.audio_tokenizer.sampling_rate

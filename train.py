@@ -715,7 +715,8 @@ def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[in
 def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Dist, out: Path) -> Path:
     """The final model in `HiggsAudioModel.from_pretrained` format (LoRA merged), with its text tokenizer
     and its audio tokenizer (`audio_tokenizer/`, or a pointer to it), so `infer.py` and the package's
-    `HiggsAudioServeEngine` load it as it is. Written whole into a temporary folder, then renamed."""
+    `HiggsAudioServeEngine` load it (the engine prompts in the trained layout through `infer.align_serve_engine`),
+    and `prompt_layout.json`. Written whole into a temporary folder, then renamed."""
     full = get_model_state_dict(model, options=FULL_STATE)
     if env.main:
         fresh = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed).model
@@ -727,6 +728,7 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
         with atomic_directory(out) as folder:
             fresh.save_pretrained(folder)
             bundle.tokenizer.save_pretrained(folder)
+            data.write_prompt_layout(folder, data.PromptLayout(ref_in_system=config.ref_in_system))
             if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
                 model_utils.save_tiny_audio_tokenizer(folder / "audio_tokenizer", seed=config.seed)
             else:

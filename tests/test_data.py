@@ -155,7 +155,7 @@ def rms(x):
 
 
 # --------------------------------------------------------------------------
-# normalize_text (expected strings follow examples/generation.py by hand)
+# normalize_text (expected strings follow examples/generation.py by hand, after its "se fix")
 # --------------------------------------------------------------------------
 
 NORMALISED = [
@@ -176,7 +176,7 @@ NORMALISED = [
     ("备注（括号）", "备注 括号."),
     ("[laugh]", "<SE>[Laughter]</SE>"),
     ("【laugh】", "<SE>[Laughter]</SE>"),
-    ("[humming start]", "<SE>[Humming]</SE>"),
+    ("[humming start]", "<SE_s>[Humming]</SE_s>."),
     ("[humming end]", "<SE_e>[Humming]</SE_e>"),
     ("[music start]", "<SE_s>[Music]</SE_s>."),
     ("[music end]", "<SE_e>[Music]</SE_e>"),

@@ -99,6 +99,14 @@ def test_each_known_bug_fails_parity(tiny, parity_case, mutation):
     assert expected <= failing, f"{mutation}: expected {expected} to fail, failing: {failing}"
 
 
+def test_official_check_fails_when_the_tag_table_is_changed_back(tiny, parity_case, monkeypatch):
+    """The event-tag table from before upstream's "se fix": the official check holds normalisation to the example's outputs."""
+    monkeypatch.setitem(data._EVENT_TAGS, "[humming start]", "<SE>[Humming]</SE>")
+    [result] = infer.run_parity(tiny, parity_case, checks=("official",))
+    assert result.name == OFFICIAL and not result.passed
+    assert "[humming start]" in result.detail
+
+
 # ---- the clone command ---------------------------------------------------------------------
 
 
