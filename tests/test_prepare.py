@@ -387,7 +387,8 @@ def test_a_killed_prepare_leaves_whole_shards_and_resumes(clips, tiny, tmp_path)
     committed = data.read_index(cache)
     assert 1 <= len(committed) < 6
     for entry_file in cache.glob("shards/*.json"):
-        entries = json.loads(entry_file.read_text())
+        entries = data.read_shard(entry_file)["entries"]
+        data.verify_shard(entry_file)
         codes = np.load(entry_file.with_suffix(".npy"))
         assert codes.shape == (8, sum(entry["frames"] for entry in entries.values()))
 
