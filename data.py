@@ -902,7 +902,7 @@ class CachedCodes:
     """Codes of a prepared cache by audio path, read from memory-mapped shards without the audio tokenizer.
 
     `verify` checks every shard the rows use against its checksum now
-    (`verified_bytes`, `verify_seconds`); either way a shard is checked
+    (`verified_shards`, `verified_bytes`, `verify_seconds`); either way a shard is checked
     against its recorded shape when it is first opened, so a damaged shard is
     an error naming it, never a crash hours in that names no file.
     """
@@ -915,12 +915,12 @@ class CachedCodes:
         if missing:
             raise ValueError(f"{cache_dir}: {len(missing)} clips of its manifest are in no shard, e.g. {missing[0]}")
         self.shards: dict[str, np.ndarray] = {}
-        self.verified_bytes, self.verify_seconds = 0, 0.0
+        self.verified_shards, self.verified_bytes, self.verify_seconds = 0, 0, 0.0
         if verify:
             started = time.perf_counter()
             used = sorted({self.index[key]["shard"] for key in self.keys.values()})
             self.verified_bytes = sum(verify_shard(self.cache_dir / "shards" / f"{name}.json") for name in used)
-            self.verify_seconds = time.perf_counter() - started
+            self.verified_shards, self.verify_seconds = len(used), time.perf_counter() - started
 
     def __call__(self, path: str) -> torch.Tensor:
         if path not in self.keys:
