@@ -318,10 +318,13 @@ class SampleMaker:
         self.collator = collate.build_collator(model_config, self.whisper)
 
     def lengths(self, pairs: list[data.Pair], rows: list[dict]) -> list[int]:
-        """Each pair's `collate.sample_tokens`, from the numbers its rows carry (no sample is built)."""
+        """Each pair's `collate.sample_tokens`, from the numbers its rows carry (no sample is built);
+        rows without text token counts are given them first."""
         model_config = self.bundle.model.config
         if self.whisper is not None and self.config.ref_in_system:
             raise ValueError("--batch-tokens cannot count the Whisper features of a system-message reference")
+        if rows and "text_tokens" not in rows[0]:
+            data.add_text_token_counts(rows, self.bundle.tokenizer)
         return data.sample_lengths(pairs, rows, self.bundle.tokenizer, model_config.audio_num_codebooks,
                                    self.config.ref_in_system, model_config.use_delay_pattern)
 
