@@ -13,11 +13,19 @@ import train
 from conftest import DEMO_DIR
 
 
+def demo_manifest(folder, count=6):
+    """The demo manifest's first `count` rows (two English speakers), with absolute paths."""
+    rows = [json.loads(line) for line in (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()][:count]
+    manifest = folder / "demo.jsonl"
+    manifest.write_text("".join(json.dumps(dict(row, audio=str(DEMO_DIR / row["audio"]))) + "\n" for row in rows))
+    return manifest
+
+
 @pytest.fixture(scope="module")
-def demo(tiny):
-    """The demo manifest's rows (12 clips of 4 speakers), validated and encoded."""
+def demo(tiny, tmp_path_factory):
+    """Six demo rows, validated and encoded."""
     codes = data.CodeCache(tiny.audio_tokenizer)
-    return data.validate_manifest(DEMO_DIR / "manifest.jsonl", codes).kept, codes
+    return data.validate_manifest(demo_manifest(tmp_path_factory.mktemp("demo")), codes).kept, codes
 
 
 def take(rows, maker, config, depth, count, position=train.DataPosition()):
@@ -53,7 +61,7 @@ def test_prefetched_micro_batches_are_the_plain_ones_in_the_same_order(tiny, dem
 def test_an_error_building_a_batch_is_raised_in_the_loop_naming_its_samples(tiny, demo, depth):
     rows, codes = demo
     broken = [dict(row, text="( )") if row["id"] == "en_male_1" else row for row in rows]  # normalises to nothing
-    config = train.TrainConfig(batch_size=12, device="cpu")
+    config = train.TrainConfig(batch_size=6, device="cpu")
     maker = train.SampleMaker(tiny, config, codes)
     prefetcher = train.Prefetcher(train.micro_batches(broken, config, train.DataPosition(), train.Dist(), maker), maker, depth)
     with pytest.raises(train.BatchError, match=r"micro-batch of .*en_male_1.*: the text to speak is empty"):
@@ -67,9 +75,7 @@ def test_a_negative_depth_is_an_error(tiny):
 
 
 def test_training_with_prefetch_gives_the_same_losses_and_logs_the_data_wait(tmp_path):
-    manifest = tmp_path / "small.jsonl"
-    rows = [json.loads(line) for line in (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()][:6]
-    manifest.write_text("".join(json.dumps(dict(row, audio=str(DEMO_DIR / row["audio"]))) + "\n" for row in rows))
+    manifest = demo_manifest(tmp_path)
     losses = {}
     for depth in (0, 2):
         run = train.train(train.TrainConfig(train_manifest=str(manifest), val_manifest="", out_dir=str(tmp_path), run_name=f"p{depth}",
