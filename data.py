@@ -19,14 +19,19 @@ speaker pairing of training examples.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import re
+import socket
 import struct
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -367,9 +372,11 @@ def _reference_waveform(waveform, sample_rate: int | None, ref_in_system: bool):
 # every kept clip in a cache that training reads without the audio tokenizer:
 #
 #   CACHE/shards/NAME.npy    codes of up to --batch-size clips, (codebooks, frames) uint16, memory-mapped
-#   CACHE/shards/NAME.json   the shard's entries (key -> offset, frames, seconds, source); written after
-#                            the codes, so it is what commits the shard
-#   CACHE/manifest.jsonl     the kept rows, each clip with its cache key (`audio_key`, `ref_audio_key`)
+#   CACHE/shards/NAME.json   the shard's entries (key -> offset, frames, seconds, source) and the SHA-256 and
+#                            shape of its codes; written after the codes, so it is what commits the shard
+#   CACHE/manifest.jsonl     the kept rows, each clip with its cache key (`audio_key`, `ref_audio_key`) and
+#                            each row with its text token counts (`text_tokens`, ...), for planning batches
+#   CACHE/prepare.lock       held while a prepare runs, naming its pid
 #   CACHE/report.jsonl       one line per rejected row: row, id, reason, detail
 #   CACHE/summary.json       the counts; written last, so a cache without it holds no finished prepare
 
@@ -781,22 +788,33 @@ def _file_digest(path: str) -> str:
 # The cache ----------------------------------------------------------------
 
 
+class CacheError(ValueError):
+    """A cache file that cannot be used; the message names it and says how to repair it."""
+
+
+class CacheLocked(RuntimeError):
+    """Another prepare holds the cache's lock."""
+
+
 class CacheWriter:
     """The prepare step's clip source: each new clip is loaded, checked and encoded once, then committed.
 
     A clip's key is the digest of its file's bytes and of the audio tokenizer,
     so a clip already cached (by an earlier or interrupted run, or at another
     path) is reused, and another tokenizer never gets its codes. Every
-    `batch_size` new clips become one shard: the codes, then the entries, each
-    written to a temporary file and renamed, so an interrupted run leaves
-    whole shards and at worst files that no entry file commits, which the next
-    run deletes. One prepare per cache at a time.
+    `batch_size` new clips become one shard: the codes, then the entries (with
+    the codes' checksum), each written to a temporary file and renamed, so an
+    interrupted run leaves whole shards and at worst files that no entry file
+    commits, which the next run deletes. A shard that fails verification is
+    deleted, so its clips are encoded again (`repaired` counts them). The
+    caller holds the cache's lock (`prepare_lock`).
     """
 
     def __init__(self, cache_dir: str | Path, audio_tokenizer, batch_size: int = 64):
         self.shards = Path(cache_dir) / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
         _remove_uncommitted(self.shards)
+        self.repaired = _remove_corrupt(self.shards)
         self.index = read_index(cache_dir)
         self.audio_tokenizer, self.batch_size = audio_tokenizer, batch_size
         self.tokenizer_id = audio_tokenizer_id(audio_tokenizer)
@@ -838,19 +856,54 @@ class CacheWriter:
         offsets = np.cumsum([0] + [self.pending[key][1]["frames"] for key in keys])
         entries = {key: dict(self.pending[key][1], offset=int(offset)) for key, offset in zip(keys, offsets)}
         name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16]
-        _replace_atomically(self.shards / f"{name}.npy", lambda file: np.save(file, codes.astype(np.uint16)))
-        _write_text(self.shards / f"{name}.json", json.dumps(entries))
+        buffer = io.BytesIO()
+        np.save(buffer, codes.astype(np.uint16))
+        payload = buffer.getvalue()
+        shard = {"codes_sha256": hashlib.sha256(payload).hexdigest(), "codes_shape": list(codes.shape), "entries": entries}
+        _replace_atomically(self.shards / f"{name}.npy", lambda file: file.write(payload))
+        _write_text(self.shards / f"{name}.json", json.dumps(shard))
         self.index.update({key: dict(entry, shard=name) for key, entry in entries.items()})
         self.pending.clear()
+
+
+def read_shard(entry_file: Path) -> dict:
+    """A shard's entry file: `codes_sha256`, `codes_shape` and `entries` (key -> offset, frames, seconds, source)."""
+    try:
+        shard = json.loads(entry_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CacheError(f"{entry_file}: unreadable shard entry file ({error}){_REPAIR}") from None
+    if not isinstance(shard, dict) or not {"codes_sha256", "codes_shape", "entries"} <= shard.keys():
+        raise CacheError(f"{entry_file}: not a shard entry file with a checksum (an older or damaged cache){_REPAIR}")
+    return shard
+
+
+_REPAIR = "; python data.py prepare on this cache re-encodes it"
 
 
 def read_index(cache_dir: str | Path) -> dict[str, dict]:
     """Every committed entry of a cache: key -> shard, offset, frames, seconds, source."""
     index = {}
     for entry_file in sorted((Path(cache_dir) / "shards").glob("*.json")):
-        entries = json.loads(entry_file.read_text(encoding="utf-8"))
+        entries = read_shard(entry_file)["entries"]
         index.update({key: dict(entry, shard=entry_file.stem) for key, entry in entries.items()})
     return index
+
+
+def verify_shard(entry_file: Path) -> int:
+    """Check a shard's codes against the checksum in its entry file; returns their size in bytes.
+
+    A `CacheError` naming the shard for a missing, truncated, empty or altered `.npy` or a bad `.json`.
+    """
+    shard = read_shard(entry_file)
+    codes_file = entry_file.with_suffix(".npy")
+    try:
+        with codes_file.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as error:
+        raise CacheError(f"{codes_file}: unreadable shard codes ({error.strerror}){_REPAIR}") from None
+    if digest != shard["codes_sha256"]:
+        raise CacheError(f"{codes_file}: shard codes fail their checksum (truncated or altered){_REPAIR}")
+    return codes_file.stat().st_size
 
 
 def _remove_uncommitted(shards: Path) -> None:
@@ -860,6 +913,20 @@ def _remove_uncommitted(shards: Path) -> None:
         path.unlink()
     if stray:
         print(f"cache: removed {len(stray)} uncommitted file(s) of an interrupted run", file=sys.stderr)
+
+
+def _remove_corrupt(shards: Path) -> int:
+    """Delete every shard that fails verification, so that its clips are encoded again; returns how many."""
+    removed = 0
+    for entry_file in sorted(shards.glob("*.json")):
+        try:
+            verify_shard(entry_file)
+        except CacheError as error:
+            print(f"cache: {str(error).removesuffix(_REPAIR)}: deleted, its clips are encoded again", file=sys.stderr)
+            entry_file.with_suffix(".npy").unlink(missing_ok=True)
+            entry_file.unlink()
+            removed += 1
+    return removed
 
 
 def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -875,10 +942,52 @@ def _write_text(path: Path, text: str) -> None:
     _replace_atomically(path, lambda file: file.write(text.encode("utf-8")))
 
 
-class CachedCodes:
-    """Codes of a prepared cache by audio path, read from memory-mapped shards without the audio tokenizer."""
+PREPARE_LOCK = "prepare.lock"
 
-    def __init__(self, cache_dir: str | Path, rows: list[dict], sampling_rate: int):
+
+@contextlib.contextmanager
+def prepare_lock(cache_dir: Path):
+    """Hold `CACHE/prepare.lock` (an exclusive `flock`) while a prepare writes the cache.
+
+    The kernel releases the lock when its process ends, however it ends, so
+    the lock of a killed prepare is simply taken over. The file holds the
+    holder's pid and host, which a refused prepare names.
+    """
+    path = cache_dir / PREPARE_LOCK
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 200).decode(errors="replace").strip() or "a process that has not written its pid yet"
+            os.close(descriptor)
+            raise CacheLocked(f"{path} is held by {holder} (another prepare of this cache): wait for it to end") from None
+        # The holder before us may have deleted the file in between: lock the file that is there.
+        if path.exists() and path.stat().st_ino == os.fstat(descriptor).st_ino:
+            break
+        os.close(descriptor)
+    previous = os.read(descriptor, 200).decode(errors="replace").strip()
+    if previous:
+        print(f"cache: took over {path} from {previous}, which ended without releasing it", file=sys.stderr)
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+class CachedCodes:
+    """Codes of a prepared cache by audio path, read from memory-mapped shards without the audio tokenizer.
+
+    `verify` checks every shard the rows use against its checksum now
+    (`verified_shards`, `verified_bytes`, `verify_seconds`); either way a shard is checked
+    against its recorded shape when it is first opened, so a damaged shard is
+    an error naming it, never a crash hours in that names no file.
+    """
+
+    def __init__(self, cache_dir: str | Path, rows: list[dict], sampling_rate: int, verify: bool = True):
         self.cache_dir, self.sampling_rate = Path(cache_dir), sampling_rate
         self.index = read_index(cache_dir)
         self.keys = {row[name]: row[f"{name}_key"] for row in rows for name in ("ref_audio", "audio") if name in row}
@@ -886,15 +995,32 @@ class CachedCodes:
         if missing:
             raise ValueError(f"{cache_dir}: {len(missing)} clips of its manifest are in no shard, e.g. {missing[0]}")
         self.shards: dict[str, np.ndarray] = {}
+        self.verified_shards, self.verified_bytes, self.verify_seconds = 0, 0, 0.0
+        if verify:
+            started = time.perf_counter()
+            used = sorted({self.index[key]["shard"] for key in self.keys.values()})
+            self.verified_bytes = sum(verify_shard(self.cache_dir / "shards" / f"{name}.json") for name in used)
+            self.verified_shards, self.verify_seconds = len(used), time.perf_counter() - started
 
     def __call__(self, path: str) -> torch.Tensor:
         if path not in self.keys:
             raise KeyError(f"{path} is no clip of the prepared manifest in {self.cache_dir}")
         entry = self.index[self.keys[path]]
         if entry["shard"] not in self.shards:
-            self.shards[entry["shard"]] = np.load(self.cache_dir / "shards" / f"{entry['shard']}.npy", mmap_mode="r")
+            self.shards[entry["shard"]] = self._open(entry["shard"])
         codes = self.shards[entry["shard"]][:, entry["offset"] : entry["offset"] + entry["frames"]]
         return torch.from_numpy(codes.astype(np.int64))
+
+    def _open(self, name: str) -> np.ndarray:
+        codes_file = self.cache_dir / "shards" / f"{name}.npy"
+        shape = tuple(read_shard(codes_file.with_suffix(".json"))["codes_shape"])
+        try:
+            codes = np.load(codes_file, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as error:
+            raise CacheError(f"{codes_file}: unreadable shard codes ({error}){_REPAIR}") from None
+        if codes.dtype != np.uint16 or codes.shape != shape:
+            raise CacheError(f"{codes_file}: shard codes are {codes.dtype} {codes.shape}, its entry file says uint16 {shape}{_REPAIR}")
+        return codes
 
 
 @dataclass
@@ -902,6 +1028,7 @@ class PrepareResult:
     validation: ValidationResult
     encoded: int  # clips this run encoded
     reused: int  # clips whose codes the cache (or this run, at another path) already held
+    repaired: int = 0  # shards that failed verification, deleted and encoded again
 
 
 def prepare(
@@ -919,23 +1046,28 @@ def prepare(
     What was encoded before an error, a `strict` stop or Ctrl-C is committed,
     so a re-run encodes only the rest. The manifest, report and summary are
     written at the end, the summary last: until then the cache holds the
-    previous finished prepare, if any.
+    previous finished prepare, if any. With the text `tokenizer`, each kept
+    row carries its text token counts (`add_text_token_counts`), so training
+    plans token-budget batches without building samples. A second prepare of
+    the same cache while one runs is a `CacheLocked` error.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    writer = CacheWriter(cache, audio_tokenizer, batch_size)
-    try:
-        result = validate_manifest(manifest, writer, tokenizer, filters, strict, progress)
-    finally:
-        writer.flush()
-    (cache / "summary.json").unlink(missing_ok=True)
-    _write_text(cache / "manifest.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.kept))
-    result.write_report(cache / "report.jsonl")
-    summary = dict(manifest=result.manifest, rows_read=result.rows_read, kept=len(result.kept), rejected=result.counts(),
-                   audio_tokenizer=writer.tokenizer_id, sampling_rate=writer.sampling_rate,
-                   encoded=writer.encoded, reused=writer.reused)
-    _write_text(cache / "summary.json", json.dumps(summary, indent=2))
-    return PrepareResult(result, writer.encoded, writer.reused)
+    with prepare_lock(cache):
+        writer = CacheWriter(cache, audio_tokenizer, batch_size)
+        try:
+            result = validate_manifest(manifest, writer, tokenizer, filters, strict, progress)
+        finally:
+            writer.flush()
+        text_counts = add_text_token_counts(result.kept, tokenizer) if tokenizer is not None else None
+        (cache / "summary.json").unlink(missing_ok=True)
+        _write_text(cache / "manifest.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.kept))
+        result.write_report(cache / "report.jsonl")
+        summary = dict(manifest=result.manifest, rows_read=result.rows_read, kept=len(result.kept), rejected=result.counts(),
+                       audio_tokenizer=writer.tokenizer_id, sampling_rate=writer.sampling_rate, text_token_counts=text_counts,
+                       encoded=writer.encoded, reused=writer.reused, repaired=writer.repaired)
+        _write_text(cache / "summary.json", json.dumps(summary, indent=2))
+    return PrepareResult(result, writer.encoded, writer.reused, writer.repaired)
 
 
 @dataclass
@@ -946,10 +1078,14 @@ class Prepared:
     codes: CachedCodes
     summary: str  # the prepare step's `rows read = kept + rejected` line
     audio_tokenizer_id: str
+    text_token_counts: str | None  # `text_counting_id` of the counts the rows carry; None: they carry none
 
 
-def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None) -> Prepared:
-    """The kept rows and codes of a finished prepare; with `audio_tokenizer_id`, an error if another tokenizer made them."""
+def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, verify: bool = True) -> Prepared:
+    """The kept rows and codes of a finished prepare; with `audio_tokenizer_id`, an error if another tokenizer made them.
+
+    `verify`: check every shard the rows use against its checksum now (see `CachedCodes`).
+    """
     cache = Path(cache_dir)
     if not (cache / "summary.json").is_file():
         raise FileNotFoundError(f"{cache} holds no finished prepare (no summary.json): run python data.py prepare --out {cache}")
@@ -958,8 +1094,9 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None) 
         raise ValueError(f"{cache} holds codes of audio tokenizer {summary['audio_tokenizer'][:16]}, "
                          f"not of this one ({audio_tokenizer_id[:16]}): prepare it again")
     rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    codes = CachedCodes(cache, rows, summary["sampling_rate"])
-    return Prepared(rows, codes, reconcile(summary["rows_read"], summary["kept"], summary["rejected"]), summary["audio_tokenizer"])
+    codes = CachedCodes(cache, rows, summary["sampling_rate"], verify)
+    return Prepared(rows, codes, reconcile(summary["rows_read"], summary["kept"], summary["rejected"]),
+                    summary["audio_tokenizer"], summary.get("text_token_counts"))
 
 
 # Training pairs -----------------------------------------------------------
@@ -1035,6 +1172,85 @@ def pair_to_sample(
     )
 
 
+# Sample lengths without building samples -----------------------------------
+#
+# A training sample's positions (`collate.sample_tokens`) are those of its
+# prompt template, which depend on the layout and scene alone, plus the tokens
+# of its reference transcript and of its normalised text (prepare_chatml_sample
+# tokenises each message's text on its own), plus the frames of its two clips.
+# The rows carry their clips' frames and their text token counts (stored by
+# the prepare step, or counted once when training starts from a manifest), so
+# planning an epoch of token-budget batches builds no sample.
+
+# Every tag and symbol the normalisation maps: counts made under another normalisation are not reused.
+_NORMALISATION_PROBE = ("[laugh] [humming start] [humming end] [music start] [music end] [music] [sing start] "
+                        "[sing end] [applause] [cheering] [cough] （x）【x】《x》“x”‘x’、—…·「x」『x』，。：；？！ (x) 5°F 5°C")
+
+
+def text_counting_id(tokenizer) -> str:
+    """A digest of what text token counts depend on: the text tokenizer and the normalisation."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256((spec + normalize_text(_NORMALISATION_PROBE)).encode()).hexdigest()
+
+
+def count_text_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Tokens of each text as `prepare_chatml_sample` encodes a message's text (no special tokens added)."""
+    counts = []
+    for start in range(0, len(texts), 10_000):
+        counts += [len(ids) for ids in tokenizer(texts[start : start + 10_000], add_special_tokens=False)["input_ids"]]
+    return counts
+
+
+def add_text_token_counts(rows: list[dict], tokenizer) -> str:
+    """Store in each row the tokens of its text as spoken (`text_tokens`, normalised) and as a reference
+    transcript (`transcript_tokens` of a speaker row, `ref_text_tokens` of a paired row's reference, stripped);
+    returns their `text_counting_id`."""
+    targets = count_text_tokens(tokenizer, [normalize_text(row["text"]) for row in rows])
+    references = count_text_tokens(tokenizer, [row.get("ref_text", row["text"]).strip() for row in rows])
+    for row, target, reference in zip(rows, targets, references):
+        row["text_tokens"] = target
+        row["ref_text_tokens" if "ref_audio" in row else "transcript_tokens"] = reference
+    return text_counting_id(tokenizer)
+
+
+def template_tokens(tokenizer, scene: str | None, ref_in_system: bool, num_codebooks: int, delay_pattern: bool = True) -> int:
+    """Positions of a training sample besides its texts' tokens and its clips' frames, from a probe sample."""
+    probe = torch.zeros(num_codebooks, 1, dtype=torch.long)
+    sample = build_sample(tokenizer, "a", probe, "a", target_codes=probe, scene=scene, ref_in_system=ref_in_system)
+    text, reference = count_text_tokens(tokenizer, [normalize_text("a"), "a"])
+    return collate.sample_tokens(sample, num_codebooks, delay_pattern) - text - (0 if ref_in_system else reference) - 2
+
+
+def sample_lengths(
+    pairs: list[Pair], rows: list[dict], tokenizer, num_codebooks: int, ref_in_system: bool = False, delay_pattern: bool = True
+) -> list[int]:
+    """`collate.sample_tokens` of each pair's training sample, exactly, from the numbers its rows carry.
+
+    The rows need their text token counts (`add_text_token_counts`); no
+    sample is built and no code is read.
+    """
+    if rows and "text_tokens" not in rows[0]:
+        raise ValueError("the rows carry no text token counts: call data.add_text_token_counts first")
+    frames, targets, transcripts = {}, {}, {}
+    for row in rows:
+        frames[row["audio"]] = row["frames"]
+        targets[row["id"]] = row["text_tokens"]
+        if "ref_audio" in row:
+            frames[row["ref_audio"]] = row["ref_frames"]
+            transcripts[row["ref_text"]] = row["ref_text_tokens"]
+        else:
+            transcripts[row["text"]] = row["transcript_tokens"]
+    templates: dict[str | None, int] = {}
+    lengths = []
+    for pair in pairs:
+        if pair.scene not in templates:
+            templates[pair.scene] = template_tokens(tokenizer, pair.scene, ref_in_system, num_codebooks, delay_pattern)
+        reference = 0 if ref_in_system else transcripts[pair.ref_text]
+        lengths.append(templates[pair.scene] + targets[pair.id] + reference + frames[pair.ref_audio] + frames[pair.audio])
+    return lengths
+
+
 # --------------------------------------------------------------------------
 # Command line: python data.py prepare --manifest M --out CACHE
 # --------------------------------------------------------------------------
@@ -1045,11 +1261,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, args.device) if args.audio_tokenizer
                            else model_utils.build_tiny_audio_tokenizer(args.seed, args.device))
-        tokenizer = _text_tokenizer(args.model) if args.max_tokens is not None else None
+        tokenizer = _text_tokenizer(args.model)
         filters = Filters(args.min_seconds, args.max_seconds, args.max_tokens, tuple(args.language), args.max_text_chars)
         result = prepare(args.manifest, args.out, audio_tokenizer, tokenizer, filters, args.strict, args.batch_size, progress=True)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, CacheLocked) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a missing manifest, a read-only or full disk: the path and the reason
+        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
         return 2
     validation = result.validation
     for rejection in validation.rejections[:5]:
@@ -1057,7 +1276,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(validation.rejections) > 5:
         print(f"  ... {len(validation.rejections) - 5} more")
     print(f"report: {Path(args.out) / 'report.jsonl'}\n"
-          f"clips: {result.encoded} encoded, {result.reused} already in the cache; train with --cache {args.out}\n"
+          f"clips: {result.encoded} encoded, {result.reused} already in the cache"
+          + (f" ({result.repaired} damaged shard(s) deleted and their clips encoded again)" if result.repaired else "")
+          + f"; train with --cache {args.out}\n"
           f"{validation.summary()}")
     return 0
 
@@ -1071,7 +1292,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--out", required=True, help="cache directory (created; re-running reuses what is in it)")
     add("--audio-tokenizer", help="audio tokenizer directory [the tiny preset's, from --seed]")
     add("--seed", type=int, default=0, help="seed of the tiny preset's audio tokenizer, as train.py --seed [0]")
-    add("--model", default=model_utils.TINY_PRESET, help="text tokenizer for --max-tokens: tiny or a model directory [tiny]")
+    add("--model", default=model_utils.TINY_PRESET,
+        help="text tokenizer (tiny or a model directory) for --max-tokens and the text token counts stored for "
+             "planning batches; training recounts when its tokenizer differs [tiny]")
     add("--min-seconds", type=float, default=0.0, help="shortest clip kept [0]")
     add("--max-seconds", type=float, default=math.inf, help="longest clip kept [no limit]")
     add("--max-tokens", type=int, help="largest training sample kept, in model positions [no limit]")

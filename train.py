@@ -19,12 +19,15 @@ import json
 import math
 import os
 import random
+import queue
 import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,8 +77,10 @@ class TrainConfig:
     # data
     train_manifest: str = str(DEMO_MANIFEST)
     cache: str = ""
+    verify_cache: bool = True
     val_manifest: str = str(DEMO_MANIFEST)
     ref_in_system: bool = False
+    prefetch: int = 2
     # model
     model: str = model_utils.TINY_PRESET
     audio_tokenizer: str | None = None
@@ -124,7 +129,9 @@ class TrainConfig:
 HELP = {
     "train_manifest": "JSONL manifest, speaker-grouped or paired rows (validated, encoded on the fly)",
     "cache": "a prepared code cache (python data.py prepare) to train from instead of --train-manifest",
+    "verify_cache": "check every shard of --cache against its checksum at start (--no-verify-cache skips it)",
     "val_manifest": "JSONL manifest for validation loss and generated samples ('' = none)",
+    "prefetch": "micro-batches built and collated ahead of the step by a background thread (0 = off)",
     "ref_in_system": "put the reference in the system message instead of an assistant turn",
     "model": "model directory or preset (tiny, tiny-whisper)",
     "audio_tokenizer": "audio tokenizer directory; required with a model directory",
@@ -191,7 +198,7 @@ LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "weight_decay": _at_least(0), "grad_clip": _at_least(0),
     "log_every": _at_least(1), "eval_every": _at_least(0), "eval_prompts": _at_least(0),
     "eval_max_seconds": _positive(), "save_every": _at_least(1), "keep_last": _at_least(1),
-    "max_bad_steps": _at_least(1), "patience": _at_least(0),
+    "max_bad_steps": _at_least(1), "patience": _at_least(0), "prefetch": _at_least(0),
 }
 
 
@@ -341,9 +348,7 @@ def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int, maker: Samp
     """All micro-batches of an epoch: `batch_size` pairs each, or length-bucketed within `batch_tokens`."""
     pairs, _ = data.training_pairs(rows, config.seed, epoch)
     if config.batch_tokens:
-        num_codebooks = maker.bundle.model.config.audio_num_codebooks
-        lengths = [collate.sample_tokens(sample, num_codebooks) for sample in maker.samples(pairs)]
-        batches = collate.token_budget_batches(lengths, config.batch_tokens, config.seed, epoch)
+        batches = collate.token_budget_batches(maker.lengths(pairs, rows), config.batch_tokens, config.seed, epoch)
         return [[pairs[i] for i in batch] for batch in batches]
     order = list(range(len(pairs)))
     random.Random(config.seed * 7919 + epoch).shuffle(order)
@@ -374,15 +379,28 @@ def training_rows(config: TrainConfig, bundle: model_utils.Bundle, env: Dist, ru
     """Kept rows and their code source: a prepared cache, or the manifest validated and encoded now.
 
     Either way the counts are printed so that they reconcile with the
-    prepare step's: rows read = kept + rejected, by reason.
+    prepare step's: rows read = kept + rejected, by reason. A cache's shards
+    are checked against their checksums unless --no-verify-cache. With
+    --batch-tokens the rows carry their text token counts, for planning
+    batches: the prepare step's when it used this text tokenizer, else counted now.
     """
+    say = print if env.main else (lambda *args, **kwargs: None)
+    counted = None
     if config.cache:
-        prepared = data.read_prepared(config.cache, data.audio_tokenizer_id(bundle.audio_tokenizer))
-        if env.main:
-            print(f"data: {config.cache}: {prepared.summary}")
-        return prepared.rows, prepared.codes
-    codes = data.CodeCache(bundle.audio_tokenizer)
-    return validated_rows(config.train_manifest, codes, env, run_dir / "rejections.jsonl"), codes
+        prepared = data.read_prepared(config.cache, data.audio_tokenizer_id(bundle.audio_tokenizer), config.verify_cache)
+        rows, codes, counted = prepared.rows, prepared.codes, prepared.text_token_counts
+        say(f"data: {config.cache}: {prepared.summary}")
+        say(f"data: {codes.verified_shards} shards ({codes.verified_bytes / 1e6:.1f} MB) match their checksums, "
+            f"checked in {codes.verify_seconds:.2f} s (--no-verify-cache skips this)" if config.verify_cache
+            else "data: shard checksums not checked (--no-verify-cache); a shard is still checked for its shape when opened")
+    else:
+        codes = data.CodeCache(bundle.audio_tokenizer)
+        rows = validated_rows(config.train_manifest, codes, env, run_dir / "rejections.jsonl")
+    if config.batch_tokens and counted != data.text_counting_id(bundle.tokenizer):
+        if counted is not None:
+            say("data: the cache's text token counts are of another text tokenizer or normalisation: counting again")
+        data.add_text_token_counts(rows, bundle.tokenizer)
+    return rows, codes
 
 
 def validated_rows(manifest: str, codes: data.CodeCache, env: Dist, report: Path) -> list[dict]:
@@ -406,6 +424,17 @@ class SampleMaker:
         self.whisper = collate.whisper_features(model_config)
         self.collator = collate.build_collator(model_config, self.whisper)
 
+    def lengths(self, pairs: list[data.Pair], rows: list[dict]) -> list[int]:
+        """Each pair's `collate.sample_tokens`, from the numbers its rows carry (no sample is built);
+        rows without text token counts are given them first."""
+        model_config = self.bundle.model.config
+        if self.whisper is not None and self.config.ref_in_system:
+            raise ValueError("--batch-tokens cannot count the Whisper features of a system-message reference")
+        if rows and "text_tokens" not in rows[0]:
+            data.add_text_token_counts(rows, self.bundle.tokenizer)
+        return data.sample_lengths(pairs, rows, self.bundle.tokenizer, model_config.audio_num_codebooks,
+                                   self.config.ref_in_system, model_config.use_delay_pattern)
+
     def samples(self, pairs: list[data.Pair]) -> list:
         return [
             data.pair_to_sample(pair, self.bundle.tokenizer, self.codes, self.config.ref_in_system, self.whisper is not None)
@@ -415,6 +444,71 @@ class SampleMaker:
     def batch(self, pairs: list[data.Pair]):
         codebook_size = self.bundle.model.config.audio_codebook_size
         return collate.collate(self.collator, self.samples(pairs), codebook_size, [pair.id for pair in pairs])
+
+
+class BatchError(ValueError):
+    """A micro-batch that could not be built; the message names its samples."""
+
+
+class Prefetcher:
+    """(position, pairs, collated batch) of each micro-batch of `micro_batches`, built ahead of the step.
+
+    A background thread builds and collates up to `depth` micro-batches while
+    the step runs; they come out in the order they went in, each with its
+    position, so the data order and --resume are those of `depth` 0, which
+    builds each batch when it is taken. An error building a batch is raised
+    in the loop, naming the batch's samples. `take_wait()` gives the seconds
+    the loop has waited for data since the last call.
+    """
+
+    def __init__(self, source, maker: SampleMaker, depth: int):
+        self.source, self.maker, self.depth, self.waited = source, maker, depth, 0.0
+        if depth:
+            self.ready: queue.Queue = queue.Queue(depth)
+            self.stop = threading.Event()
+            threading.Thread(target=_prefetch, args=(source, maker, self.ready, self.stop), daemon=True, name="prefetch").start()
+            weakref.finalize(self, self.stop.set)  # a loop left by an exception stops the thread too
+
+    def __next__(self):
+        started = time.perf_counter()
+        item = self.ready.get() if self.depth else _build_micro_batch(self.source, self.maker)
+        self.waited += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def take_wait(self) -> float:
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+    def close(self) -> None:
+        if self.depth:
+            self.stop.set()
+
+
+def _build_micro_batch(source, maker: SampleMaker):
+    position, pairs = next(source)
+    try:
+        return position, pairs, maker.batch(pairs)
+    except Exception as error:
+        raise BatchError(f"micro-batch of {', '.join(pair.id for pair in pairs)}: {error}") from error
+
+
+def _prefetch(source, maker: SampleMaker, ready: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: builds micro-batches in order until stopped or an error, which it hands on."""
+    while not stop.is_set():
+        try:
+            item = _build_micro_batch(source, maker)
+        except Exception as error:
+            item = error
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, BaseException):
+            return
 
 
 # --------------------------------------------------------------------------
@@ -834,7 +928,7 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
 # the schedule, --max-steps included since it sets the cosine's length) would make another run.
 RESUME_SAFE = {"out_dir", "run_name", "resume", "inspect", "device", "compile", "grad_checkpoint", "stop_after",
                "log_every", "eval_every", "eval_prompts", "eval_max_seconds", "save_every", "keep_last", "max_bad_steps",
-               "patience", "asr_model", "speaker_model", "eval_language"}
+               "patience", "asr_model", "speaker_model", "eval_language", "prefetch", "verify_cache"}
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "position", "rng", "best_loss", "config"}
 
 
@@ -1205,7 +1299,7 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if resume_from else None) if env.main else None
     stop = StopRequested()
-    batches = micro_batches(rows, config, position, env, maker)
+    batches = Prefetcher(micro_batches(rows, config, position, env, maker), maker, config.prefetch)
     last_step = min(config.max_steps, config.stop_after or config.max_steps)
     bad_steps: list[str] = []
     train_loss = float("nan")
@@ -1224,9 +1318,8 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
         ids: list[str] = []
         finite = True
         for micro in range(config.grad_accum):
-            position, pairs = next(batches)
+            position, pairs, batch = next(batches)
             ids += [pair.id for pair in pairs]
-            batch = maker.batch(pairs)
             sync = micro == config.grad_accum - 1 or not isinstance(model, DistributedDataParallel)
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast(config):
                 outputs = model(**collate.batch_to_model_inputs(batch, config.device))
@@ -1264,10 +1357,12 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
         elapsed = time.time() - started
         train_loss = means["total"]
         accuracy = teacher_forced_accuracy(hits, env, config.device)
+        data_wait = batches.take_wait()
         if writer and step % config.log_every == 0:
             _log(writer, step, means, optimizer, grad_norm, tokens / elapsed, samples / elapsed,
                  padded / max(1.0, tokens + padded))
             _log_values(writer, "accuracy", accuracy, step)
+            writer.add_scalar("train/data_wait_fraction", data_wait / elapsed, step)
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
         progress.update(1)
 
@@ -1288,6 +1383,7 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
         if step % config.save_every == 0 or step == config.max_steps:
             save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss)
     progress.close()
+    batches.close()
 
     if step < config.max_steps:
         path = save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss)

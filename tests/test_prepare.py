@@ -387,7 +387,8 @@ def test_a_killed_prepare_leaves_whole_shards_and_resumes(clips, tiny, tmp_path)
     committed = data.read_index(cache)
     assert 1 <= len(committed) < 6
     for entry_file in cache.glob("shards/*.json"):
-        entries = json.loads(entry_file.read_text())
+        entries = data.read_shard(entry_file)["entries"]
+        data.verify_shard(entry_file)
         codes = np.load(entry_file.with_suffix(".npy"))
         assert codes.shape == (8, sum(entry["frames"] for entry in entries.values()))
 
@@ -473,3 +474,139 @@ def test_validation_reports_a_speaker_whose_other_rows_are_the_same_clip(tmp_pat
     manifest = write_manifest(tmp_path / "m.jsonl", [row("x", "one.wav"), row("y", "one.wav")])
     result = data.validate_manifest(manifest, data.CodeCache(tiny.audio_tokenizer))
     assert result.kept == [] and [r.reason for r in result.rejections] == ["lone_speaker", "lone_speaker"]
+
+
+# --------------------------------------------------------------------------
+# Damaged shards, the prepare lock, a read-only cache directory
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged_copy(prepared, tmp_path):
+    """A copy of the prepared cache (7 rows, 6 clips in shards of 4 and 2) and its shard files, largest first."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared[0], cache)
+    shards = sorted((cache / "shards").glob("*.npy"), key=lambda path: -path.stat().st_size)
+    return cache, shards
+
+
+def test_a_truncated_shard_is_an_error_naming_it_at_start_or_when_opened(damaged_copy, tiny):
+    cache, shards = damaged_copy
+    shards[0].write_bytes(shards[0].read_bytes()[:-40])
+    with pytest.raises(ValueError, match="fail their checksum") as error:
+        data.read_prepared(cache)
+    assert str(shards[0]) in str(error.value) and "prepare" in str(error.value)
+
+    # Unverified, the shard is still checked when first opened, hours into a run: the error names it.
+    unverified = data.read_prepared(cache, verify=False)
+    with pytest.raises(ValueError) as error:
+        for row in unverified.rows:
+            unverified.codes(row["audio"])
+    assert str(shards[0]) in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "one-byte-changed"])
+def test_an_empty_or_altered_shard_fails_its_checksum(damaged_copy, damage):
+    cache, shards = damaged_copy
+    codes = bytearray(shards[1].read_bytes())
+    codes[-3] ^= 0xFF
+    shards[1].write_bytes(b"" if damage == "empty" else bytes(codes))
+    with pytest.raises(ValueError, match="fail their checksum") as error:
+        data.read_prepared(cache)
+    assert str(shards[1]) in str(error.value)
+
+
+def test_a_bad_entry_file_is_an_error_naming_it(damaged_copy):
+    cache, shards = damaged_copy
+    entry_file = shards[0].with_suffix(".json")
+    entry_file.write_text('{"entries": {"abc', encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        data.read_prepared(cache)
+    assert str(entry_file) in str(error.value)
+
+
+def test_prepare_re_encodes_the_damaged_shards(damaged_copy, clips, tiny, capsys):
+    cache, shards = damaged_copy
+    frames = [sum(e["frames"] for e in data.read_shard(s.with_suffix(".json"))["entries"].values()) for s in shards]
+    shards[0].write_bytes(shards[0].read_bytes()[:-40])
+    shards[1].with_suffix(".json").write_text("not json", encoding="utf-8")
+
+    again = data.prepare(clips[1], cache, tiny.audio_tokenizer)
+    assert again.repaired == 2 and (again.encoded, again.reused) == (6, 1), frames
+    err = capsys.readouterr().err
+    assert str(shards[0]) in err and str(shards[1].with_suffix(".json")) in err
+    cached = data.read_prepared(cache, data.audio_tokenizer_id(tiny.audio_tokenizer))
+    on_the_fly = data.CodeCache(tiny.audio_tokenizer)
+    assert all(torch.equal(cached.codes(r["audio"]), on_the_fly(r["audio"])) for r in cached.rows)
+    assert json.loads((cache / "summary.json").read_text())["repaired"] == 2
+
+
+def test_training_from_a_damaged_cache_stops_at_start_with_one_line(damaged_copy, tmp_path, capsys):
+    import train
+
+    cache, shards = damaged_copy
+    shards[0].write_bytes(shards[0].read_bytes()[:-40])
+    args = ["--cache", str(cache), "--val-manifest", "", "--out-dir", str(tmp_path / "runs"), "--device", "cpu",
+            "--precision", "fp32", "--max-steps", "1"]
+    assert train.main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(shards[0]) in errors[0]
+
+
+def test_a_second_prepare_of_a_cache_is_refused_naming_the_lock_and_its_holder(clips, tmp_path, capsys):
+    import signal
+
+    _, manifest = clips
+    cache = tmp_path / "cache"
+    command = [sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(manifest), "--out", str(cache),
+               "--batch-size", "1"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(cache.glob("shards/*.json")) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # mid-prepare, holding the cache
+        assert first.poll() is None, "the first prepare finished before the second could start"
+
+        assert data.main(["prepare", "--manifest", str(manifest), "--out", str(cache)]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1
+        assert str(cache / "prepare.lock") in errors[0] and f"pid {first.pid}" in errors[0]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 0
+    assert not (cache / "prepare.lock").exists()
+    assert data.read_prepared(cache).summary == "rows read 7 = kept 7 + rejected 0"
+
+
+def test_the_lock_of_a_killed_prepare_is_taken_over(clips, tiny, tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "prepare.lock").write_text(f"pid {dead.pid} on this host\n")
+    result = data.prepare(clips[1], cache, tiny.audio_tokenizer)
+    assert result.validation.summary() == "rows read 7 = kept 7 + rejected 0"
+    assert f"took over {cache / 'prepare.lock'} from pid {dead.pid}" in capsys.readouterr().err
+    assert not (cache / "prepare.lock").exists()
+
+
+def test_a_read_only_output_directory_is_one_error_line(clips, tmp_path):
+    import os
+
+    _, manifest = clips
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    prepare = [sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(manifest), "--out", str(read_only / "cache")]
+    if os.geteuid() == 0:  # root writes through permissions: mount a read-only file system there instead
+        command = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "{read_only}" && exec "$@"', "sh"] + prepare
+    else:
+        read_only.chmod(0o555)
+        command = prepare
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: {read_only / 'cache'}: " + ("Read-only file system" if os.geteuid() == 0 else "Permission denied")]
