@@ -78,6 +78,8 @@ class TrainConfig:
     precision: str = "bf16" if torch.cuda.is_available() else "fp32"
     compile: bool = False
     grad_checkpoint: bool = False
+    frozen_bf16: bool = True
+    text_logits: str = "labelled"
     parallel: str = "ddp"
     # optimisation
     batch_size: int = 2
@@ -116,6 +118,8 @@ HELP = {
     "seed": "seed of everything", "device": "torch device",
     "precision": "bf16 (autocast on CUDA, fp32 master weights) or fp32",
     "compile": "torch.compile the decoder layers", "grad_checkpoint": "recompute decoder layers in backward",
+    "frozen_bf16": "with --precision bf16, hold frozen linear weights in bf16 (bit-identical under autocast; trained ones stay fp32)",
+    "text_logits": "labelled (text logits only where a text label is; generation unchanged) or all (the package's head)",
     "parallel": "under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)",
     "batch_size": "samples per micro-batch (per process), unless --batch-tokens is set",
     "batch_tokens": "token budget per micro-batch (padded positions), length-bucketed; 0 = --batch-size samples", "grad_accum": "micro-batches per optimizer step",
@@ -148,7 +152,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         values.update(_read_config_file(args.config))
     values.update({key: value for key, value in vars(args).items() if key != "config" and value is not None})
     config = TrainConfig(**values)
-    for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp"))):
+    for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp")),
+                          ("text_logits", ("labelled", "all"))):
         if getattr(config, name) not in allowed:
             parser.error(f"--{name} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
     return config
@@ -336,6 +341,15 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=LORA_TARGETS, bias="none")
     return get_peft_model(model, lora)
+
+
+def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Text logits only at labelled positions (`--text-logits labelled`) and, under bf16, frozen
+    linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_memory.py)."""
+    if config.text_logits == "labelled":
+        model_utils.text_logits_at_labels(model)
+    if config.frozen_bf16 and config.precision == "bf16":
+        model_utils.frozen_linear_weights_to_bf16(model)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -546,7 +560,8 @@ def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[da
         waveform = data.load_audio(pair.ref_audio, rate) if maker.whisper is not None and config.ref_in_system else None
         reference = infer.Reference(pair.ref_text, maker.codes(pair.ref_audio), waveform, rate)
         try:
-            generated = infer.clone(bundle, reference, pair.text, sampling, pair.scene, config.ref_in_system)
+            with autocast(config):  # frozen weights may be held in bf16 (--frozen-bf16)
+                generated = infer.clone(bundle, reference, pair.text, sampling, pair.scene, config.ref_in_system)
         except RuntimeError as error:
             writer.add_text(f"eval/{pair.id}", f"no audio at step {step}: {error}", step)
             continue
@@ -624,6 +639,7 @@ def _train(config: TrainConfig, env: Dist) -> Path:
         model = add_lora(model, config)
     else:
         select_trainable(model, config.scope)
+    reduce_memory(model, config)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model}, training {config.scope}: {n_trained:,} of {n_total:,} parameters; "
