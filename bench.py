@@ -261,6 +261,8 @@ class Plan:
     gradients_gib: float
     optimizer_gib: float
     activations_gib: float
+    weights_bytes: int
+    optimizer_bytes: int
     parameters: int
     trained: int
     param_bytes: int
@@ -347,6 +349,8 @@ def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: Hi
         gradients_gib=categories.get("gradient", 0) / GIB,
         optimizer_gib=categories.get("optstate", 0) / GIB,
         activations_gib=(categories["total"] - held) / GIB,
+        weights_bytes=weights,
+        optimizer_bytes=categories.get("optstate", 0),
         parameters=sum(p.numel() for p in parameters),
         trained=sum(p.numel() for p in parameters if p.requires_grad),
         param_bytes=sum(p.numel() * p.element_size() for p in parameters),
@@ -355,3 +359,386 @@ def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: Hi
         text_labels=text_labels,
         text_logits_gib=logit_rows * config.text_config.vocab_size * 4 / GIB,
     )
+
+
+# --------------------------------------------------------------------------
+# Validation: the plan against a measured step on the CPU
+# --------------------------------------------------------------------------
+
+
+def mid_config() -> HiggsAudioConfig:
+    """A mid-size model with the released layout: 4 layers of width 1024, 32,000-token vocabulary (164M parameters)."""
+    tokenizer = model_utils.build_tiny_text_tokenizer()
+    dims = model_utils.TinyDims(hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=4)
+    config = model_utils.tiny_model_config(tokenizer, dims=dims)
+    config.text_config.vocab_size = 32000
+    return config
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_step(config: HiggsAudioConfig, options: StepOptions, tokens: int, sample_tokens: int = 1024) -> dict:
+    """The step for real on the CPU: tracked peak (same tracker, real tensors) and the process's peak RSS growth."""
+    batch, _ = synthetic_batch(config, tokens, sample_tokens)
+    inputs = collate.batch_to_model_inputs(batch, "cpu")
+    before = _rss_bytes()
+    model = build_training_model(config, options)
+    optimizer = cuda_optimizer(model)
+    resident_optimizer_state(model, optimizer)
+    tracker = PeakTracker(model)
+    tracker.track_external(model, optimizer)
+    with tracker:
+        training_step(model, optimizer, inputs, batch.label_audio_ids, options)
+    (snapshot,) = tracker.get_tracker_snapshot("peak").values()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tracked_gib": snapshot["Total"] / GIB, "rss_growth_gib": (peak_rss - before) / GIB}
+
+
+def validate(tokens: int = 2048) -> list[dict]:
+    """Plan vs measured peak of the mid-size model on the CPU, fp32, for both text-logit modes."""
+    rows = []
+    for text_logits in ("all", "labelled"):
+        options = StepOptions(scope="audio", precision="fp32", frozen_bf16=False, text_logits=text_logits)
+        planned = plan_step(mid_config(), options, tokens).peak_gib
+        measured = measure_step(mid_config(), options, tokens)
+        rows.append({"model": "mid (4 x 1024, 164M)", "scope": "audio", "tokens": tokens, "text_logits": text_logits,
+                     "planned_gib": planned, **measured,
+                     "error_vs_tracked_pct": 100 * (planned - measured["tracked_gib"]) / measured["tracked_gib"],
+                     "error_vs_rss_pct": 100 * (planned - measured["rss_growth_gib"]) / measured["rss_growth_gib"]})
+    return rows
+
+
+# --------------------------------------------------------------------------
+# FLOPs of the real layout, and the speed benchmark
+# --------------------------------------------------------------------------
+
+
+def step_flops(config: HiggsAudioConfig, batch, lengths: list[int], options: StepOptions, trained_fraction: float) -> float:
+    """Model FLOPs of one training step, counted for the real layout on real (unpadded) positions.
+
+    Per layer: q/k/v/o projections for every position; causal attention
+    (2 L^2 d per sample); the text MLP on every position that is not an
+    audio-out column and the audio MLP on the audio-out columns (the dual
+    FFN routes each position to one of them). Heads: the text head at every
+    position (`--text-logits all`) or at the labelled ones, the audio head on
+    the audio-out columns. Backward: twice the forward for input gradients,
+    plus the weight gradients of the trained fraction of the weights.
+    Activation recomputation is not counted (the usual MFU convention).
+    """
+    text = config.text_config
+    hidden, heads, kv = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    positions = sum(lengths)
+    audio = batch.audio_out_ids.shape[1]
+    projections = 2 * hidden * (2 * heads * head_dim + 2 * kv * head_dim) * positions
+    attention = sum(2 * length * length * heads * head_dim for length in lengths)
+    mlps = 2 * 3 * hidden * (text.intermediate_size * (positions - audio) + config.audio_ffn_intermediate_size * audio)
+    text_rows = text_label_count(batch, config) if options.text_logits == "labelled" else positions
+    heads_flops = 2 * hidden * (text.vocab_size * text_rows + config.audio_num_codebooks * (config.audio_codebook_size + 2) * audio)
+    matmuls = text.num_hidden_layers * (projections + mlps) + heads_flops
+    forward = matmuls + text.num_hidden_layers * attention
+    return forward + 2 * forward + trained_fraction * matmuls
+
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """Dense peak of the device: a data-sheet figure on CUDA, a measured large matmul on the CPU."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} bf16 dense data sheet"
+        raise ValueError(f"no peak FLOPs known for {name}; add it to PEAK_TFLOPS")
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a
+    started = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    return 5 * 2 * 1024**3 / (time.perf_counter() - started), f"measured 1024^3 {dtype} matmul on this CPU"
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def our_loop(model, batches: list, options: StepOptions, device: str, warmup: int) -> list[float]:
+    """Step times of `training_step` over `batches` (the first `warmup` not timed)."""
+    optimizer = train.build_optimizer(model, train.TrainConfig(device=device))
+    times = []
+    for index, (inputs, label_audio_ids) in enumerate(batches):
+        _synchronize(device)
+        started = time.perf_counter()
+        training_step(model, optimizer, inputs, label_audio_ids, options)
+        _synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def trainer_loop(model, batches: list, options: StepOptions, device: str, warmup: int) -> list[float]:
+    """Step times of a `transformers.Trainer` over the same model and batches, the way the public scripts
+    for this model train: `Trainer` with its own optimizer, loop, autocast and a `compute_loss` override."""
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, index):
+            inputs, label_audio_ids = batches[index]
+            return {**inputs, "label_audio_ids": label_audio_ids}
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            label_audio_ids = inputs.pop("label_audio_ids")
+            outputs = model(**inputs, label_audio_ids=label_audio_ids)
+            loss = model_utils.compute_loss(outputs, label_audio_ids).total
+            return (loss, outputs) if return_outputs else loss
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            _synchronize(device)
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _synchronize(device)
+            self.times.append(time.perf_counter() - self.started)
+
+    timer = StepTimes()
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out, max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-5,
+            bf16=options.precision == "bf16", use_cpu=not device.startswith("cuda"), report_to=[], save_strategy="no",
+            logging_strategy="no", dataloader_pin_memory=False, remove_unused_columns=False, max_grad_norm=0.0,
+            optim="adamw_torch_fused" if device.startswith("cuda") else "adamw_torch", disable_tqdm=True,
+        )
+        trainer = LossTrainer(model=model, args=arguments, train_dataset=Batches(), data_collator=lambda items: items[0],
+                              callbacks=[timer])
+        trainer.train()
+    return timer.times[warmup:]
+
+
+@dataclass
+class RunCase:
+    name: str
+    model: str
+    layers: int | None
+    options: StepOptions
+    tokens: int
+    steps: int = 6
+    warmup: int = 2
+
+
+def run_case(case: RunCase, device: str, trainer: bool) -> dict:
+    """Tokens/s, step time, peak memory and MFU of `case`, and of a `transformers.Trainer` loop if asked."""
+    config = model_config(case.model, case.layers)
+    batch, lengths = synthetic_batch(config, case.tokens)
+    inputs = collate.batch_to_model_inputs(batch, device)
+    batches = [(inputs, batch.label_audio_ids.to(device))] * (case.warmup + case.steps)
+    dtype = torch.bfloat16 if case.options.precision == "bf16" else torch.float32
+    peak, peak_source = peak_flops(device, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_training_model(config, case.options, device)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    matrix = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    flops = step_flops(config, batch, lengths, case.options, min(1.0, trained / matrix))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = our_loop(model, batches, case.options, device, case.warmup)
+    step_time = sorted(times)[len(times) // 2]
+    row = {"case": case.name, "device": device if device == "cpu" else torch.cuda.get_device_name(), "scope": case.options.scope,
+           "precision": case.options.precision, "compile": case.options.compile,
+           "grad_checkpoint": case.options.grad_checkpoint, "tokens": sum(lengths), "step_s": step_time,
+           "tokens_per_s": sum(lengths) / step_time, "peak_memory_gib": _peak_memory_gib(device),
+           "peak_memory_kind": "max_memory_allocated" if device.startswith("cuda") else "process peak RSS",
+           "mfu_pct": 100 * flops / step_time / peak, "peak_flops_source": peak_source, "step_tflop": flops / 1e12}
+    if trainer:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            reference = build_training_model(config, case.options, device)
+        trainer_time = sorted(trainer_loop(reference, batches, case.options, device, case.warmup))
+        row["trainer_step_s"] = trainer_time[len(trainer_time) // 2]
+        row["speedup_vs_trainer"] = row["trainer_step_s"] / step_time
+    return row
+
+
+def cpu_cases() -> list[RunCase]:
+    """(a) the tiny preset, eager and compiled, bf16 and fp32; (b) the released layout at 2 layers, fp32."""
+    return [
+        RunCase("tiny eager fp32", "tiny", None, StepOptions(scope="full", precision="fp32"), 2048, steps=8),
+        RunCase("tiny compile fp32", "tiny", None, StepOptions(scope="full", precision="fp32", compile=True), 2048, steps=8),
+        RunCase("tiny eager bf16", "tiny", None, StepOptions(scope="full", precision="bf16"), 2048, steps=8),
+        RunCase("released x2 layers audio fp32", "released", 2, StepOptions(scope="audio", precision="fp32"), 1024,
+                steps=2, warmup=1),
+        RunCase("released x2 layers lora fp32", "released", 2, StepOptions(scope="lora", precision="fp32", grad_checkpoint=True),
+                1024, steps=2, warmup=1),
+    ]
+
+
+def gpu_cases() -> list[RunCase]:
+    """(c) the released layout, random weights, bf16: scopes x checkpointing x 2k/4k/8k tokens."""
+    return [RunCase(f"released {scope} ckpt={checkpoint} {tokens}", "released", None,
+                    StepOptions(scope=scope, precision="bf16", grad_checkpoint=checkpoint), tokens, steps=5, warmup=2)
+            for scope in ("lora", "audio", "full") for checkpoint in (True, False) for tokens in (2048, 4096, 8192)]
+
+
+# --------------------------------------------------------------------------
+# torch.compile recompiles over steps of varied lengths
+# --------------------------------------------------------------------------
+
+
+def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backend: str = "eager") -> dict:
+    """Compiles of the tiny model's decoder layers over `steps` training steps whose lengths all differ.
+
+    Whether a new length recompiles is decided by dynamo's guards, before any
+    backend runs, so the count is the same for every backend; `eager` skips
+    inductor's code generation, which takes minutes per graph on this CPU.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = model_config("tiny")
+    generator = torch.Generator().manual_seed(seed)
+    lengths = (torch.randperm(700, generator=generator)[:steps] + 100).tolist()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_training_model(config, StepOptions(scope="full", precision="fp32"))
+    for layer in train.decoder_layers(model):
+        layer.compile(dynamic=dynamic, backend=backend)
+    optimizer = train.build_optimizer(model, train.TrainConfig(device="cpu"))
+    started = time.perf_counter()
+    for length in lengths:
+        batch, _ = synthetic_batch(config, 2 * length, length)
+        training_step(model, optimizer, collate.batch_to_model_inputs(batch, "cpu"), batch.label_audio_ids,
+                      StepOptions(scope="full", precision="fp32"))
+    counters = torch._dynamo.utils.counters
+    return {"dynamic": str(dynamic), "steps": steps, "distinct_lengths": len(set(lengths)),
+            "frames_compiled": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "recompile_limit_hits": int(sum(counters["recompile_limit"].values()) if "recompile_limit" in counters else 0),
+            "seconds": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def fits(peak_gib: float) -> str:
+    """Cards whose memory holds the planned peak plus 1.5 GiB for the CUDA context and allocator slack."""
+    cards = [name for name, gib in (("24 GB", 22.0), ("40/48 GB", 37.0), ("80 GB", 74.5)) if peak_gib + 1.5 <= gib]
+    return ", ".join(cards) or "none (shard it)"
+
+
+def plan_table(tokens_list: list[int], scopes: list[str]) -> list[dict]:
+    rows = []
+    for scope in scopes:
+        for tokens in tokens_list:
+            for checkpoint in (True, False):
+                before = StepOptions(scope=scope, grad_checkpoint=checkpoint, frozen_bf16=False, text_logits="all")
+                after = replace(before, frozen_bf16=True, text_logits="labelled")
+                planned = {name: plan_step(released_config(), options, tokens) for name, options in (("before", before), ("after", after))}
+                rows.append({"scope": scope, "tokens": tokens, "grad_checkpoint": checkpoint,
+                             "before_gib": planned["before"].peak_gib, "after_gib": planned["after"].peak_gib,
+                             "after_weights": planned["after"].weights_gib, "after_grads": planned["after"].gradients_gib,
+                             "after_optimizer": planned["after"].optimizer_gib, "after_activations": planned["after"].activations_gib,
+                             "fits_before": fits(planned["before"].peak_gib), "fits_after": fits(planned["after"].peak_gib)})
+                print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="planned peak memory of one training step")
+    plan.add_argument("--model", default="released", help="released, tiny, or a model directory (its config.json) [released]")
+    plan.add_argument("--layers", type=int, help="cut the model to this many layers [all]")
+    plan.add_argument("--scope", choices=train.SCOPES, default="lora", help="what is trained [lora]")
+    plan.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
+    plan.add_argument("--sample-tokens", type=int, default=1024, help="positions per voice-cloning sample [1024]")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or fp32 [bf16]")
+    plan.add_argument("--grad-checkpoint", action="store_true", help="recompute decoder layers in backward")
+    plan.add_argument("--frozen-bf16", action=argparse.BooleanOptionalAction, default=True,
+                      help="frozen linear weights held in bf16 under bf16 [on]")
+    plan.add_argument("--text-logits", choices=("labelled", "all"), default="labelled", help="where text logits are computed [labelled]")
+    table = commands.add_parser("plan-table", help="the README table: released model, scopes x tokens x checkpointing, before/after the fixes")
+    table.add_argument("--tokens", default="2048,4096,8192", help="comma-separated micro-batch sizes [2048,4096,8192]")
+    table.add_argument("--scopes", default="lora,audio,full", help="comma-separated scopes [lora,audio,full]")
+    commands.add_parser("validate", help="the plan against a measured CPU step of a 164M-parameter model")
+    run = commands.add_parser("run", help="tokens/s, step time, peak memory, MFU; our loop vs a transformers.Trainer loop")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="[cuda if present, else cpu]")
+    run.add_argument("--cases", default="", help="comma-separated case names to run [all of the device's]")
+    run.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
+                     help="also time a transformers.Trainer loop over the same model and batches [on]")
+    commands.add_parser("recompiles", help="torch.compile recompiles over 50 steps of distinct lengths, per dynamic setting")
+    for sub in (plan, table, run):
+        sub.add_argument("--json", help="also write the rows to this JSON file")
+    commands.choices["validate"].add_argument("--json", help="also write the rows to this JSON file")
+    commands.choices["recompiles"].add_argument("--json", help="also write the rows to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "plan":
+        config = model_config(args.model, args.layers)
+        options = StepOptions(scope=args.scope, precision=args.precision, grad_checkpoint=args.grad_checkpoint,
+                              frozen_bf16=args.frozen_bf16, text_logits=args.text_logits)
+        started = time.perf_counter()
+        plan = plan_step(config, options, args.tokens, args.sample_tokens)
+        rows = [{**asdict(options), **asdict(plan), "seconds": time.perf_counter() - started, "fits": fits(plan.peak_gib)}]
+        for key, value in rows[0].items():
+            print(f"{key:>16}: {value:,.3f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    elif args.command == "plan-table":
+        rows = plan_table([int(t) for t in args.tokens.split(",")], args.scopes.split(","))
+        print()
+        print_table(rows, list(rows[0]))
+    elif args.command == "validate":
+        rows = validate()
+        print_table(rows, list(rows[0]))
+    elif args.command == "run":
+        cases = gpu_cases() if args.device.startswith("cuda") else cpu_cases()
+        wanted = set(filter(None, args.cases.split(",")))
+        rows = []
+        for case in cases:
+            if not wanted or case.name in wanted:
+                rows.append(run_case(case, args.device, args.trainer))
+                print_table(rows[-1:], list(rows[-1]))
+        print()
+        print_table(rows, ["case", "device", "tokens", "step_s", "tokens_per_s", "peak_memory_gib", "mfu_pct",
+                           "trainer_step_s", "speedup_vs_trainer"])
+    else:
+        rows = [count_recompiles(dynamic) for dynamic in (False, None, True)]
+        print_table(rows, list(rows[0]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
