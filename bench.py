@@ -36,10 +36,8 @@ samples as fit `--tokens`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import math
 import os
 import resource
 import sys
