@@ -214,7 +214,8 @@ def clone_clip(
     codes = audio_sequence_to_codes(sequence, config.audio_codebook_size, config.use_delay_pattern)
     if codes.shape[1] == 0:
         raise RuntimeError("the model ended the clip before producing any frame")
-    waveform = bundle.audio_tokenizer.decode(codes.unsqueeze(0).to(device))[0, 0]
+    with torch.autocast(device.type, enabled=False):  # the audio tokenizer decodes in its own fp32, under a caller's autocast too
+        waveform = bundle.audio_tokenizer.decode(codes.unsqueeze(0).to(device))[0, 0]
     return Clone(np.asarray(waveform, dtype=np.float32), stopped)
 
 

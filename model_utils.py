@@ -444,7 +444,9 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
     """Next-token cross-entropy over text and each audio codebook.
 
     Text: `logits[:, :-1]` predicts `expanded_labels[:, 1:]` (the model
-    returns labels aligned to its inputs, unshifted). Audio: `audio_logits[:-1,
+    returns labels aligned to its inputs, unshifted); logits of shape (N,
+    vocab) come from `text_logits_at_labels` and hold the N labelled
+    positions only. Audio: `audio_logits[:-1,
     k]` predicts `label_audio_ids[k, 1:]`; shifting across clip boundaries is
     safe because each clip's first label column is -100. The total is the sum
     of the text mean and the mean of the per-codebook means; a part with no
@@ -453,8 +455,14 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
     logits = outputs.logits.float()
     text_labels = outputs.expanded_labels[:, 1:]
     text_tokens = int((text_labels != IGNORE_INDEX).sum())
+    if logits.dim() == 2:  # `text_logits_at_labels`: one row per labelled position, in row-major order
+        logits, text_labels = logits[:, None], text_labels[text_labels != IGNORE_INDEX][:, None]
+        if logits.shape[0] != text_tokens:
+            raise ValueError(f"{logits.shape[0]} rows of text logits for {text_tokens} text labels")
+    else:
+        logits = logits[:, :-1]
     text = (
-        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), text_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), text_labels.reshape(-1), ignore_index=IGNORE_INDEX)
         if text_tokens
         else logits.sum() * 0.0
     )
@@ -477,3 +485,94 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
         )
         audio = per_codebook.mean()
     return LossBreakdown(text + audio, text, audio, per_codebook, text_tokens, audio_tokens)
+
+
+# --------------------------------------------------------------------------
+# Memory: text logits only where a text label is, frozen weights in bf16
+# --------------------------------------------------------------------------
+
+
+def higgs_model(model: torch.nn.Module) -> HiggsAudioModel:
+    """The `HiggsAudioModel` inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def merged_text_labels(model: HiggsAudioModel, inputs: dict) -> torch.Tensor:
+    """The text labels of the merged text-and-audio sequence, as the model's forward will build them.
+
+    The package's own `merge_input_ids_with_audio_features` runs on 1-wide
+    zero embeddings (a few kilobytes), with the arguments the training
+    forward gives it (no cache: 8-position rounding, left padding for a
+    batch of one).
+    """
+    from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
+
+    input_ids = inputs["input_ids"]
+    width = lambda ids: ids.shape[-1] if ids is not None else 0  # noqa: E731
+    zeros = lambda n: torch.zeros(n, 1, device=input_ids.device)  # noqa: E731
+    audio_in = zeros(width(inputs.get("audio_in_ids"))) if model.config.encode_audio_in_tokens else None
+    merged = merge_input_ids_with_audio_features(
+        None, None, audio_in, inputs.get("audio_in_ids_start"), zeros(width(inputs.get("audio_out_ids"))),
+        inputs.get("audio_out_ids_start"), model.audio_in_token_idx, model.audio_out_token_idx,
+        zeros(input_ids.numel()).view(*input_ids.shape, 1), input_ids, inputs["attention_mask"], inputs["label_ids"],
+        pad_token_id=model.padding_idx, round_to=8, left_padding=input_ids.shape[0] == 1,
+    )
+    return merged[2]
+
+
+def text_logits_at_labels(model: torch.nn.Module) -> None:
+    """Make the training forward compute text logits only at positions whose next token is a text label.
+
+    The package's head computes 128,256-way logits at every position of the
+    merged sequence (about 4 GiB in fp32 for 8,192 positions), while a
+    voice-cloning sample has about 3 text labels. A forward pre-hook finds
+    the labelled positions (`merged_text_labels`), the text head's forward
+    computes logits there only and returns them as (N, vocab), and
+    `compute_loss` pairs them with the labels in the same row-major order.
+    A forward without `label_ids` (validation prompts, generation) keeps the
+    full head, so inference is unchanged. Parameter names are untouched, so
+    checkpoints and exports are as before. A forward hook checks that the
+    model built the same merged labels.
+    """
+    higgs = higgs_model(model)
+    if not higgs.config.skip_audio_tower:
+        raise ValueError("--text-logits labelled needs a model without a Whisper tower (the released model has none); use --text-logits all")
+    head = higgs.audio_decoder_proj.text_lm_head
+    full_forward = head.forward
+    state: dict[str, torch.Tensor | None] = {"labels": None}
+
+    def find_positions(_module, _args, kwargs):
+        state["labels"] = merged_text_labels(higgs, kwargs) if kwargs.get("label_ids") is not None else None
+
+    def check_positions(_module, _args, _kwargs, outputs):
+        labels, state["labels"] = state["labels"], None
+        if labels is not None and not torch.equal(labels, outputs.expanded_labels):
+            raise RuntimeError("text logits at labels: the model merged its labels differently from merged_text_labels")
+
+    def labelled_forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        labels = state["labels"]
+        if labels is None:
+            return full_forward(hidden_states)
+        return full_forward(hidden_states[:, :-1][labels[:, 1:] != IGNORE_INDEX])
+
+    higgs.register_forward_pre_hook(find_positions, with_kwargs=True)
+    higgs.register_forward_hook(check_positions, with_kwargs=True)
+    head.forward = labelled_forward
+
+
+def frozen_linear_weights_to_bf16(model: torch.nn.Module) -> int:
+    """Hold the frozen weights of linear layers in bf16; returns how many parameters were cast.
+
+    Under bf16 autocast a linear layer casts its fp32 weight to bf16 (round to
+    nearest even) at every use, so a frozen linear weight stored in bf16 gives
+    bit-identical results at half the memory; trained parameters keep their
+    fp32 master copy. Norms and embeddings stay fp32: autocast does not cast
+    them, so there bf16 would change the numerics (and the package merges
+    text and audio embeddings in one buffer of one dtype).
+    """
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            cast += module.weight.numel()
+    return cast

@@ -98,6 +98,8 @@ class TrainConfig:
     precision: str = "bf16" if torch.cuda.is_available() else "fp32"
     compile: bool = False
     grad_checkpoint: bool = False
+    frozen_bf16: bool = True
+    text_logits: str = "labelled"
     parallel: str = "ddp"
     # optimisation
     batch_size: int = 2
@@ -143,6 +145,8 @@ HELP = {
     "seed": "seed of everything", "device": "torch device",
     "precision": "bf16 (autocast on CUDA, fp32 master weights) or fp32",
     "compile": "torch.compile the decoder layers", "grad_checkpoint": "recompute decoder layers in backward",
+    "frozen_bf16": "with --precision bf16, hold frozen linear weights in bf16 (bit-identical under autocast; trained ones stay fp32)",
+    "text_logits": "labelled (text logits only where a text label is; generation unchanged) or all (the package's head)",
     "parallel": "under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)",
     "batch_size": "samples per micro-batch (per process), unless --batch-tokens is set",
     "batch_tokens": "token budget per micro-batch (padded positions), length-bucketed; 0 = --batch-size samples", "grad_accum": "micro-batches per optimizer step",
@@ -229,7 +233,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         values.update(_read_config_file(args.config))
     values.update({key: value for key, value in vars(args).items() if key != "config" and value is not None})
     config = TrainConfig(**values)
-    for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp"))):
+    for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp")),
+                          ("text_logits", ("labelled", "all"))):
         if getattr(config, name) not in allowed:
             parser.error(f"--{name} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
     check_limits(config)
@@ -537,6 +542,15 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=LORA_TARGETS, bias="none")
     return get_peft_model(model, lora)
+
+
+def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Text logits only at labelled positions (`--text-logits labelled`) and, under bf16, frozen
+    linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_memory.py)."""
+    if config.text_logits == "labelled":
+        model_utils.text_logits_at_labels(model)
+    if config.frozen_bf16 and config.precision == "bf16":
+        model_utils.frozen_linear_weights_to_bf16(model)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -928,7 +942,8 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
 # the schedule, --max-steps included since it sets the cosine's length) would make another run.
 RESUME_SAFE = {"out_dir", "run_name", "resume", "inspect", "device", "compile", "grad_checkpoint", "stop_after",
                "log_every", "eval_every", "eval_prompts", "eval_max_seconds", "save_every", "keep_last", "max_bad_steps",
-               "patience", "asr_model", "speaker_model", "eval_language", "prefetch", "verify_cache"}
+               "patience", "asr_model", "speaker_model", "eval_language", "prefetch", "verify_cache",
+               "frozen_bf16", "text_logits"}
 CHECKPOINT_KEYS = {"step", "model", "optimizer", "position", "rng", "best_loss", "config"}
 
 
@@ -1119,8 +1134,9 @@ def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[da
     sampling = infer.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds)
     records = []
     for pair in pairs[: config.eval_prompts]:
-        record, generated = infer.evaluate_pair(bundle, evaluation.judge, pair, evaluation.languages[pair.id], sampling,
-                                                maker.codes, ref_in_system=config.ref_in_system)
+        with autocast(config):  # frozen weights may be held in bf16 (--frozen-bf16)
+            record, generated = infer.evaluate_pair(bundle, evaluation.judge, pair, evaluation.languages[pair.id], sampling,
+                                                    maker.codes, ref_in_system=config.ref_in_system)
         records.append(record)
         if generated is None:
             continue
@@ -1269,6 +1285,7 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
         model = add_lora(model, config)
     else:
         select_trainable(model, config.scope)
+    reduce_memory(model, config)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model: {config.model}, training {config.scope}: {n_trained:,} of {n_total:,} parameters; "

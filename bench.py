@@ -1,0 +1,755 @@
+"""Memory plan and speed benchmark of one training step (a script, not a test).
+
+    python bench.py plan --model released --scope lora --tokens 4096 --grad-checkpoint
+    python bench.py plan-table                      # the README table: scopes x tokens x checkpointing, before/after
+    python bench.py validate                        # the plan against a measured CPU step of a mid-size model
+    python bench.py run --preset tiny [--compile]   # tokens/s, step time, peak memory, MFU; vs transformers.Trainer
+    python bench.py recompiles                      # torch.compile recompiles over 50 steps of varied lengths
+
+**plan** runs the real training step (the model, `model_utils.compute_loss`,
+backward, a fused AdamW step, with the optimizer state resident as in every step after the first) on
+fake tensors, which have shapes and dtypes but no storage, under torch's
+`MemTracker`: the released 5.8B layout plans in seconds with no weights and
+no GPU. Fake tensors cannot answer data-dependent questions (how many
+positions a mask selects, `.item()`), and the package's forward asks many
+while merging text and audio. So the same step first runs for real on a
+*proxy*: the same layout (layers, dual FFN, codebooks, delay pattern,
+scope, options) at width 16 with the batch's token ids mapped into a small
+vocabulary, which gives identical masks; each data-dependent answer is
+recorded, and the fake step replays them in order (a mismatch of operators
+is an error, never a guess). The fake tensors live on the CPU: a faked CUDA
+device fails here because composite operators (`embedding`) open a CUDA
+device guard, which calls the driver. The plan therefore uses the CUDA
+step's settings on CPU kernels: bf16 autocast, fused AdamW; the CPU's
+scaled-dot-product attention keeps O(L) memory like the CUDA flash and
+memory-efficient kernels. It counts tensor bytes (what
+`torch.cuda.max_memory_allocated` reports), not the CUDA context (about
+0.5 GB) or allocator fragmentation.
+
+The batch is a voice-cloning layout (`synthetic_samples`): per sample a
+prompt of text, a reference clip, the target text and the labelled target
+clip, built by `data.build_sample` and collated by `collate.build_collator`,
+filled with random codes to `--sample-tokens` merged positions, as many
+samples as fit `--tokens`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import collate
+import data
+import model_utils
+import train
+
+GIB = 2**30
+aten = torch.ops.aten
+
+# --------------------------------------------------------------------------
+# The released layout and a voice-cloning batch
+# --------------------------------------------------------------------------
+
+RELEASED_IDS = {"<|AUDIO|>": 128015, "<|AUDIO_OUT|>": 128016, "<|audio_out_bos|>": 128013, "<|audio_eos|>": 128012,
+                "<|end_of_text|>": 128001}
+
+
+def released_config(num_layers: int = 28) -> HiggsAudioConfig:
+    """bosonai/higgs-audio-v2-generation-3B-base's layout: Llama-3.2-3B text model, dual FFN on every layer,
+    8 codebooks of 1024 (+ stream BOS/EOS) with the delay pattern, no Whisper tower."""
+    text_config = dict(
+        model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=num_layers,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, pad_token_id=RELEASED_IDS["<|end_of_text|>"],
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    )
+    config = HiggsAudioConfig(
+        text_config=text_config, audio_adapter_type="dual_ffn_fast_forward", audio_ffn_hidden_size=3072,
+        audio_ffn_intermediate_size=8192, audio_dual_ffn_layers=list(range(num_layers)), audio_decoder_proj_num_layers=0,
+        use_audio_out_self_attention=False, audio_num_codebooks=8, audio_codebook_size=1024, audio_stream_bos_id=1024,
+        audio_stream_eos_id=1025, use_delay_pattern=True, skip_audio_tower=True, encode_whisper_embed=False,
+        encode_audio_in_tokens=True, audio_in_token_idx=RELEASED_IDS["<|AUDIO|>"],
+        audio_out_token_idx=RELEASED_IDS["<|AUDIO_OUT|>"], audio_out_bos_token_id=RELEASED_IDS["<|audio_out_bos|>"],
+        audio_eos_token_id=RELEASED_IDS["<|audio_eos|>"], pad_token_id=RELEASED_IDS["<|end_of_text|>"],
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def model_config(model: str, num_layers: int | None = None) -> HiggsAudioConfig:
+    """`released`, `tiny`, or a model directory's config; `num_layers` cuts the depth (dual FFN kept on every layer)."""
+    if model == "released":
+        return released_config(num_layers or 28)
+    if model == model_utils.TINY_PRESET:
+        config = model_utils.tiny_model_config(model_utils.build_tiny_text_tokenizer())
+    else:
+        config = HiggsAudioConfig.from_pretrained(model)
+        config._attn_implementation = "sdpa"
+    if num_layers:
+        config = copy.deepcopy(config)
+        config.text_config.num_hidden_layers = num_layers
+        config.audio_dual_ffn_layers = [i for i in config.audio_dual_ffn_layers if i < num_layers]
+    return config
+
+
+def _special_ids(config: HiggsAudioConfig) -> dict[str, int]:
+    return {"<|AUDIO|>": config.audio_in_token_idx, "<|AUDIO_OUT|>": config.audio_out_token_idx,
+            "<|audio_out_bos|>": config.audio_out_bos_token_id, "<|audio_eos|>": config.audio_eos_token_id,
+            "<|end_of_text|>": config.pad_token_id}
+
+
+def synthetic_samples(config: HiggsAudioConfig, tokens: int, sample_tokens: int = 1024, seed: int = 0) -> list:
+    """Voice-cloning samples of `sample_tokens` merged positions each (the last one shorter), `tokens` in all.
+
+    Built by the tiny text tokenizer and `data.build_sample` (the project's
+    one sample builder), then the five special ids mapped to `config`'s; the
+    other text ids (< 600) are valid in any Higgs vocabulary. Reference clip
+    one third of the audio frames, target two thirds; codes are random.
+    """
+    tokenizer = model_utils.build_tiny_text_tokenizer()
+    to_config = {tokenizer.convert_tokens_to_ids(name): config_id for name, config_id in _special_ids(config).items()}
+    generator = torch.Generator().manual_seed(seed)
+    codebooks, size = config.audio_num_codebooks, config.audio_codebook_size
+    ref_text = "Voice cloning speaks new text in the voice of a short reference clip."
+    text = "The quick brown fox jumps over the lazy dog, and then it rests."
+    samples, left = [], tokens
+    while left >= 64:
+        length = min(sample_tokens, left)
+        probe = data.build_sample(tokenizer, ref_text, torch.zeros(codebooks, 1, dtype=torch.long), text,
+                                  torch.zeros(codebooks, 1, dtype=torch.long))
+        frames = length - collate.sample_tokens(probe, codebooks, config.use_delay_pattern) + 2
+        ref_frames = max(1, frames // 3)
+        codes = lambda n: torch.randint(0, size, (codebooks, n), generator=generator)  # noqa: E731
+        sample = data.build_sample(tokenizer, ref_text, codes(ref_frames), text, codes(frames - ref_frames))
+        for field in ("input_ids", "label_ids"):
+            ids = getattr(sample, field)
+            setattr(sample, field, ids.apply_(lambda i: to_config.get(i, i)))
+        samples.append(sample)
+        left -= length
+    if not samples:
+        raise ValueError(f"--tokens {tokens} is too few for one voice-cloning sample (at least 64)")
+    return samples
+
+
+def synthetic_batch(config: HiggsAudioConfig, tokens: int, sample_tokens: int = 1024, seed: int = 0):
+    """The collated batch of `synthetic_samples` and each sample's merged length."""
+    samples = synthetic_samples(config, tokens, sample_tokens, seed)
+    lengths = [collate.sample_tokens(sample, config.audio_num_codebooks, config.use_delay_pattern) for sample in samples]
+    return collate.collate(collate.build_collator(config), samples, config.audio_codebook_size), lengths
+
+
+# --------------------------------------------------------------------------
+# The step, as train.py runs it
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class StepOptions:
+    scope: str = "lora"
+    precision: str = "bf16"
+    grad_checkpoint: bool = False
+    frozen_bf16: bool = True
+    text_logits: str = "labelled"
+    compile: bool = False
+
+    def train_config(self, device: str) -> train.TrainConfig:
+        return train.TrainConfig(scope=self.scope, precision=self.precision, grad_checkpoint=self.grad_checkpoint,
+                                 frozen_bf16=self.frozen_bf16, text_logits=self.text_logits, compile=self.compile,
+                                 device=device)
+
+
+def build_training_model(config: HiggsAudioConfig, options: StepOptions, device: str = "cpu") -> torch.nn.Module:
+    """The model as `train._train` prepares it: scope or LoRA, memory options, wrapped decoder layers."""
+    train_config = options.train_config(device)
+    model = HiggsAudioModel(config).to(device)
+    if options.scope == "lora":
+        model = train.add_lora(model, train_config)
+    else:
+        train.select_trainable(model, options.scope)
+    train.reduce_memory(model, train_config)
+    train.wrap_decoder_layers(model, train_config)
+    return model.train()
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, label_audio_ids: torch.Tensor,
+                  options: StepOptions) -> model_utils.LossBreakdown:
+    """Forward, loss, backward and AdamW step, as in `train._train`'s loop."""
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=options.precision == "bf16"):
+        loss = model_utils.compute_loss(model(**inputs), label_audio_ids)
+        loss.total.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def cuda_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """`train.build_optimizer` as it is on CUDA (fused AdamW, no per-parameter temporaries)."""
+    return train.build_optimizer(model, train.TrainConfig(device="cuda"))
+
+
+# --------------------------------------------------------------------------
+# Memory plan: the step on fake tensors, data-dependent answers replayed from a proxy
+# --------------------------------------------------------------------------
+
+_BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+class RealIndexData(TorchDispatchMode):
+    """Under `FakeTensorMode`, keeps the batch's index data real: ids, masks, positions, labels.
+
+    Fake tensors have no data, so they cannot say how many positions a mask
+    selects, and the package's forward asks that all through the merge of
+    text and audio. The batch enters as real tensors; an operator whose
+    tensor inputs are all real (or a factory of integers or booleans) runs
+    for real, so every mask and position is computed exactly and only the
+    floating-point work (weights, activations, gradients) is fake. Indexing
+    a fake tensor with a real boolean mask is indexing with the mask's
+    positions, which fake tensors can do.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        if not any(isinstance(t, FakeTensor) for t in tensors):
+            if tensors:
+                with unset_fake_temporarily():
+                    return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if isinstance(result, torch.Tensor) and not (result.is_floating_point() or result.is_complex()):
+                with unset_fake_temporarily():
+                    return func(*args, **kwargs)
+            return result
+        if func in _BOOL_INDEXED:
+            args = (args[0], _positions(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _positions(indices: list) -> list:
+    """Boolean masks among real indices replaced by their positions (the same indexing)."""
+    expanded = []
+    for index in indices:
+        if index is not None and not isinstance(index, FakeTensor) and index.dtype in (torch.bool, torch.uint8):
+            with unset_fake_temporarily():
+                expanded.extend(index.nonzero(as_tuple=True))
+        else:
+            expanded.append(index)
+    return expanded
+
+
+@dataclass
+class Plan:
+    peak_gib: float
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    weights_bytes: int
+    optimizer_bytes: int
+    parameters: int
+    trained: int
+    param_bytes: int
+    tokens: int
+    samples: int
+    text_labels: int
+    text_logits_gib: float
+
+
+class PeakTracker(MemTracker):
+    """torch's `MemTracker`, keeping the step's peak only, usable on models with frozen parameters.
+
+    Two changes, both for limits of torch 2.9's tracker: it updates every
+    tracked module's local peak after every operator (about 1,500 modules
+    times 100,000 operators for the 28-layer LoRA model: an hour, where the
+    peak alone takes a minute), so `_update_peak_stats` keeps the global peak
+    only; and it registers a gradient hook on every parameter of a module it
+    enters, which raises on a frozen one, so frozen parameters are marked as
+    hooked already (they get no gradient; their memory is counted).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                self._param_to_grad_hook_handles[parameter] = (_NoHook(), _NoHook())
+
+    def _update_peak_stats(self, peak_state) -> None:
+        for device, snapshot in self._curr_mem_snap.items():
+            if self._peak_mem.get(device, 0) < snapshot["Total"]:
+                self._peak_mem[device] = snapshot["Total"]
+                self._peak_mem_snap[device] = dict(snapshot)
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def resident_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One AdamW step on zero gradients: the state every step after the first holds (fake tensors, no cost)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def plan_step(config: HiggsAudioConfig, options: StepOptions, tokens: int, sample_tokens: int = 1024) -> Plan:
+    """Peak memory of a training step of `config` at `tokens` positions per micro-batch, without weights."""
+    batch, lengths = synthetic_batch(config, tokens, sample_tokens)
+    inputs = collate.batch_to_model_inputs(batch, "cpu")
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        model = build_training_model(config, options)
+        optimizer = cuda_optimizer(model)
+        resident_optimizer_state(model, optimizer)
+    tracker = PeakTracker(model)
+    tracker.track_external(model, optimizer)
+    with fake, RealIndexData(), tracker:
+        training_step(model, optimizer, inputs, batch.label_audio_ids, options)
+    return _plan_from(tracker, model, batch, lengths, config, options)
+
+
+def text_label_count(batch, config: HiggsAudioConfig) -> int:
+    """Positions with a text label in the merged sequence (audio placeholders become audio columns)."""
+    text = (batch.input_ids != config.audio_in_token_idx) & (batch.input_ids != config.audio_out_token_idx)
+    return int(((batch.label_ids != model_utils.IGNORE_INDEX) & text).sum())
+
+
+def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: HiggsAudioConfig,
+               options: StepOptions) -> Plan:
+    (snapshot,) = tracker.get_tracker_snapshot("peak").values()
+    categories = {str(getattr(key, "value", key)).lower(): value for key, value in snapshot.items()}
+    weights = categories.get("parameter", 0) + categories.get("buffer", 0)
+    held = weights + categories.get("gradient", 0) + categories.get("optstate", 0)
+    parameters = list(model.parameters())
+    padded = collate.padded_tokens(lengths)
+    text_labels = text_label_count(batch, config)
+    logit_rows = text_labels if options.text_logits == "labelled" else padded
+    return Plan(
+        peak_gib=categories["total"] / GIB,
+        weights_gib=weights / GIB,
+        gradients_gib=categories.get("gradient", 0) / GIB,
+        optimizer_gib=categories.get("optstate", 0) / GIB,
+        activations_gib=(categories["total"] - held) / GIB,
+        weights_bytes=weights,
+        optimizer_bytes=categories.get("optstate", 0),
+        parameters=sum(p.numel() for p in parameters),
+        trained=sum(p.numel() for p in parameters if p.requires_grad),
+        param_bytes=sum(p.numel() * p.element_size() for p in parameters),
+        tokens=padded,
+        samples=len(lengths),
+        text_labels=text_labels,
+        text_logits_gib=logit_rows * config.text_config.vocab_size * 4 / GIB,
+    )
+
+
+# --------------------------------------------------------------------------
+# Validation: the plan against a measured step on the CPU
+# --------------------------------------------------------------------------
+
+
+def mid_config() -> HiggsAudioConfig:
+    """A mid-size model with the released layout: 4 layers of width 1024, 32,000-token vocabulary (164M parameters)."""
+    tokenizer = model_utils.build_tiny_text_tokenizer()
+    dims = model_utils.TinyDims(hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=4)
+    config = model_utils.tiny_model_config(tokenizer, dims=dims)
+    config.text_config.vocab_size = 32000
+    return config
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_step(config: HiggsAudioConfig, options: StepOptions, tokens: int, sample_tokens: int = 1024) -> dict:
+    """The step for real on the CPU: tracked peak (same tracker, real tensors) and the process's peak RSS growth."""
+    batch, _ = synthetic_batch(config, tokens, sample_tokens)
+    inputs = collate.batch_to_model_inputs(batch, "cpu")
+    before = _rss_bytes()
+    model = build_training_model(config, options)
+    optimizer = cuda_optimizer(model)
+    resident_optimizer_state(model, optimizer)
+    tracker = PeakTracker(model)
+    tracker.track_external(model, optimizer)
+    with tracker:
+        training_step(model, optimizer, inputs, batch.label_audio_ids, options)
+    (snapshot,) = tracker.get_tracker_snapshot("peak").values()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tracked_gib": snapshot["Total"] / GIB, "rss_growth_gib": (peak_rss - before) / GIB}
+
+
+def validate(tokens: int = 2048) -> list[dict]:
+    """Plan vs measured peak of the mid-size model on the CPU, fp32, for both text-logit modes."""
+    rows = []
+    for text_logits in ("all", "labelled"):
+        options = StepOptions(scope="audio", precision="fp32", frozen_bf16=False, text_logits=text_logits)
+        planned = plan_step(mid_config(), options, tokens).peak_gib
+        measured = measure_step(mid_config(), options, tokens)
+        rows.append({"model": "mid (4 x 1024, 164M)", "scope": "audio", "tokens": tokens, "text_logits": text_logits,
+                     "planned_gib": planned, **measured,
+                     "error_vs_tracked_pct": 100 * (planned - measured["tracked_gib"]) / measured["tracked_gib"],
+                     "error_vs_rss_pct": 100 * (planned - measured["rss_growth_gib"]) / measured["rss_growth_gib"]})
+    return rows
+
+
+# --------------------------------------------------------------------------
+# FLOPs of the real layout, and the speed benchmark
+# --------------------------------------------------------------------------
+
+
+def step_flops(config: HiggsAudioConfig, batch, lengths: list[int], options: StepOptions, trained_fraction: float) -> float:
+    """Model FLOPs of one training step, counted for the real layout on real (unpadded) positions.
+
+    Per layer: q/k/v/o projections for every position; causal attention
+    (2 L^2 d per sample); the text MLP on every position that is not an
+    audio-out column and the audio MLP on the audio-out columns (the dual
+    FFN routes each position to one of them). Heads: the text head at every
+    position (`--text-logits all`) or at the labelled ones, the audio head on
+    the audio-out columns. Backward: twice the forward for input gradients,
+    plus the weight gradients of the trained fraction of the weights.
+    Activation recomputation is not counted (the usual MFU convention).
+    """
+    text = config.text_config
+    hidden, heads, kv = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    positions = sum(lengths)
+    audio = batch.audio_out_ids.shape[1]
+    projections = 2 * hidden * (2 * heads * head_dim + 2 * kv * head_dim) * positions
+    attention = sum(2 * length * length * heads * head_dim for length in lengths)
+    mlps = 2 * 3 * hidden * (text.intermediate_size * (positions - audio) + config.audio_ffn_intermediate_size * audio)
+    text_rows = text_label_count(batch, config) if options.text_logits == "labelled" else positions
+    heads_flops = 2 * hidden * (text.vocab_size * text_rows + config.audio_num_codebooks * (config.audio_codebook_size + 2) * audio)
+    matmuls = text.num_hidden_layers * (projections + mlps) + heads_flops
+    forward = matmuls + text.num_hidden_layers * attention
+    return forward + 2 * forward + trained_fraction * matmuls
+
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def peak_flops(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """Dense peak of the device: a data-sheet figure on CUDA, a measured large matmul on the CPU."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} bf16 dense data sheet"
+        raise ValueError(f"no peak FLOPs known for {name}; add it to PEAK_TFLOPS")
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a
+    started = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    return 5 * 2 * 1024**3 / (time.perf_counter() - started), f"measured 1024^3 {dtype} matmul on this CPU"
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def our_loop(model, batches: list, options: StepOptions, device: str, warmup: int) -> list[float]:
+    """Step times of `training_step` over `batches` (the first `warmup` not timed)."""
+    optimizer = train.build_optimizer(model, train.TrainConfig(device=device))
+    times = []
+    for index, (inputs, label_audio_ids) in enumerate(batches):
+        _synchronize(device)
+        started = time.perf_counter()
+        training_step(model, optimizer, inputs, label_audio_ids, options)
+        _synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def trainer_loop(model, batches: list, options: StepOptions, device: str, warmup: int) -> list[float]:
+    """Step times of a `transformers.Trainer` over the same model and batches, the way the public scripts
+    for this model train: `Trainer` with its own optimizer, loop, autocast and a `compute_loss` override."""
+    import tempfile
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, index):
+            inputs, label_audio_ids = batches[index]
+            return {**inputs, "label_audio_ids": label_audio_ids}
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            label_audio_ids = inputs.pop("label_audio_ids")
+            outputs = model(**inputs, label_audio_ids=label_audio_ids)
+            loss = model_utils.compute_loss(outputs, label_audio_ids).total
+            return (loss, outputs) if return_outputs else loss
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            _synchronize(device)
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _synchronize(device)
+            self.times.append(time.perf_counter() - self.started)
+
+    timer = StepTimes()
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out, max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-5,
+            bf16=options.precision == "bf16", use_cpu=not device.startswith("cuda"), report_to=[], save_strategy="no",
+            logging_strategy="no", dataloader_pin_memory=False, remove_unused_columns=False, max_grad_norm=0.0,
+            optim="adamw_torch_fused" if device.startswith("cuda") else "adamw_torch", disable_tqdm=True,
+        )
+        trainer = LossTrainer(model=model, args=arguments, train_dataset=Batches(), data_collator=lambda items: items[0],
+                              callbacks=[timer])
+        trainer.train()
+    return timer.times[warmup:]
+
+
+@dataclass
+class RunCase:
+    name: str
+    model: str
+    layers: int | None
+    options: StepOptions
+    tokens: int
+    steps: int = 6
+    warmup: int = 2
+    trainer: bool = True
+
+
+def run_case(case: RunCase, device: str, trainer: bool) -> dict:
+    """Tokens/s, step time, peak memory and MFU of `case`, and of a `transformers.Trainer` loop if asked."""
+    config = model_config(case.model, case.layers)
+    batch, lengths = synthetic_batch(config, case.tokens)
+    inputs = collate.batch_to_model_inputs(batch, device)
+    batches = [(inputs, batch.label_audio_ids.to(device))] * (case.warmup + case.steps)
+    dtype = torch.bfloat16 if case.options.precision == "bf16" else torch.float32
+    peak, peak_source = peak_flops(device, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_training_model(config, case.options, device)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    matrix = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    flops = step_flops(config, batch, lengths, case.options, min(1.0, trained / matrix))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = our_loop(model, batches, case.options, device, case.warmup)
+    step_time = sorted(times)[len(times) // 2]
+    row = {"case": case.name, "device": device if device == "cpu" else torch.cuda.get_device_name(), "scope": case.options.scope,
+           "precision": case.options.precision, "compile": case.options.compile,
+           "grad_checkpoint": case.options.grad_checkpoint, "tokens": sum(lengths), "step_s": step_time,
+           "tokens_per_s": sum(lengths) / step_time, "peak_memory_gib": _peak_memory_gib(device),
+           "peak_memory_kind": "max_memory_allocated" if device.startswith("cuda") else "process peak RSS",
+           "mfu_pct": 100 * flops / step_time / peak, "peak_flops_source": peak_source, "step_tflop": flops / 1e12}
+    del model  # the Trainer's copy must not share the card with ours
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if trainer and case.trainer:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            reference = build_training_model(config, case.options, device)
+        trainer_time = sorted(trainer_loop(reference, batches, case.options, device, case.warmup))
+        row["trainer_step_s"] = trainer_time[len(trainer_time) // 2]
+        row["speedup_vs_trainer"] = row["trainer_step_s"] / step_time
+    return row
+
+
+def cpu_cases() -> list[RunCase]:
+    """(a) the tiny preset, eager and compiled, fp32 and bf16, each against a Trainer loop; (b) the released layout
+    (full width and vocabulary) at 2 layers, fp32, LoRA with checkpointing, one timed step (minutes on 2 cores)."""
+    return [
+        RunCase("tiny eager fp32", "tiny", None, StepOptions(scope="full", precision="fp32"), 2048, steps=4),
+        RunCase("tiny compile fp32", "tiny", None, StepOptions(scope="full", precision="fp32", compile=True), 2048, steps=4),
+        RunCase("tiny eager bf16", "tiny", None, StepOptions(scope="full", precision="bf16"), 2048, steps=4),
+        RunCase("released x2 layers lora fp32", "released", 2, StepOptions(scope="lora", precision="fp32", grad_checkpoint=True),
+                1024, steps=1, warmup=1, trainer=False),
+    ]
+
+
+def gpu_cases() -> list[RunCase]:
+    """(c) the released layout, random weights, bf16: scopes x checkpointing x 2k/4k/8k tokens."""
+    return [RunCase(f"released {scope} ckpt={checkpoint} {tokens}", "released", None,
+                    StepOptions(scope=scope, precision="bf16", grad_checkpoint=checkpoint), tokens, steps=5, warmup=2)
+            for scope in ("lora", "audio", "full") for checkpoint in (True, False) for tokens in (2048, 4096, 8192)]
+
+
+# --------------------------------------------------------------------------
+# torch.compile recompiles over steps of varied lengths
+# --------------------------------------------------------------------------
+
+
+def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backend: str = "eager") -> dict:
+    """Compiles of the tiny model's decoder layers over `steps` training steps whose lengths all differ.
+
+    Whether a new length recompiles is decided by dynamo's guards, before any
+    backend runs, so the count is the same for every backend; `eager` skips
+    inductor's code generation, which takes minutes per graph on this CPU.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = model_config("tiny")
+    generator = torch.Generator().manual_seed(seed)
+    lengths = (torch.randperm(700, generator=generator)[:steps] + 100).tolist()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_training_model(config, StepOptions(scope="full", precision="fp32"))
+    for layer in train.decoder_layers(model):
+        layer.compile(dynamic=dynamic, backend=backend)
+    optimizer = train.build_optimizer(model, train.TrainConfig(device="cpu"))
+    started = time.perf_counter()
+    for length in lengths:
+        batch, _ = synthetic_batch(config, 2 * length, length)
+        training_step(model, optimizer, collate.batch_to_model_inputs(batch, "cpu"), batch.label_audio_ids,
+                      StepOptions(scope="full", precision="fp32"))
+    counters = torch._dynamo.utils.counters
+    return {"dynamic": str(dynamic), "steps": steps, "distinct_lengths": len(set(lengths)),
+            "frames_compiled": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "recompile_limit_hits": int(sum(counters["recompile_limit"].values()) if "recompile_limit" in counters else 0),
+            "seconds": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    cells = [[f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+CARDS_GIB = (("24 GB", 24e9 / GIB), ("40 GB", 40e9 / GIB), ("48 GB", 48e9 / GIB), ("80 GB", 80e9 / GIB))
+
+
+def fits(peak_gib: float) -> str:
+    """The smallest card that holds the planned peak with 10% allocator slack (the validation's RSS gap) and
+    0.75 GiB of CUDA context; every larger card holds it too."""
+    for name, gib in CARDS_GIB:
+        if peak_gib * 1.10 + 0.75 <= gib:
+            return name
+    return "none: shard it (FSDP)"
+
+
+def plan_table(tokens_list: list[int], scopes: list[str]) -> list[dict]:
+    rows = []
+    for scope in scopes:
+        for tokens in tokens_list:
+            for checkpoint in (True, False):
+                before = StepOptions(scope=scope, grad_checkpoint=checkpoint, frozen_bf16=False, text_logits="all")
+                after = replace(before, frozen_bf16=True, text_logits="labelled")
+                planned = {name: plan_step(released_config(), options, tokens) for name, options in (("before", before), ("after", after))}
+                rows.append({"scope": scope, "tokens": tokens, "grad_checkpoint": checkpoint,
+                             "before_gib": planned["before"].peak_gib, "after_gib": planned["after"].peak_gib,
+                             "after_weights": planned["after"].weights_gib, "after_grads": planned["after"].gradients_gib,
+                             "after_optimizer": planned["after"].optimizer_gib, "after_activations": planned["after"].activations_gib,
+                             "fits_before": fits(planned["before"].peak_gib), "fits_after": fits(planned["after"].peak_gib)})
+                print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="planned peak memory of one training step")
+    plan.add_argument("--model", default="released", help="released, tiny, or a model directory (its config.json) [released]")
+    plan.add_argument("--layers", type=int, help="cut the model to this many layers [all]")
+    plan.add_argument("--scope", choices=train.SCOPES, default="lora", help="what is trained [lora]")
+    plan.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
+    plan.add_argument("--sample-tokens", type=int, default=1024, help="positions per voice-cloning sample [1024]")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or fp32 [bf16]")
+    plan.add_argument("--grad-checkpoint", action="store_true", help="recompute decoder layers in backward")
+    plan.add_argument("--frozen-bf16", action=argparse.BooleanOptionalAction, default=True,
+                      help="frozen linear weights held in bf16 under bf16 [on]")
+    plan.add_argument("--text-logits", choices=("labelled", "all"), default="labelled", help="where text logits are computed [labelled]")
+    table = commands.add_parser("plan-table", help="the README table: released model, scopes x tokens x checkpointing, before/after the fixes")
+    table.add_argument("--tokens", default="2048,4096,8192", help="comma-separated micro-batch sizes [2048,4096,8192]")
+    table.add_argument("--scopes", default="lora,audio,full", help="comma-separated scopes [lora,audio,full]")
+    commands.add_parser("validate", help="the plan against a measured CPU step of a 164M-parameter model")
+    run = commands.add_parser("run", help="tokens/s, step time, peak memory, MFU; our loop vs a transformers.Trainer loop")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="[cuda if present, else cpu]")
+    run.add_argument("--cases", default="", help="comma-separated case names to run [all of the device's]")
+    run.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
+                     help="also time a transformers.Trainer loop over the same model and batches [on]")
+    commands.add_parser("recompiles", help="torch.compile recompiles over 50 steps of distinct lengths, per dynamic setting")
+    for sub in (plan, table, run):
+        sub.add_argument("--json", help="also write the rows to this JSON file")
+    commands.choices["validate"].add_argument("--json", help="also write the rows to this JSON file")
+    commands.choices["recompiles"].add_argument("--json", help="also write the rows to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "plan":
+        config = model_config(args.model, args.layers)
+        options = StepOptions(scope=args.scope, precision=args.precision, grad_checkpoint=args.grad_checkpoint,
+                              frozen_bf16=args.frozen_bf16, text_logits=args.text_logits)
+        started = time.perf_counter()
+        plan = plan_step(config, options, args.tokens, args.sample_tokens)
+        rows = [{**asdict(options), **asdict(plan), "seconds": time.perf_counter() - started, "fits": fits(plan.peak_gib)}]
+        for key, value in rows[0].items():
+            print(f"{key:>16}: {value:,.3f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    elif args.command == "plan-table":
+        rows = plan_table([int(t) for t in args.tokens.split(",")], args.scopes.split(","))
+        print()
+        print_table(rows, list(rows[0]))
+    elif args.command == "validate":
+        rows = validate()
+        print_table(rows, list(rows[0]))
+    elif args.command == "run":
+        cases = gpu_cases() if args.device.startswith("cuda") else cpu_cases()
+        wanted = set(filter(None, args.cases.split(",")))
+        rows = []
+        for case in cases:
+            if not wanted or case.name in wanted:
+                try:
+                    rows.append(run_case(case, args.device, args.trainer))
+                except torch.OutOfMemoryError:  # e.g. full fine-tuning of 5.8B on one card: reported, not fatal
+                    rows.append({"case": case.name, "device": args.device, "step_s": "out of memory"})
+                    torch.cuda.empty_cache()
+                print_table(rows[-1:], list(rows[-1]))
+        print()
+        print_table(rows, ["case", "device", "tokens", "step_s", "tokens_per_s", "peak_memory_gib", "mfu_pct",
+                           "trainer_step_s", "speedup_vs_trainer"])
+    else:
+        rows = [count_recompiles(dynamic) for dynamic in (False, None, True)]
+        print_table(rows, list(rows[0]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
