@@ -163,19 +163,6 @@ def encode_reference(bundle: model_utils.Bundle, audio_path: str, text: str, ref
     return Reference(text, codes, waveform if needs_waveform else None, rate)
 
 
-def clone(
-    bundle: model_utils.Bundle,
-    reference: Reference,
-    text: str,
-    sampling: Sampling,
-    scene: str | None = None,
-    ref_in_system: bool = False,
-    force_audio: bool = True,
-) -> np.ndarray:
-    """Speak `text` in the reference voice; returns a waveform at the audio tokenizer's rate."""
-    return clone_clip(bundle, reference, text, sampling, scene, ref_in_system, force_audio).waveform
-
-
 @dataclass
 class Clone:
     """A generated clip, and whether the model ended it itself (rather than the length limit)."""
@@ -184,7 +171,7 @@ class Clone:
     stopped: bool
 
 
-def clone_clip(
+def clone(
     bundle: model_utils.Bundle,
     reference: Reference,
     text: str,
@@ -193,7 +180,8 @@ def clone_clip(
     ref_in_system: bool = False,
     force_audio: bool = True,
 ) -> Clone:
-    """`clone`, also saying whether the audio stream ended with EOS before `sampling.max_seconds`."""
+    """Speak `text` in the reference voice: a waveform at the audio tokenizer's rate, and whether the audio
+    stream ended with EOS before `sampling.max_seconds`."""
     config = bundle.model.config
     collator = collate.build_collator(config, collate.whisper_features(config))
     prompt = data.build_sample(
@@ -752,7 +740,7 @@ def evaluate_pair(
     language = judge.language(language)
     target = judge.score_target(pair.audio, data.load_audio(pair.audio, rate), rate, embedding, pair.text, language)
     try:
-        result = clone_clip(bundle, reference, pair.text, sampling, pair.scene or scene, ref_in_system, force_audio)
+        result = clone(bundle, reference, pair.text, sampling, pair.scene or scene, ref_in_system, force_audio)
     except RuntimeError as error:
         return metrics.row_record(pair.id, language, pair.text, None, None, target, str(error)), None
     scores = judge.score_clip(result.waveform, rate, embedding, pair.text, language)
@@ -983,7 +971,7 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if args.text_file else [out]
     for text, target in zip(texts, targets):
-        waveform = clone(bundle, reference, text, sampling, layout.scene, layout.ref_in_system, args.force_audio)
+        waveform = clone(bundle, reference, text, sampling, layout.scene, layout.ref_in_system, args.force_audio).waveform
         target.parent.mkdir(parents=True, exist_ok=True)
         sf.write(target, waveform, bundle.audio_tokenizer.sampling_rate)
         seconds = len(waveform) / bundle.audio_tokenizer.sampling_rate

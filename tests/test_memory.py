@@ -96,7 +96,7 @@ def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity
     reference = infer.Reference(parity_case.ref_text, parity_case.ref_codes, None, parity_case.sample_rate)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         waveform = infer.clone(model_utils.Bundle(model.eval(), tiny.tokenizer, tiny.audio_tokenizer), reference,
-                               parity_case.text, infer.Sampling(greedy=True, max_seconds=0.2))
+                               parity_case.text, infer.Sampling(greedy=True, max_seconds=0.2)).waveform
     assert waveform.size and bool(torch.isfinite(torch.from_numpy(waveform)).all())
 
 

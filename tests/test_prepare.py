@@ -372,15 +372,22 @@ def test_files_of_an_interrupted_commit_are_ignored_and_removed(prepared, clips,
     assert sorted(p.suffix for p in (cache / "shards").iterdir()) == [".json", ".npy"]
 
 
-def test_a_killed_prepare_leaves_whole_shards_and_resumes(clips, tiny, tmp_path):
-    _, manifest = clips
-    cache = tmp_path / "cache"
+def start_prepare_until_a_shard(manifest, cache) -> subprocess.Popen:
+    """`python data.py prepare` (one clip per shard) in a subprocess, returned once a shard is committed
+    (or it ended, or 120 s passed)."""
     command = [sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(manifest), "--out", str(cache),
                "--batch-size", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(cache.glob("shards/*.json")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    return process
+
+
+def test_a_killed_prepare_leaves_whole_shards_and_resumes(clips, tiny, tmp_path):
+    _, manifest = clips
+    cache = tmp_path / "cache"
+    process = start_prepare_until_a_shard(manifest, cache)
     process.kill()
     assert process.wait() != 0, "the prepare finished before it could be killed"
 
@@ -560,13 +567,8 @@ def test_a_second_prepare_of_a_cache_is_refused_naming_the_lock_and_its_holder(c
 
     _, manifest = clips
     cache = tmp_path / "cache"
-    command = [sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(manifest), "--out", str(cache),
-               "--batch-size", "1"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = start_prepare_until_a_shard(manifest, cache)
     try:
-        deadline = time.time() + 120
-        while not list(cache.glob("shards/*.json")) and first.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # mid-prepare, holding the cache
         assert first.poll() is None, "the first prepare finished before the second could start"
 
