@@ -132,16 +132,27 @@ def audio_sequence_to_codes(sequence: torch.Tensor, codebook_size: int, use_dela
     frames. Codes outside the codebook inside the clip are clamped as the
     package's serve engine does, but reported, never silently.
     """
-    eos = codebook_size + 1
-    finished = bool((sequence[:, -1] == eos).all())
+    all_eos = bool((sequence[:, -1] == codebook_size + 1).all())
     codes = revert_delay_pattern(sequence) if use_delay_pattern else sequence
-    codes = codes[:, 1:-1] if finished else codes[:, 1:]
+    codes = codes[:, 1:-1] if all_eos else codes[:, 1:]
     stray = int(((codes < 0) | (codes >= codebook_size)).sum())
     if stray:
         print(f"warning: {stray} generated codes outside 0..{codebook_size - 1} clamped before decoding", file=sys.stderr)
-    if not finished:
+    if not stream_ended(sequence, codebook_size, use_delay_pattern):
         print("warning: the clip reached --max-seconds before the model ended it", file=sys.stderr)
     return codes.clamp(0, codebook_size - 1)
+
+
+def stream_ended(sequence: torch.Tensor, codebook_size: int, use_delay_pattern: bool) -> bool:
+    """Whether the model ended the audio stream itself, rather than the length limit.
+
+    With the delay pattern the package's `generate` stops one column short of
+    the all-EOS one (it emits `<|audio_eos|>` instead of appending it), so a
+    stream it ended has EOS in every codebook but the last in its final column.
+    """
+    eos = codebook_size + 1
+    last = sequence[:-1, -1] if use_delay_pattern else sequence[:, -1]
+    return bool((last == eos).all())
 
 
 @dataclass
@@ -198,7 +209,7 @@ def clone(
     if not audio_sequences:
         raise RuntimeError("the model produced no audio (it answered in text); try --force-audio")
     sequence = audio_sequences[0].cpu()
-    stopped = bool((sequence[:, -1] == config.audio_codebook_size + 1).all())
+    stopped = stream_ended(sequence, config.audio_codebook_size, config.use_delay_pattern)
     codes = audio_sequence_to_codes(sequence, config.audio_codebook_size, config.use_delay_pattern)
     if codes.shape[1] == 0:
         raise RuntimeError("the model ended the clip before producing any frame")

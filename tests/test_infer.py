@@ -168,3 +168,27 @@ def test_parity_command_prints_one_line_per_check(capsys):
     assert infer.main(["--parity", "--checks", "prefix,official,collated"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(lines) == 6 and all(line.startswith("PASS") for line in lines)
+
+
+def _delayed_stream(frames: torch.Tensor, ended: bool) -> torch.Tensor:
+    """A delay-pattern stream as the package's `generate` leaves it: a BOS column, codebook k shifted by k
+    with BOS before, and, when the model ended it, the EOS diagonal without its final all-EOS column."""
+    n_q, count = frames.shape
+    bos, eos = 1024, 1025
+    stream = torch.full((n_q, count + n_q + 1), eos)  # the last column all EOS
+    for k in range(n_q):
+        stream[k, : k + 1] = bos
+        stream[k, k + 1 : k + 1 + count] = frames[k]
+    return stream[:, :-1] if ended else stream[:, : count + 1]
+
+
+def test_a_stream_the_model_ended_is_told_from_one_the_length_limit_cut(capsys):
+    frames = torch.randint(0, 1024, (8, 12))
+    ended = _delayed_stream(frames, ended=True)
+    assert infer.stream_ended(ended, 1024, use_delay_pattern=True)
+    assert torch.equal(infer.audio_sequence_to_codes(ended, 1024, True), frames)
+    assert capsys.readouterr().err == ""
+    cut = _delayed_stream(frames, ended=False)
+    assert not infer.stream_ended(cut, 1024, use_delay_pattern=True)
+    assert infer.audio_sequence_to_codes(cut, 1024, True).shape[1] == 12 - 7
+    assert "reached --max-seconds" in capsys.readouterr().err
