@@ -19,6 +19,7 @@ import torch.distributed as dist
 import collate
 import data
 import model_utils
+import checkpoints
 import train
 from conftest import ROOT
 from test_train import _config, _losses, small_manifest  # noqa: F401 (small_manifest is a fixture)
@@ -107,7 +108,7 @@ def test_two_nodes_on_localhost_match_one_process_with_the_same_global_batch(tmp
         assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
         assert all(abs(one[s] - two[s]) <= tolerance * abs(one[s]) for s in one), (tag, one, two)
     shards = tmp_path / "nodes" / "checkpoints" / f"step_{STEPS:08d}.dcp"
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", train.TRAIN_STATE} <= {path.name for path in shards.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", checkpoints.TRAIN_STATE} <= {path.name for path in shards.iterdir()}
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +141,9 @@ def test_sharded_checkpoints_are_per_process_shards_kept_last_and_best(bf16_runs
     out, _ = bf16_runs
     folder = out / "straight" / "checkpoints"
     assert sorted(path.name for path in folder.iterdir()) == ["best.dcp", f"step_{4:08d}.dcp"], "step 2 pruned (--keep-last 1)"
-    latest = train.latest_checkpoint(out / "straight")
+    latest = checkpoints.latest_checkpoint(out / "straight")
     assert latest == folder / f"step_{4:08d}.dcp"
-    state = torch.load(latest / train.TRAIN_STATE, weights_only=True)
+    state = torch.load(latest / checkpoints.TRAIN_STATE, weights_only=True)
     assert state["step"] == 4 and len(state["rng"]) == 2 and state["config"]["precision"] == "bf16"
     # each process wrote its own half: no process held the full parameters and AdamW state
     n_parameters = sum(p.numel() for p in model_utils.build_tiny_model(model_utils.build_tiny_text_tokenizer()).parameters())

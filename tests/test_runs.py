@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import data
 import model_utils
+import checkpoints
 import train
 from conftest import DEMO_DIR, ROOT
 
@@ -97,7 +98,7 @@ def test_sigterm_stop_saves_says_how_to_resume_and_exits_143(stopped):
     assert stopped["status"] == 128 + signal.SIGTERM == 143
     assert "SIGTERM: stopping with a checkpoint after this step" in stopped["err"]
     assert "stopped at step 2" in stopped["out"] and f"--out-dir {stopped['run'].parent} --run-name run --resume" in stopped["out"]
-    assert [path.name for path in train.step_checkpoints(stopped["run"] / "checkpoints")] == ["step_00000001.pt", "step_00000002.pt"]
+    assert [path.name for path in checkpoints.step_checkpoints(stopped["run"] / "checkpoints")] == ["step_00000001.pt", "step_00000002.pt"]
     assert not (stopped["run"] / "export").exists()
     assert stopped["handler_restored"]
 
@@ -165,7 +166,7 @@ def test_resume_refuses_flags_that_change_the_run_naming_them(stopped, tmp_path)
 
 def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
-    for path in train.step_checkpoints(run / "checkpoints"):
+    for path in checkpoints.step_checkpoints(run / "checkpoints"):
         path.write_bytes(b"")
     status, _, err = _resume(stopped, run)
     assert status == 2
@@ -185,7 +186,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
         torch.save({"weights": torch.zeros(3)}, newest)
     else:
         newest.write_bytes({"empty": b"", "truncated": whole[: len(whole) // 2], "random bytes": os.urandom(4096)}[damage])
-    path, state = train.newest_intact_checkpoint(run, train.Dist(), print)
+    path, state = checkpoints.newest_intact_checkpoint(run, train.Dist(), print)
     assert path == run / "checkpoints" / "step_00000001.pt" and state["step"] == 1
     out = capsys.readouterr().out
     assert f"unreadable checkpoint {newest}" in out and f"resuming from {path} instead" in out
@@ -224,10 +225,10 @@ def test_pruning_keeps_the_newest_by_step_number_and_never_the_one_just_written(
     folder.mkdir()
     for name in ("step_99999999.pt", "step_100000000.pt", "step_100000001.pt", "best.pt"):
         (folder / name).write_bytes(b"x")
-    assert train.latest_checkpoint(tmp_path) == folder / "step_100000001.pt"
+    assert checkpoints.latest_checkpoint(tmp_path) == folder / "step_100000001.pt"
     written = folder / "step_00000005.pt"
     written.write_bytes(b"x")
-    train.prune_checkpoints(folder, 1, written)
+    checkpoints.prune_checkpoints(folder, 1, written)
     assert sorted(path.name for path in folder.iterdir()) == ["best.pt", "step_00000005.pt", "step_100000001.pt"]
 
 
@@ -257,7 +258,7 @@ def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(model_utils, "save_tiny_audio_tokenizer", disk_full)
-    with pytest.raises(train.WriteError, match=f"^cannot write {out}: No space left on device$"):
+    with pytest.raises(checkpoints.WriteError, match=f"^cannot write {out}: No space left on device$"):
         train.export_model(tiny.model, train.TrainConfig(device="cpu"), tiny, train.Dist(), out)
     assert list(out.parent.iterdir()) == [] and model_utils.newest_export(str(tmp_path)) is None
 
@@ -266,12 +267,12 @@ def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
     path = tmp_path / "export"
     path.mkdir()
     (path / "old.txt").write_text("old")
-    with pytest.raises(train.WriteError, match="cannot write .*export: No space left on device"):
-        with train.atomic_directory(path) as folder:
+    with pytest.raises(checkpoints.WriteError, match="cannot write .*export: No space left on device"):
+        with checkpoints.atomic_directory(path) as folder:
             (folder / "new.txt").write_text("half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["old.txt"]
-    with train.atomic_directory(path) as folder:
+    with checkpoints.atomic_directory(path) as folder:
         (folder / "new.txt").write_text("new")
     assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["new.txt"]
 
@@ -283,7 +284,7 @@ def test_cleaning_removes_temporaries_and_puts_back_an_export_whose_replacement_
     for name in ("export.tmp-new", "export.old-new"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(name)
-    assert train.clean_temporaries(tmp_path) == [tmp_path / "checkpoints" / "step_00000004.pt.tmp-77", tmp_path / "export.tmp-new"]
+    assert checkpoints.clean_temporaries(tmp_path) == [tmp_path / "checkpoints" / "step_00000004.pt.tmp-77", tmp_path / "export.tmp-new"]
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["checkpoints", "export"]
     assert (tmp_path / "export" / "config.json").read_text() == "export.old-new"
     assert [entry.name for entry in (tmp_path / "checkpoints").iterdir()] == ["step_00000003.pt"]

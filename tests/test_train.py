@@ -16,6 +16,7 @@ from transformers import HubertConfig
 
 import infer
 import model_utils
+import checkpoints
 import train
 from conftest import DEMO_DIR, ROOT
 
@@ -105,7 +106,7 @@ def test_scope_trains_what_it_says_and_freezes_the_rest(tmp_path, small_manifest
 
 def test_lora_trains_adapters_on_attention_and_both_ffns_and_merges_on_export(tmp_path, small_manifest):
     run = train.train(_config(tmp_path, small_manifest, max_steps=2, scope="lora", lora_rank=4))
-    saved = torch.load(train.latest_checkpoint(run), weights_only=True)["model"]
+    saved = torch.load(checkpoints.latest_checkpoint(run), weights_only=True)["model"]
     assert saved and all("lora_" in name for name in saved)
     assert any("audio_mlp" in name for name in saved), "the audio FFN is adapted, not attention alone"
     before = model_utils.build_tiny_model(model_utils.build_tiny_text_tokenizer(), seed=0).state_dict()
@@ -168,7 +169,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, small_manifest):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 143, output  # 128 + SIGTERM: stopped, resumable
     assert "stopped at step" in output and "--resume" in output
-    checkpoint = train.latest_checkpoint(tmp_path / "run")
+    checkpoint = checkpoints.latest_checkpoint(tmp_path / "run")
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] >= 0 and state["model"] and state["optimizer"]["state"] is not None
 
