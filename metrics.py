@@ -83,14 +83,19 @@ class ResemblyzerEncoder:
         return np.asarray(self.encoder.embed_utterance(speech), dtype=np.float64)
 
 
+def _check_model_dir(model_dir: str, flag: str, kind: str) -> None:
+    """A local transformers model directory, or a FileNotFoundError naming the flag (there is no hub to fall back on)."""
+    if not Path(model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {model_dir}: no config.json ({kind})")
+
+
 class WavLMEncoder:
     """A local speaker-verification model directory (e.g. a copy of microsoft/wavlm-base-plus-sv)."""
 
     def __init__(self, model_dir: str, device: str = "cpu"):
         from transformers import AutoFeatureExtractor, WavLMForXVector
 
-        if not Path(model_dir, "config.json").is_file():
-            raise FileNotFoundError(f"--speaker-model {model_dir}: no config.json (a WavLMForXVector directory)")
+        _check_model_dir(model_dir, "--speaker-model", "a WavLMForXVector directory")
         self.name = f"wavlm:{Path(model_dir).name}"
         self.extractor = AutoFeatureExtractor.from_pretrained(model_dir, local_files_only=True)
         self.model = WavLMForXVector.from_pretrained(model_dir, local_files_only=True).to(device).eval()
@@ -163,8 +168,7 @@ class WhisperTranscriber:
     def __init__(self, model_dir: str, device: str = "cpu"):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        if not Path(model_dir, "config.json").is_file():
-            raise FileNotFoundError(f"--asr-model {model_dir}: no config.json (a Whisper model directory)")
+        _check_model_dir(model_dir, "--asr-model", "a Whisper model directory")
         self.name = f"whisper:{Path(model_dir).name}"
         self.processor = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
         self.model = WhisperForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).to(device).eval()

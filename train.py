@@ -31,8 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
+INTERRUPTED_AT_START = "error: interrupted during start-up: nothing was trained"
+
+
 def _interrupted_while_importing(_signum, _frame):
-    print("error: interrupted during start-up: nothing was trained", file=sys.stderr)
+    print(INTERRUPTED_AT_START, file=sys.stderr)
     raise SystemExit(128 + signal.SIGINT)
 
 
@@ -228,9 +231,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     values.update({key: value for key, value in vars(args).items() if key != "config" and value is not None})
     config = TrainConfig(**values)
     for name, allowed in (("scope", SCOPES), ("precision", ("bf16", "fp32")), ("parallel", ("ddp", "fsdp")),
-                          ("text_logits", ("labelled", "all"))):
+                          ("text_logits", ("labelled", "all")), ("best_by", BEST_BY)):
         if getattr(config, name) not in allowed:
-            parser.error(f"--{name} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(config, name)}")
     check_limits(config)
     problem = selection_problem(config)
     if problem:
@@ -548,7 +551,7 @@ def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return model.get_base_model().layers if hasattr(model, "get_base_model") else model.layers
+    return model_utils.higgs_model(model).layers
 
 
 def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -671,8 +674,6 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
     return out
 
 
-
-
 # --------------------------------------------------------------------------
 # Evaluation: validation losses, generated audio and mel spectrograms
 # --------------------------------------------------------------------------
@@ -717,8 +718,6 @@ BEST_BY = ("val_loss", "sim", "wer", "sim_wer")
 
 def selection_problem(config: TrainConfig) -> str | None:
     """Why --best-by / --patience cannot work as given, in one line; None when they can."""
-    if config.best_by not in BEST_BY:
-        return f"--best-by must be one of {', '.join(BEST_BY)}, not {config.best_by}"
     uses = [f"--best-by {config.best_by}"] * (config.best_by != "val_loss") + ["--patience"] * (config.patience > 0)
     if uses and not (config.val_manifest and config.eval_every > 0):
         return f"{' and '.join(uses)} need{'s' if len(uses) == 1 else ''} evaluations: set --val-manifest and --eval-every"
@@ -1018,10 +1017,11 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
                     writer.add_scalar(f"val/{name}", value, step)
             quality = evaluate_clones(writer, step, model, val_maker, val_pairs, config, env, evaluation)
             score = selection_score(config.best_by, val, quality)
-            stale_evals = 0 if score < best_loss else stale_evals + 1
             if score < best_loss:
-                best_loss = score
+                best_loss, stale_evals = score, 0
                 checkpoints.save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss, name="best.pt")
+            else:
+                stale_evals += 1
             model.train()
         if step % config.save_every == 0 or step == config.max_steps:
             checkpoints.save_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss)
@@ -1084,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {stopped.message}", file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:
-        print("error: interrupted during start-up: nothing was trained", file=sys.stderr)
+        print(INTERRUPTED_AT_START, file=sys.stderr)
         return 128 + signal.SIGINT
     except OSError as error:
         print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
