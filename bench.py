@@ -6,8 +6,12 @@
     python bench.py run --preset tiny [--compile]   # tokens/s, step time, peak memory, MFU; vs transformers.Trainer
     python bench.py recompiles                      # torch.compile recompiles over 50 steps of varied lengths
 
-**plan** runs the real training step (the model, `model_utils.compute_loss`,
-backward, a fused AdamW step, with the optimizer state resident as in every step after the first) on
+Every mode runs the model `training.prepare_model` makes and the step
+`training.train_step` takes, the ones `train.py` runs; a mode's settings are a
+`config.TrainConfig` (`bench_config`).
+
+**plan** runs that training step (forward, loss, backward, clipping, a fused
+AdamW step, with the optimizer state resident as in every step after the first) on
 fake tensors, which have shapes and dtypes but no storage, under torch's
 `MemTracker`: the released 5.8B layout plans in seconds with no weights and
 no GPU. Fake tensors cannot answer data-dependent questions (how many
@@ -56,7 +60,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import collate
 import data
 import model_utils
-import train
+import training
+from config import TrainConfig, add_setting_flags, check_config
+from parallel import World
 
 GIB = 2**30
 aten = torch.ops.aten
@@ -159,49 +165,27 @@ def synthetic_batch(config: HiggsAudioConfig, tokens: int, sample_tokens: int = 
 # --------------------------------------------------------------------------
 
 
-@dataclass
-class StepOptions:
-    scope: str = "lora"
-    precision: str = "bf16"
-    grad_checkpoint: bool = False
-    frozen_bf16: bool = True
-    text_logits: str = "labelled"
-    compile: bool = False
-
-    def train_config(self, device: str) -> train.TrainConfig:
-        return train.TrainConfig(scope=self.scope, precision=self.precision, grad_checkpoint=self.grad_checkpoint,
-                                 frozen_bf16=self.frozen_bf16, text_logits=self.text_logits, compile=self.compile,
-                                 device=device)
+# The settings that shape a step's memory and speed, which `plan` takes as flags; the rest are train.py's defaults.
+STEP_SETTINGS = ("scope", "precision", "grad_checkpoint", "frozen_bf16", "text_logits", "compile")
+BENCH_DEFAULTS = {"scope": "lora", "precision": "bf16"}
 
 
-def build_training_model(config: HiggsAudioConfig, options: StepOptions, device: str = "cpu") -> torch.nn.Module:
-    """The model as `train._train` prepares it: scope or LoRA, memory options, wrapped decoder layers."""
-    train_config = options.train_config(device)
-    model = HiggsAudioModel(config).to(device)
-    if options.scope == "lora":
-        model = train.add_lora(model, train_config)
-    else:
-        train.select_trainable(model, options.scope)
-    train.reduce_memory(model, train_config)
-    train.wrap_decoder_layers(model, train_config)
-    return model.train()
+def bench_config(**settings) -> TrainConfig:
+    """The training settings of a benchmarked step: train.py's, with LoRA and bf16 unless `settings` say otherwise."""
+    config = TrainConfig(**{**BENCH_DEFAULTS, **settings})
+    check_config(config)
+    return config
 
 
-def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict, label_audio_ids: torch.Tensor,
-                  options: StepOptions) -> model_utils.LossBreakdown:
-    """Forward, loss, backward and AdamW step, as in `train._train`'s loop."""
-    device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=options.precision == "bf16"):
-        loss = model_utils.compute_loss(model(**inputs), label_audio_ids)
-        loss.total.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
+def build_training_model(config: HiggsAudioConfig, settings: TrainConfig, device: str = "cpu") -> torch.nn.Module:
+    """A randomly initialised model of `config`, prepared as `train.py` prepares it (`training.prepare_model`)."""
+    return training.prepare_model(HiggsAudioModel(config).to(device), settings, World(), device).train()
 
 
-def cuda_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """`train.build_optimizer` as it is on CUDA (fused AdamW, no per-parameter temporaries)."""
-    return train.build_optimizer(model, train.TrainConfig(device="cuda"))
+def step_once(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, settings: TrainConfig,
+              device: str = "cpu") -> training.StepStats:
+    """`training.train_step` on one micro-batch at the peak learning rate."""
+    return training.train_step(model, optimizer, [batch], settings, World(), device, settings.lr)
 
 
 # --------------------------------------------------------------------------
@@ -310,20 +294,21 @@ def resident_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     optimizer.zero_grad(set_to_none=True)
 
 
-def plan_step(config: HiggsAudioConfig, options: StepOptions, tokens: int, sample_tokens: int = 1024) -> Plan:
-    """Peak memory of a training step of `config` at `tokens` positions per micro-batch, without weights."""
+def plan_step(config: HiggsAudioConfig, settings: TrainConfig, tokens: int, sample_tokens: int = 1024) -> Plan:
+    """Peak memory of a training step of `config` at `tokens` positions per micro-batch, without weights.
+
+    The optimizer is CUDA's (fused AdamW, no per-parameter temporaries)."""
     batch, lengths = synthetic_batch(config, tokens, sample_tokens)
-    inputs = collate.batch_to_model_inputs(batch, "cpu")
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
-        model = build_training_model(config, options)
-        optimizer = cuda_optimizer(model)
+        model = build_training_model(config, settings)
+        optimizer = training.build_optimizer(model, settings, "cuda")
         resident_optimizer_state(model, optimizer)
     tracker = PeakTracker(model)
     tracker.track_external(model, optimizer)
     with fake, RealIndexData(), tracker:
-        training_step(model, optimizer, inputs, batch.label_audio_ids, options)
-    return _plan_from(tracker, model, batch, lengths, config, options)
+        step_once(model, optimizer, batch, settings)
+    return _plan_from(tracker, model, batch, lengths, config, settings)
 
 
 def text_label_count(batch, config: HiggsAudioConfig) -> int:
@@ -333,7 +318,7 @@ def text_label_count(batch, config: HiggsAudioConfig) -> int:
 
 
 def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: HiggsAudioConfig,
-               options: StepOptions) -> Plan:
+               settings: TrainConfig) -> Plan:
     (snapshot,) = tracker.get_tracker_snapshot("peak").values()
     categories = {str(getattr(key, "value", key)).lower(): value for key, value in snapshot.items()}
     weights = categories.get("parameter", 0) + categories.get("buffer", 0)
@@ -341,7 +326,7 @@ def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: Hi
     parameters = list(model.parameters())
     padded = collate.padded_tokens(lengths)
     text_labels = text_label_count(batch, config)
-    logit_rows = text_labels if options.text_logits == "labelled" else padded
+    logit_rows = text_labels if settings.text_logits == "labelled" else padded
     return Plan(
         peak_gib=categories["total"] / GIB,
         weights_gib=weights / GIB,
@@ -378,18 +363,17 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_step(config: HiggsAudioConfig, options: StepOptions, tokens: int, sample_tokens: int = 1024) -> dict:
+def measure_step(config: HiggsAudioConfig, settings: TrainConfig, tokens: int, sample_tokens: int = 1024) -> dict:
     """The step for real on the CPU: tracked peak (same tracker, real tensors) and the process's peak RSS growth."""
     batch, _ = synthetic_batch(config, tokens, sample_tokens)
-    inputs = collate.batch_to_model_inputs(batch, "cpu")
     before = _rss_bytes()
-    model = build_training_model(config, options)
-    optimizer = cuda_optimizer(model)
+    model = build_training_model(config, settings)
+    optimizer = training.build_optimizer(model, settings, "cuda")  # fused, as planned (it runs on the CPU too)
     resident_optimizer_state(model, optimizer)
     tracker = PeakTracker(model)
     tracker.track_external(model, optimizer)
     with tracker:
-        training_step(model, optimizer, inputs, batch.label_audio_ids, options)
+        step_once(model, optimizer, batch, settings)
     (snapshot,) = tracker.get_tracker_snapshot("peak").values()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"tracked_gib": snapshot["Total"] / GIB, "rss_growth_gib": (peak_rss - before) / GIB}
@@ -399,9 +383,9 @@ def validate(tokens: int = 2048) -> list[dict]:
     """Plan vs measured peak of the mid-size model on the CPU, fp32, for both text-logit modes."""
     rows = []
     for text_logits in ("all", "labelled"):
-        options = StepOptions(scope="audio", precision="fp32", frozen_bf16=False, text_logits=text_logits)
-        planned = plan_step(mid_config(), options, tokens).peak_gib
-        measured = measure_step(mid_config(), options, tokens)
+        settings = bench_config(scope="audio", precision="fp32", frozen_bf16=False, text_logits=text_logits)
+        planned = plan_step(mid_config(), settings, tokens).peak_gib
+        measured = measure_step(mid_config(), settings, tokens)
         rows.append({"model": "mid (4 x 1024, 164M)", "scope": "audio", "tokens": tokens, "text_logits": text_logits,
                      "planned_gib": planned, **measured,
                      "error_vs_tracked_pct": 100 * (planned - measured["tracked_gib"]) / measured["tracked_gib"],
@@ -414,7 +398,7 @@ def validate(tokens: int = 2048) -> list[dict]:
 # --------------------------------------------------------------------------
 
 
-def step_flops(config: HiggsAudioConfig, batch, lengths: list[int], options: StepOptions, trained_fraction: float) -> float:
+def step_flops(config: HiggsAudioConfig, batch, lengths: list[int], settings: TrainConfig, trained_fraction: float) -> float:
     """Model FLOPs of one training step, counted for the real layout on real (unpadded) positions.
 
     Per layer: q/k/v/o projections for every position; causal attention
@@ -434,7 +418,7 @@ def step_flops(config: HiggsAudioConfig, batch, lengths: list[int], options: Ste
     projections = 2 * hidden * (2 * heads * head_dim + 2 * kv * head_dim) * positions
     attention = sum(2 * length * length * heads * head_dim for length in lengths)
     mlps = 2 * 3 * hidden * (text.intermediate_size * (positions - audio) + config.audio_ffn_intermediate_size * audio)
-    text_rows = text_label_count(batch, config) if options.text_logits == "labelled" else positions
+    text_rows = text_label_count(batch, config) if settings.text_logits == "labelled" else positions
     heads_flops = 2 * hidden * (text.vocab_size * text_rows + config.audio_num_codebooks * (config.audio_codebook_size + 2) * audio)
     matmuls = text.num_hidden_layers * (projections + mlps) + heads_flops
     forward = matmuls + text.num_hidden_layers * attention
@@ -471,21 +455,24 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
-def our_loop(model, batches: list, options: StepOptions, device: str, warmup: int) -> list[float]:
-    """Step times of `training_step` over `batches` (the first `warmup` not timed)."""
-    optimizer = train.build_optimizer(model, train.TrainConfig(device=device))
-    times = []
-    for index, (inputs, label_audio_ids) in enumerate(batches):
+def our_loop(model, steps: list[list], settings: TrainConfig, device: str, warmup: int) -> tuple[list[float], list[float]]:
+    """Step times of `training.train_step` over `steps`, each a step's micro-batches, at train.py's learning
+    rate schedule (the first `warmup` not timed); and each step's total loss, read once the last step is
+    timed so that reading waits for nothing inside the times."""
+    optimizer = training.build_optimizer(model, settings, device)
+    times, stats = [], []
+    for index, micro_batches in enumerate(steps):
         _synchronize(device)
         started = time.perf_counter()
-        training_step(model, optimizer, inputs, label_audio_ids, options)
+        lr = training.lr_at(index, settings, settings.max_steps)
+        stats.append(training.train_step(model, optimizer, micro_batches, settings, World(), device, lr))
         _synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - started)
-    return times
+    return times, [step_stats.read(World()).losses["total"] for step_stats in stats]
 
 
-def trainer_loop(model, batches: list, options: StepOptions, device: str, warmup: int) -> list[float]:
+def trainer_loop(model, steps: list[list], settings: TrainConfig, device: str, warmup: int) -> list[float]:
     """Step times of a `transformers.Trainer` over the same model and batches, the way the public scripts
     for this model train: `Trainer` with its own optimizer, loop, autocast and a `compute_loss` override."""
     import tempfile
@@ -494,11 +481,11 @@ def trainer_loop(model, batches: list, options: StepOptions, device: str, warmup
 
     class Batches(torch.utils.data.Dataset):
         def __len__(self):
-            return len(batches)
+            return len(steps)
 
         def __getitem__(self, index):
-            inputs, label_audio_ids = batches[index]
-            return {**inputs, "label_audio_ids": label_audio_ids}
+            (batch,) = steps[index]
+            return {**collate.batch_to_model_inputs(batch, device), "label_audio_ids": batch.label_audio_ids.to(device)}
 
     class LossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -522,8 +509,8 @@ def trainer_loop(model, batches: list, options: StepOptions, device: str, warmup
     timer = StepTimes()
     with tempfile.TemporaryDirectory() as out:
         arguments = TrainingArguments(
-            output_dir=out, max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-5,
-            bf16=options.precision == "bf16", use_cpu=not device.startswith("cuda"), report_to=[], save_strategy="no",
+            output_dir=out, max_steps=len(steps), per_device_train_batch_size=1, learning_rate=1e-5,
+            bf16=settings.precision == "bf16", use_cpu=not device.startswith("cuda"), report_to=[], save_strategy="no",
             logging_strategy="no", dataloader_pin_memory=False, remove_unused_columns=False, max_grad_norm=0.0,
             optim="adamw_torch_fused" if device.startswith("cuda") else "adamw_torch", disable_tqdm=True,
         )
@@ -538,7 +525,7 @@ class RunCase:
     name: str
     model: str
     layers: int | None
-    options: StepOptions
+    settings: TrainConfig
     tokens: int
     steps: int = 6
     warmup: int = 2
@@ -549,23 +536,22 @@ def run_case(case: RunCase, device: str, trainer: bool) -> dict:
     """Tokens/s, step time, peak memory and MFU of `case`, and of a `transformers.Trainer` loop if asked."""
     config = model_config(case.model, case.layers)
     batch, lengths = synthetic_batch(config, case.tokens)
-    inputs = collate.batch_to_model_inputs(batch, device)
-    batches = [(inputs, batch.label_audio_ids.to(device))] * (case.warmup + case.steps)
-    dtype = torch.bfloat16 if case.options.precision == "bf16" else torch.float32
+    steps = [[batch]] * (case.warmup + case.steps)
+    dtype = torch.bfloat16 if case.settings.precision == "bf16" else torch.float32
     peak, peak_source = peak_flops(device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_training_model(config, case.options, device)
+        model = build_training_model(config, case.settings, device)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     matrix = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-    flops = step_flops(config, batch, lengths, case.options, min(1.0, trained / matrix))
+    flops = step_flops(config, batch, lengths, case.settings, min(1.0, trained / matrix))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = our_loop(model, batches, case.options, device, case.warmup)
+    times, _ = our_loop(model, steps, case.settings, device, case.warmup)
     step_time = sorted(times)[len(times) // 2]
-    row = {"case": case.name, "device": device if device == "cpu" else torch.cuda.get_device_name(), "scope": case.options.scope,
-           "precision": case.options.precision, "compile": case.options.compile,
-           "grad_checkpoint": case.options.grad_checkpoint, "tokens": sum(lengths), "step_s": step_time,
+    row = {"case": case.name, "device": device if device == "cpu" else torch.cuda.get_device_name(), "scope": case.settings.scope,
+           "precision": case.settings.precision, "compile": case.settings.compile,
+           "grad_checkpoint": case.settings.grad_checkpoint, "tokens": sum(lengths), "step_s": step_time,
            "tokens_per_s": sum(lengths) / step_time, "peak_memory_gib": _peak_memory_gib(device),
            "peak_memory_kind": "max_memory_allocated" if device.startswith("cuda") else "process peak RSS",
            "mfu_pct": 100 * flops / step_time / peak, "peak_flops_source": peak_source, "step_tflop": flops / 1e12}
@@ -575,8 +561,8 @@ def run_case(case: RunCase, device: str, trainer: bool) -> dict:
     if trainer and case.trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            reference = build_training_model(config, case.options, device)
-        trainer_time = sorted(trainer_loop(reference, batches, case.options, device, case.warmup))
+            reference = build_training_model(config, case.settings, device)
+        trainer_time = sorted(trainer_loop(reference, steps, case.settings, device, case.warmup))
         row["trainer_step_s"] = trainer_time[len(trainer_time) // 2]
         row["speedup_vs_trainer"] = row["trainer_step_s"] / step_time
     return row
@@ -586,10 +572,10 @@ def cpu_cases() -> list[RunCase]:
     """(a) the tiny preset, eager and compiled, fp32 and bf16, each against a Trainer loop; (b) the released layout
     (full width and vocabulary) at 2 layers, fp32, LoRA with checkpointing, one timed step (minutes on 2 cores)."""
     return [
-        RunCase("tiny eager fp32", "tiny", None, StepOptions(scope="full", precision="fp32"), 2048, steps=4),
-        RunCase("tiny compile fp32", "tiny", None, StepOptions(scope="full", precision="fp32", compile=True), 2048, steps=4),
-        RunCase("tiny eager bf16", "tiny", None, StepOptions(scope="full", precision="bf16"), 2048, steps=4),
-        RunCase("released x2 layers lora fp32", "released", 2, StepOptions(scope="lora", precision="fp32", grad_checkpoint=True),
+        RunCase("tiny eager fp32", "tiny", None, bench_config(scope="full", precision="fp32"), 2048, steps=4),
+        RunCase("tiny compile fp32", "tiny", None, bench_config(scope="full", precision="fp32", compile=True), 2048, steps=4),
+        RunCase("tiny eager bf16", "tiny", None, bench_config(scope="full", precision="bf16"), 2048, steps=4),
+        RunCase("released x2 layers lora fp32", "released", 2, bench_config(scope="lora", precision="fp32", grad_checkpoint=True),
                 1024, steps=1, warmup=1, trainer=False),
     ]
 
@@ -597,7 +583,7 @@ def cpu_cases() -> list[RunCase]:
 def gpu_cases() -> list[RunCase]:
     """(c) the released layout, random weights, bf16: scopes x checkpointing x 2k/4k/8k tokens."""
     return [RunCase(f"released {scope} ckpt={checkpoint} {tokens}", "released", None,
-                    StepOptions(scope=scope, precision="bf16", grad_checkpoint=checkpoint), tokens, steps=5, warmup=2)
+                    bench_config(scope=scope, grad_checkpoint=checkpoint), tokens, steps=5, warmup=2)
             for scope in ("lora", "audio", "full") for checkpoint in (True, False) for tokens in (2048, 4096, 8192)]
 
 
@@ -623,17 +609,17 @@ def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backe
     config = model_config("tiny")
     generator = torch.Generator().manual_seed(seed)
     lengths = (torch.randperm(700, generator=generator)[:steps] + 100).tolist()
+    settings = bench_config(scope="full", precision="fp32")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_training_model(config, StepOptions(scope="full", precision="fp32"))
-    for layer in train.decoder_layers(model):
+        model = build_training_model(config, settings)
+    for layer in model_utils.decoder_layers(model):
         layer.compile(dynamic=dynamic, backend=backend)
-    optimizer = train.build_optimizer(model, train.TrainConfig(device="cpu"))
+    optimizer = training.build_optimizer(model, settings, "cpu")
     started = time.perf_counter()
     for length in lengths:
         batch, _ = synthetic_batch(config, 2 * length, length)
-        training_step(model, optimizer, collate.batch_to_model_inputs(batch, "cpu"), batch.label_audio_ids,
-                      StepOptions(scope="full", precision="fp32"))
+        step_once(model, optimizer, batch, settings)
     dynamo_log.removeHandler(limit_hits)
     counters = torch._dynamo.utils.counters
     return {"dynamic": str(dynamic), "steps": steps, "distinct_lengths": len(set(lengths)),
@@ -682,9 +668,9 @@ def plan_table(tokens_list: list[int], scopes: list[str]) -> list[dict]:
     for scope in scopes:
         for tokens in tokens_list:
             for checkpoint in (True, False):
-                before = StepOptions(scope=scope, grad_checkpoint=checkpoint, frozen_bf16=False, text_logits="all")
+                before = bench_config(scope=scope, grad_checkpoint=checkpoint, frozen_bf16=False, text_logits="all")
                 after = replace(before, frozen_bf16=True, text_logits="labelled")
-                planned = {name: plan_step(released_config(), options, tokens) for name, options in (("before", before), ("after", after))}
+                planned = {name: plan_step(released_config(), settings, tokens) for name, settings in (("before", before), ("after", after))}
                 rows.append({"scope": scope, "tokens": tokens, "grad_checkpoint": checkpoint,
                              "before_gib": planned["before"].peak_gib, "after_gib": planned["after"].peak_gib,
                              "after_weights": planned["after"].weights_gib, "after_grads": planned["after"].gradients_gib,
@@ -700,14 +686,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan = commands.add_parser("plan", help="planned peak memory of one training step")
     plan.add_argument("--model", default="released", help="released, tiny, or a model directory (its config.json) [released]")
     plan.add_argument("--layers", type=int, help="cut the model to this many layers [all]")
-    plan.add_argument("--scope", choices=train.SCOPES, default="lora", help="what is trained [lora]")
     plan.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
     plan.add_argument("--sample-tokens", type=int, default=1024, help="positions per voice-cloning sample [1024]")
-    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or fp32 [bf16]")
-    plan.add_argument("--grad-checkpoint", action="store_true", help="recompute decoder layers in backward")
-    plan.add_argument("--frozen-bf16", action=argparse.BooleanOptionalAction, default=True,
-                      help="frozen linear weights held in bf16 under bf16 [on]")
-    plan.add_argument("--text-logits", choices=("labelled", "all"), default="labelled", help="where text logits are computed [labelled]")
+    add_setting_flags(plan, STEP_SETTINGS, BENCH_DEFAULTS)
     table = commands.add_parser("plan-table", help="the README table: released model, scopes x tokens x checkpointing, before/after the fixes")
     table.add_argument("--tokens", default="2048,4096,8192", help="comma-separated micro-batch sizes [2048,4096,8192]")
     table.add_argument("--scopes", default="lora,audio,full", help="comma-separated scopes [lora,audio,full]")
@@ -729,11 +710,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "plan":
         config = model_config(args.model, args.layers)
-        options = StepOptions(scope=args.scope, precision=args.precision, grad_checkpoint=args.grad_checkpoint,
-                              frozen_bf16=args.frozen_bf16, text_logits=args.text_logits)
+        settings = bench_config(**{name: getattr(args, name) for name in STEP_SETTINGS if getattr(args, name) is not None})
         started = time.perf_counter()
-        plan = plan_step(config, options, args.tokens, args.sample_tokens)
-        rows = [{**asdict(options), **asdict(plan), "seconds": time.perf_counter() - started, "fits": fits(plan.peak_gib)}]
+        plan = plan_step(config, settings, args.tokens, args.sample_tokens)
+        chosen = {name: getattr(settings, name) for name in STEP_SETTINGS}
+        rows = [{**chosen, **asdict(plan), "seconds": time.perf_counter() - started, "fits": fits(plan.peak_gib)}]
         for key, value in rows[0].items():
             print(f"{key:>16}: {value:,.3f}" if isinstance(value, float) else f"{key:>16}: {value}")
     elif args.command == "plan-table":

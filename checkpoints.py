@@ -1,31 +1,29 @@
-"""Checkpoints and runs: what `train.py` writes so that a run never loses work.
+"""What a run writes so that it never loses work: its directory, checkpoints and the export.
 
 A run directory belongs to one run; `--resume` continues it unchanged (the
-flags are checked against the checkpoint's config) from the newest intact
-checkpoint. Checkpoints hold the trained parameters, optimizer state, data
-position, every process's RNG state and the config: one file for one-process
-and DDP runs, a `torch.distributed.checkpoint` directory written by every
-process for FSDP runs. Every file is written whole or not at all (temporary
-name, fsync, rename), and a failure to write is one line naming the path.
+flags are checked against the checkpoint's config, `config.check_resume`)
+from the newest intact checkpoint. A checkpoint holds the trained
+parameters, the optimizer state, every process's RNG state and the loop's
+plain state (step, data position, best score, config): one file for
+one-process and DDP runs, a `torch.distributed.checkpoint` directory written
+by every process for FSDP runs. Every file is written whole or not at all
+(`files.py`), and a failure to write is one line naming the path. The export
+is the final model as one `from_pretrained` directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -35,14 +33,23 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-if TYPE_CHECKING:
-    from train import DataPosition, Dist, TrainConfig
+import data
+import files
+import model_utils
+import parallel
+import training
+from config import TrainConfig, check_resume, config_changes
+from parallel import World
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# The loop's state besides tensors: `best_loss` holds the best selection score (a validation loss, -SIM, a
+# WER...); the key keeps the name checkpoints have always had, so that older ones resume.
+LOOP_KEYS = ("step", "position", "best_loss", "config")
+CHECKPOINT_KEYS = {"model", "optimizer", "rng", *LOOP_KEYS}
 
 # --------------------------------------------------------------------------
 # Checkpoints (atomic, last K and best kept, weights_only-loadable)
 # --------------------------------------------------------------------------
-
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def rng_state() -> dict:
@@ -65,35 +72,29 @@ def trained_names(model: torch.nn.Module) -> set[str]:
     return {name.removeprefix("module.") for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPosition, config: TrainConfig,
-                    env: Dist, best_loss: float, name: str | None = None) -> Path:
-    """`checkpoints/step_N.pt` (or `name`), written to a temporary file and renamed.
+def save_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, world: World, keep_last: int,
+                    sharded: bool = False, name: str | None = None) -> Path:
+    """`checkpoints/step_N.pt` (or `name`) holding the model's trained parameters, the optimizer state, every
+    process's RNG state and `loop_state` (the `LOOP_KEYS`), written to a temporary file and renamed.
 
     Every process takes part in gathering the (possibly sharded) state and
-    sends its RNG state; process 0 writes. Only trained parameters are kept.
-    FSDP runs write a sharded directory instead (`save_sharded_checkpoint`).
+    sends its RNG state; process 0 writes. `sharded` (FSDP runs) writes a
+    directory of every process's shards instead (`save_sharded_checkpoint`).
     """
-    if sharded_checkpoints(config, env):
-        return save_sharded_checkpoint(run_dir, step, model, optimizer, position, config, env, best_loss, name)
+    if sharded:
+        return save_sharded_checkpoint(run_dir, model, optimizer, loop_state, world, keep_last, name)
     folder = run_dir / "checkpoints"
     keep = trained_names(model)
     model_state = {k: v for k, v in get_model_state_dict(model, options=FULL_STATE).items() if k in keep}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
-    rngs = [None] * env.world_size
-    if env.enabled:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    path = folder / (name or f"step_{step:08d}.pt")
-    if env.main:
+    rngs = parallel.gather_objects(rng_state(), world)
+    path = folder / (name or f"step_{loop_state['step']:08d}.pt")
+    if world.main:
         folder.mkdir(parents=True, exist_ok=True)
-        state = {"step": step, "model": model_state, "optimizer": optimizer_state, "position": asdict(position),
-                 "rng": rngs, "best_loss": best_loss, "config": asdict(config)}
-        with atomic_file(path) as handle:
-            torch.save(state, handle)
-        prune_checkpoints(folder, config.keep_last, path)
-    if env.enabled:
-        dist.barrier()
+        with files.atomic_file(path) as handle:
+            torch.save({**loop_state, "model": model_state, "optimizer": optimizer_state, "rng": rngs}, handle)
+        prune_checkpoints(folder, keep_last, path)
+    parallel.wait_for_all(world)
     return path
 
 
@@ -117,31 +118,29 @@ def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def load_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, dict, float]:
-    """Restore model, optimizer and this process's RNG state; returns the step, the data position (the
-    fields of `train.DataPosition`) and the best score."""
+def load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
+    """Restore model, optimizer and this process's RNG state; returns the loop's state (the `LOOP_KEYS`)."""
     if path.is_dir():
-        return load_sharded_checkpoint(path, model, optimizer, env)
+        return load_sharded_checkpoint(path, model, optimizer, world)
     state = torch.load(path, map_location="cpu", weights_only=True)
     missing = trained_names(model) - set(state["model"])
     if missing:
         raise ValueError(f"{path} lacks trained parameters, e.g. {sorted(missing)[:3]}")
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    if len(state["rng"]) != env.world_size:
-        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {env.world_size})")
-    set_rng_state(state["rng"][env.rank])
-    return state["step"], state["position"], state["best_loss"]
+    _restore_rng(state, path, world)
+    return {key: state[key] for key in LOOP_KEYS}
+
+
+def _restore_rng(state: dict, path: Path, world: World) -> None:
+    if len(state["rng"]) != world.size:
+        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {world.size})")
+    set_rng_state(state["rng"][world.rank])
 
 
 SHARDED_SUFFIX = ".dcp"
 TRAIN_STATE = "train_state.pt"
 STEP_CHECKPOINT = re.compile(rf"step_(\d+)(?:\.pt|{re.escape(SHARDED_SUFFIX)})")
-
-
-def sharded_checkpoints(config: TrainConfig, env: Dist) -> bool:
-    """FSDP runs save sharded checkpoints; one-process and DDP runs a single file."""
-    return env.enabled and config.parallel == "fsdp"
 
 
 def sharded_tensors(model, optimizer) -> dict:
@@ -151,39 +150,35 @@ def sharded_tensors(model, optimizer) -> dict:
             "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPosition, config: TrainConfig,
-                            env: Dist, best_loss: float, name: str | None = None) -> Path:
+def save_sharded_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, world: World, keep_last: int,
+                            name: str | None = None) -> Path:
     """`checkpoints/step_N.dcp/` (`best.dcp/` for `name="best.pt"`): a torch.distributed.checkpoint directory.
 
     Each process writes its own shards of the trained parameters and optimizer
     state (`__RANK_0.distcp`), so nothing is gathered: for full fine-tuning of
     the released model that is ~69 GB of fp32 weights and AdamW state that no
     longer passes through process 0's memory at every save. Process 0 adds
-    `train_state.pt` (step, data position, every process's RNG state, best
-    loss, config). All of it is written into `NAME.dcp.tmp/` and renamed once
-    complete, so a directory named `*.dcp` is always whole. Across machines,
-    `--out-dir` must be a filesystem every node sees.
+    `train_state.pt` (the loop's state and every process's RNG state). All of
+    it is written into `NAME.dcp.tmp/` and renamed once complete, so a
+    directory named `*.dcp` is always whole. Across machines, `--out-dir` must
+    be a filesystem every node sees.
     """
     folder = run_dir / "checkpoints"
-    path = folder / ((Path(name).stem if name else f"step_{step:08d}") + SHARDED_SUFFIX)
+    path = folder / ((Path(name).stem if name else f"step_{loop_state['step']:08d}") + SHARDED_SUFFIX)
     temporary = path.with_name(path.name + ".tmp")
-    if env.main:
+    if world.main:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while saving
         temporary.mkdir(parents=True)
-    dist.barrier()
+    parallel.wait_for_all(world)
     # DCP writes each process's files (fsynced), then the metadata on process 0 after all have reported.
     dcp.save(sharded_tensors(model, optimizer), checkpoint_id=temporary)
-    rngs = [None] * env.world_size
-    dist.all_gather_object(rngs, rng_state())
-    if env.main:
-        state = {"step": step, "position": asdict(position), "rng": rngs, "best_loss": best_loss, "config": asdict(config)}
-        with open(temporary / TRAIN_STATE, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
+    rngs = parallel.gather_objects(rng_state(), world)
+    if world.main:
+        with files.atomic_file(temporary / TRAIN_STATE) as handle:
+            torch.save({**loop_state, "rng": rngs}, handle)
         _replace_directory(temporary, path)
-        prune_checkpoints(folder, config.keep_last, path)
-    dist.barrier()
+        prune_checkpoints(folder, keep_last, path)
+    parallel.wait_for_all(world)
     return path
 
 
@@ -197,94 +192,47 @@ def _replace_directory(new: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(new, path)
-    fsync_directory(path.parent)
+    files.fsync_directory(path.parent)
 
 
-def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, dict, float]:
+def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     """Restore a `save_sharded_checkpoint` directory: each process reads the shards it holds."""
     state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
-    if len(state["rng"]) != env.world_size:
-        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {env.world_size})")
+    if len(state["rng"]) != world.size:
+        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {world.size})")
     tensors = sharded_tensors(model, optimizer)
     dcp.load(tensors, checkpoint_id=path)
     set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
-    set_rng_state(state["rng"][env.rank])
-    return state["step"], state["position"], state["best_loss"]
+    _restore_rng(state, path, world)
+    return {key: state[key] for key in LOOP_KEYS}
 
 
 # --------------------------------------------------------------------------
-# Files that are whole or absent: temporary name, fsync, rename
+# Runs: a run directory belongs to one run; --resume continues it unchanged
 # --------------------------------------------------------------------------
 
 
-class WriteError(RuntimeError):
-    """A checkpoint, config or export that could not be written (disk full, read-only...): one line naming it."""
-
-    def __init__(self, path: Path, error: BaseException):
-        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else _first_line(error)
-        super().__init__(f"cannot write {path}: {reason}")
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("config.json", "checkpoints", "tensorboard", "export"))
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yields a binary file `PATH.tmp-PID`; on success it is fsynced and renamed to `path`, on any failure
-    removed (a failure to write is a WriteError)."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        fsync_directory(path.parent)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, Exception):
-            raise WriteError(path, error) from error
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Path):
-    """Yields an empty folder `PATH.tmp-XXXX`; on success every file in it is fsynced and it replaces
-    `path` (an older `path` is moved to `PATH.old-XXXX`, then deleted); on any failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-    old = path.with_name(temporary.name.replace(".tmp-", ".old-"))
-    try:
-        yield temporary
-        for folder, _, files in os.walk(temporary, topdown=False):
-            for name in files:
-                with open(os.path.join(folder, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-            fsync_directory(Path(folder))
-        if path.exists():
-            os.replace(path, old)
-        os.replace(temporary, path)
-        fsync_directory(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)
-        if isinstance(error, Exception):
-            raise WriteError(path, error) from error
-        raise
+def open_run(run_dir: Path, config: TrainConfig, world: World, say) -> tuple[Path | None, dict | None]:
+    """A new run claims a name no run holds; a --resume gets the newest intact checkpoint, after stray
+    temporaries are cleaned, and its state (tensors memory-mapped), whose config must match the flags."""
+    if not config.resume:
+        if holds_a_run(run_dir):
+            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return None, None
+    if world.main:
+        stray = clean_temporaries(run_dir)
+        if stray:
+            say(f"removed what an interrupted write left: {', '.join(str(path) for path in stray)}")
+    path, state = newest_intact_checkpoint(run_dir, world, say)
+    check_resume(state["config"], config, path)
+    return path, state
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
@@ -297,43 +245,6 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     for path in stray:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return stray
-
-
-# --------------------------------------------------------------------------
-# Runs: a run directory belongs to one run; --resume continues it unchanged
-# --------------------------------------------------------------------------
-
-# What --resume may change: where and how fast the run computes (the device, compile and activation
-# checkpointing change floating-point rounding at most), and what it observes and keeps. Anything else
-# (data, model, scope, LoRA, seed, batch, accumulation, placement, precision, parallelism, optimizer and
-# the schedule, --max-steps included since it sets the cosine's length) would make another run.
-RESUME_SAFE = {"out_dir", "run_name", "resume", "inspect", "device", "compile", "grad_checkpoint", "stop_after",
-               "log_every", "eval_every", "eval_prompts", "eval_max_seconds", "save_every", "keep_last", "max_bad_steps",
-               "patience", "asr_model", "speaker_model", "eval_language", "prefetch", "verify_cache",
-               "frozen_bf16", "text_logits"}
-CHECKPOINT_KEYS = {"step", "model", "optimizer", "position", "rng", "best_loss", "config"}
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("config.json", "checkpoints", "tensorboard", "export"))
-
-
-def open_run(run_dir: Path, config: TrainConfig, env: Dist, say) -> tuple[Path | None, dict | None]:
-    """A new run claims a name no run holds; a --resume gets the newest intact checkpoint, after stray
-    temporaries are cleaned, and its state (tensors memory-mapped), whose config must match the flags."""
-    if not config.resume:
-        if holds_a_run(run_dir):
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
-        if env.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return None, None
-    if env.main:
-        stray = clean_temporaries(run_dir)
-        if stray:
-            say(f"removed what an interrupted write left: {', '.join(str(path) for path in stray)}")
-    path, state = newest_intact_checkpoint(run_dir, env, say)
-    check_resume_config(state["config"], config, path, ignore=("max_steps",) if config.epochs else ())
-    return path, state
 
 
 def read_checkpoint_state(path: Path) -> dict:
@@ -349,13 +260,13 @@ def read_checkpoint_state(path: Path) -> dict:
     except ValueError:
         raise
     except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
-        raise ValueError(_first_line(error)) from None
+        raise ValueError(files.first_line(error)) from None
     if not isinstance(state, dict) or not required <= set(state) or not isinstance(state["config"], dict):
         raise ValueError(f"not a train.py checkpoint (a {type(state).__name__} without {sorted(required)})")
     return state
 
 
-def newest_intact_checkpoint(run_dir: Path, env: Dist, say) -> tuple[Path, dict]:
+def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, dict]:
     """The newest readable `step_N.pt` and its state; damaged newer ones are named and set aside as `*.corrupt`."""
     folder = run_dir / "checkpoints"
     found = step_checkpoints(folder)
@@ -371,36 +282,12 @@ def newest_intact_checkpoint(run_dir: Path, env: Dist, say) -> tuple[Path, dict]
         if damaged:
             listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
             say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
-            if env.main:
+            if world.main:
                 for bad, _ in damaged:
                     os.replace(bad, bad.with_name(bad.name + ".corrupt"))
         return path, state
     listed = "; ".join(f"{bad.name} ({reason})" for bad, reason in damaged)
     raise ValueError(f"--resume: no intact checkpoint in {folder}: {listed}")
-
-
-def config_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
-    """Fields whose value differs from the checkpoint's config (old, new); a path naming the same file is the same."""
-    defaults = asdict(type(config)())
-    changes = {}
-    for name, value in asdict(config).items():
-        old = saved.get(name, defaults[name])
-        same_file = (isinstance(old, str) and isinstance(value, str) and old and value
-                     and os.path.exists(old) and os.path.exists(value) and os.path.samefile(old, value))
-        if old != value and not same_file:
-            changes[name] = (old, value)
-    return changes
-
-
-def check_resume_config(saved: dict, config: TrainConfig, path: Path, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse, in one line naming each field, a --resume whose flags would change the run (see RESUME_SAFE)."""
-    refused = {name: change for name, change in config_changes(saved, config).items()
-               if name not in RESUME_SAFE and name not in ignore}
-    if not refused:
-        return
-    listed = ", ".join(f"--{name.replace('_', '-')} {old!r} (now {new!r})" for name, (old, new) in refused.items())
-    hint = "; to train longer, start a new run from this one's export" if "max_steps" in refused else ""
-    raise ValueError(f"--resume: {path} was trained with {listed}; resume with its values or start another --run-name{hint}")
 
 
 def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, saved: dict | None) -> None:
@@ -411,7 +298,34 @@ def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, save
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(resumed), "step": saved["step"], "changed": changed}
         with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
-    with atomic_file(run_dir / "config.json") as handle:
-        handle.write(json.dumps(asdict(config), indent=2).encode())
+    files.write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2))
 
 
+# --------------------------------------------------------------------------
+# Export: the final model, one from_pretrained directory
+# --------------------------------------------------------------------------
+
+
+def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, world: World, out: Path) -> Path:
+    """The final model in `HiggsAudioModel.from_pretrained` format (LoRA merged), with its text tokenizer
+    and its audio tokenizer (`audio_tokenizer/`, or a pointer to it), so `infer.py` and the package's
+    `HiggsAudioServeEngine` load it (the engine prompts in the trained layout through `generation.align_serve_engine`),
+    and `prompt_layout.json`. Written whole into a temporary folder, then renamed."""
+    full = get_model_state_dict(model, options=FULL_STATE)
+    if world.main:
+        fresh = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed).model
+        if config.scope == "lora":
+            fresh = training.add_lora(fresh, config)
+        fresh.load_state_dict(full)
+        if config.scope == "lora":
+            fresh = fresh.merge_and_unload()
+        with files.atomic_directory(out) as folder:
+            fresh.save_pretrained(folder)
+            bundle.tokenizer.save_pretrained(folder)
+            data.write_prompt_layout(folder, data.PromptLayout(ref_in_system=config.ref_in_system))
+            if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
+                model_utils.save_tiny_audio_tokenizer(folder / "audio_tokenizer", seed=config.seed)
+            else:
+                (folder / "audio_tokenizer.json").write_text(json.dumps({"audio_tokenizer": config.audio_tokenizer}))
+    parallel.wait_for_all(world)
+    return out

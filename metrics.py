@@ -267,8 +267,9 @@ def duration_ratio(generated_seconds: float, target_seconds: float | None) -> fl
 # --------------------------------------------------------------------------
 
 
-def teacher_forced_hits(audio_logits: torch.Tensor, label_audio_ids: torch.Tensor, eos_id: int) -> np.ndarray:
-    """Counts (n_q + 1, 2) of [correct top-1, labelled]: one row per codebook, the last for stream-EOS labels.
+def teacher_forced_hits(audio_logits: torch.Tensor, label_audio_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Counts (n_q + 1, 2) of [correct top-1, labelled]: one row per codebook, the last for stream-EOS labels;
+    float64, on the logits' device (the training step reads them only when it logs).
 
     The same shift as the loss: `audio_logits[:-1, k]` predicts
     `label_audio_ids[k, 1:]`; -100 labels are not counted. The EOS row counts
@@ -282,7 +283,7 @@ def teacher_forced_hits(audio_logits: torch.Tensor, label_audio_ids: torch.Tenso
     eos = labels == eos_id
     per_codebook = torch.stack([correct.sum(1), labelled.sum(1)], dim=1)
     eos_counts = torch.stack([(correct & eos).sum(), eos.sum()])[None]
-    return torch.cat([per_codebook, eos_counts]).double().cpu().numpy()
+    return torch.cat([per_codebook, eos_counts]).double()
 
 
 def accuracy_from_hits(hits: np.ndarray) -> dict[str, float]:

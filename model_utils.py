@@ -497,6 +497,11 @@ def higgs_model(model: torch.nn.Module) -> HiggsAudioModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a `HiggsAudioModel`, inside a peft wrapper or not."""
+    return higgs_model(model).layers
+
+
 def merged_text_labels(model: HiggsAudioModel, inputs: dict) -> torch.Tensor:
     """The text labels of the merged text-and-audio sequence, as the model's forward will build them.
 

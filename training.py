@@ -1,0 +1,261 @@
+"""The training step, and the model as the step trains it.
+
+    model = prepare_model(bundle.model, config, world, device)     # what is trained, memory, compile, DDP/FSDP2
+    optimizer = build_optimizer(model, config, device)
+    stats = train_step(model, optimizer, micro_batches, config, world, device, lr_at(step, config, max_steps))
+
+`train_step` is the one optimizer step that `train.py`, `bench.py` and the
+tests run: forward, loss and backward over the step's micro-batches (DDP's
+gradient all-reduce only on the last), gradient clipping and the AdamW
+update, skipped when a loss is not finite. Its statistics stay on the device
+(`StepStats`) until the loop reads them on a step that logs (`read`: one
+all-reduce, one transfer), so a step that logs nothing never waits for the
+GPU on our account.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchInput
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+import collate
+import metrics
+import model_utils
+import parallel
+from config import TrainConfig
+
+AUDIO_PARAMETER_MARKERS = ("audio_mlp", "audio_post_attention_layernorm", "audio_input_layernorm",
+                           "audio_codebook_embeddings", "audio_decoder_proj.audio_lm_head")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------
+# The model as it is trained
+# --------------------------------------------------------------------------
+
+
+def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.World, device: str) -> torch.nn.Module:
+    """What is trained (`--scope`, or LoRA adapters), the memory options, activation checkpointing and compile
+    per decoder layer, then DDP or FSDP2 across processes: the model `train_step` steps."""
+    if config.scope == "lora":
+        model = add_lora(model, config)
+    else:
+        select_trainable(model, config.scope)
+    reduce_memory(model, config)
+    wrap_decoder_layers(model, config)
+    return parallel.wrap_model(model, config.parallel, config.precision, world, device)
+
+
+def select_trainable(model: torch.nn.Module, scope: str) -> None:
+    """`full` trains everything, `audio` the audio side of the dual-FFN layers, codebook embeddings and audio head."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(scope == "full" or any(marker in name for marker in AUDIO_PARAMETER_MARKERS))
+
+
+def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """peft LoRA on attention and on both FFNs of every layer, the text MLP and the audio MLP alike.
+
+    The wrapper is peft's base `PeftModel`, whose forward passes the batch
+    through unchanged (no injected `labels`), so DDP wraps it like any module.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(model, lora)
+
+
+def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Text logits only at labelled positions (`--text-logits labelled`) and, under bf16, frozen
+    linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_training.py)."""
+    if config.text_logits == "labelled":
+        model_utils.text_logits_at_labels(model)
+    if config.frozen_bf16 and config.precision == "bf16":
+        model_utils.frozen_linear_weights_to_bf16(model)
+
+
+def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Activation checkpointing (the package has none) and/or compile, one decoder layer at a time.
+
+    Each layer keeps its class and its parameter names: the package's decoder
+    calls a layer with the audio mask only `if isinstance(layer,
+    HiggsAudioDualFFNDecoderLayer)`, so a wrapper module (`checkpoint_wrapper`,
+    the `OptimizedModule` of `torch.compile(layer)`) would silently route
+    every token through the text FFN. Hence the layer's own `forward` is
+    checkpointed and `Module.compile` compiles in place.
+    """
+    for layer in model_utils.decoder_layers(model):
+        if config.grad_checkpoint:
+            checkpoint_forward(layer)
+        if config.compile:
+            layer.compile(dynamic=True)
+
+
+def checkpoint_forward(layer: torch.nn.Module) -> None:
+    """Recompute `layer`'s activations in backward instead of keeping them (training only)."""
+    forward = layer.forward
+
+    def checkpointed(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    layer.forward = checkpointed
+
+
+def autocast(precision: str, device: str):
+    """bf16 autocast under `--precision bf16` (on the CPU too), nothing under fp32."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# --------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (no decay on norms and biases); fused on CUDA."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+
+def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at `max_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured, kept on the device; `read` brings it to the host.
+
+    `losses`: total, text, audio and per-codebook losses, each the mean over
+    the micro-batches (float64, as the host would add them); `counts`: real
+    positions, padded positions and samples; `hits`: teacher-forced top-1
+    [correct, labelled] per codebook and on stream EOS; `skipped`: some
+    process had a non-finite loss, so the update was not applied.
+    """
+
+    losses: torch.Tensor
+    counts: torch.Tensor
+    hits: torch.Tensor
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor
+
+    def read(self, world: parallel.World) -> StepValues:
+        """Means over processes (sums for `counts`), in one all-reduce and one device-to-host transfer."""
+        shared = torch.cat([self.losses, self.counts, self.hits.reshape(-1)])
+        values = torch.cat([parallel.mean_over_processes(shared, world),
+                            self.grad_norm.double().reshape(1), self.skipped.double().reshape(1)]).tolist()
+        losses, counts = values[: len(self.losses)], values[len(self.losses) : len(self.losses) + 3]
+        hits = np.array(values[len(self.losses) + 3 : -2]).reshape(self.hits.shape)
+        tokens, padded, samples = (value * world.size for value in counts)
+        return StepValues(dict(zip(loss_names(len(self.losses) - 3), losses)), tokens, padded, samples,
+                          metrics.accuracy_from_hits(hits), values[-2], bool(values[-1]))
+
+
+@dataclass
+class StepValues:
+    """`StepStats` on the host, over every process."""
+
+    losses: dict[str, float]
+    tokens: float
+    padded: float
+    samples: float
+    accuracy: dict[str, float]
+    grad_norm: float
+    skipped: bool
+
+
+def loss_names(num_codebooks: int) -> list[str]:
+    return ["total", "text", "audio"] + [f"codebook_{k}" for k in range(num_codebooks)]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[HiggsAudioBatchInput],
+               config: TrainConfig, world: parallel.World, device: str, lr: float) -> StepStats:
+    """One optimizer step at learning rate `lr` over `batches`, the step's micro-batches (its gradient accumulation).
+
+    Each micro-batch's loss is scaled by 1/len(batches), so the gradient is
+    the mean over them; under DDP gradients are all-reduced on the last one
+    only. A non-finite loss on any process skips the update everywhere (the
+    gradients are dropped, the optimizer state is untouched); `StepStats.skipped`
+    says so. Gradients are clipped to `config.grad_clip` (0 = off).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model_config = model_utils.higgs_model(parallel.unwrap(model)).config
+    codebooks, stream_eos = model_config.audio_num_codebooks, model_config.audio_codebook_size + 1
+    losses = torch.zeros(3 + codebooks, dtype=torch.float64, device=device)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    hits = torch.zeros(codebooks + 1, 2, dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        with no_sync, autocast(config.precision, device):
+            outputs = model(**collate.batch_to_model_inputs(batch, device))
+            loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
+            (loss.total / len(batches)).backward()
+        finite = finite & torch.isfinite(loss.total.detach())
+        losses += _loss_vector(loss) * (1 / len(batches))
+        real = outputs.attention_mask.sum()  # positions of the merged text-and-audio sequence the model ran on
+        counts += torch.stack([real, outputs.attention_mask.numel() - real, real.new_tensor(len(batch.input_ids))])
+        hits += metrics.teacher_forced_hits(outputs.audio_logits.detach(), batch.label_audio_ids, stream_eos)
+    skipped = _on_any_process(~finite, world)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    # Under FSDP the norm is a DTensor; making it whole is a collective, so every process does it.
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    _update_unless(skipped, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(losses, counts, hits, grad_norm.detach(), skipped)
+
+
+def _loss_vector(loss: model_utils.LossBreakdown) -> torch.Tensor:
+    """[total, text, audio, codebook_0, ...] as float64, the precision the host adds in."""
+    parts = torch.stack([loss.total.detach(), loss.text.detach(), loss.audio.detach()]).float()
+    return torch.cat([parts, loss.per_codebook.detach().float()]).double()
+
+
+def _on_any_process(flag: torch.Tensor, world: parallel.World) -> torch.Tensor:
+    """A device flag set wherever it is set on some process (a device collective; the host does not wait)."""
+    if not world.distributed:
+        return flag
+    flag = flag.to(torch.float32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.bool()
+
+
+def _update_unless(skipped: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer's update, unless `skipped`.
+
+    A fused AdamW (CUDA) takes the flag on the device through `found_inf`, the
+    protocol `torch.amp.GradScaler` uses: the kernel leaves parameters, moments
+    and step count alone when it is set, and the host never reads it. The
+    foreach AdamW (CPU, where reading a tensor waits for nothing) has no such
+    argument, so the host decides.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped.to(torch.float32)
+        optimizer.step()
+    elif not skipped.item():
+        optimizer.step()
