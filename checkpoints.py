@@ -6,18 +6,17 @@ checkpoint. Checkpoints hold the trained parameters, optimizer state, data
 position, every process's RNG state and the config: one file for one-process
 and DDP runs, a `torch.distributed.checkpoint` directory written by every
 process for FSDP runs. Every file is written whole or not at all (temporary
-name, fsync, rename), and a failure to write is one line naming the path.
+name, fsync, rename: `files.py`), and a failure to write is one line naming
+the path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+import files
 
 if TYPE_CHECKING:
     from train import DataPosition, Dist, TrainConfig
@@ -89,7 +90,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: DataPo
         folder.mkdir(parents=True, exist_ok=True)
         state = {"step": step, "model": model_state, "optimizer": optimizer_state, "position": asdict(position),
                  "rng": rngs, "best_loss": best_loss, "config": asdict(config)}
-        with atomic_file(path) as handle:
+        with files.atomic_file(path) as handle:
             torch.save(state, handle)
         prune_checkpoints(folder, config.keep_last, path)
     if env.enabled:
@@ -197,7 +198,7 @@ def _replace_directory(new: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(new, path)
-    fsync_directory(path.parent)
+    files.fsync_directory(path.parent)
 
 
 def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[int, dict, float]:
@@ -211,80 +212,6 @@ def load_sharded_checkpoint(path: Path, model, optimizer, env: Dist) -> tuple[in
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     set_rng_state(state["rng"][env.rank])
     return state["step"], state["position"], state["best_loss"]
-
-
-# --------------------------------------------------------------------------
-# Files that are whole or absent: temporary name, fsync, rename
-# --------------------------------------------------------------------------
-
-
-class WriteError(RuntimeError):
-    """A checkpoint, config or export that could not be written (disk full, read-only...): one line naming it."""
-
-    def __init__(self, path: Path, error: BaseException):
-        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else _first_line(error)
-        super().__init__(f"cannot write {path}: {reason}")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yields a binary file `PATH.tmp-PID`; on success it is fsynced and renamed to `path`, on any failure
-    removed (a failure to write is a WriteError)."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        fsync_directory(path.parent)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, Exception):
-            raise WriteError(path, error) from error
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Path):
-    """Yields an empty folder `PATH.tmp-XXXX`; on success every file in it is fsynced and it replaces
-    `path` (an older `path` is moved to `PATH.old-XXXX`, then deleted); on any failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-    old = path.with_name(temporary.name.replace(".tmp-", ".old-"))
-    try:
-        yield temporary
-        for folder, _, files in os.walk(temporary, topdown=False):
-            for name in files:
-                with open(os.path.join(folder, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-            fsync_directory(Path(folder))
-        if path.exists():
-            os.replace(path, old)
-        os.replace(temporary, path)
-        fsync_directory(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)
-        if isinstance(error, Exception):
-            raise WriteError(path, error) from error
-        raise
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
@@ -349,7 +276,7 @@ def read_checkpoint_state(path: Path) -> dict:
     except ValueError:
         raise
     except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
-        raise ValueError(_first_line(error)) from None
+        raise ValueError(files.first_line(error)) from None
     if not isinstance(state, dict) or not required <= set(state) or not isinstance(state["config"], dict):
         raise ValueError(f"not a train.py checkpoint (a {type(state).__name__} without {sorted(required)})")
     return state
@@ -411,7 +338,7 @@ def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, save
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(resumed), "step": saved["step"], "changed": changed}
         with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
-    with atomic_file(run_dir / "config.json") as handle:
+    with files.atomic_file(run_dir / "config.json") as handle:
         handle.write(json.dumps(asdict(config), indent=2).encode())
 
 

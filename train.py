@@ -56,9 +56,12 @@ from tqdm import tqdm
 import checkpoints
 import collate
 import data
+import files
 import infer
+import manifest
 import metrics
 import model_utils
+import prepare
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MANIFEST = ROOT / "demo" / "data" / "manifest.jsonl"
@@ -346,9 +349,9 @@ class DataPosition:
     index: int = 0  # micro-batches consumed in this epoch, over all processes
 
 
-def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int, maker: SampleMaker) -> list[list[data.Pair]]:
+def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int, maker: SampleMaker) -> list[list[manifest.Pair]]:
     """All micro-batches of an epoch: `batch_size` pairs each, or length-bucketed within `batch_tokens`."""
-    pairs, _ = data.training_pairs(rows, config.seed, epoch)
+    pairs, _ = manifest.training_pairs(rows, config.seed, epoch)
     if config.batch_tokens:
         batches = collate.token_budget_batches(maker.lengths(pairs, rows), config.batch_tokens, config.seed, epoch)
         return [[pairs[i] for i in batch] for batch in batches]
@@ -389,28 +392,28 @@ def training_rows(config: TrainConfig, bundle: model_utils.Bundle, env: Dist, ru
     say = print if env.main else (lambda *args, **kwargs: None)
     counted = None
     if config.cache:
-        prepared = data.read_prepared(config.cache, data.audio_tokenizer_id(bundle.audio_tokenizer), config.verify_cache)
+        prepared = prepare.read_prepared(config.cache, prepare.audio_tokenizer_id(bundle.audio_tokenizer), config.verify_cache)
         rows, codes, counted = prepared.rows, prepared.codes, prepared.text_token_counts
         say(f"data: {config.cache}: {prepared.summary}")
         say(f"data: {codes.verified_shards} shards ({codes.verified_bytes / 1e6:.1f} MB) match their checksums, "
             f"checked in {codes.verify_seconds:.2f} s (--no-verify-cache skips this)" if config.verify_cache
             else "data: shard checksums not checked (--no-verify-cache); a shard is still checked for its shape when opened")
     else:
-        codes = data.CodeCache(bundle.audio_tokenizer)
+        codes = prepare.EncodedClips(bundle.audio_tokenizer)
         rows = validated_rows(config.train_manifest, codes, env, run_dir / "rejections.jsonl")
-    if config.batch_tokens and counted != data.text_counting_id(bundle.tokenizer):
+    if config.batch_tokens and counted != manifest.text_counting_id(bundle.tokenizer):
         if counted is not None:
             say("data: the cache's text token counts are of another text tokenizer or normalisation: counting again")
-        data.add_text_token_counts(rows, bundle.tokenizer)
+        manifest.add_text_token_counts(rows, bundle.tokenizer)
     return rows, codes
 
 
-def validated_rows(manifest: str, codes: data.CodeCache, env: Dist, report: Path) -> list[dict]:
-    """The kept rows of `manifest`, their clips encoded into `codes`; the counts are printed and the
+def validated_rows(manifest_path: str, codes: prepare.EncodedClips, env: Dist, report: Path) -> list[dict]:
+    """The kept rows of `manifest_path`, their clips encoded into `codes`; the counts are printed and the
     rejected rows, with row numbers and reasons, listed in `report`."""
-    validated = data.validate_manifest(manifest, codes, progress=env.main)
+    validated = manifest.validate_manifest(manifest_path, codes, progress=env.main)
     if env.main:
-        print(f"data: {manifest}: {validated.summary()}")
+        print(f"data: {manifest_path}: {validated.summary()}")
         if validated.rejections:
             validated.write_report(report)
             print(f"rejected rows, with row numbers and reasons: {report}")
@@ -426,24 +429,24 @@ class SampleMaker:
         self.whisper = collate.whisper_features(model_config)
         self.collator = collate.build_collator(model_config, self.whisper)
 
-    def lengths(self, pairs: list[data.Pair], rows: list[dict]) -> list[int]:
+    def lengths(self, pairs: list[manifest.Pair], rows: list[dict]) -> list[int]:
         """Each pair's `collate.sample_tokens`, from the numbers its rows carry (no sample is built);
         rows without text token counts are given them first."""
         model_config = self.bundle.model.config
         if self.whisper is not None and self.config.ref_in_system:
             raise ValueError("--batch-tokens cannot count the Whisper features of a system-message reference")
         if rows and "text_tokens" not in rows[0]:
-            data.add_text_token_counts(rows, self.bundle.tokenizer)
-        return data.sample_lengths(pairs, rows, self.bundle.tokenizer, model_config.audio_num_codebooks,
-                                   self.config.ref_in_system, model_config.use_delay_pattern)
+            manifest.add_text_token_counts(rows, self.bundle.tokenizer)
+        return manifest.sample_lengths(pairs, rows, self.bundle.tokenizer, model_config.audio_num_codebooks,
+                                       self.config.ref_in_system, model_config.use_delay_pattern)
 
-    def samples(self, pairs: list[data.Pair]) -> list:
+    def samples(self, pairs: list[manifest.Pair]) -> list:
         return [
-            data.pair_to_sample(pair, self.bundle.tokenizer, self.codes, self.config.ref_in_system, self.whisper is not None)
+            manifest.pair_to_sample(pair, self.bundle.tokenizer, self.codes, self.config.ref_in_system, self.whisper is not None)
             for pair in pairs
         ]
 
-    def batch(self, pairs: list[data.Pair]):
+    def batch(self, pairs: list[manifest.Pair]):
         codebook_size = self.bundle.model.config.audio_codebook_size
         return collate.collate(self.collator, self.samples(pairs), codebook_size, [pair.id for pair in pairs])
 
@@ -661,7 +664,7 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
         fresh.load_state_dict(full)
         if config.scope == "lora":
             fresh = fresh.merge_and_unload()
-        with checkpoints.atomic_directory(out) as folder:
+        with files.atomic_directory(out) as folder:
             fresh.save_pretrained(folder)
             bundle.tokenizer.save_pretrained(folder)
             data.write_prompt_layout(folder, data.PromptLayout(ref_in_system=config.ref_in_system))
@@ -679,7 +682,7 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, env: Di
 # --------------------------------------------------------------------------
 
 
-def validation_loss(model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig, env: Dist) -> dict[str, float]:
+def validation_loss(model, maker: SampleMaker, pairs: list[manifest.Pair], config: TrainConfig, env: Dist) -> dict[str, float]:
     """Mean losses over the validation pairs, each process taking every W-th chunk.
 
     Every process runs as many forwards (FSDP gathers parameters in each, so
@@ -726,7 +729,7 @@ def selection_problem(config: TrainConfig) -> str | None:
     return None
 
 
-def clone_evaluation(config: TrainConfig, val_rows: list[dict], val_pairs: list[data.Pair], env: Dist) -> CloneEvaluation | None:
+def clone_evaluation(config: TrainConfig, val_rows: list[dict], val_pairs: list[manifest.Pair], env: Dist) -> CloneEvaluation | None:
     """The judge of generated validation clips, on process 0; None where no clip is generated.
 
     Under FSDP no clip is generated (each generation step would need every
@@ -749,7 +752,7 @@ def clone_evaluation(config: TrainConfig, val_rows: list[dict], val_pairs: list[
     return evaluation
 
 
-def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig,
+def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[manifest.Pair], config: TrainConfig,
                     evaluation: CloneEvaluation) -> dict[str, float]:
     """Greedy clones of the first validation prompts: audio, mel spectrograms (generated | target | reference),
     and their SIM, WER/CER and timing as scalars and a table with the transcripts; returns the metrics' means."""
@@ -773,7 +776,7 @@ def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[da
     return means
 
 
-def evaluate_clones(writer, step: int, model, maker: SampleMaker, pairs: list[data.Pair], config: TrainConfig, env: Dist,
+def evaluate_clones(writer, step: int, model, maker: SampleMaker, pairs: list[manifest.Pair], config: TrainConfig, env: Dist,
                     evaluation: CloneEvaluation | None) -> dict[str, float]:
     """`log_generations` where clips are generated (process 0), its means shared with every process."""
     quality = log_generations(writer, step, _unwrap_ddp(model), maker, pairs, config, evaluation) if evaluation else {}
@@ -898,9 +901,9 @@ def _train(config: TrainConfig, env: Dist, on_exit: contextlib.ExitStack) -> Pat
     val_pairs, val_maker = [], None
     if config.val_manifest:
         # Clips shared with the training manifest (the demo validates on its own data) are encoded once.
-        val_codes = codes if isinstance(codes, data.CodeCache) else data.CodeCache(bundle.audio_tokenizer)
+        val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
         val_rows = validated_rows(config.val_manifest, val_codes, env, run_dir / "val_rejections.jsonl")
-        val_pairs = data.training_pairs(val_rows, config.seed, 0)[0]
+        val_pairs = manifest.training_pairs(val_rows, config.seed, 0)[0]
         val_maker = SampleMaker(bundle, config, val_codes)
     evaluation = clone_evaluation(config, val_rows if config.val_manifest else [], val_pairs, env)
 
@@ -1089,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
         return 2
-    except (data.AudioError, data.ManifestError, collate.SampleError, ValueError, RuntimeError) as error:
+    except (data.AudioError, manifest.ManifestError, collate.SampleError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
