@@ -43,8 +43,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import collate
 import data
+import manifest
 import metrics
 import model_utils
+import prepare
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "data"
 STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>"]
@@ -730,7 +732,7 @@ def demo_case(bundle: model_utils.Bundle, ref_in_system: bool = False, scene: st
 def evaluate_pair(
     bundle: model_utils.Bundle,
     judge: metrics.Judge,
-    pair: data.Pair,
+    pair: manifest.Pair,
     language: str | None,
     sampling: Sampling,
     codes,
@@ -780,12 +782,12 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
     bundle = _load(args)
     judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device)
-    codes = data.CodeCache(bundle.audio_tokenizer)
-    validated = data.validate_manifest(args.eval, codes, progress=True)
+    codes = prepare.EncodedClips(bundle.audio_tokenizer)
+    validated = manifest.validate_manifest(args.eval, codes, progress=True)
     (out / "wavs").mkdir(parents=True, exist_ok=True)
     validated.write_report(out / "rejections.jsonl")
     print(f"data: {args.eval}: {validated.summary()}" + (f"; rejected rows: {out / 'rejections.jsonl'}" if validated.rejections else ""))
-    pairs, _ = data.training_pairs(validated.kept, args.seed, 0)
+    pairs, _ = manifest.training_pairs(validated.kept, args.seed, 0)
     languages = {row["id"]: row.get("language") for row in validated.kept}
     sampling = sampling_from_args(args)
     records, started = [], time.time()
@@ -880,8 +882,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 
 def check_text(text: str, name: str) -> None:
-    """A text to speak within training's limits: at most data.Filters.max_text_chars characters, something speakable."""
-    limit = data.Filters.max_text_chars
+    """A text to speak within training's limits: at most manifest.Filters.max_text_chars characters, something speakable."""
+    limit = manifest.Filters.max_text_chars
     if len(text) > limit:
         raise ValueError(f"{name} has {len(text)} characters, over the {limit} training accepts; split it")
     spoken = data.normalize_text(text)
@@ -914,8 +916,8 @@ def _reference_paths(args: argparse.Namespace, layout: data.PromptLayout) -> tup
             raise data.AudioError(f"{args.ref_audio}: no such audio file")
         if args.ref_text is None and not layout.ref_in_system:
             raise ValueError("--ref-audio needs --ref-text (its transcript)")
-        if args.ref_text is not None and len(args.ref_text) > data.Filters.max_text_chars:
-            raise ValueError(f"--ref-text has {len(args.ref_text)} characters, over the {data.Filters.max_text_chars} training accepts")
+        if args.ref_text is not None and len(args.ref_text) > manifest.Filters.max_text_chars:
+            raise ValueError(f"--ref-text has {len(args.ref_text)} characters, over the {manifest.Filters.max_text_chars} training accepts")
         _check_reference_file(args.ref_audio)
         return args.ref_audio, args.ref_text or ""
     row = json.loads((DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
@@ -999,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.parity:
             return run_parity_cli(args)
         return run_eval_cli(args) if args.eval else run_clone_cli(args)
-    except (data.AudioError, data.ManifestError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:
+    except (data.AudioError, manifest.ManifestError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -5,9 +5,9 @@ of token-budget batches with length buckets vs without, the time to plan an epoc
     python benchmarks/data_benchmark.py [--epochs 50] [--batch-tokens 8192] [--samples 20000]
                                         [--plan-rows 100000 1000000] [--steps 40]
 
-Samples/s: the demo manifest (12 clips of 2-4 s) through `data.prepare`, then
+Samples/s: the demo manifest (12 clips of 2-4 s) through `prepare.prepare`, then
 epochs of training samples (`training_pairs` + `pair_to_sample`) built from
-the cache, and built by encoding on the fly: a fresh `CodeCache` each epoch,
+the cache, and built by encoding on the fly: a fresh `EncodedClips` each epoch,
 as a data loader that encodes in `__getitem__` does (each clip still encoded
 only once per epoch). Both give identical samples, which is checked.
 
@@ -49,16 +49,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import collate  # noqa: E402
-import data  # noqa: E402
+import manifest  # noqa: E402
 import model_utils  # noqa: E402
+import prepare  # noqa: E402
 import train  # noqa: E402
 
 DEMO_MANIFEST = ROOT / "demo" / "data" / "manifest.jsonl"
 
 
 def epoch_samples(rows: list[dict], codes, tokenizer, epoch: int) -> list:
-    pairs, _ = data.training_pairs(rows, seed=0, epoch=epoch)
-    return [data.pair_to_sample(pair, tokenizer, codes) for pair in pairs]
+    pairs, _ = manifest.training_pairs(rows, seed=0, epoch=epoch)
+    return [manifest.pair_to_sample(pair, tokenizer, codes) for pair in pairs]
 
 
 def samples_per_second(rows: list[dict], make_codes, tokenizer, epochs: int) -> tuple[float, list]:
@@ -80,21 +81,21 @@ def same_samples(a: list, b: list) -> bool:
 
 def benchmark_cache(bundle: model_utils.Bundle, epochs: int, cache: str) -> None:
     started = time.perf_counter()
-    result = data.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)
+    result = prepare.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)
     prepare_s = time.perf_counter() - started
     audio_s = sum(row["seconds"] for row in result.validation.kept)
     print(f"prepare: {result.validation.summary()}; {result.encoded} clips, {audio_s:.1f} s of audio, "
           f"encoded in {prepare_s:.1f} s ({audio_s / prepare_s:.1f} s of audio per s)")
     started = time.perf_counter()
-    again = data.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)
+    again = prepare.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)
     print(f"prepare again: {again.encoded} encoded, {again.reused} reused, in {time.perf_counter() - started:.2f} s")
 
-    prepared = data.read_prepared(cache, data.audio_tokenizer_id(bundle.audio_tokenizer))
+    prepared = prepare.read_prepared(cache, prepare.audio_tokenizer_id(bundle.audio_tokenizer))
     codes = prepared.codes
     print(f"checksums: {codes.verified_shards} shard(s), {codes.verified_bytes / 1e3:.1f} kB, verified in "
           f"{1000 * codes.verify_seconds:.1f} ms")
     cached_rate, cached = samples_per_second(prepared.rows, lambda: prepared.codes, bundle.tokenizer, epochs)
-    fly_rate, on_the_fly = samples_per_second(prepared.rows, lambda: data.CodeCache(bundle.audio_tokenizer),
+    fly_rate, on_the_fly = samples_per_second(prepared.rows, lambda: prepare.EncodedClips(bundle.audio_tokenizer),
                                               bundle.tokenizer, 1)
     if not same_samples(cached, on_the_fly):
         raise SystemExit("error: cached and on-the-fly samples differ")
@@ -113,7 +114,7 @@ def benchmark_verification(megabytes: int) -> None:
         digest = hashlib.sha256((shards / "big.npy").read_bytes()).hexdigest()
         (shards / "big.json").write_text(json.dumps({"codes_sha256": digest, "codes_shape": list(codes.shape), "entries": {}}))
         started = time.perf_counter()
-        size = data.verify_shard(shards / "big.json")
+        size = prepare.verify_shard(shards / "big.json")
         seconds = time.perf_counter() - started
     print(f"checksums: {size / 1e6:.0f} MB verified in {seconds:.2f} s: {seconds / size * 1e9:.1f} s per GB "
           f"(1M utterances of 6 s are about {1e6 * 6 * 25 * 8 * 2 / 1e9:.1f} GB of codes)")
@@ -181,7 +182,7 @@ def benchmark_planning(bundle: model_utils.Bundle, counts: list[int], budget: in
         print(f"  {count:>9,} rows: {seconds:6.2f} s  ({len(batches):,} batches)")
         del rows, batches
     rows = synthetic_rows(2000)
-    pairs, _ = data.training_pairs(rows, config.seed, 1)
+    pairs, _ = manifest.training_pairs(rows, config.seed, 1)
     builder = train.SampleMaker(bundle, config, BlankCodes(rows))
     started = time.perf_counter()
     [collate.sample_tokens(sample, 8) for sample in builder.samples(pairs)]

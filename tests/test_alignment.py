@@ -15,7 +15,9 @@ from transformers import HubertConfig
 import collate
 import data
 import infer
+import manifest
 import model_utils
+import prepare
 import train
 from conftest import DEMO_DIR
 
@@ -57,9 +59,9 @@ def test_text_without_a_letter_or_digit_is_not_speakable(tiny, tmp_path):
     codes = torch.randint(0, 1024, (8, 5))
     with pytest.raises(ValueError, match="no letter or digit"):
         data.build_sample(tiny.tokenizer, "Reference.", codes, "😀 🎉 !!")
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
-    result = data.validate_manifest(manifest, data.CodeCache(tiny.audio_tokenizer))
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
+    result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
     assert result.counts() == {"empty_text": 1}
 
 
@@ -224,7 +226,7 @@ def test_bad_input_is_one_line_and_exit_status_2(clips, capsys, monkeypatch, cas
 
 
 def test_the_limits_are_trainings():
-    assert data.Filters.max_text_chars == 1000
+    assert manifest.Filters.max_text_chars == 1000
     assert (data.MIN_REFERENCE_SECONDS, data.MAX_REFERENCE_SECONDS) == (1.0, collate.WHISPER_MAX_SECONDS)
 
 

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 import collate
-import data
+import manifest
 import model_utils
 import checkpoints
+import prepare
 import train
 from conftest import ROOT
 from test_train import _config, _losses, small_manifest  # noqa: F401 (small_manifest is a fixture)
@@ -49,7 +50,7 @@ def _write_manifest(path, rows: list[dict]):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, short_rows, tiny):
     folder = tmp_path_factory.mktemp("cache")
-    data.prepare(str(_write_manifest(folder / "train.jsonl", short_rows)), folder / "cache", tiny.audio_tokenizer)
+    prepare.prepare(str(_write_manifest(folder / "train.jsonl", short_rows)), folder / "cache", tiny.audio_tokenizer)
     return folder / "cache"
 
 
@@ -174,9 +175,9 @@ def test_fsdp_policy_gathers_in_bf16_and_keeps_fp32_master_weights_and_gradients
         seen = []
         projection = model.layers[0].self_attn.q_proj
         projection.register_forward_hook(lambda module, inputs, output: seen.append((module.weight.dtype, inputs[0].dtype)))
-        prepared = data.read_prepared(cache)
+        prepared = prepare.read_prepared(cache)
         maker = train.SampleMaker(tiny, config, prepared.codes)
-        batch = maker.batch(data.training_pairs(prepared.rows, 0, 0)[0][:1])
+        batch = maker.batch(manifest.training_pairs(prepared.rows, 0, 0)[0][:1])
         loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, "cpu")), batch.label_audio_ids)
         loss.total.backward()
     finally:

@@ -13,7 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import data
 import infer
+import manifest
 import metrics
+import prepare
 import train
 from conftest import DEMO_DIR
 
@@ -84,8 +86,8 @@ def test_eval_refuses_a_wav_as_its_output_directory(tmp_path, capsys):
 
 
 def test_evaluate_pair_is_deterministic_with_a_seed(clips, tiny, judge):
-    pair = data.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Please bring me a cup of tea.")
-    codes = data.CodeCache(tiny.audio_tokenizer)
+    pair = manifest.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Please bring me a cup of tea.")
+    codes = prepare.EncodedClips(tiny.audio_tokenizer)
     sampling = infer.Sampling(seed=3, max_seconds=0.3)  # sampled, not greedy
     first = infer.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
     second = infer.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
@@ -162,7 +164,7 @@ def test_bad_selection_flags_are_one_line_errors(flags, message):
 
 
 def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated(judge):
-    pairs = [data.Pair("ar_male_1", "ref.wav", "ref", "target.wav", "text")]
+    pairs = [manifest.Pair("ar_male_1", "ref.wav", "ref", "target.wav", "text")]
     with pytest.raises(ValueError, match="FSDP"):
         train.clone_evaluation(train.TrainConfig(best_by="sim", parallel="fsdp"), [], pairs, train.Dist(0, 2, 0))
     with pytest.raises(ValueError, match="no ASR"):

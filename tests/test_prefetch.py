@@ -8,7 +8,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import data
+import manifest
+import prepare
 import train
 from conftest import DEMO_DIR
 
@@ -24,8 +25,8 @@ def demo_manifest(folder, count=6):
 @pytest.fixture(scope="module")
 def demo(tiny, tmp_path_factory):
     """Six demo rows, validated and encoded."""
-    codes = data.CodeCache(tiny.audio_tokenizer)
-    return data.validate_manifest(demo_manifest(tmp_path_factory.mktemp("demo")), codes).kept, codes
+    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    return manifest.validate_manifest(demo_manifest(tmp_path_factory.mktemp("demo")), codes).kept, codes
 
 
 def take(rows, maker, config, depth, count, position=train.DataPosition()):
@@ -43,7 +44,7 @@ def same_batch(a, b) -> bool:
 @pytest.mark.parametrize("batch_tokens", [0, 700], ids=["batch-size", "batch-tokens"])
 def test_prefetched_micro_batches_are_the_plain_ones_in_the_same_order(tiny, demo, batch_tokens):
     rows, codes = demo
-    data.add_text_token_counts(rows, tiny.tokenizer)
+    manifest.add_text_token_counts(rows, tiny.tokenizer)
     config = train.TrainConfig(batch_size=3, batch_tokens=batch_tokens, device="cpu")
     maker = train.SampleMaker(tiny, config, codes)
     count = 14  # over two epochs

@@ -20,9 +20,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import data
+import files
 import model_utils
 import checkpoints
+import prepare
 import train
 from conftest import DEMO_DIR, ROOT
 
@@ -51,7 +52,7 @@ def cache(tmp_path_factory, tiny):
              "text": "The weather is lovely today."}]
     folder = tmp_path_factory.mktemp("cache")
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    data.prepare(str(folder / "pairs.jsonl"), folder / "codes", tiny.audio_tokenizer)
+    prepare.prepare(str(folder / "pairs.jsonl"), folder / "codes", tiny.audio_tokenizer)
     return folder / "codes"
 
 
@@ -258,23 +259,9 @@ def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(model_utils, "save_tiny_audio_tokenizer", disk_full)
-    with pytest.raises(checkpoints.WriteError, match=f"^cannot write {out}: No space left on device$"):
+    with pytest.raises(files.WriteError, match=f"^cannot write {out}: No space left on device$"):
         train.export_model(tiny.model, train.TrainConfig(device="cpu"), tiny, train.Dist(), out)
     assert list(out.parent.iterdir()) == [] and model_utils.newest_export(str(tmp_path)) is None
-
-
-def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
-    path = tmp_path / "export"
-    path.mkdir()
-    (path / "old.txt").write_text("old")
-    with pytest.raises(checkpoints.WriteError, match="cannot write .*export: No space left on device"):
-        with checkpoints.atomic_directory(path) as folder:
-            (folder / "new.txt").write_text("half")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["old.txt"]
-    with checkpoints.atomic_directory(path) as folder:
-        (folder / "new.txt").write_text("new")
-    assert [entry.name for entry in tmp_path.iterdir()] == ["export"] and [entry.name for entry in path.iterdir()] == ["new.txt"]
 
 
 def test_cleaning_removes_temporaries_and_puts_back_an_export_whose_replacement_never_arrived(tmp_path):

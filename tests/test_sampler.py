@@ -1,6 +1,5 @@
 """Tests of collate.py's token-budget batching: sample lengths as the model counts them, budget, determinism, DDP, resume."""
 
-import json
 import random
 
 import numpy as np
@@ -9,7 +8,6 @@ import torch
 
 import collate
 import data
-import model_utils
 
 # --------------------------------------------------------------------------
 # sample_tokens and padding, against the model's own merged sequence
@@ -145,66 +143,3 @@ def test_a_sample_over_the_budget_is_an_error_naming_it():
 def test_impossible_splits_are_an_error(rank, world_size, message):
     with pytest.raises(ValueError, match=message):
         collate.token_budget_batches([100, 200, 300], 400, seed=0, epoch=0, rank=rank, world_size=world_size)
-
-
-# --------------------------------------------------------------------------
-# Planned lengths: exact, from the numbers the rows carry, no sample built
-# --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_rows(tiny, tmp_path_factory):
-    """Six demo rows (English and Arabic), one given a scene, tags and symbols, and a paired row with a scene;
-    validated and encoded."""
-    from conftest import DEMO_DIR
-
-    rows = [json.loads(line) for line in (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    rows = rows[:3] + rows[6:9]  # an English and an Arabic speaker
-    for row in rows:
-        row["audio"] = str(DEMO_DIR / row["audio"])
-    rows[1] = dict(rows[1], text="Please [laugh] bring (me) tea at 5°C，now", scene="A quiet room.")
-    rows.append(dict(id="paired", ref_audio=rows[0]["audio"], ref_text="  The weather is lovely today. ",
-                     audio=rows[4]["audio"], text="New words [applause]", scene="Outdoors, windy."))
-    manifest = tmp_path_factory.mktemp("planning") / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    codes = data.CodeCache(tiny.audio_tokenizer)
-    kept = data.validate_manifest(manifest, codes).kept
-    assert len(kept) == len(rows)
-    return kept, codes
-
-
-@pytest.mark.parametrize("ref_in_system", [False, True], ids=["reference-turn", "reference-in-system"])
-def test_planned_lengths_equal_the_built_samples(tiny, demo_rows, ref_in_system):
-    rows, codes = demo_rows
-    data.add_text_token_counts(rows, tiny.tokenizer)
-    for epoch in range(3):  # speaker rows draw another reference each epoch
-        pairs, _ = data.training_pairs(rows, seed=0, epoch=epoch)
-        planned = data.sample_lengths(pairs, rows, tiny.tokenizer, 8, ref_in_system)
-        built = [collate.sample_tokens(data.pair_to_sample(pair, tiny.tokenizer, codes, ref_in_system), 8) for pair in pairs]
-        assert planned == built
-
-
-def test_an_epoch_is_planned_without_building_or_reading_a_sample(tiny, demo_rows):
-    import train
-
-    rows, codes = demo_rows
-    data.add_text_token_counts(rows, tiny.tokenizer)
-    config = train.TrainConfig(batch_tokens=600, device="cpu")
-    planned = train.epoch_batches(rows, config, 1, train.SampleMaker(tiny, config, codes=None))  # no codes to read
-    maker = train.SampleMaker(tiny, config, codes)
-    assert sorted(pair.id for pairs in planned for pair in pairs) == sorted(row["id"] for row in rows)
-    for pairs in planned:
-        lengths = [collate.sample_tokens(sample, 8) for sample in maker.samples(pairs)]
-        assert collate.padded_tokens(lengths) <= 600
-
-
-def test_counts_of_another_text_tokenizer_are_not_reused(tiny):
-    other = model_utils.build_tiny_text_tokenizer()
-    other.add_tokens(["lovely today"])
-    assert data.text_counting_id(other) != data.text_counting_id(tiny.tokenizer)
-    assert data.text_counting_id(model_utils.build_tiny_text_tokenizer()) == data.text_counting_id(tiny.tokenizer)
-
-
-def test_rows_without_counts_are_an_error():
-    with pytest.raises(ValueError, match="add_text_token_counts"):
-        data.sample_lengths([], [{"id": "x", "audio": "a", "text": "Hi.", "frames": 3}], None, 8)

@@ -193,9 +193,9 @@ def test_infer_without_arguments_uses_the_newest_export(trained_run, tmp_path, m
 
 
 def test_training_from_a_prepared_cache_equals_training_from_the_manifest(tmp_path, small_manifest, tiny):
-    import data
+    import prepare
 
-    data.prepare(str(small_manifest), tmp_path / "cache", tiny.audio_tokenizer)
+    prepare.prepare(str(small_manifest), tmp_path / "cache", tiny.audio_tokenizer)
     raw = train.train(_config(tmp_path / "raw", small_manifest, max_steps=2))
     cached = train.train(_config(tmp_path / "cached", small_manifest, max_steps=2, cache=str(tmp_path / "cache"),
                                  train_manifest="/nonexistent.jsonl"))
@@ -204,11 +204,12 @@ def test_training_from_a_prepared_cache_equals_training_from_the_manifest(tmp_pa
 
 def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manifest, tiny):
     import collate
-    import data
+    import manifest
+    import prepare
 
     config = _config(tmp_path, small_manifest, batch_tokens=500)
-    codes = data.CodeCache(tiny.audio_tokenizer)
-    rows = data.validate_manifest(small_manifest, codes).kept
+    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    rows = manifest.validate_manifest(small_manifest, codes).kept
     maker = train.SampleMaker(tiny, config, codes)
     batches = train.epoch_batches(rows, config, 0, maker)
     assert sum(len(pairs) for pairs in batches) == len(rows) and max(len(pairs) for pairs in batches) > 1
