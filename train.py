@@ -56,7 +56,8 @@ from tqdm import tqdm
 import checkpoints
 import collate
 import data
-import infer
+import evaluate
+import generation
 import metrics
 import model_utils
 
@@ -755,12 +756,12 @@ def log_generations(writer, step: int, model, maker: SampleMaker, pairs: list[da
     and their SIM, WER/CER and timing as scalars and a table with the transcripts; returns the metrics' means."""
     bundle = model_utils.Bundle(model, maker.bundle.tokenizer, maker.bundle.audio_tokenizer)
     rate = bundle.audio_tokenizer.sampling_rate
-    sampling = infer.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds)
+    sampling = generation.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds)
     records = []
     for pair in pairs[: config.eval_prompts]:
         with autocast(config):  # frozen weights may be held in bf16 (--frozen-bf16)
-            record, generated = infer.evaluate_pair(bundle, evaluation.judge, pair, evaluation.languages[pair.id], sampling,
-                                                    maker.codes, ref_in_system=config.ref_in_system)
+            record, generated = evaluate.evaluate_pair(bundle, evaluation.judge, pair, evaluation.languages[pair.id], sampling,
+                                                       maker.codes, ref_in_system=config.ref_in_system)
         records.append(record)
         if generated is None:
             continue
