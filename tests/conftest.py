@@ -1,21 +1,29 @@
-"""Shared fixtures: the tiny preset is built once per session, real speech comes from ../shared."""
+"""Shared fixtures: the tiny preset is built once per session, real speech comes from ../shared; a tiny export,
+its serve engine and clips beyond the reference limits serve the generation tests and the command line's."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+import torch
+from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+from transformers import HubertConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-import infer  # noqa: E402
 import model_utils  # noqa: E402
+import parity  # noqa: E402
+import train  # noqa: E402
 
 VOICE_PROMPTS = ROOT.parent / "shared" / "data" / "voice_prompts"
 DEMO_DIR = ROOT / "demo" / "data"
+DEMO_CLIP = DEMO_DIR / "en_male_0.flac"
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +50,46 @@ def voice_prompt():
 
 
 @pytest.fixture(scope="session")
-def parity_case(tiny) -> infer.ParityCase:
-    return infer.demo_case(tiny)
+def parity_case(tiny) -> parity.ParityCase:
+    return parity.demo_case(tiny)
 
 
 @pytest.fixture(scope="session")
-def parity_case_system(tiny_whisper) -> infer.ParityCase:
-    return infer.demo_case(tiny_whisper, ref_in_system=True)
+def parity_case_system(tiny_whisper) -> parity.ParityCase:
+    return parity.demo_case(tiny_whisper, ref_in_system=True)
+
+
+@pytest.fixture(scope="module")
+def ref_audio(tmp_path_factory):
+    """The first 1.2 s of a demo clip: a reference just over the minimum keeps the audio tokenizer's work small."""
+    samples, rate = sf.read(DEMO_CLIP)
+    path = tmp_path_factory.mktemp("ref") / "ref.wav"
+    sf.write(path, samples[: int(1.2 * rate)], rate)
+    return str(path)
+
+
+@pytest.fixture(scope="session")  # read only, so one serves every module
+def export(tmp_path_factory, tiny):
+    """A tiny-preset export of a model trained with the reference in the system message (weights: the preset's)."""
+    out = tmp_path_factory.mktemp("run") / "export"
+    config = train.TrainConfig(ref_in_system=True, device="cpu")
+    return train.export_model(tiny.model, config, tiny, train.Dist(), out)
+
+
+@pytest.fixture(scope="module")  # per module: align_serve_engine replaces its collator
+def engine(export):
+    teacher = HubertConfig.from_pretrained(export / "audio_tokenizer" / "semantic_teacher")
+    with model_utils._offline_semantic_teacher(teacher):
+        return HiggsAudioServeEngine(str(export), str(export / "audio_tokenizer"), device="cpu",
+                                     torch_dtype=torch.float32, kv_cache_lengths=[512])
+
+
+@pytest.fixture(scope="module")
+def limit_clips(tmp_path_factory):
+    """Clips beyond the reference limits (one sample, 0.1 s, 31 s at 8 kHz) and a text file with an emoji-only line."""
+    folder = tmp_path_factory.mktemp("clips")
+    noise = np.random.default_rng(0).uniform(-0.3, 0.3, 8000 * 31).astype(np.float32)
+    for name, seconds in (("one-sample", 1 / 8000), ("tenth", 0.1), ("long", 31.0)):
+        sf.write(folder / f"{name}.wav", noise[: max(1, int(seconds * 8000))], 8000)
+    (folder / "lines.txt").write_text("Fine words.\n😀 🎉\n", encoding="utf-8")
+    return folder

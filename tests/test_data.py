@@ -1,5 +1,6 @@
-"""Tests of data.py: audio loading, text normalisation and the one sample builder."""
+"""Tests of data.py: audio loading, text normalisation, the one sample builder and the prompt layout an export records."""
 
+import json
 import struct
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from conftest import VOICE_PROMPTS
 
 import data
-import infer
+import parity
 
 MODEL_RATE = 24000
 DURATION = 0.5
@@ -159,7 +160,7 @@ def rms(x):
 # normalize_text (expected strings follow examples/generation.py by hand, after its "se fix")
 # --------------------------------------------------------------------------
 
-# Cases beyond infer.OFFICIAL_NORMALISATION (the parity check's table, tested here too).
+# Cases beyond parity.OFFICIAL_NORMALISATION (the parity check's table, tested here too).
 NORMALISED = [
     ("你好，", "你好,"),
     ("“引号”和‘单引号’", "\"引号\"和'单引号'"),
@@ -172,7 +173,7 @@ NORMALISED = [
 ]
 
 
-@pytest.mark.parametrize("text,expected", infer.OFFICIAL_NORMALISATION + NORMALISED)
+@pytest.mark.parametrize("text,expected", parity.OFFICIAL_NORMALISATION + NORMALISED)
 def test_normalize_text(text, expected):
     assert data.normalize_text(text) == expected
 
@@ -365,6 +366,16 @@ def test_empty_texts_are_an_error(tiny, ref, target, ref_text, text, message):
         data.build_sample(tiny.tokenizer, ref_text, ref, text, target_codes=target)
 
 
+def test_text_without_a_letter_or_digit_is_not_speakable(tiny, tmp_path):
+    codes = torch.randint(0, 1024, (8, 5))
+    with pytest.raises(ValueError, match="no letter or digit"):
+        data.build_sample(tiny.tokenizer, "Reference.", codes, "😀 🎉 !!")
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
+    result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
+    assert result.counts() == {"empty_text": 1}
+
+
 @pytest.mark.parametrize("field", ["text", "ref_text", "scene"])
 def test_control_tokens_spelled_in_text_are_rejected(tiny, field):
     values = {"text": "Say this.", "ref_text": "Reference.", "scene": None}
@@ -372,3 +383,14 @@ def test_control_tokens_spelled_in_text_are_rejected(tiny, field):
     codes = torch.randint(0, 1024, (8, 4))
     with pytest.raises(ValueError, match="control token <\\|eot_id\\|>"):
         data.build_sample(tiny.tokenizer, values["ref_text"], codes, values["text"], scene=values["scene"])
+
+
+# --------------------------------------------------------------------------
+# prompt_layout.json
+# --------------------------------------------------------------------------
+
+
+def test_a_broken_record_is_an_error(tmp_path):
+    (tmp_path / data.PROMPT_LAYOUT_FILE).write_text('{"ref_in_system": "yes"}')
+    with pytest.raises(ValueError, match="prompt_layout.json: needs ref_in_system"):
+        data.read_prompt_layout(tmp_path)

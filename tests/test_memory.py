@@ -10,7 +10,7 @@ import torch
 import bench
 import collate
 import data
-import infer
+import generation
 import model_utils
 import train
 
@@ -93,10 +93,10 @@ def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity
     assert losses["bf16"][-1] < losses["bf16"][0]
     for fp32, bf16 in zip(losses["fp32"], losses["bf16"]):
         assert abs(bf16 - fp32) < 0.01 * fp32, losses
-    reference = infer.Reference(parity_case.ref_text, parity_case.ref_codes, None, parity_case.sample_rate)
+    reference = generation.Reference(parity_case.ref_text, parity_case.ref_codes, None, parity_case.sample_rate)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        waveform = infer.clone(model_utils.Bundle(model.eval(), tiny.tokenizer, tiny.audio_tokenizer), reference,
-                               parity_case.text, infer.Sampling(greedy=True, max_seconds=0.2)).waveform
+        waveform = generation.clone(model_utils.Bundle(model.eval(), tiny.tokenizer, tiny.audio_tokenizer), reference,
+                                    parity_case.text, generation.Sampling(greedy=True, max_seconds=0.2)).waveform
     assert waveform.size and bool(torch.isfinite(torch.from_numpy(waveform)).all())
 
 

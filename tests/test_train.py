@@ -14,6 +14,7 @@ from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import HubertConfig
 
+import data
 import infer
 import model_utils
 import checkpoints
@@ -184,6 +185,11 @@ def test_export_loads_in_the_serve_engine(trained_run):
     assert all(torch.equal(ours[name], value) for name, value in engine.model.state_dict().items())
 
 
+def test_export_records_its_layout(export):
+    recorded = data.read_prompt_layout(export)
+    assert recorded == data.RecordedLayout(data.PromptLayout(ref_in_system=True, scene=None), data.normalization_version())
+
+
 def test_infer_without_arguments_uses_the_newest_export(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained_run.parent.parent)
     out = tmp_path / "clone.wav"
@@ -193,8 +199,6 @@ def test_infer_without_arguments_uses_the_newest_export(trained_run, tmp_path, m
 
 
 def test_training_from_a_prepared_cache_equals_training_from_the_manifest(tmp_path, small_manifest, tiny):
-    import prepare
-
     prepare.prepare(str(small_manifest), tmp_path / "cache", tiny.audio_tokenizer)
     raw = train.train(_config(tmp_path / "raw", small_manifest, max_steps=2))
     cached = train.train(_config(tmp_path / "cached", small_manifest, max_steps=2, cache=str(tmp_path / "cache"),
@@ -204,8 +208,7 @@ def test_training_from_a_prepared_cache_equals_training_from_the_manifest(tmp_pa
 
 def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manifest, tiny):
     import collate
-    import manifest
-    import prepare
+    import data
 
     config = _config(tmp_path, small_manifest, batch_tokens=500)
     codes = prepare.EncodedClips(tiny.audio_tokenizer)

@@ -1,4 +1,4 @@
-"""Clone evaluation: `infer.py --eval` on a manifest, and the same metrics in the training loop with --best-by/--patience."""
+"""Judging clones (evaluate.py): `infer.py --eval` on a manifest, and the same metrics in the training loop with --best-by/--patience."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import data
+import evaluate
+import generation
 import infer
-import manifest
 import metrics
-import prepare
 import train
 from conftest import DEMO_DIR
 
@@ -88,9 +88,9 @@ def test_eval_refuses_a_wav_as_its_output_directory(tmp_path, capsys):
 def test_evaluate_pair_is_deterministic_with_a_seed(clips, tiny, judge):
     pair = manifest.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Please bring me a cup of tea.")
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
-    sampling = infer.Sampling(seed=3, max_seconds=0.3)  # sampled, not greedy
-    first = infer.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
-    second = infer.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
+    sampling = generation.Sampling(seed=3, max_seconds=0.3)  # sampled, not greedy
+    first = evaluate.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
+    second = evaluate.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
     assert np.array_equal(first[1], second[1]) and first[0] == second[0]
 
 

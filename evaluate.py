@@ -1,0 +1,299 @@
+"""Judging a model: clones of held-out rows measured, and the training loop's evaluation.
+
+`evaluate_pair` clones one row (`generation.clone`) and scores the clip and
+the real target with a `metrics.Judge` (SIM, WER/CER, timing);
+`evaluate_manifest` does so for every row of a manifest, writing the clips,
+one CSV line per row and a summary (`python infer.py --eval`).
+
+In the training loop, `evaluate_in_loop` computes the validation losses
+and, for the first `--eval-prompts` validation pairs, judges greedy clones
+with `evaluate_pair`, logging both; `selection_score` and `Best` decide which
+evaluation's weights `best.pt` keeps and when `--patience` stops the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+import collate
+import data
+import generation
+import loader
+import manifest
+import metrics
+import model_utils
+import parallel
+import prepare
+import training
+from config import TrainConfig
+from parallel import World
+
+
+def evaluate_pair(
+    bundle: model_utils.Bundle,
+    judge: metrics.Judge,
+    pair: manifest.Pair,
+    language: str | None,
+    sampling: generation.Sampling,
+    codes,
+    scene: str | None = None,
+    ref_in_system: bool = False,
+    force_audio: bool = True,
+) -> tuple[dict, np.ndarray | None]:
+    """Clone `pair.text` from its reference; the row's record (generated and real target scores) and the clip.
+
+    A generation that yields no audio is a record with its error and no
+    generated values, never a dropped row. `codes` gives a clip's codes by path.
+    """
+    rate = bundle.audio_tokenizer.sampling_rate
+    ref_waveform = data.load_audio(pair.ref_audio, rate)
+    needs_waveform = ref_in_system and collate.uses_whisper(bundle.model.config)
+    reference = generation.Reference(pair.ref_text, codes(pair.ref_audio), ref_waveform if needs_waveform else None, rate)
+    embedding = judge.reference_embedding(pair.ref_audio, ref_waveform, rate)
+    language = judge.language(language)
+    target = judge.score_target(pair.audio, data.load_audio(pair.audio, rate), rate, embedding, pair.text, language)
+    try:
+        result = generation.clone(bundle, reference, pair.text, sampling, pair.scene or scene, ref_in_system, force_audio)
+    except RuntimeError as error:
+        return metrics.row_record(pair.id, language, pair.text, None, None, target, str(error)), None
+    scores = judge.score_clip(result.waveform, rate, embedding, pair.text, language)
+    return metrics.row_record(pair.id, language, pair.text, scores, result.stopped, target), result.waveform
+
+
+def write_records_csv(records: list[dict], path: Path) -> None:
+    """One line per row; unavailable values are written `n/a`."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]) if records else ["id"])
+        writer.writeheader()
+        for record in records:
+            writer.writerow({key: value if isinstance(value, str) else metrics.fmt(value, 4) for key, value in record.items()})
+
+
+def _wav_name(index: int, row_id: str) -> str:
+    return f"{index:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', row_id)}.wav"
+
+
+def evaluate_manifest(
+    bundle: model_utils.Bundle,
+    judge: metrics.Judge,
+    manifest_path: str,
+    out: Path,
+    sampling: generation.Sampling,
+    layout: data.PromptLayout,
+    seed: int,
+    force_audio: bool,
+    model: str,
+) -> None:
+    """Clone and measure every row of the manifest at `manifest_path`: wavs/, rows.csv, summary.json and rejections.jsonl in `out`, and a
+    printed summary. `seed` fixes the speaker pairing of speaker-grouped rows; `model` names the model in summary.json."""
+    codes = prepare.EncodedClips(bundle.audio_tokenizer)
+    validated = manifest.validate_manifest(manifest_path, codes, progress=True)
+    (out / "wavs").mkdir(parents=True, exist_ok=True)
+    validated.write_report(out / "rejections.jsonl")
+    print(f"data: {manifest_path}: {validated.summary()}" + (f"; rejected rows: {out / 'rejections.jsonl'}" if validated.rejections else ""))
+    pairs, _ = manifest.training_pairs(validated.kept, seed, 0)
+    languages = {row["id"]: row.get("language") for row in validated.kept}
+    records, started = [], time.time()
+    for index, pair in enumerate(tqdm(pairs, desc="eval", dynamic_ncols=True)):
+        record, waveform = evaluate_pair(bundle, judge, pair, languages[pair.id], sampling, codes, layout.scene,
+                                         layout.ref_in_system, force_audio)
+        if waveform is not None:
+            sf.write(out / "wavs" / _wav_name(index, pair.id), waveform, bundle.audio_tokenizer.sampling_rate)
+        records.append(record)
+    seconds = time.time() - started
+    write_records_csv(records, out / "rows.csv")
+    summary = metrics.summarize_records(records, seed)
+    failed = sum(bool(record["error"]) for record in records)
+    report = {
+        "manifest": str(manifest_path), "model": model, "rows_read": validated.rows_read, "kept": len(validated.kept),
+        "rejected": len(validated.rejections), "rejected_by_reason": validated.counts(), "evaluated": len(records),
+        "generation_failed": failed, "speaker_encoder": judge.encoder.name, "asr": judge.asr.name,
+        "seed": seed, "sampling": vars(sampling), "scene": layout.scene, "ref_in_system": layout.ref_in_system,
+        "seconds_per_row": seconds / max(1, len(records)), "metrics": summary,
+    }
+    (out / "summary.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(metrics.format_summary(summary))
+    print(f"{len(records)} rows evaluated ({failed} without audio), {validated.summary()}; "
+          f"{seconds / max(1, len(records)):.2f} s per row; wrote {out / 'rows.csv'}, {out / 'summary.json'}, {out / 'wavs'}")
+
+
+# --------------------------------------------------------------------------
+# In the training loop: validation losses, generated clips, the best checkpoint
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class CloneJudge:
+    """What in-loop evaluation measures generated clips with: the judge and each validation row's language."""
+
+    judge: metrics.Judge
+    languages: dict[str, str | None]
+
+
+@dataclass
+class Validation:
+    """The validation pairs, their batch builder and, on process 0 where clips are generated, their judge."""
+
+    pairs: list[manifest.Pair]
+    builder: loader.BatchBuilder
+    clones: CloneJudge | None
+
+
+def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, world: World, device: str,
+                    run_dir: Path) -> Validation | None:
+    """The --val-manifest rows validated (rejections in `val_rejections.jsonl`), paired once with the seed;
+    None without a validation set. Clips shared with the training manifest (the demo validates on its own
+    data) are encoded once."""
+    pairs, rows, builder = [], [], None
+    if config.val_manifest:
+        val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
+        rows = loader.validated_rows(config.val_manifest, val_codes, world, run_dir / "val_rejections.jsonl")
+        pairs = manifest.training_pairs(rows, config.seed, 0)[0]
+        builder = loader.BatchBuilder(bundle, config, val_codes)
+    clones = clone_judge(config, rows, pairs, world, device)
+    return Validation(pairs, builder, clones) if pairs else None
+
+
+def clone_judge(config: TrainConfig, val_rows: list[dict], val_pairs: list[manifest.Pair], world: World,
+                device: str) -> CloneJudge | None:
+    """The judge of generated validation clips, on process 0; None where no clip is generated.
+
+    Under FSDP no clip is generated (each generation step would need every
+    process), so --best-by on a clip metric is refused there.
+    """
+    generates = bool(val_pairs and config.eval_every and config.eval_prompts)
+    generates &= not (world.distributed and config.parallel == "fsdp")
+    if config.best_by != "val_loss" and not generates:
+        raise ValueError(f"--best-by {config.best_by} needs generated validation clips, which FSDP does not make; use val_loss")
+    clones = None
+    if generates and world.main:
+        judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None, device)
+        clones = CloneJudge(judge, {row["id"]: row.get("language") for row in val_rows})
+    prompts = val_pairs[: config.eval_prompts]
+    no_asr = clones is not None and config.best_by in ("wer", "sim_wer") and not any(
+        clones.judge.intelligibility_available(clones.languages[pair.id]) for pair in prompts)
+    if parallel.any_process(no_asr, world, device):
+        raise ValueError(f"--best-by {config.best_by}: no ASR for the languages of the first --eval-prompts validation rows; "
+                         "give --asr-model (Whisper) or --eval-language")
+    return clones
+
+
+def evaluate_in_loop(model, validation: Validation, config: TrainConfig, world: World, device: str, writer,
+                     step: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Validation losses (`val/*`) and, where clips are generated, their quality (`quality/*`), logged;
+    returns both, the same on every process."""
+    val = validation_loss(model, validation, config, world, device)
+    if writer:
+        for name, value in val.items():
+            writer.add_scalar(f"val/{name}", value, step)
+    quality = {}
+    if validation.clones:
+        quality = log_generations(writer, step, parallel.unwrap(model), validation, config, device)
+    return val, parallel.from_main_process(quality, world)
+
+
+def validation_loss(model, validation: Validation, config: TrainConfig, world: World, device: str) -> dict[str, float]:
+    """Mean losses over the validation pairs, each process taking every W-th chunk.
+
+    Every process runs as many forwards (FSDP gathers parameters in each, so
+    all must take part); a process short of chunks repeats one at weight 0.
+    """
+    pairs = validation.pairs
+    chunks = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
+    sums, weight = None, 0.0
+    with torch.no_grad(), training.autocast(config.precision, device):
+        for round_ in range(math.ceil(len(chunks) / world.size)):
+            index = round_ * world.size + world.rank
+            batch = validation.builder.batch(chunks[index % len(chunks)])
+            loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, device)), batch.label_audio_ids)
+            real = float(index < len(chunks))
+            values = [float(value) * real for value in (loss.total, loss.text, loss.audio, *loss.per_codebook)]
+            sums = values if sums is None else [total + value for total, value in zip(sums, values)]
+            weight += real
+    totals = parallel.sum_over_processes(torch.tensor(sums + [weight], dtype=torch.float64, device=device), world).tolist()
+    names = training.loss_names(len(sums) - 3)
+    return {name: value / totals[-1] for name, value in zip(names, totals)}
+
+
+def log_generations(writer, step: int, model, validation: Validation, config: TrainConfig, device: str) -> dict[str, float]:
+    """Greedy clones of the first validation prompts: audio, mel spectrograms (generated | target | reference),
+    and their SIM, WER/CER and timing as scalars and a table with the transcripts; returns the metrics' means."""
+    builder, clones = validation.builder, validation.clones
+    bundle = model_utils.Bundle(model, builder.bundle.tokenizer, builder.bundle.audio_tokenizer)
+    rate = bundle.audio_tokenizer.sampling_rate
+    sampling = generation.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds)
+    records = []
+    for pair in validation.pairs[: config.eval_prompts]:
+        with training.autocast(config.precision, device):  # frozen weights may be held in bf16 (--frozen-bf16)
+            record, generated = evaluate_pair(bundle, clones.judge, pair, clones.languages[pair.id], sampling,
+                                              builder.codes, ref_in_system=config.ref_in_system)
+        records.append(record)
+        if generated is None:
+            continue
+        writer.add_audio(f"generated/{pair.id}", torch.from_numpy(generated)[None], step, sample_rate=rate)
+        panels = [generated, data.load_audio(pair.audio, rate), data.load_audio(pair.ref_audio, rate)]
+        writer.add_image(f"mel/{pair.id} (generated | target | reference)", mel_panels(panels, rate), step, dataformats="HW")
+    means = {name: stats["mean"] for name, stats in metrics.summarize_records(records, config.seed).items() if stats["n"]}
+    log_values(writer, "quality", means, step)
+    writer.add_text("quality/table", metrics.markdown_table(records), step)
+    return means
+
+
+def log_values(writer, prefix: str, values: dict[str, float], step: int) -> None:
+    """Scalars `prefix/name`; an unavailable (NaN) value is not written, never written as 0."""
+    for name, value in values.items():
+        if value is not None and math.isfinite(value):
+            writer.add_scalar(f"{prefix}/{name}", value, step)
+
+
+def mel_panels(waveforms: list[np.ndarray], rate: int) -> np.ndarray:
+    """Log-mel spectrograms side by side, low frequencies at the bottom, scaled to [0, 1]."""
+    import librosa
+
+    panels = []
+    for waveform in waveforms:
+        mel = librosa.power_to_db(librosa.feature.melspectrogram(y=waveform, sr=rate, n_mels=80, hop_length=240), ref=np.max)
+        panels.append((mel[::-1] - mel.min()) / max(1e-6, float(mel.max() - mel.min())))
+        panels.append(np.ones((mel.shape[0], 4)))
+    return np.concatenate(panels[:-1], axis=1).astype(np.float32)
+
+
+def selection_score(best_by: str, val: dict[str, float], quality: dict[str, float]) -> float:
+    """What best.pt minimises: validation loss, -SIM, WER/CER, or WER/CER - SIM; inf when it is unavailable."""
+    sim, error = quality.get("sim", math.nan), quality.get("error_rate", math.nan)
+    score = {"val_loss": val["total"], "sim": -sim, "wer": error, "sim_wer": error - sim}[best_by]
+    return score if math.isfinite(score) else math.inf
+
+
+@dataclass
+class Best:
+    """The best selection score so far (lower is better) and the evaluations since it, for --patience."""
+
+    score: float = math.inf
+    stale: int = 0
+
+    def update(self, score: float) -> bool:
+        """Whether `score` is a new best."""
+        if score < self.score:
+            self.score, self.stale = score, 0
+            return True
+        self.stale += 1
+        return False
+
+    def out_of_patience(self, patience: int) -> bool:
+        return patience > 0 and self.stale >= patience
+
+    def value(self, best_by: str) -> float:
+        """The best score in its metric's own sign (SIM is minimised as -SIM)."""
+        return -self.score if best_by == "sim" else self.score
