@@ -222,15 +222,17 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
     train_loss = math.nan
     while (state.step < plan.last_step and not state.best.out_of_patience(config.patience)
            and not parallel.any_process(run.stop.requested, plan.world, plan.device)):
+        interval.begin_step()
         micro = batches.take(config.grad_accum)
         lr = training.lr_at(state.step, config, plan.max_steps)
         stats = training.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, plan.device, lr)
         skipped.add(state.step, stats.skipped, [pair.id for m in micro for pair in m.pairs])
-        interval.add(stats)
         state.step, state.position = state.step + 1, micro[-1].position
+        logs = state.step % config.log_every == 0 or state.step == plan.last_step
+        values = stats.read(plan.world) if logs else None  # the only place the step waits for the device
+        interval.end_step(stats)
 
-        if state.step % config.log_every == 0 or state.step == plan.last_step:
-            values = stats.read(plan.world)
+        if logs:
             skipped.check(run.writer)
             train_loss = values.losses["total"]
             log_step(run, state.step, values, lr, interval.take(plan.world))
@@ -288,23 +290,27 @@ class SkippedSteps:
 
 
 class Interval:
-    """Wall time, data wait and sample counts since the last logged step (counts summed on the device)."""
+    """The steps since the last logged one: their time (evaluation and checkpoints left out), data wait and
+    sample counts (summed on the device)."""
 
     def __init__(self, batches: loader.Prefetcher):
-        self.batches, self.started, self.counts = batches, time.perf_counter(), None
+        self.batches, self.seconds, self.counts, self.started = batches, 0.0, None, 0.0
         self.tokens_per_s = 0.0
 
-    def add(self, stats: training.StepStats) -> None:
+    def begin_step(self) -> None:
+        self.started = time.perf_counter()
+
+    def end_step(self, stats: training.StepStats) -> None:
+        self.seconds += time.perf_counter() - self.started
         self.counts = stats.counts if self.counts is None else self.counts + stats.counts
 
     def take(self, world: World) -> dict[str, float]:
         """Throughput and data wait over the interval, then a new interval; the counts are summed over processes."""
-        seconds = time.perf_counter() - self.started
         tokens, padded, samples = (value * world.size for value in parallel.mean_over_processes(self.counts, world).tolist())
-        self.tokens_per_s = tokens / seconds
-        taken = {"tokens_per_s": self.tokens_per_s, "samples_per_s": samples / seconds,
-                 "padding_fraction": padded / max(1.0, tokens + padded), "data_wait_fraction": self.batches.take_wait() / seconds}
-        self.started, self.counts = time.perf_counter(), None
+        self.tokens_per_s = tokens / self.seconds
+        taken = {"tokens_per_s": self.tokens_per_s, "samples_per_s": samples / self.seconds,
+                 "padding_fraction": padded / max(1.0, tokens + padded), "data_wait_fraction": self.batches.take_wait() / self.seconds}
+        self.seconds, self.counts = 0.0, None
         return taken
 
 
