@@ -32,6 +32,7 @@ import collate
 import data
 import evaluate
 import generation
+import manifest
 import metrics
 import model_utils
 import parity

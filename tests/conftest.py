@@ -3,6 +3,9 @@ its serve engine and clips beyond the reference limits serve the generation test
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import sys
 from pathlib import Path
 
@@ -11,15 +14,20 @@ import pytest
 import soundfile as sf
 import torch
 from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import HubertConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
+import config  # noqa: E402
+import collate  # noqa: E402
 import data  # noqa: E402
 import model_utils  # noqa: E402
 import parity  # noqa: E402
 import train  # noqa: E402
+from parallel import World  # noqa: E402
 
 VOICE_PROMPTS = ROOT.parent / "shared" / "data" / "voice_prompts"
 DEMO_DIR = ROOT / "demo" / "data"
@@ -72,8 +80,7 @@ def ref_audio(tmp_path_factory):
 def export(tmp_path_factory, tiny):
     """A tiny-preset export of a model trained with the reference in the system message (weights: the preset's)."""
     out = tmp_path_factory.mktemp("run") / "export"
-    config = train.TrainConfig(ref_in_system=True, device="cpu")
-    return train.export_model(tiny.model, config, tiny, train.Dist(), out)
+    return checkpoints.export_model(tiny.model, config.TrainConfig(ref_in_system=True, device="cpu"), tiny, World(), out)
 
 
 @pytest.fixture(scope="module")  # per module: align_serve_engine replaces its collator
@@ -93,3 +100,56 @@ def limit_clips(tmp_path_factory):
         sf.write(folder / f"{name}.wav", noise[: max(1, int(seconds * 8000))], 8000)
     (folder / "lines.txt").write_text("Fine words.\n😀 🎉\n", encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory):
+    """Two speakers (one English, one Arabic) with two utterances each, from the committed demo clips."""
+    rows = [json.loads(line) for line in (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    keep = [row for row in rows if row["id"] in {"en_female_0", "en_female_1", "ar_male_0", "ar_male_2"}]
+    for row in keep:
+        row["audio"] = str(DEMO_DIR / row["audio"])
+    path = tmp_path_factory.mktemp("manifest") / "small.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in keep), encoding="utf-8")
+    return path
+
+
+def train_config(tmp_path, manifest, **changes) -> config.TrainConfig:
+    """A short fp32 CPU run on `manifest` without validation, writing `tmp_path/run`; `changes` override."""
+    values = dict(train_manifest=str(manifest), val_manifest="", out_dir=str(tmp_path), run_name="run", device="cpu",
+                  precision="fp32", batch_size=2, max_steps=4, save_every=100, warmup_steps=2)
+    values.update(changes)
+    return config.TrainConfig(**values)
+
+
+def logged(run_dir, tag="loss/total") -> dict[int, float]:
+    """A run's logged scalar `tag` by step."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+# Flags of a quick CPU run without validation, and train.main run in this process
+QUICK_FLAGS = ["--val-manifest", "", "--device", "cpu", "--precision", "fp32", "--eval-every", "0", "--warmup-steps", "1"]
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    """train.main in this process: its exit status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = train.main(list(args))
+    return status, out.getvalue(), err.getvalue()
+
+
+def error_lines(err: str) -> list[str]:
+    """The `error:` lines and tracebacks of a command's stderr."""
+    return [line for line in err.splitlines() if line.startswith("error:") or "Traceback" in line]
+
+
+@pytest.fixture(scope="session")
+def batches(tiny, parity_case):
+    """The demo voice-cloning sample alone (left-padded by the model) and twice (right-padded)."""
+    sample = lambda: data.build_sample(tiny.tokenizer, parity_case.ref_text, parity_case.ref_codes,  # noqa: E731
+                                       parity_case.text, parity_case.target_codes)
+    collator = collate.build_collator(tiny.model.config)
+    return [collate.collate(collator, [sample() for _ in range(n)], 1024) for n in (1, 2)]

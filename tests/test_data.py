@@ -1,6 +1,5 @@
 """Tests of data.py: audio loading, text normalisation, the one sample builder and the prompt layout an export records."""
 
-import json
 import struct
 
 import numpy as np
@@ -366,14 +365,10 @@ def test_empty_texts_are_an_error(tiny, ref, target, ref_text, text, message):
         data.build_sample(tiny.tokenizer, ref_text, ref, text, target_codes=target)
 
 
-def test_text_without_a_letter_or_digit_is_not_speakable(tiny, tmp_path):
+def test_text_without_a_letter_or_digit_is_not_speakable(tiny):
     codes = torch.randint(0, 1024, (8, 5))
     with pytest.raises(ValueError, match="no letter or digit"):
         data.build_sample(tiny.tokenizer, "Reference.", codes, "😀 🎉 !!")
-    manifest_path = tmp_path / "m.jsonl"
-    manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
-    result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
-    assert result.counts() == {"empty_text": 1}
 
 
 @pytest.mark.parametrize("field", ["text", "ref_text", "scene"])

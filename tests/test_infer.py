@@ -13,6 +13,7 @@ import torch
 import collate
 import data
 import infer
+import manifest
 import model_utils
 from conftest import ROOT, VOICE_PROMPTS
 

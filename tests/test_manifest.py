@@ -9,7 +9,9 @@ import soundfile as sf
 from test_data import insert_chunk_after_fmt
 
 import collate
+import config
 import data
+import loader
 import manifest
 import model_utils
 import prepare
@@ -346,13 +348,11 @@ def test_planned_lengths_equal_the_built_samples(tiny, demo_rows, ref_in_system)
 
 
 def test_an_epoch_is_planned_without_building_or_reading_a_sample(tiny, demo_rows):
-    import train
-
     rows, codes = demo_rows
     manifest.add_text_token_counts(rows, tiny.tokenizer)
-    config = train.TrainConfig(batch_tokens=600, device="cpu")
-    planned = train.epoch_batches(rows, config, 1, train.SampleMaker(tiny, config, codes=None))  # no codes to read
-    maker = train.SampleMaker(tiny, config, codes)
+    settings = config.TrainConfig(batch_tokens=600, device="cpu")
+    planned = loader.epoch_batches(rows, settings, 1, loader.BatchBuilder(tiny, settings, codes=None))  # no codes to read
+    maker = loader.BatchBuilder(tiny, settings, codes)
     assert sorted(pair.id for pairs in planned for pair in pairs) == sorted(row["id"] for row in rows)
     for pairs in planned:
         lengths = [collate.sample_tokens(sample, 8) for sample in maker.samples(pairs)]
@@ -369,3 +369,10 @@ def test_counts_of_another_text_tokenizer_are_not_reused(tiny):
 def test_rows_without_counts_are_an_error():
     with pytest.raises(ValueError, match="add_text_token_counts"):
         manifest.sample_lengths([], [{"id": "x", "audio": "a", "text": "Hi.", "frames": 3}], None, 8)
+
+
+def test_a_row_with_nothing_speakable_is_rejected(tiny, tmp_path):
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
+    result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
+    assert result.counts() == {"empty_text": 1}

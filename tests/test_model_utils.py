@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -9,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioDualFFNDecoderLayer
 
+import collate
+import config
 import model_utils
+import training
 
 
 def test_tiny_model_mirrors_the_released_layout(tiny):
@@ -156,3 +160,53 @@ def test_loss_backpropagates_through_the_tiny_model(tiny, parity_case):
     assert loss.text_tokens == 3
     assert model.audio_codebook_embeddings.weight.grad.abs().sum() > 0
     assert model.layers[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0
+
+
+def _loss_and_grads(model, batch):
+    model.train()
+    loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, "cpu")), batch.label_audio_ids)
+    loss.total.backward()
+    return loss, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_text_logits_at_labels_keep_the_loss_and_gradients(tiny, batches, size):
+    batch = batches[size - 1]
+    full, full_grads = _loss_and_grads(copy.deepcopy(tiny.model), batch)
+    model = copy.deepcopy(tiny.model)
+    model_utils.text_logits_at_labels(model)
+    outputs = model(**collate.batch_to_model_inputs(batch, "cpu"))
+    assert outputs.logits.shape == (3 * size, tiny.model.config.text_config.vocab_size)
+    selected, grads = _loss_and_grads(model, batch)
+    assert selected.text_tokens == full.text_tokens == 3 * size
+    torch.testing.assert_close(selected.text, full.text, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(selected.total, full.total, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == full_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_text_logits_at_labels_leave_prompt_forwards_whole(tiny, batches):
+    """Without labels (generation, validation prompts) the head computes every position, as before."""
+    inputs = collate.batch_to_model_inputs(batches[1], "cpu")
+    inputs.pop("label_ids")
+    model = copy.deepcopy(tiny.model)
+    model_utils.text_logits_at_labels(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, tiny.model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_frozen_linear_weights_in_bf16_give_bit_identical_losses_under_autocast(tiny, batches):
+    reference = training.add_lora(copy.deepcopy(tiny.model), config.TrainConfig(lora_rank=4))
+    model = copy.deepcopy(reference)
+    assert model_utils.frozen_linear_weights_to_bf16(model) > 0
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            frozen_linear = isinstance(module, torch.nn.Linear) and not parameter.requires_grad
+            assert parameter.dtype == (torch.bfloat16 if frozen_linear else torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = _loss_and_grads(reference, batches[1])
+        got, grads = _loss_and_grads(model, batches[1])
+    assert torch.equal(got.total, expected.total) and torch.isfinite(got.total)
+    for name in grads:
+        assert torch.equal(grads[name], expected_grads[name]), name

@@ -214,8 +214,8 @@ def test_a_truncated_shard_is_an_error_naming_it_at_start_or_when_opened(damaged
     # Unverified, the shard is still checked when first opened, hours into a run: the error names it.
     unverified = prepare.read_prepared(cache, verify=False)
     with pytest.raises(ValueError) as error:
-        for row in unverified.rows:
-            unverified.codes(row["audio"])
+        for kept in unverified.rows:
+            unverified.codes(kept["audio"])
     assert str(shards[0]) in str(error.value)
 
 

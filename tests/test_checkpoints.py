@@ -1,45 +1,31 @@
-"""Runs and files: a run directory belongs to one run, --resume refuses a changed run and skips damaged
-checkpoints, writes are whole or absent, every bad flag or file is one line, signals stop resumably."""
+"""Runs and checkpoints: a run directory belongs to one run, a stop leaves a checkpoint to resume from, --resume
+refuses a changed run and skips damaged checkpoints, writes are whole or absent, the export is whole."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
+import config
 import files
 import model_utils
-import checkpoints
 import prepare
-import train
-from conftest import DEMO_DIR, ROOT
-
-FLAGS = ["--val-manifest", "", "--device", "cpu", "--precision", "fp32", "--eval-every", "0", "--warmup-steps", "1"]
-
-
-def _run(*args: str) -> tuple[int, str, str]:
-    """train.main in this process, with its stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = train.main(list(args))
-    return status, out.getvalue(), err.getvalue()
+import training
+from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, run_main
+from parallel import World
 
 
-def _error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("error:") or "Traceback" in line]
+
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +46,19 @@ def cache(tmp_path_factory, tiny):
 def stopped(tmp_path_factory, cache):
     """A 3-step run stopped by SIGTERM during step 2: checkpoints step 1 and 2, its exit status and output."""
     out = tmp_path_factory.mktemp("stopped")
-    real_lr_at, sent = train.lr_at, []
+    real_lr_at, sent = training.lr_at, []
 
-    def lr_at_then_sigterm(step, config):
+    def lr_at_then_sigterm(step, config, max_steps):
         if step == 1 and not sent:
             sent.append(step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, config)
+        return real_lr_at(step, config, max_steps)
 
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "lr_at", lr_at_then_sigterm)
-        status, stdout, stderr = _run("--cache", str(cache), "--out-dir", str(out), "--run-name", "run", "--max-steps", "3",
-                                      "--save-every", "1", "--keep-last", "5", *FLAGS)
+        patch.setattr(training, "lr_at", lr_at_then_sigterm)
+        status, stdout, stderr = run_main("--cache", str(cache), "--out-dir", str(out), "--run-name", "run", "--max-steps", "3",
+                                      "--save-every", "1", "--keep-last", "5", *QUICK_FLAGS)
     return {"run": out / "run", "status": status, "out": stdout, "err": stderr, "cache": cache,
             "handler_restored": signal.getsignal(signal.SIGTERM) is handler}
 
@@ -84,8 +70,8 @@ def _copy(stopped, tmp_path) -> pathlib.Path:
 
 
 def _resume(stopped, run: pathlib.Path, *extra: str) -> tuple[int, str, str]:
-    return _run("--cache", str(stopped["cache"]), "--out-dir", str(run.parent), "--run-name", run.name, "--max-steps", "3",
-                "--save-every", "1", "--keep-last", "5", "--resume", *FLAGS, *extra)
+    return run_main("--cache", str(stopped["cache"]), "--out-dir", str(run.parent), "--run-name", run.name, "--max-steps", "3",
+                "--save-every", "1", "--keep-last", "5", "--resume", *QUICK_FLAGS, *extra)
 
 
 def _files(folder: pathlib.Path) -> dict[str, int]:
@@ -104,51 +90,15 @@ def test_sigterm_stop_saves_says_how_to_resume_and_exits_143(stopped):
     assert stopped["handler_restored"]
 
 
-def test_a_second_signal_stops_at_once(capsys):
-    previous = {signum: signal.getsignal(signum) for signum in train.STOP_SIGNALS}
-    try:
-        stop = train.StopRequested()
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested and stop.signum == signal.SIGINT
-        with pytest.raises(train.Stopped) as stopped:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs between bytecodes; it must not wait for the step to finish
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    assert stopped.value.signum == signal.SIGINT and "without a checkpoint" in stopped.value.message
-    assert "SIGINT again to stop at once" in capsys.readouterr().err
-
-
-def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
-    def interrupted_load(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
-
-    monkeypatch.setattr(model_utils, "load_bundle", interrupted_load)
-    assert train.main(["--out-dir", str(tmp_path), "--run-name", "run", *FLAGS]) == 130
-    assert _error_lines(capsys.readouterr().err) == ["error: interrupted during start-up: nothing was trained"]
-
-
-def test_ctrl_c_while_the_script_imports_is_one_line_and_status_130(tmp_path):
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out-dir", str(tmp_path), *FLAGS],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "Traceback" not in err and _error_lines(err) == ["error: interrupted during start-up: nothing was trained"]
-
-
 # --- a run directory belongs to one run --------------------------------------------------------------------------
 
 
 def test_a_run_name_in_use_needs_resume_and_nothing_is_touched(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
     before = _files(run)
-    status, _, err = _run("--cache", str(stopped["cache"]), "--out-dir", str(run.parent), "--run-name", "run", "--max-steps", "2", *FLAGS)
+    status, _, err = run_main("--cache", str(stopped["cache"]), "--out-dir", str(run.parent), "--run-name", "run", "--max-steps", "2", *QUICK_FLAGS)
     assert status == 2
-    assert _error_lines(err) == [f"error: {run} already holds a run: continue it with --resume, or pick another --run-name"]
+    assert error_lines(err) == [f"error: {run} already holds a run: continue it with --resume, or pick another --run-name"]
     assert _files(run) == before
 
 
@@ -157,7 +107,7 @@ def test_resume_refuses_flags_that_change_the_run_naming_them(stopped, tmp_path)
     before = _files(run)
     status, _, err = _resume(stopped, run, "--seed", "1", "--batch-size", "1", "--ref-in-system")
     assert status == 2
-    [line] = _error_lines(err)
+    [line] = error_lines(err)
     assert "--seed 0 (now 1)" in line and "--batch-size 2 (now 1)" in line and "--ref-in-system False (now True)" in line
     assert "step_00000002.pt" in line
     status, _, err = _resume(stopped, run, "--max-steps", "10")
@@ -171,11 +121,11 @@ def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_p
         path.write_bytes(b"")
     status, _, err = _resume(stopped, run)
     assert status == 2
-    assert _error_lines(err) == [f"error: --resume: no intact checkpoint in {run / 'checkpoints'}: "
+    assert error_lines(err) == [f"error: --resume: no intact checkpoint in {run / 'checkpoints'}: "
                                  "step_00000002.pt (empty file); step_00000001.pt (empty file)"]
     shutil.rmtree(run / "checkpoints")
     status, _, err = _resume(stopped, run)
-    assert status == 2 and len(_error_lines(err)) == 1 and "no checkpoint in" in err
+    assert status == 2 and len(error_lines(err)) == 1 and "no checkpoint in" in err
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "foreign dict"])
@@ -187,7 +137,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
         torch.save({"weights": torch.zeros(3)}, newest)
     else:
         newest.write_bytes({"empty": b"", "truncated": whole[: len(whole) // 2], "random bytes": os.urandom(4096)}[damage])
-    path, state = checkpoints.newest_intact_checkpoint(run, train.Dist(), print)
+    path, state = checkpoints.newest_intact_checkpoint(run, World(), print)
     assert path == run / "checkpoints" / "step_00000001.pt" and state["step"] == 1
     out = capsys.readouterr().out
     assert f"unreadable checkpoint {newest}" in out and f"resuming from {path} instead" in out
@@ -207,8 +157,8 @@ def test_resume_uses_the_intact_checkpoint_cleans_strays_records_safe_changes_an
     assert f"removed what an interrupted write left: {stray[0]}, {stray[1]}" in out
     assert f"unreadable checkpoint {newest}" in out and "resumed from" in out and "step_00000001.pt at step 1" in out
     assert not any(path.exists() for path in stray)
-    config = json.loads((run / "config.json").read_text())
-    assert config["save_every"] == 7 and config["keep_last"] == 3 and config["resume"] is True
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["save_every"] == 7 and recorded["keep_last"] == 3 and recorded["resume"] is True
     [entry] = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     assert entry["step"] == 1 and entry["checkpoint"].endswith("step_00000001.pt")
     assert entry["changed"] == {"out_dir": [str(stopped["run"].parent), str(run.parent)], "save_every": [1, 7], "keep_last": [5, 3]}
@@ -246,7 +196,7 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporary
     monkeypatch.setattr(torch, "save", disk_full)
     status, _, err = _resume(stopped, run)
     assert status == 2
-    assert _error_lines(err) == [f"error: cannot write {run / 'checkpoints' / 'step_00000003.pt'}: No space left on device"]
+    assert error_lines(err) == [f"error: cannot write {run / 'checkpoints' / 'step_00000003.pt'}: No space left on device"]
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
 
 
@@ -260,7 +210,7 @@ def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_p
 
     monkeypatch.setattr(model_utils, "save_tiny_audio_tokenizer", disk_full)
     with pytest.raises(files.WriteError, match=f"^cannot write {out}: No space left on device$"):
-        train.export_model(tiny.model, train.TrainConfig(device="cpu"), tiny, train.Dist(), out)
+        checkpoints.export_model(tiny.model, config.TrainConfig(device="cpu"), tiny, World(), out)
     assert list(out.parent.iterdir()) == [] and model_utils.newest_export(str(tmp_path)) is None
 
 
@@ -310,80 +260,9 @@ def test_a_read_only_out_dir_is_one_line_naming_it(tmp_path, monkeypatch):
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
-    status, _, err = _run("--out-dir", str(out), "--run-name", "run", *FLAGS)
+    status, _, err = run_main("--out-dir", str(out), "--run-name", "run", *QUICK_FLAGS)
     assert status == 2
-    assert _error_lines(err) == [f"error: {out / 'run'}: Read-only file system"]
+    assert error_lines(err) == [f"error: {out / 'run'}: Read-only file system"]
 
 
 # --- flags, --config and data: one line each --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("flag, value, message", [
-    ("--save-every", "0", "--save-every must be at least 1, not 0"),
-    ("--log-every", "0", "--log-every must be at least 1, not 0"),
-    ("--grad-accum", "0", "--grad-accum must be at least 1, not 0"),
-    ("--batch-size", "0", "--batch-size must be at least 1, not 0"),
-    ("--batch-size", "-2", "--batch-size must be at least 1, not -2"),
-    ("--batch-tokens", "-1", "--batch-tokens must be at least 0, not -1"),
-    ("--max-steps", "0", "--max-steps must be at least 1, not 0"),
-    ("--epochs", "-1", "--epochs must be at least 0, not -1.0"),
-    ("--lr", "0", "--lr must be positive, not 0.0"),
-    ("--lr", "nan", "--lr must be positive, not nan"),
-    ("--warmup-steps", "-1", "--warmup-steps must be at least 0, not -1"),
-    ("--keep-last", "-1", "--keep-last must be at least 1, not -1"),
-    ("--keep-last", "0", "--keep-last must be at least 1, not 0"),
-    ("--eval-every", "-5", "--eval-every must be at least 0, not -5"),
-    ("--min-lr-ratio", "2", "--min-lr-ratio must be in [0, 1], not 2.0"),
-    ("--lora-dropout", "1", "--lora-dropout must be in [0, 1), not 1.0"),
-    ("--seed", "-1", "--seed must be in [0, 4294967295], not -1"),
-    ("--batch-size", "two", "argument --batch-size: invalid int value: 'two' (see --help)"),
-])
-def test_every_numeric_flag_is_checked_at_parse_time(tmp_path, flag, value, message):
-    status, out, err = _run("--out-dir", str(tmp_path), *FLAGS, flag, value)
-    assert status == 2 and _error_lines(err) == [f"error: {message}"] and not out
-    assert not any(tmp_path.iterdir()), "nothing is written"
-
-
-def test_every_numeric_field_has_a_limit():
-    numeric = {name for name, value in asdict(train.TrainConfig()).items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    assert numeric == set(train.LIMITS)
-
-
-def test_eval_every_zero_means_never_and_is_valid():
-    assert train.parse_config(["--eval-every", "0"]).eval_every == 0
-
-
-@pytest.mark.parametrize("name, text, message", [
-    ("missing.json", None, "No such file or directory"),
-    ("bad.json", '{"lr": 0.001,}', "invalid JSON at line 1"),
-    ("bad.yaml", "lr: [0.001\nseed: 2\n", "invalid YAML at line 2"),
-    ("unknown.yaml", "lr: 0.001\nbatchsize: 4\n", "unknown keys ['batchsize']"),
-    ("type.json", '{"batch_size": "4"}', "batch_size must be int, not '4'"),
-    ("bool.json", '{"max_steps": true}', "max_steps must be int, not True"),
-    ("list.yaml", "- lr\n", "expected a mapping of field names to values, not list"),
-    ("range.json", '{"save_every": 0}', "--save-every must be at least 1, not 0"),
-])
-def test_config_file_problems_are_one_line(tmp_path, name, text, message):
-    path = tmp_path / name
-    if text is not None:
-        path.write_text(text)
-    status, _, err = _run("--config", str(path), "--out-dir", str(tmp_path / "runs"), *FLAGS)
-    assert status == 2
-    [line] = _error_lines(err)
-    assert message in line and (name in line or name == "range.json")
-
-
-def test_config_file_values_apply_and_flags_override_them(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text("lr: 1\nbatch_size: 3\nrun_name: null\n")
-    config = train.parse_config(["--config", str(path), "--batch-size", "4"])
-    assert (config.lr, config.batch_size, config.run_name) == (1, 4, None)
-
-
-def test_a_manifest_with_no_usable_row_is_one_line_after_the_counts(tmp_path):
-    manifest = tmp_path / "bad.jsonl"
-    manifest.write_text('{"id": "a", "audio": "missing.wav", "text": "hi", "speaker": "s"}\n{"id": "b"}\n')
-    status, out, err = _run("--train-manifest", str(manifest), "--out-dir", str(tmp_path / "runs"), "--run-name", "run", *FLAGS)
-    assert status == 2
-    assert "rows read 2 = kept 0 + rejected 2" in out
-    assert _error_lines(err) == [f"error: {manifest}: no usable row to train on (counts above)"]

@@ -16,14 +16,15 @@ import soundfile
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import collate
+import loader
 import manifest
 import model_utils
-import checkpoints
+import parallel
 import prepare
 import train
-from conftest import ROOT
-from test_train import _config, _losses, small_manifest  # noqa: F401 (small_manifest is a fixture)
+from conftest import ROOT, logged, train_config
 
 STEPS = 4
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -83,7 +84,7 @@ def _free_port() -> int:
 def one_process(tmp_path_factory, small_manifest, cache):
     """The reference: one process, --grad-accum 2, fp32."""
     out = tmp_path_factory.mktemp("one")
-    return train.train(_config(out, small_manifest, cache=str(cache), batch_size=1, grad_accum=2, max_steps=STEPS))
+    return train.train(train_config(out, small_manifest, cache=str(cache), batch_size=1, grad_accum=2, max_steps=STEPS))
 
 
 def test_two_nodes_on_localhost_match_one_process_with_the_same_global_batch(tmp_path, cache, one_process):
@@ -105,7 +106,7 @@ def test_two_nodes_on_localhost_match_one_process_with_the_same_global_batch(tmp
     assert "2 process(es), fsdp" in "".join(outputs)
     # measured: losses bit-identical, gradient norms within 8.6e-6 (FSDP sums squares per shard, then over processes)
     for tag, tolerance in (("loss/total", 1e-5), ("train/grad_norm", 5e-5)):
-        one, two = _losses(one_process, tag), _losses(tmp_path / "nodes", tag)
+        one, two = logged(one_process, tag), logged(tmp_path / "nodes", tag)
         assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
         assert all(abs(one[s] - two[s]) <= tolerance * abs(one[s]) for s in one), (tag, one, two)
     shards = tmp_path / "nodes" / "checkpoints" / f"step_{STEPS:08d}.dcp"
@@ -130,11 +131,11 @@ def bf16_runs(tmp_path_factory, cache, val_manifest):
 def test_fsdp_bf16_policy_trains_close_to_fp32_and_validates(bf16_runs, one_process):
     """bf16 compute moves the losses a little off the fp32 ones, not more (gloo gathers bf16 and reduces fp32)."""
     out, _ = bf16_runs
-    bf16, fp32 = _losses(out / "straight"), _losses(one_process)
+    bf16, fp32 = logged(out / "straight"), logged(one_process)
     assert sorted(bf16) == list(range(1, STEPS + 1))
     assert all(abs(bf16[s] - fp32[s]) <= 3e-3 * fp32[s] for s in fp32), (bf16, fp32)  # measured: 2.9e-4 at most
     assert bf16 != fp32
-    assert sorted(_losses(out / "straight", "val/total")) == [2, 4]
+    assert sorted(logged(out / "straight", "val/total")) == [2, 4]
     assert (out / "straight" / "export" / "config.json").is_file()
 
 
@@ -158,7 +159,7 @@ def test_sharded_checkpoint_resumes_exactly(bf16_runs):
     out, resumed = bf16_runs
     assert f"step_{2:08d}.dcp at step 2" in resumed
     for tag in ("loss/total", "train/grad_norm", "val/total"):
-        assert _losses(out / "resumed", tag) == _losses(out / "straight", tag), tag
+        assert logged(out / "resumed", tag) == logged(out / "straight", tag), tag
     names = {path.name for path in (out / "resumed" / "checkpoints").iterdir()}
     assert names == {"best.dcp", f"step_{4:08d}.dcp"}, "the partial save was replaced"
 
@@ -170,13 +171,13 @@ def test_fsdp_policy_gathers_in_bf16_and_keeps_fp32_master_weights_and_gradients
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = model_utils.build_tiny_model(tiny.tokenizer, seed=0).train()
-        config = _config(tmp_path, small_manifest, precision=precision, parallel="fsdp")
-        train.shard_model(model, config)
+        settings = train_config(tmp_path, small_manifest, precision=precision, parallel="fsdp")
+        parallel.shard_model(model, settings.precision)
         seen = []
         projection = model.layers[0].self_attn.q_proj
         projection.register_forward_hook(lambda module, inputs, output: seen.append((module.weight.dtype, inputs[0].dtype)))
         prepared = prepare.read_prepared(cache)
-        maker = train.SampleMaker(tiny, config, prepared.codes)
+        maker = loader.BatchBuilder(tiny, settings, prepared.codes)
         batch = maker.batch(manifest.training_pairs(prepared.rows, 0, 0)[0][:1])
         loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, "cpu")), batch.label_audio_ids)
         loss.total.backward()

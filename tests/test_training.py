@@ -1,0 +1,113 @@
+"""The model as it is trained and the one training step: scopes, LoRA, bf16, the skip of a non-finite step,
+and the statistics the step keeps on the device until they are read."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import checkpoints
+import collate
+import config
+import generation
+import model_utils
+import train
+import training
+from conftest import train_config
+from parallel import World
+
+
+def _prepared(tiny, **settings) -> tuple[torch.nn.Module, config.TrainConfig]:
+    """The tiny model prepared as train.py prepares it for `settings` (on the CPU)."""
+    settings = config.TrainConfig(**{"device": "cpu", **settings})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return training.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train(), settings
+
+
+def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity_case):
+    """The bf16 path on the CPU: LoRA, autocast bf16, frozen weights in bf16, text logits at labels, three
+    AdamW steps as train.py takes them, then a generation under autocast (evaluate.log_generations' path)."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model, settings = _prepared(tiny, scope="lora", precision=precision, lora_rank=4, lr=1e-3, grad_clip=0.0)
+        optimizer = training.build_optimizer(model, settings, "cpu")
+        steps = [training.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", settings.lr) for _ in range(3)]
+        losses[precision] = [stats.read(World()).losses["total"] for stats in steps]
+    assert all(torch.isfinite(torch.tensor(losses["bf16"])))
+    assert losses["bf16"][-1] < losses["bf16"][0]
+    for fp32, bf16 in zip(losses["fp32"], losses["bf16"]):
+        assert abs(bf16 - fp32) < 0.01 * fp32, losses
+    reference = generation.Reference(parity_case.ref_text, parity_case.ref_codes, None, parity_case.sample_rate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        waveform = generation.clone(model_utils.Bundle(model.eval(), tiny.tokenizer, tiny.audio_tokenizer), reference,
+                                    parity_case.text, generation.Sampling(greedy=True, max_seconds=0.2)).waveform
+    assert waveform.size and bool(torch.isfinite(torch.from_numpy(waveform)).all())
+
+
+@pytest.mark.parametrize("scope", ["audio", "full"])
+def test_scope_trains_what_it_says_and_freezes_the_rest(tmp_path, small_manifest, scope):
+    run = train.train(train_config(tmp_path, small_manifest, max_steps=2, scope=scope))
+    tokenizer = model_utils.build_tiny_text_tokenizer()
+    before = model_utils.build_tiny_model(tokenizer, seed=0).state_dict()
+    after = model_utils.load_bundle(str(run / "export")).model.state_dict()
+    audio = [name for name in before if any(marker in name for marker in training.AUDIO_PARAMETER_MARKERS)]
+    text = [name for name in before if name not in audio and "rotary" not in name]
+    assert audio and text
+    assert all(not torch.equal(before[name], after[name]) for name in audio), "every trained tensor moves"
+    unchanged = [name for name in text if torch.equal(before[name], after[name])]
+    if scope == "audio":
+        assert unchanged == text, "the text LLM stays bit-identical"
+    else:
+        assert not unchanged
+
+
+def test_lora_trains_adapters_on_attention_and_both_ffns_and_merges_on_export(tmp_path, small_manifest):
+    run = train.train(train_config(tmp_path, small_manifest, max_steps=2, scope="lora", lora_rank=4))
+    saved = torch.load(checkpoints.latest_checkpoint(run), weights_only=True)["model"]
+    assert saved and all("lora_" in name for name in saved)
+    assert any("audio_mlp" in name for name in saved), "the audio FFN is adapted, not attention alone"
+    before = model_utils.build_tiny_model(model_utils.build_tiny_text_tokenizer(), seed=0).state_dict()
+    merged = model_utils.load_bundle(str(run / "export")).model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], merged[name])}
+    targeted = {name for name in before if name.endswith(".weight") and name.split(".")[-2] in training.LORA_TARGETS}
+    assert changed == targeted
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_non_finite_loss_skips_the_update_and_says_so(tiny, batches, fused):
+    """A NaN in a trained weight makes the loss NaN: parameters and AdamW state stay as they were, on the host's
+    decision (foreach AdamW) or on the device's alone (fused AdamW, through found_inf)."""
+    model, settings = _prepared(tiny, scope="audio")
+    optimizer = training.build_optimizer(model, settings, "cuda" if fused else "cpu")
+    assert bool(optimizer.defaults["fused"]) == fused
+    finite = training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
+    assert not finite.read(World()).skipped
+    head = model_utils.higgs_model(model).audio_decoder_proj.audio_lm_head.weight
+    with torch.no_grad():
+        head[0, 0] = float("nan")
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+    values = training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World())
+    assert values.skipped and values.losses["total"] != values.losses["total"]
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[name], after[name].detach()) or name.endswith("audio_lm_head.weight") for name in before)
+    for key, moments in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(moments[name], state[key][name]) for name in moments), key
+
+
+def test_the_step_reads_what_compute_loss_gives_and_counts_what_the_model_saw(tiny, batches):
+    model, settings = _prepared(tiny, scope="full", grad_clip=0.0)
+    batch = batches[1]
+    with torch.no_grad():
+        outputs = copy.deepcopy(model)(**collate.batch_to_model_inputs(batch, "cpu"))
+    reference, mask = model_utils.compute_loss(outputs, batch.label_audio_ids), outputs.attention_mask
+    stats = training.train_step(model, training.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", 1e-3)
+    assert all(tensor.device.type == "cpu" and not tensor.requires_grad for tensor in (stats.losses, stats.counts, stats.hits))
+    values = stats.read(World())
+    assert values.losses["total"] == pytest.approx(float(reference.total), rel=1e-6)
+    assert values.losses["codebook_7"] == pytest.approx(float(reference.per_codebook[7]), rel=1e-6)
+    assert (values.tokens, values.padded, values.samples) == (int(mask.sum()), int(mask.numel() - mask.sum()), 2)
+    assert 0 <= values.accuracy["all"] <= 1 and values.grad_norm > 0
