@@ -16,7 +16,7 @@ of one length class): per sample two clips of log-normal duration, median
 6 s, clipped to 1-20 s, at 25 frames/s plus 9 stream/delay columns, 3.5 text
 tokens per second of speech and 30 template tokens.
 
-Planning: `train.epoch_batches` with --batch-tokens over synthetic rows of
+Planning: `loader.epoch_batches` with --batch-tokens over synthetic rows of
 that length mix (speakers of 50 utterances, so each epoch draws new
 references), from the frames and text token counts the rows carry; beside
 it, the former way (building every sample to measure it) timed on 2,000
@@ -49,10 +49,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import collate  # noqa: E402
+import loader  # noqa: E402
 import manifest  # noqa: E402
 import model_utils  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
+from config import TrainConfig  # noqa: E402
 
 DEMO_MANIFEST = ROOT / "demo" / "data" / "manifest.jsonl"
 
@@ -171,19 +173,19 @@ def synthetic_rows(count: int, seed: int = 0) -> list[dict]:
 
 
 def benchmark_planning(bundle: model_utils.Bundle, counts: list[int], budget: int) -> None:
-    config = train.TrainConfig(batch_tokens=budget, device="cpu")
-    maker = train.SampleMaker(bundle, config, codes=None)
+    config = TrainConfig(batch_tokens=budget, device="cpu")
+    maker = loader.BatchBuilder(bundle, config, codes=None)
     print(f"planning an epoch of token-budget batches ({budget} tokens), from the rows' stored lengths:")
     for count in counts:
         rows = synthetic_rows(count)
         started = time.perf_counter()
-        batches = train.epoch_batches(rows, config, 1, maker)
+        batches = loader.epoch_batches(rows, config, 1, maker)
         seconds = time.perf_counter() - started
         print(f"  {count:>9,} rows: {seconds:6.2f} s  ({len(batches):,} batches)")
         del rows, batches
     rows = synthetic_rows(2000)
     pairs, _ = manifest.training_pairs(rows, config.seed, 1)
-    builder = train.SampleMaker(bundle, config, BlankCodes(rows))
+    builder = loader.BatchBuilder(bundle, config, BlankCodes(rows))
     started = time.perf_counter()
     [collate.sample_tokens(sample, 8) for sample in builder.samples(pairs)]
     per_sample = (time.perf_counter() - started) / len(pairs)
@@ -196,7 +198,7 @@ def benchmark_data_wait(cache: str, steps: int) -> None:
     print(f"data wait, tiny preset from the demo cache, {steps} steps of 4 samples (steps 2 on):")
     for depth in (2, 0):
         with tempfile.TemporaryDirectory() as out:
-            config = train.TrainConfig(cache=cache, val_manifest="", out_dir=out, run_name="run", device="cpu",
+            config = TrainConfig(cache=cache, val_manifest="", out_dir=out, run_name="run", device="cpu",
                                        precision="fp32", max_steps=steps, save_every=10**6, batch_size=4, prefetch=depth)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 run = train.train(config)
