@@ -63,8 +63,10 @@ def whisper_features(config: HiggsAudioConfig, processor_dir: str | None = None)
     return WhisperFeatures(WhisperFeatureExtractor(feature_size=config.audio_encoder_config.num_mel_bins))
 
 
-def build_collator(config: HiggsAudioConfig, whisper: WhisperFeatures | None = None) -> HiggsAudioSampleCollator:
-    """The package's collator, configured from the model config alone.
+def build_collator(config: HiggsAudioConfig, whisper: WhisperFeatures | None = None,
+                   pad_left: bool = False) -> HiggsAudioSampleCollator:
+    """The package's collator, configured from the model config alone; `pad_left` pads prompts on the left, as
+    generating several at once needs (padding changes nothing else).
 
     `mask_audio_out_token_label=False`: with the default True the collator
     writes -100 into the caller's `label_ids` in place, so a sample collated
@@ -87,7 +89,7 @@ def build_collator(config: HiggsAudioConfig, whisper: WhisperFeatures | None = N
         use_delay_pattern=config.use_delay_pattern,
         audio_num_codebooks=config.audio_num_codebooks,
         round_to=1,
-        pad_left=False,
+        pad_left=pad_left,
         mask_audio_out_token_label=False,
     )
 

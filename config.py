@@ -130,6 +130,8 @@ class TrainConfig:
     eval_every: int = setting(30, "steps between evaluations (0 = never)", limit=at_least(0), resume=True)
     eval_prompts: int = setting(2, "validation prompts generated as audio", limit=at_least(0), resume=True)
     eval_max_seconds: float = setting(4.0, "longest generated validation clip", limit=positive(), resume=True)
+    eval_batch_size: int = setting(1, "validation prompts generated together per decoding step (batched generation; "
+                                      "1 = the package's generate)", limit=at_least(1), resume=True)
     asr_model: str = setting("", "local Whisper directory for the validation clips' WER/CER "
                                  "('' = pocketsphinx en-us: English rows only)", resume=True)
     speaker_model: str = setting("", "local WavLMForXVector directory for SIM ('' = resemblyzer GE2E)", resume=True)

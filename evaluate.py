@@ -1,33 +1,44 @@
-"""Judging a model: clones of held-out rows measured, and the training loop's evaluation.
+"""Judging a model: clones of held-out rows measured (`python infer.py --eval`), and the training loop's evaluation.
 
-`evaluate_pair` clones one row (`generation.clone`) and scores the clip and
-the real target with a `metrics.Judge` (SIM, WER/CER, timing);
-`evaluate_manifest` does so for every row of a manifest, writing the clips,
-one CSV line per row and a summary (`python infer.py --eval`).
+`--eval` (`evaluate_list`) reads a JSONL manifest or a Seed-TTS-eval list
+(`read_eval_rows`), validating every clip without encoding any; encodes
+each distinct reference once, or reads its codes from a prepared cache
+(`reference_codes`); clones the rows `--batch-size` at a time
+(`batched_generation.clone_many`), writing each clip as it comes, while a
+scoring thread (`ScoringWorker`) scores each clip and its real target
+(`score_row`, the target's scores cached on disk) and appends the row to
+rows.csv (`eval_dir.EvalDir`, which also refuses a used directory and
+resumes a half-done one). The summary gives ours (means, corpus WER, the
+real targets') and the Seed-TTS-eval aggregates (`seedtts.py`).
 
 In the training loop, `evaluate_in_loop` computes the validation losses
 and, for the first `--eval-prompts` validation pairs, judges greedy clones
-with `evaluate_pair`, logging both; `selection_score` and `Best` decide which
-evaluation's weights `best.pt` keeps and when `--patience` stops the run.
+(`clones_of`, `--eval-batch-size` per decoding step, then `score_row`),
+logging both;
+`selection_score` and `Best` decide which evaluation's weights `best.pt`
+keeps and when `--patience` stops the run.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import re
+import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from tqdm import tqdm
 
+import batched_generation
 import collate
 import data
+import eval_dir
+import files
 import generation
 import loader
 import manifest
@@ -35,97 +46,255 @@ import metrics
 import model_utils
 import parallel
 import prepare
+import seedtts
 import training
 from config import TrainConfig
 from parallel import World
 
 
-def evaluate_pair(
-    bundle: model_utils.Bundle,
-    judge: metrics.Judge,
-    pair: manifest.Pair,
-    language: str | None,
-    sampling: generation.Sampling,
-    codes,
-    scene: str | None = None,
-    ref_in_system: bool = False,
-    force_audio: bool = True,
-) -> tuple[dict, np.ndarray | None]:
-    """Clone `pair.text` from its reference; the row's record (generated and real target scores) and the clip.
+@dataclass
+class CloneSettings:
+    """How the clips of an evaluation are made."""
 
-    A generation that yields no audio is a record with its error and no
-    generated values, never a dropped row. `codes` gives a clip's codes by path.
-    """
-    rate = bundle.audio_tokenizer.sampling_rate
-    ref_waveform = data.load_audio(pair.ref_audio, rate)
-    needs_waveform = ref_in_system and collate.uses_whisper(bundle.model.config)
-    reference = generation.Reference(pair.ref_text, codes(pair.ref_audio), ref_waveform if needs_waveform else None, rate)
-    embedding = judge.reference_embedding(pair.ref_audio, ref_waveform, rate)
+    sampling: generation.Sampling
+    layout: data.PromptLayout
+    force_audio: bool = True
+    batch_size: int = 1
+    kv_cache: generation.StaticCacheBuckets | None = None
+
+
+# --------------------------------------------------------------------------
+# One row: its clone and its scores
+# --------------------------------------------------------------------------
+
+
+def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, clone: generation.Clone | RuntimeError,
+              rate: int) -> dict:
+    """The row's record: the clone's scores and the real target's (none for a list line without one). A clone
+    that failed is a record with its error and no generated values, never a dropped row."""
+    embedding = judge.reference_embedding(pair.ref_audio, lambda: data.load_audio(pair.ref_audio, rate), rate)
     language = judge.language(language)
-    target = judge.score_target(pair.audio, data.load_audio(pair.audio, rate), rate, embedding, pair.text, language)
+    target = None
+    if pair.audio:
+        target = judge.score_target(pair.audio, lambda: data.load_audio(pair.audio, rate), rate, pair.ref_audio,
+                                    embedding, pair.text, language)
+    if isinstance(clone, RuntimeError):
+        return metrics.row_record(pair.id, language, pair.text, None, None, target, str(clone))
+    scores = judge.score_clip(clone.waveform, rate, embedding, pair.text, language)
+    return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target)
+
+
+def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Callable[[str], torch.Tensor],
+              settings: CloneSettings) -> Iterator[tuple[manifest.Pair, generation.Clone | RuntimeError]]:
+    """Each pair with its clone (or the error that stopped it), `settings.batch_size` per decoding step; each
+    reference's codes from `codes` (which encodes a file once, or reads a cache)."""
+    rate = bundle.audio_tokenizer.sampling_rate
+    needs_waveform = settings.layout.ref_in_system and collate.uses_whisper(bundle.model.config)
+    for start in range(0, len(pairs), settings.batch_size):
+        chunk = pairs[start : start + settings.batch_size]
+        jobs = [batched_generation.Job(generation.Reference(pair.ref_text, codes(pair.ref_audio),
+                                                            data.load_audio(pair.ref_audio, rate) if needs_waveform else None, rate),
+                                       pair.text, pair.scene) for pair in chunk]
+        clips = batched_generation.clone_many(bundle, jobs, settings.sampling, settings.layout, settings.force_audio,
+                                              settings.batch_size, settings.kv_cache)
+        yield from zip(chunk, clips)
+
+
+# --------------------------------------------------------------------------
+# python infer.py --eval
+# --------------------------------------------------------------------------
+
+
+class CheckedClips:
+    """`--eval`'s clip source for validation: each clip loaded and checked as training checks it, never encoded
+    (a target is only scored; a reference is encoded later, once, or read from a cache). `frames` is the count the
+    audio tokenizer makes: samples / hop, rounded half up."""
+
+    def __init__(self, sampling_rate: int, num_codebooks: int):
+        self.sampling_rate, self.num_codebooks = sampling_rate, num_codebooks
+        self.hop = sampling_rate // generation.FRAMES_PER_SECOND
+
+    def clip(self, path: str) -> manifest.Clip:
+        samples = len(data.load_clip(path, self.sampling_rate))
+        return manifest.Clip(samples / self.sampling_rate, math.floor(samples / self.hop + 0.5))
+
+
+def read_eval_rows(path: str, clips: CheckedClips) -> tuple[manifest.ValidationResult, list[manifest.Pair], dict]:
+    """A JSONL manifest (speaker rows paired as in training, with seed 0) or a Seed-TTS-eval list, validated: the
+    validation, the pairs and each row's language."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such manifest or list: {path}")
+    if seedtts.is_seedtts_list(path):
+        validated = seedtts.read_list(path, clips)
+        pairs = [manifest.Pair(row["id"], row["ref_audio"], row["ref_text"], row.get("audio"), row["text"]) for row in validated.kept]
+    else:
+        validated = manifest.validate_manifest(path, clips, progress=True)
+        pairs = manifest.training_pairs(validated.kept, 0, 0)[0]
+    return validated, pairs, {row["id"]: row.get("language") for row in validated.kept}
+
+
+def reference_codes(bundle: model_utils.Bundle, cache_dir: str | None, paths: list[str]) -> Callable[[str], torch.Tensor]:
+    """Codes of each reference by path: read from the prepared cache `cache_dir` when it holds the clip, else
+    encoded once per distinct file; the split is printed."""
+    encoded = prepare.EncodedClips(bundle.audio_tokenizer)
+    if not cache_dir:
+        return encoded
+    prepared = prepare.read_prepared(cache_dir, prepare.audio_tokenizer_id(bundle.audio_tokenizer))
+    distinct = set(paths)
+    missing = distinct - set(prepared.codes.keys)
+    print(f"references: {len(distinct) - len(missing)} read from {cache_dir}, {len(missing)} not in it (encoded)")
+    return lambda path: encoded(path) if path in missing else prepared.codes(path)
+
+
+def warn_about_languages(judge: metrics.Judge, pairs: list[manifest.Pair], languages: dict[str, str | None]) -> None:
+    """One line for the rows whose WER will be n/a, saying which flag fixes it."""
+    unscored = [judge.language(languages[pair.id]) for pair in pairs if not judge.intelligibility_available(languages[pair.id])]
+    if not unscored:
+        return
+    asr = judge.asr.name if judge.asr else "no ASR"
+    missing = sum(language is None for language in unscored)
+    if missing:
+        print(f"warning: {missing} rows have no language and {asr} needs one, so their WER is n/a: give --language "
+              "(e.g. --language en), or --asr-model DIR with a Whisper, which detects it", file=sys.stderr)
+    others = sorted({language for language in unscored if language is not None})
+    if others:
+        print(f"warning: {len(unscored) - missing} rows in {', '.join(others)}: {asr} cannot transcribe them, so their WER "
+              "is n/a; give --asr-model DIR (a Whisper that knows the language)", file=sys.stderr)
+
+
+class ScoringWorker:
+    """Scores rows in a thread beside generation; each row is on disk in rows.csv as soon as it is scored.
+
+    Generation waits when `limit` clips are waiting to be scored, so memory
+    stays bounded; a scoring error is raised in the generating thread at its
+    next submission, or at `finish`.
+    """
+
+    def __init__(self, judge: metrics.Judge, out: eval_dir.EvalDir, rate: int, progress: tqdm, limit: int):
+        self.judge, self.out, self.rate, self.progress, self.limit = judge, out, rate, progress, limit
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
+        self.pending: list[Future] = []
+        self.busy_seconds = 0.0
+
+    def submit(self, pair: manifest.Pair, language: str | None, clone) -> None:
+        self.pending = [future for future in self.pending if not self._settled(future)]
+        while len(self.pending) >= self.limit:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self._score, pair, language, clone))
+
+    def finish(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pool.shutdown()
+
+    def abandon(self) -> None:
+        """Stop after the row being scored (it is kept); rows still waiting are dropped, made again on --resume."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _score(self, pair, language, clone) -> None:
+        started = time.perf_counter()
+        self.out.append(score_row(self.judge, pair, language, clone, self.rate))
+        self.busy_seconds += time.perf_counter() - started
+        self.progress.update(1)
+
+    @staticmethod
+    def _settled(future: Future) -> bool:
+        if future.done():
+            future.result()  # raises a scoring error here, in the generating thread
+            return True
+        return False
+
+
+class EvalInterrupted(Exception):
+    """Ctrl-C during `--eval`: what was kept, for the one line that says how to continue."""
+
+    def __init__(self, scored: int, total: int, out: Path):
+        super().__init__(f"{scored} of {total} rows scored")
+        self.scored, self.total, self.out = scored, total, out
+
+
+def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: str, out: eval_dir.EvalDir,
+                  settings: CloneSettings, codes_cache: str | None = None) -> dict:
+    """Clone and measure every row of a manifest or Seed-TTS-eval list into `out`; returns summary.json's content.
+
+    Rows already in `out`'s rows.csv (a resumed run) are skipped. Every row
+    rejected is an error after rejections.jsonl is written; Ctrl-C is an
+    `EvalInterrupted` after the row being scored is kept.
+    """
+    timings, started = {}, time.perf_counter()
+    rate = bundle.audio_tokenizer.sampling_rate
+    validated, pairs, languages = read_eval_rows(list_path, CheckedClips(rate, bundle.model.config.audio_num_codebooks))
+    validated.write_report(out.path / "rejections.jsonl")
+    print(f"data: {list_path}: {validated.summary()}" + (f"; rejected rows: {out.path / 'rejections.jsonl'}" if validated.rejections else ""))
+    if not pairs:
+        raise ValueError(f"no row of {list_path} can be evaluated ({validated.summary()}); see {out.path / 'rejections.jsonl'}")
+    warn_about_languages(judge, pairs, languages)
+    done = {record["id"] for record in out.done()}
+    todo = [(index, pair) for index, pair in enumerate(pairs) if pair.id not in done]
+    if done:
+        print(f"resuming: {len(done)} rows already scored in {out.path / eval_dir.ROWS_FILE}, {len(todo)} to go")
+    timings["validation"] = time.perf_counter() - started
+    codes = reference_codes(bundle, codes_cache, [pair.ref_audio for _, pair in todo])
     try:
-        result = generation.clone(bundle, reference, pair.text, sampling, pair.scene or scene, ref_in_system, force_audio)
-    except RuntimeError as error:
-        return metrics.row_record(pair.id, language, pair.text, None, None, target, str(error)), None
-    scores = judge.score_clip(result.waveform, rate, embedding, pair.text, language)
-    return metrics.row_record(pair.id, language, pair.text, scores, result.stopped, target), result.waveform
+        timings.update(_generate_and_score(bundle, judge, todo, languages, codes, out, settings))
+    except KeyboardInterrupt:
+        raise EvalInterrupted(len(out.done()), len(pairs), out.path) from None
+    timings["wall"] = time.perf_counter() - started
+    return _summary(out, list_path, validated, judge, settings, timings, len(todo))
 
 
-def write_records_csv(records: list[dict], path: Path) -> None:
-    """One line per row; unavailable values are written `n/a`."""
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=list(records[0]) if records else ["id"])
-        writer.writeheader()
-        for record in records:
-            writer.writerow({key: value if isinstance(value, str) else metrics.fmt(value, 4) for key, value in record.items()})
+def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.EvalDir, settings: CloneSettings) -> dict:
+    rate = bundle.audio_tokenizer.sampling_rate
+    progress = tqdm(total=len(todo), desc="eval", unit="clip", dynamic_ncols=True)
+    worker = ScoringWorker(judge, out, rate, progress, limit=2 * settings.batch_size + 2)
+    index_of = {pair.id: index for index, pair in todo}
+    generating, started = 0.0, time.perf_counter()
+    try:
+        for pair, clone in clones_of(bundle, [pair for _, pair in todo], codes, settings):
+            if not isinstance(clone, RuntimeError):
+                out.write_wav(out.wav(index_of[pair.id], pair.id), clone.waveform, rate)
+            generating += time.perf_counter() - started
+            worker.submit(pair, languages[pair.id], clone)
+            started = time.perf_counter()
+        waiting = time.perf_counter()
+        worker.finish()
+    except KeyboardInterrupt:
+        worker.abandon()
+        progress.close()
+        raise
+    progress.close()
+    return {"generation_and_decoding": generating, "scoring_in_worker": worker.busy_seconds,
+            "waiting_for_scoring_at_end": time.perf_counter() - waiting}
 
 
-def _wav_name(index: int, row_id: str) -> str:
-    return f"{index:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', row_id)}.wav"
-
-
-def evaluate_manifest(
-    bundle: model_utils.Bundle,
-    judge: metrics.Judge,
-    manifest_path: str,
-    out: Path,
-    sampling: generation.Sampling,
-    layout: data.PromptLayout,
-    seed: int,
-    force_audio: bool,
-    model: str,
-) -> None:
-    """Clone and measure every row of the manifest at `manifest_path`: wavs/, rows.csv, summary.json and rejections.jsonl in `out`, and a
-    printed summary. `seed` fixes the speaker pairing of speaker-grouped rows; `model` names the model in summary.json."""
-    codes = prepare.EncodedClips(bundle.audio_tokenizer)
-    validated = manifest.validate_manifest(manifest_path, codes, progress=True)
-    (out / "wavs").mkdir(parents=True, exist_ok=True)
-    validated.write_report(out / "rejections.jsonl")
-    print(f"data: {manifest_path}: {validated.summary()}" + (f"; rejected rows: {out / 'rejections.jsonl'}" if validated.rejections else ""))
-    pairs, _ = manifest.training_pairs(validated.kept, seed, 0)
-    languages = {row["id"]: row.get("language") for row in validated.kept}
-    records, started = [], time.time()
-    for index, pair in enumerate(tqdm(pairs, desc="eval", dynamic_ncols=True)):
-        record, waveform = evaluate_pair(bundle, judge, pair, languages[pair.id], sampling, codes, layout.scene,
-                                         layout.ref_in_system, force_audio)
-        if waveform is not None:
-            sf.write(out / "wavs" / _wav_name(index, pair.id), waveform, bundle.audio_tokenizer.sampling_rate)
-        records.append(record)
-    seconds = time.time() - started
-    write_records_csv(records, out / "rows.csv")
+def _summary(out: eval_dir.EvalDir, list_path: str, validated, judge: metrics.Judge, settings: CloneSettings,
+             timings: dict, made: int) -> dict:
+    """summary.json and the printed summary, from every row in rows.csv (this run's and a resumed run's)."""
+    records = out.done()
+    seed = settings.sampling.seed or 0
     summary = metrics.summarize_records(records, seed)
+    corpus = {"error_rate": metrics.corpus_error_rate(records), "target_error_rate": metrics.corpus_error_rate(records, "target_")}
+    protocol = seedtts.aggregates(records)
     failed = sum(bool(record["error"]) for record in records)
     report = {
-        "manifest": str(manifest_path), "model": model, "rows_read": validated.rows_read, "kept": len(validated.kept),
-        "rejected": len(validated.rejections), "rejected_by_reason": validated.counts(), "evaluated": len(records),
-        "generation_failed": failed, "speaker_encoder": judge.encoder.name, "asr": judge.asr.name,
-        "seed": seed, "sampling": vars(sampling), "scene": layout.scene, "ref_in_system": layout.ref_in_system,
-        "seconds_per_row": seconds / max(1, len(records)), "metrics": summary,
+        "list": str(list_path), "rows_read": validated.rows_read, "kept": len(validated.kept), "rejected": len(validated.rejections),
+        "rejected_by_reason": validated.counts(), "evaluated": len(records), "generation_failed": failed,
+        "speaker_encoder": judge.encoder.name, "asr": judge.asr.name if judge.asr else None,
+        "sampling": vars(settings.sampling), "scene": settings.layout.scene, "ref_in_system": settings.layout.ref_in_system,
+        "batch_size": settings.batch_size, "seconds": timings, "clips_made_this_run": made,
+        "metrics": summary, "corpus": corpus, "seedtts": protocol,
     }
-    (out / "summary.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    if judge.target_cache:
+        report["target_score_cache"] = {"folder": str(judge.target_cache.folder), "hits": judge.target_cache.hits,
+                                        "misses": judge.target_cache.misses}
+    files.write_text(out.path / "summary.json", json.dumps(report, indent=2, ensure_ascii=False))
     print(metrics.format_summary(summary))
-    print(f"{len(records)} rows evaluated ({failed} without audio), {validated.summary()}; "
-          f"{seconds / max(1, len(records)):.2f} s per row; wrote {out / 'rows.csv'}, {out / 'summary.json'}, {out / 'wavs'}")
+    print(f"corpus WER/CER {metrics.fmt(corpus['error_rate']['rate'])} over {corpus['error_rate']['words']} words "
+          f"of {corpus['error_rate']['n']} rows; real targets' {metrics.fmt(corpus['target_error_rate']['rate'])}")
+    print(seedtts.format_aggregates(protocol, report["asr"] or "none", judge.encoder.name))
+    print(f"{len(records)} rows evaluated ({failed} without audio), {validated.summary()}; {made} clips made in "
+          f"{timings['wall']:.1f} s; wrote {out.path / eval_dir.ROWS_FILE}, {out.path / 'summary.json'}, {out.path / 'wavs'}")
+    return report
 
 
 # --------------------------------------------------------------------------
@@ -232,15 +401,16 @@ def log_generations(writer, step: int, model, validation: Validation, config: Tr
     builder, clones = validation.builder, validation.clones
     bundle = model_utils.Bundle(model, builder.bundle.tokenizer, builder.bundle.audio_tokenizer)
     rate = bundle.audio_tokenizer.sampling_rate
-    sampling = generation.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds)
+    settings = CloneSettings(generation.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds),
+                             data.PromptLayout(config.ref_in_system), batch_size=config.eval_batch_size)
+    with training.autocast(config.precision, device):  # frozen weights may be held in bf16 (--frozen-bf16)
+        made = list(clones_of(bundle, validation.pairs[: config.eval_prompts], builder.codes, settings))
     records = []
-    for pair in validation.pairs[: config.eval_prompts]:
-        with training.autocast(config.precision, device):  # frozen weights may be held in bf16 (--frozen-bf16)
-            record, generated = evaluate_pair(bundle, clones.judge, pair, clones.languages[pair.id], sampling,
-                                              builder.codes, ref_in_system=config.ref_in_system)
-        records.append(record)
-        if generated is None:
+    for pair, clone in made:
+        records.append(score_row(clones.judge, pair, clones.languages[pair.id], clone, rate))
+        if isinstance(clone, RuntimeError):
             continue
+        generated = clone.waveform
         writer.add_audio(f"generated/{pair.id}", torch.from_numpy(generated)[None], step, sample_rate=rate)
         panels = [generated, data.load_audio(pair.audio, rate), data.load_audio(pair.ref_audio, rate)]
         writer.add_image(f"mel/{pair.id} (generated | target | reference)", mel_panels(panels, rate), step, dataformats="HW")

@@ -2,9 +2,12 @@
 
 This module owns the one atomic writer. Checkpoints, configs and exports
 (`checkpoints.py`, `train.py`), prompt layouts (`data.py`), validation reports
-(`manifest.py`) and the code cache (`prepare.py`) are all written through it,
-so a crash or a full disk never leaves half a file under its real name, and a
-failure to write is one line naming the path.
+(`manifest.py`), the code cache (`prepare.py`), `--eval`'s clips and cached
+scores (`eval_dir.py`, `score_cache.py`) are all written through it, so a
+crash or a full disk never leaves half a file under its real name, and a
+failure to write is one line naming the path. A file that grows line by line
+(`--eval`'s rows.csv) is appended to with `append_text`, each line on disk
+before it returns.
 """
 
 from __future__ import annotations
@@ -62,6 +65,18 @@ def write_text(path: Path, text: str) -> None:
     """`text` as UTF-8, through `atomic_file`."""
     with atomic_file(path) as handle:
         handle.write(text.encode("utf-8"))
+
+
+def append_text(path: Path, text: str) -> None:
+    """`text` appended as UTF-8 and fsynced: a crash loses at most the line being written, which a reader can tell
+    by its missing newline."""
+    try:
+        with open(path, "ab") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise WriteError(path, error) from error
 
 
 @contextlib.contextmanager

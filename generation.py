@@ -3,32 +3,41 @@
 This module owns:
 
 - cloning: `encode_reference` turns a reference clip into codes, `clone` builds
-  the prompt with `data.build_sample` (the one sample builder) and
-  `collate.build_collator` (the one collator), runs the package's `generate`
-  (`Sampling`, `ForceTokens`, `STOP_STRINGS`), reverts the delay pattern and
+  the prompt with `data.build_sample` (the one sample builder, `build_prompt`)
+  and `collate.build_collator` (the one collator), runs the package's
+  `generate` (`Sampling`, `ForceTokens`, `STOP_STRINGS`, a frame budget that
+  `--max-seconds` bounds: `max_new_tokens`), reverts the delay pattern and
   decodes the codes with the audio tokenizer (`audio_sequence_to_codes`,
-  `stream_ended`);
+  `stream_ended`, `decode_codes`);
+- the serve engine's speed on a GPU: its static KV-cache buckets and CUDA
+  graphs, through the package's own arguments (`StaticCacheBuckets`);
 - the prompt layout a model was trained with: `resolve_layout` reads the
   `prompt_layout.json` an export records and weighs explicit choices against it;
 - the package's `HiggsAudioServeEngine` prompted as training prompts
   (`align_serve_engine`, `serve_engine_sample`).
 
-The command line is infer.py; parity.py proves this prompts as training does;
-evaluate.py judges the clones.
+Many clips per decoding step are batched_generation.py's. The command line is
+infer.py; parity.py proves this prompts as training does; evaluate.py judges
+the clones.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
+from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import StaticCache
 
 import collate
 import data
@@ -96,12 +105,33 @@ class ForceTokens(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(-1, forced.expand(scores.shape[0], 1), 0.0)
 
 
-def generate(bundle: model_utils.Bundle, batch_inputs: dict, sampling: Sampling, processors=(), **extra):
-    """The package's `generate` on one collated prompt, with the stop strings it expects."""
-    max_new_tokens = int(sampling.max_seconds * FRAMES_PER_SECOND) + bundle.model.config.audio_num_codebooks + 8
+def max_frames(max_seconds: float) -> int:
+    """Frames of audio (25 a second) that fit in `max_seconds`; at least 1 frame is a checked input (infer.py)."""
+    return math.floor(max_seconds * FRAMES_PER_SECOND + 1e-9)
+
+
+def max_new_tokens(config, max_seconds: float) -> int:
+    """Generation steps that produce at most `max_frames(max_seconds)` frames once the delay pattern is reverted.
+
+    With `<|audio_out_bos|>` forced, one step emits it, one the all-BOS column,
+    then one step per delayed column; a clip of F frames spans F + n_q - 1
+    delayed columns, so F frames take F + n_q + 1 steps (F + 2 without the
+    delay pattern). The old budget, frames + n_q + 8, let `--max-seconds 1`
+    run to 1.28 s.
+    """
+    tail = config.audio_num_codebooks - 1 if config.use_delay_pattern else 0
+    return max_frames(max_seconds) + tail + 2
+
+
+def generate(bundle: model_utils.Bundle, batch_inputs: dict, sampling: Sampling, processors=(),
+             kv_cache: StaticCacheBuckets | None = None, **extra):
+    """The package's `generate` on one collated prompt, with the stop strings it expects; `kv_cache`: the serve
+    engine's static buckets (and CUDA graphs) instead of the dynamic cache."""
+    if kv_cache is not None:
+        extra = {**extra, **kv_cache.generate_kwargs()}
     return bundle.model.generate(
         **batch_inputs,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens(bundle.model.config, sampling.max_seconds),
         use_cache=True,
         stop_strings=STOP_STRINGS,
         tokenizer=bundle.tokenizer,
@@ -169,6 +199,15 @@ class Clone:
     stopped: bool
 
 
+def build_prompt(bundle: model_utils.Bundle, reference: Reference, text: str, scene: str | None = None,
+                 ref_in_system: bool = False) -> ChatMLDatasetSample:
+    """The generation prompt for `text` in the reference's voice, by the one sample builder."""
+    return data.build_sample(
+        bundle.tokenizer, reference.text, reference.codes, text, scene=scene, ref_in_system=ref_in_system,
+        ref_waveform=reference.waveform, sample_rate=reference.sample_rate,
+    )
+
+
 def clone(
     bundle: model_utils.Bundle,
     reference: Reference,
@@ -177,32 +216,82 @@ def clone(
     scene: str | None = None,
     ref_in_system: bool = False,
     force_audio: bool = True,
+    kv_cache: StaticCacheBuckets | None = None,
 ) -> Clone:
     """Speak `text` in the reference voice: a waveform at the audio tokenizer's rate, and whether the audio
     stream ended with EOS before `sampling.max_seconds`."""
     config = bundle.model.config
     collator = collate.build_collator(config, collate.whisper_features(config))
-    prompt = data.build_sample(
-        bundle.tokenizer, reference.text, reference.codes, text, scene=scene, ref_in_system=ref_in_system,
-        ref_waveform=reference.waveform, sample_rate=reference.sample_rate,
-    )
+    prompt = build_prompt(bundle, reference, text, scene, ref_in_system)
     device = next(bundle.model.parameters()).device
     inputs = collate.batch_to_model_inputs(collate.collate(collator, [prompt], config.audio_codebook_size), device)
     # The target turn always opens with <|audio_out_bos|>; forcing it (as the
     # serve engine's force_audio_gen does) keeps the prompt itself unchanged.
     processors = [ForceTokens([config.audio_out_bos_token_id])] if force_audio else []
     with torch.inference_mode():
-        _, audio_sequences = generate(bundle, inputs, sampling, processors)
+        _, audio_sequences = generate(bundle, inputs, sampling, processors, kv_cache)
     if not audio_sequences:
         raise RuntimeError("the model produced no audio (it answered in text); try --force-audio")
-    sequence = audio_sequences[0].cpu()
+    return clip_from_stream(bundle, audio_sequences[0])
+
+
+def clip_from_stream(bundle: model_utils.Bundle, sequence: torch.Tensor) -> Clone:
+    """A generated audio stream (as `generate` returns it) decoded into a clip; a stream without a frame is an error."""
+    config = bundle.model.config
+    sequence = sequence.cpu()
     stopped = stream_ended(sequence, config.audio_codebook_size, config.use_delay_pattern)
     codes = audio_sequence_to_codes(sequence, config.audio_codebook_size, config.use_delay_pattern)
     if codes.shape[1] == 0:
         raise RuntimeError("the model ended the clip before producing any frame")
-    with torch.autocast(device.type, enabled=False):  # the audio tokenizer decodes in its own fp32, under a caller's autocast too
+    return Clone(decode_codes(bundle, codes), stopped)
+
+
+def decode_codes(bundle: model_utils.Bundle, codes: torch.Tensor) -> np.ndarray:
+    """Raw codes (n_q, T) as a float32 waveform at the audio tokenizer's rate."""
+    device = next(bundle.model.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, enabled=False):  # the audio tokenizer decodes in its own fp32, under a caller's autocast too
         waveform = bundle.audio_tokenizer.decode(codes.unsqueeze(0).to(device))[0, 0]
-    return Clone(np.asarray(waveform, dtype=np.float32), stopped)
+    return np.asarray(waveform, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------
+# The serve engine's speed on a GPU: static KV-cache buckets and CUDA graphs
+# --------------------------------------------------------------------------
+
+# The serve engine's default bucket lengths (HiggsAudioServeEngine's kv_cache_lengths).
+KV_CACHE_LENGTHS = (1024, 4096, 8192)
+
+
+class StaticCacheBuckets:
+    """The package's static KV caches, one per length, that its `generate` picks from (`past_key_values_buckets`).
+
+    As `HiggsAudioServeEngine` builds them: batch size 1, one cache layer per
+    decoder layer and per dual-FFN layer, the model's dtype; with
+    `capture_graphs` (CUDA only) the model's decoding steps are captured as
+    CUDA graphs once, bound to these caches, so the same caches are reset and
+    reused for every clip. A prompt plus clip longer than the largest bucket
+    is the package's error naming the lengths.
+    """
+
+    def __init__(self, model, lengths: tuple[int, ...] = KV_CACHE_LENGTHS, capture_graphs: bool = False):
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        if capture_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        cache_config = copy.deepcopy(model.config.text_config)
+        cache_config.num_hidden_layers += len(model.config.audio_dual_ffn_layers or ())
+        self.caches = OrderedDict(
+            (length, StaticCache(config=cache_config, batch_size=1, max_cache_len=length, device=device, dtype=dtype))
+            for length in sorted(lengths)
+        )
+        self.graphs = capture_graphs
+        if capture_graphs:
+            model.capture_model(self.caches.values())
+
+    def generate_kwargs(self) -> dict:
+        """`generate`'s arguments, the caches emptied of the previous clip."""
+        for cache in self.caches.values():
+            cache.reset()
+        return {"past_key_values_buckets": self.caches}
 
 
 # --------------------------------------------------------------------------

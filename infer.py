@@ -8,9 +8,9 @@ Prove that training and inference build the same thing:
 
     python infer.py --parity
 
-Measure clones of every row of a held-out manifest (SIM, WER/CER, timing; see metrics.py):
+Measure clones of every row of a held-out manifest or a Seed-TTS-eval list (SIM, WER/CER, timing; see metrics.py):
 
-    python infer.py --eval held_out.jsonl --out eval/base
+    python infer.py --eval held_out.jsonl --out eval/base [--batch-size 8] [--resume]
 
 This file reads the flags, checks them and loads the model; generation.py
 generates the clips, parity.py holds the parity suite, evaluate.py judges
@@ -22,20 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
 import soundfile as sf
 import torch
 
+import batched_generation
 import collate
 import data
+import eval_dir
 import evaluate
 import generation
 import manifest
 import metrics
 import model_utils
 import parity
+import score_cache
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "data"
 
@@ -60,7 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "[the newest runs/*/export of train.py, else tiny]")
     model.add_argument("--audio-tokenizer", help="audio tokenizer directory (config.json + model.pth); required with a model directory")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device [cuda if present, else cpu]")
-    model.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights dtype [float32]")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="model weights dtype; auto = bfloat16 on CUDA (the serve engine's), float32 on the CPU; "
+                       "float32 on CUDA for exactness [auto]")
+    model.add_argument("--kv-cache", choices=["auto", "dynamic", "static"], default="auto",
+                       help="KV cache of batch-1 generation: static = the serve engine's static buckets (with CUDA graphs on "
+                       "CUDA), dynamic = grown step by step; auto = static on CUDA, dynamic on the CPU, where it is faster "
+                       "[auto]; batches of more than 1 always use the dynamic cache")
+    model.add_argument("--batch-size", type=int, default=1,
+                       help="clips generated together per decoding step, for --eval and --text-file; > 1 runs our batched "
+                       "loop (greedy codes proven equal to the package's, see --parity --checks batched) [1]")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=generation.Sampling.temperature,
                           help="> 0; --greedy for argmax [0.7, the serve engine's]")
@@ -76,14 +89,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="let the model choose its first token instead of forcing <|audio_out_bos|>")
     suite = parser.add_argument_group("parity")
     suite.add_argument("--parity", action="store_true", help="run the training/inference parity suite and exit")
-    suite.add_argument("--checks", default=",".join(parity.CHECKS), help=f"comma-separated parity checks [{','.join(parity.CHECKS)}]")
+    suite.add_argument("--checks", default=",".join(parity.ALL_CHECKS), help=f"comma-separated parity checks [{','.join(parity.ALL_CHECKS)}]")
     evaluation = parser.add_argument_group("evaluation (--eval)")
     evaluation.add_argument("--eval", metavar="MANIFEST", help="clone every row of a paired or speaker-grouped manifest "
                             "(speaker pairing fixed by --seed) and measure SIM, WER/CER and timing; --out is a directory")
     evaluation.add_argument("--asr-model", metavar="DIR", help="local Whisper directory for WER/CER in any language "
                             "[pocketsphinx en-us: English rows only, other languages n/a]")
     evaluation.add_argument("--speaker-model", metavar="DIR", help="local WavLMForXVector directory for SIM [resemblyzer GE2E]")
-    evaluation.add_argument("--language", help="language of rows that have no language field (e.g. en) [none: their WER is n/a]")
+    evaluation.add_argument("--language", help="language of rows that have no language field (e.g. en; a Seed-TTS-eval list "
+                            "has none) [none: Whisper detects it, pocketsphinx leaves their WER n/a]")
+    evaluation.add_argument("--resume", action="store_true", help="continue the --eval run in a non-empty --out (same flags): "
+                            "rows in its rows.csv are kept, the rest are made")
+    evaluation.add_argument("--codes-cache", metavar="CACHE", help="a prepared code cache (python prepare.py) to read the "
+                            "references' codes from [none: each distinct reference is encoded once]")
+    evaluation.add_argument("--score-cache", default=str(score_cache.DEFAULT_DIR), metavar="DIR",
+                            help=f"folder of the real targets' cached scores; '' = no cache [{score_cache.DEFAULT_DIR}]")
     return parser.parse_args(argv)
 
 
@@ -91,6 +111,10 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     """Sampling values the package would reject with its own messages, or take silently (`--max-seconds 0`)."""
     if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
         raise ValueError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
+    if generation.max_frames(args.max_seconds) < 1:
+        raise ValueError(f"--max-seconds {args.max_seconds:g} is under one frame of audio ({1 / generation.FRAMES_PER_SECOND:g} s)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if not args.temperature > 0 or not math.isfinite(args.temperature):
         raise ValueError(f"--temperature must be > 0, got {args.temperature:g} (--greedy decodes by argmax)")
     if not 0 < args.top_p <= 1:
@@ -153,17 +177,38 @@ def _check_reference_file(path: str) -> None:
     data.check_reference_seconds(info.frames / info.samplerate, path)
 
 
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`--dtype`: auto is bfloat16 on CUDA (as the package's serve engine loads the released weights) and float32
+    elsewhere (the CPU has no fast bf16 path here)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def static_kv_cache(kv_cache: str, device: str, batch_size: int) -> bool:
+    """`--kv-cache`: whether batch-1 generation uses the serve engine's static buckets (auto: on CUDA)."""
+    if kv_cache == "auto":
+        return torch.device(device).type == "cuda" and batch_size == 1
+    return kv_cache == "static"
+
+
 def _load(args: argparse.Namespace) -> model_utils.Bundle:
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    return model_utils.load_bundle(args.model, args.audio_tokenizer, seed=args.seed, device=args.device, dtype=dtype)
+    return model_utils.load_bundle(args.model, args.audio_tokenizer, seed=args.seed, device=args.device,
+                                   dtype=resolve_dtype(args.dtype, args.device))
+
+
+def _kv_cache(args: argparse.Namespace, bundle: model_utils.Bundle) -> generation.StaticCacheBuckets | None:
+    if not static_kv_cache(args.kv_cache, args.device, args.batch_size):
+        return None
+    return generation.StaticCacheBuckets(bundle.model, capture_graphs=torch.device(args.device).type == "cuda")
 
 
 def run_parity_cli(args: argparse.Namespace) -> int:
     """`--parity`: the tiny preset in both reference placements (Whisper on for the system one), another model in its layout."""
     checks = tuple(name.strip() for name in args.checks.split(",") if name.strip())
-    unknown = set(checks) - set(parity.CHECKS)
+    unknown = set(checks) - set(parity.ALL_CHECKS)
     if unknown:
-        raise ValueError(f"unknown parity checks: {', '.join(sorted(unknown))}; known: {', '.join(parity.CHECKS)}")
+        raise ValueError(f"unknown parity checks: {', '.join(sorted(unknown))}; known: {', '.join(parity.ALL_CHECKS)}")
     if args.model == model_utils.TINY_PRESET:
         layouts = [(args.model, False), (model_utils.TINY_WHISPER_PRESET, True)]
         scene = args.scene or None
@@ -196,33 +241,54 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     ref_audio, ref_text = _reference_paths(args, layout)
     bundle = _load(args)
     reference = generation.encode_reference(bundle, ref_audio, ref_text, layout.ref_in_system)
-    sampling = sampling_from_args(args)
-    out = Path(args.out)
+    out, rate = Path(args.out), bundle.audio_tokenizer.sampling_rate
     targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if args.text_file else [out]
-    for text, target in zip(texts, targets):
-        waveform = generation.clone(bundle, reference, text, sampling, layout.scene, layout.ref_in_system, args.force_audio).waveform
+    jobs = [batched_generation.Job(reference, text) for text in texts]
+    clips = batched_generation.clone_many(bundle, jobs, sampling_from_args(args), layout, args.force_audio, args.batch_size,
+                                          _kv_cache(args, bundle))
+    for text, target, clip in zip(texts, targets, clips):
+        if isinstance(clip, RuntimeError):
+            raise clip
         target.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(target, waveform, bundle.audio_tokenizer.sampling_rate)
-        seconds = len(waveform) / bundle.audio_tokenizer.sampling_rate
-        print(f"wrote {target} ({seconds:.2f} s at {bundle.audio_tokenizer.sampling_rate} Hz): {text}")
+        sf.write(target, clip.waveform, rate)
+        print(f"wrote {target} ({len(clip.waveform) / rate:.2f} s at {rate} Hz): {text}")
     return 0
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    """`--eval MANIFEST --out DIR`: wavs/, rows.csv, summary.json and rejections.jsonl in DIR, and a printed summary."""
-    out = Path(args.out)
-    if out.suffix.lower() == ".wav":
-        raise ValueError("--eval writes a directory of results: give --out DIR")
+    """`--eval LIST --out DIR`: wavs/, rows.csv, summary.json and rejections.jsonl in DIR, and a printed summary."""
     check_sampling_args(args)
+    if args.eval and not Path(args.eval).is_file():
+        raise FileNotFoundError(f"no such manifest or list: {args.eval}")
     layout = layout_from_args(args)
+    out = eval_dir.EvalDir(args.out, eval_run_record(args, layout), args.resume)
     bundle = _load(args)
-    judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device)
-    evaluate.evaluate_manifest(bundle, judge, args.eval, out, sampling_from_args(args), layout,
-                               seed=args.seed, force_audio=args.force_audio, model=args.model)
+    judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device, args.score_cache or None)
+    settings = evaluate.CloneSettings(sampling_from_args(args), layout, args.force_audio, args.batch_size, _kv_cache(args, bundle))
+    evaluate.evaluate_list(bundle, judge, args.eval, out, settings, args.codes_cache)
     return 0
 
 
+def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict:
+    """What makes two --eval runs comparable, recorded in DIR/run.json: a --resume with other values is refused."""
+    return {"list": str(Path(args.eval).resolve()), "list_sha256": score_cache.file_digest(args.eval), "model": args.model,
+            "audio_tokenizer": args.audio_tokenizer, "dtype": str(resolve_dtype(args.dtype, args.device)),
+            "device": torch.device(args.device).type, "sampling": vars(sampling_from_args(args)), "scene": layout.scene,
+            "ref_in_system": layout.ref_in_system, "force_audio": args.force_audio, "language": args.language,
+            "asr_model": args.asr_model, "speaker_model": args.speaker_model}
+
+
+def interrupted_message(args: argparse.Namespace, argv: list[str], error: evaluate.EvalInterrupted | None) -> str:
+    """The one line Ctrl-C prints: what was kept and, for --eval, the command that continues."""
+    if error is None:
+        return "interrupted"
+    command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
+    return (f"interrupted: {error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
+            f"{error.out / 'wavs'}; continue with: {command}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.model is None:
         args.model = model_utils.TINY_PRESET if args.parity else (model_utils.newest_export() or model_utils.TINY_PRESET)
@@ -231,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.parity:
             return run_parity_cli(args)
         return run_eval_cli(args) if args.eval else run_clone_cli(args)
+    except evaluate.EvalInterrupted as error:
+        print(interrupted_message(args, argv, error), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(interrupted_message(args, argv, None), file=sys.stderr)
+        return 130
     except (data.AudioError, manifest.ManifestError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -280,7 +280,7 @@ def _add_clips(row: dict, clips: ClipSource, filters: Filters) -> None:
         try:
             clip = clips.clip(row[key])
         except data.AudioError as error:
-            raise RowRejected(_audio_reason(error, row[key]), str(error)) from None
+            raise RowRejected(audio_reason(error, row[key]), str(error)) from None
         if clip.seconds < filters.min_seconds:
             raise RowRejected("too_short", f"{key} lasts {clip.seconds:.2f} s, under {filters.min_seconds:g} s")
         if clip.seconds > filters.max_seconds:
@@ -292,7 +292,8 @@ def _add_clips(row: dict, clips: ClipSource, filters: Filters) -> None:
         raise RowRejected("self_reference", "the reference is the target clip itself")
 
 
-def _audio_reason(error: data.AudioError, path: str) -> str:
+def audio_reason(error: data.AudioError, path: str) -> str:
+    """The rejection reason counted for a clip that `data.load_clip` refused."""
     message = str(error).removeprefix(f"{path}: ")  # a path may spell any word
     for fragment, reason in _AUDIO_REASONS:
         if fragment in message:

@@ -12,20 +12,31 @@
   the clip itself, leading and trailing silence;
 * teacher-forced top-1 accuracy of the audio head, per codebook and on the
   stream-EOS column, from `audio_logits` and `label_audio_ids`;
-* summaries: mean, median and a bootstrap 95% interval, as a dict and as a
-  printed table.
+* summaries: mean, median and a bootstrap 95% interval, the corpus error
+  rate (errors over all rows' words), and the Seed-TTS-eval aggregates
+  (`seedtts.py`), as a dict and as a printed table.
+
+A `Judge` scores clips with one encoder and one ASR; it keeps reference
+embeddings in memory and, given a `score_cache.TargetScores`, real-target
+scores on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+
+import score_cache
+import seedtts
 
 IGNORE_INDEX = -100
 ASR_RATE = 16000
@@ -52,6 +63,7 @@ def _resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 class SpeakerEncoder(Protocol):
     name: str
+    identity: str  # name, version or model folder digest: what a cached score was made with
 
     def embed(self, waveform: np.ndarray, rate: int) -> np.ndarray | None:
         """A unit-length speaker embedding, or None when the clip holds no speech to embed."""
@@ -72,6 +84,7 @@ class ResemblyzerEncoder:
         from resemblyzer import VoiceEncoder
 
         self.encoder = VoiceEncoder(device=device, verbose=False)
+        self.identity = f"resemblyzer-{version('resemblyzer')}"
 
     def embed(self, waveform: np.ndarray, rate: int) -> np.ndarray | None:
         from resemblyzer.audio import normalize_volume
@@ -89,6 +102,17 @@ def _check_model_dir(model_dir: str, flag: str, kind: str) -> None:
         raise FileNotFoundError(f"{flag} {model_dir}: no config.json ({kind})")
 
 
+def model_dir_identity(model_dir: str) -> str:
+    """A model folder's name and a digest of its files' names, sizes and modification times (hashing gigabytes of
+    weights at every start would cost more than the scores it protects)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).rglob("*")):
+        if path.is_file():
+            status = path.stat()
+            digest.update(f"{path.relative_to(model_dir)}:{status.st_size}:{status.st_mtime_ns}\n".encode())
+    return f"{Path(model_dir).resolve().name}-{digest.hexdigest()[:16]}"
+
+
 class WavLMEncoder:
     """A local speaker-verification model directory (e.g. a copy of microsoft/wavlm-base-plus-sv)."""
 
@@ -97,6 +121,7 @@ class WavLMEncoder:
 
         _check_model_dir(model_dir, "--speaker-model", "a WavLMForXVector directory")
         self.name = f"wavlm:{Path(model_dir).name}"
+        self.identity = f"wavlm:{model_dir_identity(model_dir)}"
         self.extractor = AutoFeatureExtractor.from_pretrained(model_dir, local_files_only=True)
         self.model = WavLMForXVector.from_pretrained(model_dir, local_files_only=True).to(device).eval()
         self.device = device
@@ -134,6 +159,7 @@ def speaker_similarity(encoder: SpeakerEncoder, clip: np.ndarray, reference: np.
 
 class Transcriber(Protocol):
     name: str
+    identity: str
 
     def supports(self, language: str | None) -> bool: ...
 
@@ -149,6 +175,7 @@ class PocketsphinxTranscriber:
         from pocketsphinx import Decoder
 
         self.decoder = Decoder(samprate=ASR_RATE, loglevel="FATAL")
+        self.identity = f"pocketsphinx-{version('pocketsphinx')}-en-us"
 
     def supports(self, language: str | None) -> bool:
         return base_language(language) == "en"
@@ -170,6 +197,7 @@ class WhisperTranscriber:
 
         _check_model_dir(model_dir, "--asr-model", "a Whisper model directory")
         self.name = f"whisper:{Path(model_dir).name}"
+        self.identity = f"whisper:{model_dir_identity(model_dir)}"
         self.processor = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
         self.model = WhisperForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).to(device).eval()
         self.device = device
@@ -219,6 +247,12 @@ def error_rate(reference: str, hypothesis: str, language: str | None) -> float:
     if error_kind(language) == "cer":
         return float(jiwer.cer(reference.replace(" ", ""), hypothesis.replace(" ", "")))
     return float(jiwer.wer(reference, hypothesis))
+
+
+def reference_units(text: str, language: str | None) -> int:
+    """What `error_rate` divides by: the normalised text's words, or characters for `cer` languages."""
+    normalised = normalize_for_scoring(text)
+    return len(normalised.replace(" ", "")) if error_kind(language) == "cer" else len(normalised.split())
 
 
 # --------------------------------------------------------------------------
@@ -318,14 +352,21 @@ class ClipScores:
 class Judge:
     """Scores clips with one speaker encoder and the ASR that fits each language.
 
-    Reference embeddings and real-target scores are cached by path: in the
-    training loop the same validation rows are scored at every evaluation.
+    Reference embeddings are kept in memory by path (the training loop scores
+    the same validation rows at every evaluation); real-target scores too,
+    and on disk across runs when `target_cache` is given.
     """
 
-    def __init__(self, encoder: SpeakerEncoder, asr: Transcriber | None, default_language: str | None = None):
+    def __init__(self, encoder: SpeakerEncoder, asr: Transcriber | None, default_language: str | None = None,
+                 target_cache: score_cache.TargetScores | None = None):
         self.encoder, self.asr, self.default_language = encoder, asr, default_language
+        self.target_cache = target_cache
         self._embeddings: dict[str, np.ndarray | None] = {}
-        self._targets: dict[str, ClipScores] = {}
+        self._targets: dict[tuple[str, str, str | None], ClipScores] = {}
+
+    def identity(self) -> str:
+        """What a cached target score depends on besides the clips: the encoder's and the ASR's identities."""
+        return f"{self.encoder.identity}|{self.asr.identity if self.asr else 'no-asr'}"
 
     def language(self, language: str | None) -> str | None:
         return language or self.default_language
@@ -333,9 +374,10 @@ class Judge:
     def intelligibility_available(self, language: str | None) -> bool:
         return self.asr is not None and self.asr.supports(self.language(language))
 
-    def reference_embedding(self, path: str, waveform: np.ndarray, rate: int) -> np.ndarray | None:
+    def reference_embedding(self, path: str, load: Callable[[], np.ndarray], rate: int) -> np.ndarray | None:
+        """The reference clip's embedding; `load` gives its waveform at `rate` the first time."""
         if path not in self._embeddings:
-            self._embeddings[path] = self.encoder.embed(waveform, rate)
+            self._embeddings[path] = self.encoder.embed(load(), rate)
         return self._embeddings[path]
 
     def score_clip(self, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str, language: str | None) -> ClipScores:
@@ -348,30 +390,60 @@ class Judge:
         sim = cosine(self.encoder.embed(waveform, rate), reference)
         return ClipScores(len(waveform) / rate, sim, rate_value, transcript, lead, trail)
 
-    def score_target(self, path: str, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str,
-                     language: str | None) -> ClipScores:
-        if path not in self._targets:
-            self._targets[path] = self.score_clip(waveform, rate, reference, text, language)
-        return self._targets[path]
+    def score_target(self, path: str, load: Callable[[], np.ndarray], rate: int, reference_path: str,
+                     reference: np.ndarray | None, text: str, language: str | None) -> ClipScores:
+        """The real target's scores against its reference; from memory or the disk cache when scored before (the
+        waveform is then never loaded), the error rate always recomputed from the transcript."""
+        language = self.language(language)
+        memory_key = (path, reference_path, language)
+        if memory_key not in self._targets:
+            self._targets[memory_key] = self._cached_target(path, load, rate, reference_path, reference, text, language)
+        scores = self._targets[memory_key]
+        if scores.transcript is not None:
+            scores = ClipScores(**{**asdict(scores), "error_rate": error_rate(text, scores.transcript, language)})
+        return scores
+
+    def _cached_target(self, path, load, rate, reference_path, reference, text, language) -> ClipScores:
+        cache = self.target_cache
+        key = cache.key(path, reference_path, language) if cache else None
+        entry = cache.get(key) if cache else None
+        if entry is not None:
+            return ClipScores(**entry, error_rate=None)
+        scores = self.score_clip(load(), rate, reference, text, language)
+        if cache:
+            cache.put(key, {name: value for name, value in asdict(scores).items() if name != "error_rate"})
+        return scores
 
 
 def build_judge(speaker_model: str | None = None, asr_model: str | None = None, language: str | None = None,
-                device: str = "cpu") -> Judge:
-    """The encoder and ASR chosen by `--speaker-model` / `--asr-model` (offline defaults otherwise)."""
-    return Judge(speaker_encoder(speaker_model, device), transcriber(asr_model, device), language)
+                device: str = "cpu", target_cache_dir: str | Path | None = None) -> Judge:
+    """The encoder and ASR chosen by `--speaker-model` / `--asr-model` (offline defaults otherwise); real-target
+    scores cached in `target_cache_dir` when given."""
+    judge = Judge(speaker_encoder(speaker_model, device), transcriber(asr_model, device), language)
+    if target_cache_dir:
+        judge.target_cache = score_cache.TargetScores(target_cache_dir, judge.identity())
+    return judge
 
 
 def row_record(row_id: str, language: str | None, text: str, generated: ClipScores | None, stopped: bool | None,
                target: ClipScores | None, error: str | None = None) -> dict:
-    """One flat row of the per-row table: the generated clip's values and the real target's (`target_*`)."""
+    """One flat row of the per-row table: the generated clip's values and the real target's (`target_*`), the
+    text's words (or characters) for the corpus rate, and the Seed-TTS-eval per-utterance WER of both clips."""
     kind = error_kind(language)
     record = {"id": row_id, "language": language or "", "metric": kind, "text": text, "stopped": stopped}
     for prefix, scores in (("", generated), ("target_", target)):
         values = asdict(scores) if scores else dict.fromkeys(("seconds", "sim", "error_rate", "transcript", "lead_silence", "trail_silence"))
         record.update({prefix + name: value for name, value in values.items()})
     record["duration_ratio"] = duration_ratio(generated.seconds, target.seconds if target else None) if generated else None
+    record["words"] = reference_units(text, language)
+    for prefix, scores in (("", generated), ("target_", target)):
+        transcript = scores.transcript if scores else None
+        record[f"{prefix}wer_seedtts"] = None if transcript is None else seedtts.utterance_wer(text, transcript, language)
     record["error"] = error or ""
     return record
+
+
+RECORD_COLUMNS = tuple(row_record("", None, "a", None, None, None))
 
 
 # --------------------------------------------------------------------------
@@ -404,6 +476,15 @@ def summarize_records(records: list[dict], seed: int = 0) -> dict[str, dict]:
     return {column: summarize([record[column] for record in records], seed) for column in SUMMARY_COLUMNS}
 
 
+def corpus_error_rate(records: list[dict], prefix: str = "") -> dict:
+    """Errors summed over the rows with a rate, over their words summed (a long row weighs more than in the mean
+    of rates): rows, words and the rate (None without any)."""
+    scored = [record for record in records if _numbers([record[f"{prefix}error_rate"]]).size and record["words"]]
+    words = sum(int(record["words"]) for record in scored)
+    errors = sum(float(record[f"{prefix}error_rate"]) * int(record["words"]) for record in scored)
+    return {"n": len(scored), "words": words, "rate": errors / words if words else None}
+
+
 def fmt(value, digits: int = 3) -> str:
     """A number for a table; unavailable is `n/a`, never 0."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -412,12 +493,14 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def format_summary(summary: dict[str, dict]) -> str:
-    """The summary as an aligned text table."""
-    lines = [f"{'metric':<16}{'n':>4}{'mean':>9}{'median':>9}   95% CI"]
+    """The summary as a text table whose columns line up whatever the lengths of the names and counts."""
+    name_width = max([len("metric")] + [len(name) for name in summary]) + 2
+    count_width = max([len("n")] + [len(str(stats["n"])) for stats in summary.values()]) + 2
+    lines = [f"{'metric':<{name_width}}{'n':>{count_width}}{'mean':>9}{'median':>9}   95% CI"]
     for name, stats in summary.items():
         low, high = stats["ci95"]
         interval = f"[{fmt(low)}, {fmt(high)}]" if stats["n"] else "n/a"
-        lines.append(f"{name:<16}{stats['n']:>4}{fmt(stats['mean']):>9}{fmt(stats['median']):>9}   {interval}")
+        lines.append(f"{name:<{name_width}}{stats['n']:>{count_width}}{fmt(stats['mean']):>9}{fmt(stats['median']):>9}   {interval}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,10 @@ training collator, the loss) and inference's (the prompt, the collator,
 - collated: every field of the collated prompt is the prompt part of the training batch;
 - labels: only the target turn carries loss;
 - logits: teacher-forced training logits equal cached generation's;
-- memorise: a copy trained on the one sample regenerates its codes exactly.
+- memorise: a copy trained on the one sample regenerates its codes exactly;
+- batched (not in the default `run_parity`, in `python infer.py --parity`):
+  greedy codes of `batched_generation.generate_batch` equal the package's
+  batch-1 `generate`, row by row, for prompts of different lengths.
 
 `Pipeline` names the pieces compared, so tests can swap one for a known bug
 and expect a check to fail. `python infer.py --parity` runs the suite through
@@ -33,6 +36,7 @@ from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, Tex
 from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
 from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 
+import batched_generation
 import collate
 import data
 import generation
@@ -99,6 +103,8 @@ class ParityTolerance:
     memorise_loss: float = 0.05
     memorise_steps: int = 300
     memorise_lr: float = 3e-3
+    batched_rows: int = 4
+    batched_seconds: float = 2.0
 
 
 @dataclass
@@ -405,7 +411,56 @@ def _matching_frames(codes: torch.Tensor, target: torch.Tensor) -> int:
     return int((codes[:, :n] == target[:, :n]).all(0).sum())
 
 
+def check_batched_generation(bundle, case: ParityCase, tolerance: ParityTolerance) -> CheckResult:
+    """Greedy codes of B prompts generated together = each prompt's codes from the package's batch-1 `generate`.
+
+    The prompts differ in length: the case's reference cut to 1, 3/4, 1/2, 1/3...
+    of its frames, and its text to as many fractions of its words, so rows are
+    padded differently and may end at different steps.
+    """
+    config = bundle.model.config
+    device = next(bundle.model.parameters()).device
+    sampling = generation.Sampling(greedy=True, seed=0, max_seconds=tolerance.batched_seconds)
+    prompts = _prompts_of_different_lengths(bundle, case, tolerance.batched_rows)
+    collator = collate.build_collator(config, collate.whisper_features(config))
+    alone = []
+    for prompt in prompts:
+        inputs = collate.batch_to_model_inputs(collate.collate(collator, [prompt], config.audio_codebook_size), device)
+        with torch.inference_mode():
+            _, streams = generation.generate(bundle, inputs, sampling, [generation.ForceTokens([config.audio_out_bos_token_id])])
+        alone.append(streams[0].cpu())
+    together = batched_generation.generate_batch(bundle, prompts, sampling)
+    rows = [f"{len(prompt.input_ids)} tokens + {prompt.audio_ids_concat.shape[1]} reference frames: {_compare_streams(a, b)}"
+            for prompt, a, b in zip(prompts, alone, together)]
+    passed = all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(alone, together))
+    return CheckResult("batched generation = the package's generate, row by row", passed,
+                       f"{len(prompts)} prompts in one batch, greedy; " + "; ".join(rows))
+
+
+def _prompts_of_different_lengths(bundle, case: ParityCase, count: int) -> list:
+    words = case.text.split()
+    prompts = []
+    for index in range(count):
+        keep = 1 / (1 + index / 2) if index else 1.0  # 1, 2/3, 1/2, 2/5, ...
+        frames = max(1, int(case.ref_codes.shape[1] * keep))
+        waveform = None if case.ref_waveform is None else case.ref_waveform[: frames * case.sample_rate // generation.FRAMES_PER_SECOND]
+        text = " ".join(words[: max(1, round(len(words) * keep))])
+        prompts.append(data.build_sample(bundle.tokenizer, case.ref_text, case.ref_codes[:, :frames], text, scene=case.scene,
+                                         ref_in_system=case.ref_in_system, ref_waveform=waveform, sample_rate=case.sample_rate))
+    return prompts
+
+
+def _compare_streams(alone: torch.Tensor, together: torch.Tensor) -> str:
+    if alone.shape == together.shape and torch.equal(alone, together):
+        return f"{alone.shape[1]} columns equal"
+    same = min(alone.shape[1], together.shape[1])
+    differing = (alone[:, :same] != together[:, :same]).any(0).nonzero().flatten()
+    first = int(differing[0]) if len(differing) else same
+    return f"DIFFERENT ({alone.shape[1]} vs {together.shape[1]} columns, first difference at column {first})"
+
+
 CHECKS = ("prefix", "official", "collated", "labels", "logits", "memorise")
+ALL_CHECKS = CHECKS + ("batched",)
 
 
 def run_parity(
@@ -426,6 +481,7 @@ def run_parity(
         "labels": lambda: check_trained_positions(bundle, prepared, pipeline),
         "logits": lambda: check_teacher_forcing(bundle, prepared, tolerance),
         "memorise": lambda: check_memorisation(bundle, case, prepared, pipeline, tolerance),
+        "batched": lambda: check_batched_generation(bundle, case, tolerance),
     }
     return [runners[name]() for name in checks]
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,9 +23,10 @@ import generation
 import infer
 import manifest
 import metrics
+import model_utils
 import prepare
 import train
-from conftest import DEMO_DIR
+from conftest import DEMO_DIR, ROOT
 from parallel import World
 
 
@@ -52,22 +58,32 @@ def judge() -> metrics.Judge:
 # --------------------------------------------------------------------------
 
 
-def test_eval_writes_wavs_rows_and_summary_and_counts_the_bad_row(clips, tmp_path, capsys):
+def _rows(out) -> dict[str, dict]:
+    with (out / "rows.csv").open(encoding="utf-8") as file:
+        return {row["id"]: row for row in csv.DictReader(file)}
+
+
+def test_eval_writes_wavs_rows_and_summary_and_counts_the_bad_row(clips, tmp_path, capsys, monkeypatch):
     demo = clips
     arabic = {"id": "ar_pair", "ref_audio": demo["ar_male_0"]["audio"], "ref_text": demo["ar_male_0"]["text"],
               "audio": demo["ar_male_1"]["audio"], "text": demo["ar_male_1"]["text"], "language": "ar"}
     missing = {"id": "gone", "audio": str(tmp_path / "nowhere.wav"), "text": "Not here.", "speaker": "en_female", "language": "en"}
     manifest_path = _write(tmp_path / "eval.jsonl", [demo["en_female_0"], missing, demo["en_female_1"], arabic])
+    encoded = []
+    encode = data.encode_clip
+    monkeypatch.setattr(data, "encode_clip", lambda tokenizer, waveform: encoded.append(len(waveform)) or encode(tokenizer, waveform))
     out = tmp_path / "eval"
-    assert infer.main(["--eval", str(manifest_path), "--out", str(out), "--model", "tiny", "--max-seconds", "0.5", "--greedy"]) == 0
+    assert infer.main(["--eval", str(manifest_path), "--out", str(out), "--model", "tiny", "--max-seconds", "0.5", "--greedy",
+                       "--batch-size", "2", "--score-cache", str(tmp_path / "scores")]) == 0
 
-    with (out / "rows.csv").open(encoding="utf-8") as file:
-        rows = {row["id"]: row for row in csv.DictReader(file)}
+    rows = _rows(out)
     assert sorted(rows) == ["ar_pair", "en_female_0", "en_female_1"]
+    assert len(encoded) == 3, "each of the three references encoded once, no target encoded"
     english, arabic_row = rows["en_female_0"], rows["ar_pair"]
     assert english["metric"] == "wer" and float(english["error_rate"]) >= 0 and float(english["target_error_rate"]) >= 0
     assert 0 < float(english["duration_ratio"]) and english["stopped"] in ("True", "False")
     assert -1 <= float(english["sim"]) <= 1 and -1 <= float(english["target_sim"]) <= 1
+    assert float(english["wer_seedtts"]) >= 0
     # no ASR for Arabic offline: unavailable, never 0
     assert arabic_row["error_rate"] == "n/a" and arabic_row["target_error_rate"] == "n/a" and arabic_row["transcript"] == "n/a"
 
@@ -75,27 +91,114 @@ def test_eval_writes_wavs_rows_and_summary_and_counts_the_bad_row(clips, tmp_pat
     assert (summary["rows_read"], summary["kept"], summary["rejected"], summary["evaluated"]) == (4, 3, 1, 3)
     assert summary["rejected_by_reason"] == {"missing_audio": 1}
     assert summary["metrics"]["sim"]["n"] == 3 and summary["metrics"]["error_rate"]["n"] == 2
+    assert summary["corpus"]["error_rate"]["n"] == 2 and summary["seedtts"]["sim"]["n"] == 3
+    assert summary["target_score_cache"] == {"folder": str(tmp_path / "scores"), "hits": 0, "misses": 3}
     low, high = summary["metrics"]["duration_ratio"]["ci95"]
     assert low <= summary["metrics"]["duration_ratio"]["mean"] <= high
     assert len(list((out / "wavs").glob("*.wav"))) == 3
     rejections = [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
     assert [(r["row"], r["id"], r["reason"]) for r in rejections] == [(2, "gone", "missing_audio")]
-    printed = capsys.readouterr().out
-    assert "rows read 4 = kept 3 + rejected 1 (missing_audio 1)" in printed and "error_rate" in printed
+    captured = capsys.readouterr()
+    assert "rows read 4 = kept 3 + rejected 1 (missing_audio 1)" in captured.out and "Seed-TTS-eval" in captured.out
+    assert "1 rows in ar: pocketsphinx-en-us cannot transcribe them" in captured.err
 
 
-def test_eval_refuses_a_wav_as_its_output_directory(tmp_path, capsys):
+def test_eval_refuses_a_used_output_directory_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "_load", lambda args: pytest.fail("refused before the model loads"))
     assert infer.main(["--eval", str(DEMO_DIR / "manifest.jsonl"), "--out", str(tmp_path / "x.wav")]) == 2
     assert "give --out DIR" in capsys.readouterr().err
+    (tmp_path / "used" / "wavs").mkdir(parents=True)
+    (tmp_path / "used" / "wavs" / "0000_old.wav").write_bytes(b"RIFF")
+    assert infer.main(["--eval", str(DEMO_DIR / "manifest.jsonl"), "--out", str(tmp_path / "used")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "is not empty (wavs/): add --resume" in err and "\n" not in err
 
 
-def test_evaluate_pair_is_deterministic_with_a_seed(clips, tiny, judge):
+def test_eval_where_every_row_is_rejected_fails_in_one_line(tmp_path, capsys):
+    rows = [{"id": f"r{i}", "ref_audio": str(tmp_path / "none.wav"), "ref_text": "x", "audio": str(tmp_path / "none.wav"),
+             "text": "Words."} for i in range(2)]
+    listed = _write(tmp_path / "bad.jsonl", rows)
+    assert infer.main(["--eval", str(listed), "--out", str(tmp_path / "eval"), "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no row of") and "rejected 2 (missing_audio 2)" in err[-1]
+    assert len((tmp_path / "eval" / "rejections.jsonl").read_text().splitlines()) == 2
+
+
+def test_rows_without_a_language_say_which_flag_gives_them_a_wer(judge, capsys):
+    pairs = [manifest.Pair(f"r{i}", "ref.wav", "ref", "target.wav", "text") for i in range(3)]
+    evaluate.warn_about_languages(judge, pairs, {"r0": None, "r1": None, "r2": "en"})
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: 2 rows have no language") and "--language" in err and "\n" not in err
+    evaluate.warn_about_languages(metrics.Judge(judge.encoder, judge.asr, default_language="en"), pairs, {"r0": None, "r1": None, "r2": "en"})
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_mid_eval_keeps_the_scored_rows_and_the_printed_command_finishes_the_run(clips, tmp_path):
+    rows = [{"id": f"row{i}", "ref_audio": clips["en_female_0"]["audio"], "ref_text": clips["en_female_0"]["text"],
+             "audio": clips["en_female_1"]["audio"], "text": clips["en_female_1"]["text"], "language": "en"} for i in range(3)]
+    listed, out = _write(tmp_path / "three.jsonl", rows), tmp_path / "eval"
+    args = ["--eval", str(listed), "--out", str(out), "--model", "tiny", "--max-seconds", "0.2", "--greedy",
+            "--score-cache", str(tmp_path / "scores")]
+    process = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (out / "rows.csv").is_file() and len((out / "rows.csv").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert process.returncode == 130 and "Traceback" not in err, err
+    scored = len(_rows(out))
+    assert 1 <= scored < 3 and last.startswith(f"interrupted: {scored} of 3 rows scored, kept in {out / 'rows.csv'}")
+    command = last.split("continue with: ")[1]
+    assert command.endswith("--resume")
+    kept = _rows(out)
+    assert infer.main(shlex.split(command)[2:]) == 0
+    finished = _rows(out)
+    assert sorted(finished) == [f"row{i}" for i in range(3)]
+    assert all(finished[row_id] == kept[row_id] for row_id in kept)  # the rows scored before Ctrl-C are kept as they were
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated"] == 3 and summary["clips_made_this_run"] == 3 - scored
+    assert summary["target_score_cache"]["misses"] == 0, "the real target was scored once, in the first run"
+
+
+def test_eval_reads_a_seedtts_list_and_references_from_a_prepared_cache(clips, tmp_path, monkeypatch, capsys):
+    manifest_path = _write(tmp_path / "refs.jsonl", [clips["en_female_0"], clips["en_female_1"]])
+    prepare.prepare(str(manifest_path), tmp_path / "cache", model_utils.build_tiny_audio_tokenizer(), None)
+    folder = tmp_path / "list"
+    folder.mkdir()
+    (folder / "meta.lst").write_text(
+        f"u1|{clips['en_female_0']['text']}|{clips['en_female_0']['audio']}|{clips['en_female_1']['text']}|{clips['en_female_1']['audio']}\n"
+        f"u2|{clips['en_female_1']['text']}|{clips['en_female_1']['audio']}|Something else to say.\n", encoding="utf-8")
+    monkeypatch.setattr(data, "encode_clip", lambda *_: pytest.fail("every reference is in the cache"))
+    out = tmp_path / "eval"
+    assert infer.main(["--eval", str(folder / "meta.lst"), "--out", str(out), "--model", "tiny", "--max-seconds", "0.3",
+                       "--greedy", "--language", "en", "--codes-cache", str(tmp_path / "cache"), "--score-cache", ""]) == 0
+    rows = _rows(out)
+    assert rows["u1"]["target_sim"] != "n/a" and rows["u2"]["target_sim"] == "n/a"  # u2's line names no real recording
+    assert rows["u2"]["wer_seedtts"] != "n/a"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seedtts"]["wer"]["n"] == 2 and summary["seedtts"]["target_wer"]["n"] == 1
+    assert "references: 2 read from" in capsys.readouterr().out
+
+
+def test_validation_counts_the_frames_the_audio_tokenizer_makes_without_encoding(tiny, tmp_path):
+    clips = evaluate.CheckedClips(24000, 8)
+    noise = np.random.default_rng(0).uniform(-0.3, 0.3, 30000).astype(np.float32)
+    for samples in (24000, 24001, 24959, 12345):
+        sf.write(tmp_path / "clip.wav", noise[:samples], 24000)
+        assert clips.clip(str(tmp_path / "clip.wav")).frames == data.encode_clip(tiny.audio_tokenizer, noise[:samples]).shape[1]
+
+
+def test_clones_are_deterministic_with_a_seed(clips, tiny, judge):
     pair = manifest.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Please bring me a cup of tea.")
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
-    sampling = generation.Sampling(seed=3, max_seconds=0.3)  # sampled, not greedy
-    first = evaluate.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
-    second = evaluate.evaluate_pair(tiny, judge, pair, "en", sampling, codes)
-    assert np.array_equal(first[1], second[1]) and first[0] == second[0]
+    settings = evaluate.CloneSettings(generation.Sampling(seed=3, max_seconds=0.3), data.PromptLayout())  # sampled, not greedy
+    first, second = (list(evaluate.clones_of(tiny, [pair], codes, settings))[0][1] for _ in range(2))
+    assert np.array_equal(first.waveform, second.waveform)
+    assert evaluate.score_row(judge, pair, "en", first, 24000) == evaluate.score_row(judge, pair, "en", second, 24000)
 
 
 # --------------------------------------------------------------------------
@@ -111,7 +214,7 @@ def patient_run(clips, tmp_path_factory):
     settings = config.TrainConfig(
         train_manifest=str(manifest_path), val_manifest=str(manifest_path), out_dir=str(tmp_path_factory.mktemp("runs")), run_name="run",
         device="cpu", precision="fp32", batch_size=2, max_steps=8, warmup_steps=2, save_every=100, eval_every=1,
-        eval_prompts=1, eval_max_seconds=0.5, best_by="sim", patience=2,
+        eval_prompts=2, eval_batch_size=2, eval_max_seconds=0.5, best_by="sim", patience=2,
     )
     return train.train(settings)
 

@@ -44,6 +44,39 @@ def test_a_stream_the_model_ended_is_told_from_one_the_length_limit_cut(capsys):
     assert "reached --max-seconds" in capsys.readouterr().err
 
 
+# ---- the frame budget and the KV cache ---------------------------------------------------------------------
+
+
+def _streams(bundle, reference, sampling, kv_cache=None) -> torch.Tensor:
+    config = bundle.model.config
+    prompt = generation.build_prompt(bundle, reference, "Hello world, this is a test.")
+    inputs = collate.batch_to_model_inputs(collate.collate(collate.build_collator(config), [prompt], 1024), "cpu")
+    with torch.inference_mode():
+        _, streams = generation.generate(bundle, inputs, sampling, [generation.ForceTokens([config.audio_out_bos_token_id])],
+                                         kv_cache)
+    return streams[0]
+
+
+def test_max_seconds_bounds_the_clip_exactly(tiny, ref_audio):
+    """--max-seconds 1 gave 1.28 s: the budget was frames + n_q + 8 steps, 7 frames more than asked."""
+    reference = generation.encode_reference(tiny, ref_audio, "A reference.", ref_in_system=False)
+    clip = generation.clip_from_stream(tiny, _streams(tiny, reference, generation.Sampling(greedy=True, max_seconds=1.0)))
+    assert not clip.stopped, "the tiny model runs to the limit here"
+    assert len(clip.waveform) == 25 * 960  # 25 frames of 960 samples: 1.00 s
+    assert generation.max_frames(0.3) == 7 and generation.max_frames(0.04) == 1
+
+
+def test_static_and_dynamic_kv_caches_give_the_same_greedy_codes(tiny, ref_audio):
+    reference = generation.encode_reference(tiny, ref_audio, "A reference.", ref_in_system=False)
+    sampling = generation.Sampling(greedy=True, max_seconds=0.8)
+    buckets = generation.StaticCacheBuckets(tiny.model, lengths=(64, 256))
+    dynamic, static = _streams(tiny, reference, sampling), _streams(tiny, reference, sampling, buckets)
+    assert torch.equal(dynamic, static) and dynamic.shape[1] > 10
+    assert torch.equal(_streams(tiny, reference, sampling, buckets), static), "the caches are reset between clips"
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        generation.StaticCacheBuckets(tiny.model, capture_graphs=True)
+
+
 # ---- the reference ----------------------------------------------------------------------------------------
 
 

@@ -46,8 +46,22 @@ def test_clone_is_repeatable_greedy(tmp_path):
 def test_text_file_gives_one_wav_per_line(tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("First line.\n\nSecond line.\n", encoding="utf-8")
-    assert infer.main(["--model", "tiny", "--text-file", str(lines), "--out", str(tmp_path / "wavs"), "--max-seconds", "0.4"]) == 0
+    assert infer.main(["--model", "tiny", "--text-file", str(lines), "--out", str(tmp_path / "wavs"), "--max-seconds", "0.4",
+                       "--batch-size", "2"]) == 0
     assert sorted(path.name for path in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
+
+
+def test_weights_are_bf16_on_cuda_and_fp32_on_the_cpu_by_default():
+    assert infer.parse_args([]).dtype == "auto"
+    assert infer.resolve_dtype("auto", "cuda") == torch.bfloat16 and infer.resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert infer.resolve_dtype("auto", "cpu") == torch.float32
+    assert infer.resolve_dtype("float32", "cuda") == torch.float32  # exactness on a GPU, when asked
+
+
+def test_the_static_kv_cache_is_cudas_default_for_batch_1_only():
+    assert infer.static_kv_cache("auto", "cuda", batch_size=1) and not infer.static_kv_cache("auto", "cpu", batch_size=1)
+    assert not infer.static_kv_cache("auto", "cuda", batch_size=4)  # batches run our loop, on the dynamic cache
+    assert infer.static_kv_cache("static", "cpu", batch_size=1) and not infer.static_kv_cache("dynamic", "cuda", batch_size=1)
 
 
 def test_clone_command_prompts_an_export_in_its_recorded_layout(export, engine, ref_audio, tmp_path, capsys, monkeypatch):
@@ -101,6 +115,8 @@ BAD_INPUTS = {
     "31 s reference": (["--ref-audio", "{clips}/long.wav", "--ref-text", "hi"], "reference lasts 31.00 s"),
     "--max-seconds 0": (["--max-seconds", "0"], "--max-seconds must be a positive number"),
     "--max-seconds -5": (["--max-seconds", "-5"], "--max-seconds must be a positive number"),
+    "--max-seconds 0.01": (["--max-seconds", "0.01"], "--max-seconds 0.01 is under one frame of audio (0.04 s)"),
+    "--batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "emoji-only text": (["--text", "😀 🎉"], "--text has no letter or digit to speak"),
     "emoji-only line": (["--text-file", "{clips}/lines.txt"], "lines.txt:2 has no letter or digit to speak"),
     "5000-character text": (["--text", "a" * 5000], "--text has 5000 characters, over the 1000 training accepts"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,22 @@ def test_summary_leaves_out_unavailable_values_and_brackets_the_mean():
     assert metrics.summarize([True, False, True, True])["mean"] == 0.75  # `stopped` becomes the stop rate
     table = metrics.format_summary({"sim": stats, "error_rate": metrics.summarize([])})
     assert "n/a" in table.splitlines()[2] and "0.500" in table.splitlines()[1]
+
+
+def test_summary_table_columns_line_up_with_long_names_and_counts():
+    summary = {"sim": metrics.summarize([0.5, 0.7]), "target_error_rate_of_a_long_name": metrics.summarize([0.1] * 12345)}
+    lines = metrics.format_summary(summary).splitlines()
+    for index in (1, 2, 3):  # n, mean, median: each header word ends where its values end
+        ends = {[word.end() for word in re.finditer(r"\S+", line)][index] for line in lines}
+        assert len(ends) == 1, (index, lines)
+
+
+def test_corpus_error_rate_weighs_rows_by_their_words():
+    records = [{"error_rate": 0.5, "words": 2, "target_error_rate": None}, {"error_rate": 0.0, "words": 8, "target_error_rate": None},
+               {"error_rate": None, "words": 5, "target_error_rate": None}]
+    assert metrics.corpus_error_rate(records) == {"n": 2, "words": 10, "rate": 0.1}
+    assert metrics.corpus_error_rate(records, "target_") == {"n": 0, "words": 0, "rate": None}
+    assert metrics.reference_units("Hello, big world!", "en") == 3 and metrics.reference_units("你好，世界。", "zh") == 4
 
 
 def test_wavlm_speaker_model_directory_loads_and_embeds(tmp_path):

@@ -1,0 +1,109 @@
+"""Clips per second of generation for batch sizes 1, 4 and 8, on the tiny preset and the released width.
+
+    python benchmarks/generation_benchmark.py                     # both models, B = 1, 4, 8
+    python benchmarks/generation_benchmark.py --models tiny --clips 16 --seconds 2
+
+Each model clones the same `--clips` prompts (references of 2 to 4 s of random
+codes, the texts of ../shared/data/voice_prompts) greedily, `--seconds` of
+audio at most, in batches of B: B = 1 runs the package's `generate` (what
+`--batch-size 1` runs) and, for the overhead of our loop, `generate_batch`
+with one row; B > 1 runs `generate_batch`. Generation only: the audio
+tokenizer's decoding is not timed. Weights are random, so streams mostly run
+to the limit; frames/s is printed beside clips/s. The released width is
+bosonai/higgs-audio-v2-generation-3B-base's layout (width 3072, 24/8 heads,
+FFN 8192, audio FFN on every layer, 8 codebooks, a 128,256-token text head)
+cut to `--layers` decoder layers, fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import batched_generation  # noqa: E402
+import collate  # noqa: E402
+import data  # noqa: E402
+import generation  # noqa: E402
+import model_utils  # noqa: E402
+
+VOICE_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "voice_prompts"
+RELEASED_VOCAB = 128256
+
+
+def build(model: str, layers: int) -> model_utils.Bundle:
+    tokenizer = model_utils.build_tiny_text_tokenizer()
+    if model == "tiny":
+        return model_utils.Bundle(model_utils.build_tiny_model(tokenizer), tokenizer, None)
+    dims = model_utils.TinyDims(hidden_size=3072, intermediate_size=8192, num_layers=layers, num_heads=24, num_kv_heads=8)
+    config = model_utils.tiny_model_config(tokenizer, dims=dims)
+    config.text_config.vocab_size = RELEASED_VOCAB  # the released text head; the tiny tokenizer's ids lie below it
+    torch.manual_seed(0)
+    return model_utils.Bundle(HiggsAudioModel(config).eval(), tokenizer, None)
+
+
+def prompts(bundle: model_utils.Bundle, count: int) -> list:
+    texts = sorted(path.read_text(encoding="utf-8").strip() for path in VOICE_PROMPTS.glob("*.txt"))
+    generator = torch.Generator().manual_seed(0)
+    made = []
+    for index in range(count):
+        frames = 50 + (index * 37) % 51  # 2 to 4 s
+        codes = torch.randint(0, 1024, (8, frames), generator=generator)
+        made.append(data.build_sample(bundle.tokenizer, "A reference transcript.", codes, texts[index % len(texts)]))
+    return made
+
+
+def package_generate(bundle: model_utils.Bundle, samples: list, sampling: generation.Sampling) -> int:
+    config = bundle.model.config
+    collator = collate.build_collator(config)
+    frames = 0
+    for sample in samples:
+        inputs = collate.batch_to_model_inputs(collate.collate(collator, [sample], config.audio_codebook_size), "cpu")
+        with torch.inference_mode():
+            _, streams = generation.generate(bundle, inputs, sampling, [generation.ForceTokens([config.audio_out_bos_token_id])])
+        frames += streams[0].shape[1] - config.audio_num_codebooks
+    return frames
+
+
+def batched(bundle: model_utils.Bundle, samples: list, sampling: generation.Sampling, batch_size: int) -> int:
+    frames = 0
+    for start in range(0, len(samples), batch_size):
+        streams = batched_generation.generate_batch(bundle, samples[start : start + batch_size], sampling)
+        frames += sum(stream.shape[1] - bundle.model.config.audio_num_codebooks for stream in streams)
+    return frames
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,released", help="tiny and/or released [tiny,released]")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the released width [2]")
+    parser.add_argument("--clips", type=int, default=8, help="prompts cloned per measurement [8]")
+    parser.add_argument("--seconds", type=float, default=1.0, help="longest clip [1]")
+    args = parser.parse_args()
+    sampling = generation.Sampling(greedy=True, seed=0, max_seconds=args.seconds)
+    print(f"torch threads {torch.get_num_threads()}; {args.clips} clips of at most {args.seconds:g} s, greedy, fp32, CPU")
+    for model in args.models.split(","):
+        bundle = build(model, args.layers)
+        samples = prompts(bundle, args.clips)
+        parameters = sum(p.numel() for p in bundle.model.parameters()) / 1e6
+        name = model if model == "tiny" else f"released width, {args.layers} layers"
+        print(f"\n{name} ({parameters:.0f}M parameters)")
+        batched(bundle, samples[:2], sampling, 2)  # warm-up
+        runs = [("B=1 package generate", lambda: package_generate(bundle, samples, sampling))]
+        runs += [(f"B={size} our loop", lambda size=size: batched(bundle, samples, sampling, size)) for size in (1, 4, 8)]
+        for label, run in runs:
+            started = time.perf_counter()
+            frames = run()
+            seconds = time.perf_counter() - started
+            print(f"  {label:<22}{args.clips / seconds:>8.2f} clips/s {frames / seconds:>9.1f} frames/s  ({seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
