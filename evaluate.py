@@ -205,6 +205,20 @@ class ScoringWorker:
         return False
 
 
+class _Timed:
+    """A function that adds up the seconds spent in it (the summary's breakdown)."""
+
+    def __init__(self, function: Callable):
+        self.function, self.seconds = function, 0.0
+
+    def __call__(self, *args):
+        started = time.perf_counter()
+        try:
+            return self.function(*args)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 class EvalInterrupted(Exception):
     """Ctrl-C during `--eval`: what was kept, for the one line that says how to continue."""
 
@@ -234,11 +248,12 @@ def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: s
     if done:
         print(f"resuming: {len(done)} rows already scored in {out.path / eval_dir.ROWS_FILE}, {len(todo)} to go")
     timings["validation"] = time.perf_counter() - started
-    codes = reference_codes(bundle, codes_cache, [pair.ref_audio for _, pair in todo])
+    codes = _Timed(reference_codes(bundle, codes_cache, [pair.ref_audio for _, pair in todo]))
     try:
         timings.update(_generate_and_score(bundle, judge, todo, languages, codes, out, settings))
     except KeyboardInterrupt:
         raise EvalInterrupted(len(out.done()), len(pairs), out.path) from None
+    timings["reference_codes"] = codes.seconds
     timings["wall"] = time.perf_counter() - started
     return _summary(out, list_path, validated, judge, settings, timings, len(todo))
 
@@ -263,7 +278,7 @@ def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.Eva
         progress.close()
         raise
     progress.close()
-    return {"generation_and_decoding": generating, "scoring_in_worker": worker.busy_seconds,
+    return {"references_generation_and_decoding": generating, "scoring_in_worker": worker.busy_seconds,
             "waiting_for_scoring_at_end": time.perf_counter() - waiting}
 
 

@@ -283,8 +283,10 @@ class StaticCacheBuckets:
             (length, StaticCache(config=cache_config, batch_size=1, max_cache_len=length, device=device, dtype=dtype))
             for length in sorted(lengths)
         )
-        self.graphs = capture_graphs
         if capture_graphs:
+            # capture_model builds its dummy inputs in config.torch_dtype, which a model cast after loading (the
+            # tiny preset) does not update.
+            model.config.torch_dtype = dtype
             model.capture_model(self.caches.values())
 
     def generate_kwargs(self) -> dict:

@@ -115,6 +115,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-seconds {args.max_seconds:g} is under one frame of audio ({1 / generation.FRAMES_PER_SECOND:g} s)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size > 1 and not args.force_audio:
+        raise ValueError("--batch-size > 1 forces <|audio_out_bos|>; --no-force-audio runs with --batch-size 1")
     if not args.temperature > 0 or not math.isfinite(args.temperature):
         raise ValueError(f"--temperature must be > 0, got {args.temperature:g} (--greedy decodes by argmax)")
     if not 0 < args.top_p <= 1:
