@@ -107,16 +107,16 @@ def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Cal
 
 class CheckedClips:
     """`--eval`'s clip source for validation: each clip loaded and checked as training checks it, never encoded
-    (a target is only scored; a reference is encoded later, once, or read from a cache). `frames` is the count the
-    audio tokenizer makes: samples / hop, rounded half up."""
+    (a target is only scored; a reference is encoded later, once, or read from a cache). Its `frames` is an
+    estimate, seconds x 25 rounded (the tokenizer's own count differs by a frame at some lengths): `--eval` applies
+    no token filter and reads no frame count."""
 
     def __init__(self, sampling_rate: int, num_codebooks: int):
         self.sampling_rate, self.num_codebooks = sampling_rate, num_codebooks
-        self.hop = sampling_rate // generation.FRAMES_PER_SECOND
 
     def clip(self, path: str) -> manifest.Clip:
-        samples = len(data.load_clip(path, self.sampling_rate))
-        return manifest.Clip(samples / self.sampling_rate, math.floor(samples / self.hop + 0.5))
+        seconds = len(data.load_clip(path, self.sampling_rate)) / self.sampling_rate
+        return manifest.Clip(seconds, round(seconds * generation.FRAMES_PER_SECOND))
 
 
 def read_eval_rows(path: str, clips: CheckedClips) -> tuple[manifest.ValidationResult, list[manifest.Pair], dict]:
@@ -273,11 +273,11 @@ def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.Eva
             started = time.perf_counter()
         waiting = time.perf_counter()
         worker.finish()
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C or an error: keep the row being scored, drop the waiting ones
         worker.abandon()
-        progress.close()
         raise
-    progress.close()
+    finally:
+        progress.close()
     return {"references_generation_and_decoding": generating, "scoring_in_worker": worker.busy_seconds,
             "waiting_for_scoring_at_end": time.perf_counter() - waiting}
 

@@ -65,11 +65,14 @@ def package_generate(bundle: model_utils.Bundle, samples: list, sampling: genera
     config = bundle.model.config
     collator = collate.build_collator(config)
     frames = 0
+    # <|eot_id|> forced once the stream ends stops `generate` where our loop stops a row (a random model would go on
+    # in text, and the released-width head draws ids beyond the tiny tokenizer's); the step between, which starts
+    # the stream, also reads a text token.
+    forced = [config.audio_out_bos_token_id, config.audio_out_token_idx, bundle.tokenizer.convert_tokens_to_ids("<|eot_id|>")]
     for sample in samples:
         inputs = collate.batch_to_model_inputs(collate.collate(collator, [sample], config.audio_codebook_size), "cpu")
         with torch.inference_mode():
-            _, streams = generation.generate(bundle, inputs, sampling, [generation.ForceTokens([config.audio_out_bos_token_id])],
-                                             kv_cache)
+            _, streams = generation.generate(bundle, inputs, sampling, [generation.ForceTokens(forced)], kv_cache)
         frames += streams[0].shape[1] - config.audio_num_codebooks
     return frames
 

@@ -118,7 +118,7 @@ def test_eval_where_every_row_is_rejected_fails_in_one_line(tmp_path, capsys):
     rows = [{"id": f"r{i}", "ref_audio": str(tmp_path / "none.wav"), "ref_text": "x", "audio": str(tmp_path / "none.wav"),
              "text": "Words."} for i in range(2)]
     listed = _write(tmp_path / "bad.jsonl", rows)
-    assert infer.main(["--eval", str(listed), "--out", str(tmp_path / "eval"), "--model", "tiny"]) == 2
+    assert infer.main(["--eval", str(listed), "--out", str(tmp_path / "eval"), "--model", "tiny", "--score-cache", ""]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no row of") and "rejected 2 (missing_audio 2)" in err[-1]
     assert len((tmp_path / "eval" / "rejections.jsonl").read_text().splitlines()) == 2
@@ -174,7 +174,7 @@ def test_eval_reads_a_seedtts_list_and_references_from_a_prepared_cache(clips, t
         f"u2|{clips['en_female_1']['text']}|{clips['en_female_1']['audio']}|Something else to say.\n", encoding="utf-8")
     monkeypatch.setattr(data, "encode_clip", lambda *_: pytest.fail("every reference is in the cache"))
     out = tmp_path / "eval"
-    assert infer.main(["--eval", str(folder / "meta.lst"), "--out", str(out), "--model", "tiny", "--max-seconds", "0.3",
+    assert infer.main(["--eval", str(folder / "meta.lst"), "--out", str(out), "--model", "tiny", "--max-seconds", "0.2",
                        "--greedy", "--language", "en", "--codes-cache", str(tmp_path / "cache"), "--score-cache", ""]) == 0
     rows = _rows(out)
     assert rows["u1"]["target_sim"] != "n/a" and rows["u2"]["target_sim"] == "n/a"  # u2's line names no real recording
@@ -182,14 +182,6 @@ def test_eval_reads_a_seedtts_list_and_references_from_a_prepared_cache(clips, t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seedtts"]["wer"]["n"] == 2 and summary["seedtts"]["target_wer"]["n"] == 1
     assert "references: 2 read from" in capsys.readouterr().out
-
-
-def test_validation_counts_the_frames_the_audio_tokenizer_makes_without_encoding(tiny, tmp_path):
-    clips = evaluate.CheckedClips(24000, 8)
-    noise = np.random.default_rng(0).uniform(-0.3, 0.3, 30000).astype(np.float32)
-    for samples in (24000, 24001, 24959, 12345):
-        sf.write(tmp_path / "clip.wav", noise[:samples], 24000)
-        assert clips.clip(str(tmp_path / "clip.wav")).frames == data.encode_clip(tiny.audio_tokenizer, noise[:samples]).shape[1]
 
 
 def test_clones_are_deterministic_with_a_seed(clips, tiny, judge):
