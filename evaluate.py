@@ -119,9 +119,9 @@ class CheckedClips:
         return manifest.Clip(seconds, round(seconds * generation.FRAMES_PER_SECOND))
 
 
-def read_eval_rows(path: str, clips: CheckedClips) -> tuple[manifest.ValidationResult, list[manifest.Pair], dict]:
-    """A JSONL manifest (speaker rows paired as in training, with seed 0) or a Seed-TTS-eval list, validated: the
-    validation, the pairs and each row's language."""
+def read_eval_rows(path: str, clips: CheckedClips, seed: int) -> tuple[manifest.ValidationResult, list[manifest.Pair], dict]:
+    """A JSONL manifest (speaker rows paired as in training, fixed by `seed`) or a Seed-TTS-eval list, validated:
+    the validation, the pairs and each row's language."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such manifest or list: {path}")
     if seedtts.is_seedtts_list(path):
@@ -129,7 +129,7 @@ def read_eval_rows(path: str, clips: CheckedClips) -> tuple[manifest.ValidationR
         pairs = [manifest.Pair(row["id"], row["ref_audio"], row["ref_text"], row.get("audio"), row["text"]) for row in validated.kept]
     else:
         validated = manifest.validate_manifest(path, clips, progress=True)
-        pairs = manifest.training_pairs(validated.kept, 0, 0)[0]
+        pairs = manifest.training_pairs(validated.kept, seed, 0)[0]
     return validated, pairs, {row["id"]: row.get("language") for row in validated.kept}
 
 
@@ -237,7 +237,8 @@ def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: s
     """
     timings, started = {}, time.perf_counter()
     rate = bundle.audio_tokenizer.sampling_rate
-    validated, pairs, languages = read_eval_rows(list_path, CheckedClips(rate, bundle.model.config.audio_num_codebooks))
+    validated, pairs, languages = read_eval_rows(list_path, CheckedClips(rate, bundle.model.config.audio_num_codebooks),
+                                                 settings.sampling.seed or 0)
     validated.write_report(out.path / "rejections.jsonl")
     print(f"data: {list_path}: {validated.summary()}" + (f"; rejected rows: {out.path / 'rejections.jsonl'}" if validated.rejections else ""))
     if not pairs:

@@ -106,7 +106,7 @@ class ForceTokens(LogitsProcessor):
 
 
 def max_frames(max_seconds: float) -> int:
-    """Frames of audio (25 a second) that fit in `max_seconds`; at least 1 frame is a checked input (infer.py)."""
+    """Frames of audio (25 a second) that fit in `max_seconds` (infer.py refuses a limit under one frame)."""
     return math.floor(max_seconds * FRAMES_PER_SECOND + 1e-9)
 
 

@@ -184,6 +184,14 @@ def test_eval_reads_a_seedtts_list_and_references_from_a_prepared_cache(clips, t
     assert "references: 2 read from" in capsys.readouterr().out
 
 
+def test_speaker_rows_are_paired_as_in_training_by_the_seed():
+    clips = evaluate.CheckedClips(24000, 8)
+    validated, by_zero, _ = evaluate.read_eval_rows(str(DEMO_DIR / "manifest.jsonl"), clips, seed=0)
+    _, by_one, _ = evaluate.read_eval_rows(str(DEMO_DIR / "manifest.jsonl"), clips, seed=1)
+    assert by_one == manifest.training_pairs(validated.kept, 1, 0)[0]
+    assert [pair.ref_audio for pair in by_zero] != [pair.ref_audio for pair in by_one]
+
+
 def test_clones_are_deterministic_with_a_seed(clips, tiny, judge):
     pair = manifest.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Please bring me a cup of tea.")
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
