@@ -98,6 +98,10 @@ class TrainConfig:
     resume: bool = setting(False, "continue --run-name from its newest intact checkpoint (flags that change the run are refused)",
                            resume=True)
     inspect: bool = setting(False, "print the first batch readably and exit", resume=True)
+    allow_data_change: bool = setting(False, "let --resume go on although the training or validation data changed since the "
+                                             "checkpoint (their content fingerprint differs)", resume=True)
+    export_from: str = setting("", "write the export of this checkpoint and exit: runs/NAME/checkpoints/best.pt becomes "
+                                   "runs/NAME/export-best/, built with the checkpoint's own settings", resume=True)
     seed: int = setting(0, "seed of everything", limit=within(0, 2**32 - 1))  # numpy's seed range
     device: str = setting("cuda" if CUDA else "cpu", "torch device", resume=True)
     precision: str = setting("bf16" if CUDA else "fp32", "bf16 (autocast on CUDA, fp32 master weights) or fp32",
@@ -267,6 +271,19 @@ def _has_type(value, default) -> bool:
     if isinstance(default, float):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, type(default)) and not isinstance(value, bool)
+
+
+def as_flags(config: TrainConfig, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give `config` from the defaults (those of its settings that differ from them)."""
+    flags = []
+    for name, value in asdict(config).items():
+        if name in leave_out or value == DEFAULTS[name]:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            flags += [flag(name), "" if value is None else str(value)]
+    return flags
 
 
 # --------------------------------------------------------------------------

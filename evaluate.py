@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 import collate
 import data
+import files
 import generation
 import loader
 import manifest
@@ -143,8 +145,10 @@ class CloneJudge:
 
 @dataclass
 class Validation:
-    """The validation pairs, their batch builder and, on process 0 where clips are generated, their judge."""
+    """The validation rows and their pairs, the pairs' batch builder and, on process 0 where clips are
+    generated, their judge."""
 
+    rows: list[dict]
     pairs: list[manifest.Pair]
     builder: loader.BatchBuilder
     clones: CloneJudge | None
@@ -162,7 +166,7 @@ def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, worl
         pairs = manifest.training_pairs(rows, config.seed, 0)[0]
         builder = loader.BatchBuilder(bundle, config, val_codes)
     clones = clone_judge(config, rows, pairs, world, device)
-    return Validation(pairs, builder, clones) if pairs else None
+    return Validation(rows, pairs, builder, clones) if pairs else None
 
 
 def clone_judge(config: TrainConfig, val_rows: list[dict], val_pairs: list[manifest.Pair], world: World,
@@ -199,8 +203,32 @@ def evaluate_in_loop(model, validation: Validation, config: TrainConfig, world: 
             writer.add_scalar(f"val/{name}", value, step)
     quality = {}
     if validation.clones:
-        quality = log_generations(writer, step, parallel.unwrap(model), validation, config, device)
+        try:
+            quality = log_generations(writer, step, parallel.unwrap(model), validation, config, device)
+        except Exception as error:  # a clip that cannot be generated or scored must not cost the training
+            report_failure(writer, step, "the validation clips could not be generated or scored", error)
     return val, parallel.from_main_process(quality, world)
+
+
+def report_failure(writer, step: int, what: str, error: Exception) -> None:
+    """An evaluation that failed, in one line on stderr and in TensorBoard (`eval/failures`, `eval/failure`);
+    the run goes on, and a selection score that could not be measured never makes a new best."""
+    line = f"step {step}: {what} ({type(error).__name__}: {files.first_line(error)}); training goes on"
+    print(f"warning: {line}", file=sys.stderr)
+    if writer:
+        writer.add_scalar("eval/failures", 1, step)
+        writer.add_text("eval/failure", line, step)
+
+
+EVAL_SETTINGS = ("best_by", "eval_prompts", "eval_max_seconds", "asr_model", "speaker_model", "eval_language")
+
+
+def eval_settings(config: TrainConfig, validation: Validation | None) -> dict:
+    """What a best score was measured with: the selection and evaluation settings and the validation data's
+    content, so that a resumed run compares scores only with scores measured alike."""
+    settings = {name: getattr(config, name) for name in EVAL_SETTINGS}
+    settings["val_data"] = loader.data_fingerprint(validation.rows, validation.builder.codes) if validation else None
+    return settings
 
 
 def validation_loss(model, validation: Validation, config: TrainConfig, world: World, device: str) -> dict[str, float]:

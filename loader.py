@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import random
 import threading
@@ -78,6 +80,19 @@ def validated_rows(path: str, codes: prepare.EncodedClips, world: World, report:
             validated.write_report(report)
             print(f"rejected rows, with row numbers and reasons: {report}")
     return validated.kept
+
+
+def data_fingerprint(rows: list[dict], codes) -> str:
+    """A digest of what a run trains on, for --resume to compare: each kept row's texts, speaker, scene and
+    language, and the content of its clips (a prepared cache's keys, the SHA-256 of a file's bytes and the
+    audio tokenizer; or the codes encoded now). Paths do not enter it, so moved data is the same data."""
+    digest = hashlib.sha256()
+    for row in rows:
+        fields = [row.get(name) for name in ("id", "text", "ref_text", "speaker", "scene", "language")]
+        clips = [row.get(f"{key}_key") or hashlib.sha256(codes(row[key]).numpy().tobytes()).hexdigest()
+                 for key in ("ref_audio", "audio") if key in row]
+        digest.update(json.dumps([fields, clips], ensure_ascii=False).encode())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------

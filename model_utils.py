@@ -31,6 +31,8 @@ from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTo
 from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 from transformers import AutoTokenizer, HubertConfig, HubertModel, PreTrainedTokenizerFast
 
+import files
+
 IGNORE_INDEX = -100
 TINY_PRESET = "tiny"
 TINY_WHISPER_PRESET = "tiny-whisper"
@@ -362,6 +364,9 @@ def load_bundle(
     audio_tokenizer = audio_tokenizer or exported_audio_tokenizer(model)
     if audio_tokenizer is None:
         raise ValueError("a model directory needs --audio-tokenizer DIR (e.g. bosonai/higgs-audio-v2-tokenizer)")
+    changed = files.digest_problem(Path(model)) if os.path.isdir(model) else None
+    if changed:  # an export lists its files' SHA-256 (files.atomic_directory); a released checkpoint lists none
+        raise ValueError(f"{model}: {changed}")
     higgs = HiggsAudioModel.from_pretrained(model, torch_dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
     special_token_ids(tokenizer)
@@ -399,6 +404,9 @@ def export_problem(path: Path) -> str | None:
     file shorter than its header says, a torch zip file without its closing directory); None if whole."""
     if not (path / "config.json").is_file():
         return "no config.json"
+    changed = files.digest_problem(path)
+    if changed:
+        return changed
     for weights in sorted(path.rglob("*.safetensors")):
         if not _safetensors_whole(weights):
             return f"{weights.relative_to(path)} is truncated"

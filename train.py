@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import random
+import shlex
 import signal
 import sys
 import time
@@ -53,7 +54,7 @@ import manifest
 import model_utils
 import parallel
 import training
-from config import TrainConfig, parse_config
+from config import TrainConfig, as_flags, parse_config
 from parallel import World
 
 
@@ -94,11 +95,13 @@ class LoopState:
     best: evaluate.Best = field(default_factory=evaluate.Best)
 
     def saved(self, config: TrainConfig) -> dict:
-        return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score, "config": asdict(config)}
+        return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score,
+                "stale_evals": self.best.stale, "config": asdict(config)}
 
     @classmethod
     def restored(cls, saved: dict) -> LoopState:
-        return cls(saved["step"], loader.DataPosition(**saved["position"]), evaluate.Best(saved["best_loss"]))
+        best = evaluate.Best(saved["best_loss"], saved.get("stale_evals", 0))
+        return cls(saved["step"], loader.DataPosition(**saved["position"]), best)
 
 
 @dataclass
@@ -110,13 +113,31 @@ class Run:
     dir: Path
     bundle: model_utils.Bundle
     validation: evaluate.Validation | None
+    fingerprints: dict[str, str]  # the data's content (`loader.data_fingerprint`), which a resume must match
+    eval_settings: dict  # what a best score is measured with (`evaluate.eval_settings`)
     writer: SummaryWriter | None = None
     stop: StopRequested | None = None
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP runs write sharded checkpoints (`*.dcp/`), the others one file."""
+        return self.plan.world.distributed and self.config.parallel == "fsdp"
+
     def save(self, model, optimizer, state: LoopState, name: str | None = None) -> Path:
-        sharded = self.plan.world.distributed and self.config.parallel == "fsdp"
-        return checkpoints.save_checkpoint(self.dir, model, optimizer, state.saved(self.config), self.plan.world,
-                                           self.config.keep_last, sharded, name)
+        saved = {**state.saved(self.config), "data": self.fingerprints, "eval_settings": self.eval_settings}
+        try:
+            return checkpoints.save_checkpoint(self.dir, model, optimizer, saved, self.plan.world, self.config.keep_last,
+                                               self.sharded, name)
+        except checkpoints.SaveFailed as failure:
+            raise RuntimeError(f"{failure}; once there is room, continue with: {self.resume_command()}") from None
+
+    def resume_command(self) -> str:
+        """The command that continues this run: its flags as given (less --stop-after), its name, --resume."""
+        flags = as_flags(self.config, leave_out=("stop_after", "resume", "run_name", "inspect"))
+        flags += ["--run-name", self.dir.name, "--resume"]
+        launch = f"the same torchrun launch of {self.plan.world.size} processes with train.py" if self.plan.world.distributed \
+            else "python train.py"
+        return f"{launch} {shlex.join(flags)}"
 
     def say(self, *args, **kwargs) -> None:
         if self.plan.world.main:
@@ -129,7 +150,9 @@ class Run:
 
 
 def train(config: TrainConfig) -> Path:
-    """Run training; returns the run directory."""
+    """Run training (or, with --export-from, export a checkpoint); returns the run directory."""
+    if config.export_from:
+        return export_checkpoint(config.export_from)
     world, device = parallel.start_processes(config.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
@@ -171,12 +194,11 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
         return run_dir
 
     optimizer = training.build_optimizer(model, config, device)
-    state = LoopState()
-    if resume_from is not None:
-        saved = None  # its memory-mapped tensors are not needed any more
-        state = LoopState.restored(checkpoints.load_checkpoint(resume_from, model, optimizer, world))
-        say(f"resumed from {resume_from} at step {state.step}")
-    run = Run(config, plan, run_dir, bundle, validation)
+    fingerprints = {"train": loader.data_fingerprint(rows, codes)}
+    if validation:
+        fingerprints["val"] = loader.data_fingerprint(validation.rows, validation.builder.codes)
+    run = Run(config, plan, run_dir, bundle, validation, fingerprints, evaluate.eval_settings(config, validation))
+    state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
     run.stop = StopRequested()
@@ -188,6 +210,29 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
     progress.close()
     batches.close()
     return finish(model, optimizer, state, run, train_loss)
+
+
+def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopState:
+    """The loop's state from `checkpoint`, once the data matches the checkpoint's. A best score measured with
+    other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts."""
+    checkpoints.check_data(saved, run.fingerprints, run.config.allow_data_change, checkpoint, run.say)
+    state = LoopState.restored(checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world))
+    measured_with = saved.get("eval_settings", run.eval_settings)
+    if measured_with != run.eval_settings:
+        changed = ", ".join(name for name in run.eval_settings if measured_with.get(name) != run.eval_settings[name])
+        kept = checkpoints.retire_best(run.dir, state.step) if run.plan.world.main else None
+        state.best = evaluate.Best()
+        run.say(f"--resume: the evaluation changed ({changed}), so earlier scores are not comparable: a new best starts"
+                + (f"; the old one is kept as {kept}" if kept else ""))
+    run.say(f"resumed from {checkpoint} at step {state.step}")
+    return state
+
+
+def export_checkpoint(checkpoint: str) -> Path:
+    """--export-from: a checkpoint (best.pt, step_N.pt, a sharded *.dcp) as an export beside its run's."""
+    export = checkpoints.export_checkpoint(Path(checkpoint))
+    print(f"exported {checkpoint} to {export}\nnext: python infer.py --model {export}")
+    return export.parent
 
 
 def seed_everything(seed: int) -> None:
@@ -247,11 +292,19 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
 
 
 def evaluate_and_select(model, optimizer, state: LoopState, run: Run) -> None:
-    """Validation losses and clone quality, logged; a new best score is saved as best.pt."""
+    """Validation losses and clone quality, logged; a new best score is saved as best.pt. An evaluation that
+    fails is reported and the training goes on (under torchrun only a failure of the generated clips, which
+    process 0 alone makes, can be survived: one process's failure elsewhere leaves the others in a collective)."""
     model.eval()
-    val, quality = evaluate.evaluate_in_loop(model, run.validation, run.config, run.plan.world, run.plan.device,
-                                             run.writer, state.step)
-    if state.best.update(evaluate.selection_score(run.config.best_by, val, quality)):
+    try:
+        val, quality = evaluate.evaluate_in_loop(model, run.validation, run.config, run.plan.world, run.plan.device,
+                                                 run.writer, state.step)
+    except Exception as error:
+        if run.plan.world.distributed:
+            raise
+        evaluate.report_failure(run.writer, state.step, "the evaluation failed", error)
+        val = quality = None
+    if val is not None and state.best.update(evaluate.selection_score(run.config.best_by, val, quality)):
         run.save(model, optimizer, state, name="best.pt")
     model.train()
 
@@ -372,10 +425,10 @@ def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> P
     if state.step < plan.max_steps:
         path = run.save(model, optimizer, state)
         if state.best.out_of_patience(config.patience):
-            run.say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): best.pt holds the best")
-        out_dir = f"--out-dir {config.out_dir} " if config.out_dir != TrainConfig.out_dir else ""
-        run.say(f"stopped at step {state.step}; checkpoint {path}; "
-                f"continue with the same flags and {out_dir}--run-name {run.dir.name} --resume")
+            run.say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): "
+                    + export_best(model, optimizer, run))
+        else:
+            run.say(f"stopped at step {state.step}; checkpoint {path}; continue with: {run.resume_command()}")
     else:
         export = checkpoints.export_model(model, config, run.bundle, plan.world, run.dir / "export")
         best = state.best.value(config.best_by)
@@ -392,6 +445,16 @@ def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> P
     if run.stop.requested:
         raise Stopped(run.stop.signum)
     return run.dir
+
+
+def export_best(model, optimizer, run: Run) -> str:
+    """A run stopped by --patience ends with the export of its best weights, as a finished run ends with its last."""
+    best = run.dir / "checkpoints" / ("best.dcp" if run.sharded else "best.pt")
+    if not best.exists():
+        return "no evaluation gave a score to keep, so there is no best.pt to export"
+    best_step = checkpoints.load_checkpoint(best, model, optimizer, run.plan.world)["step"]
+    export = checkpoints.export_model(model, run.config, run.bundle, run.plan.world, run.dir / "export")
+    return f"the best, {best.name} of step {best_step}, is exported to {export}\nnext: python infer.py --model {export}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import generation
 import infer
 import manifest
 import metrics
+import model_utils
 import prepare
 import train
 from conftest import DEMO_DIR
@@ -136,7 +137,7 @@ def test_in_loop_evaluation_writes_quality_and_accuracy_scalars_and_a_table(pati
     assert table.startswith("| id | SIM") and "en_female_0" in table
 
 
-def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint(patient_run):
+def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint_and_the_best_exported(patient_run):
     sims = {event.step: event.value for event in _events(patient_run).Scalars("quality/sim")}
     best_step, best, stale, stop_step = None, -np.inf, 0, None
     for step in sorted(sims):  # the documented rule, replayed on the logged values
@@ -150,8 +151,22 @@ def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint(
     assert max(sims) == stop_step
     state = torch.load(patient_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert state["step"] == best_step and state["best_loss"] == pytest.approx(-best)
-    assert (patient_run / "checkpoints" / f"step_{stop_step:08d}.pt").is_file()
-    assert not (patient_run / "export").exists()
+    stopped = torch.load(patient_run / "checkpoints" / f"step_{stop_step:08d}.pt", map_location="cpu", weights_only=True)
+    assert stopped["stale_evals"] == 2, "the patience counter is saved, so --resume does not reset it"
+    assert train.LoopState.restored(stopped).best.stale == 2
+    exported = model_utils.load_bundle(str(patient_run / "export")).model.state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in state["model"].items()), "the export holds best.pt's weights"
+
+
+def test_export_from_writes_a_checkpoints_export_beside_the_runs(patient_run, capsys):
+    best = patient_run / "checkpoints" / "best.pt"
+    assert train.main(["--export-from", str(best)]) == 0
+    export = patient_run / "export-best"
+    assert f"exported {best} to {export}" in capsys.readouterr().out
+    weights = torch.load(best, map_location="cpu", weights_only=True)["model"]
+    exported = model_utils.load_bundle(str(export)).model.state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in weights.items())
+    assert data.read_prompt_layout(export) is not None
 
 
 def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated(judge):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import infer
 import model_utils
 import prepare
 import train
+import training
 from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, train_config
 
 
@@ -213,3 +215,30 @@ def test_a_manifest_with_no_usable_row_is_one_line_after_the_counts(tmp_path):
     assert status == 2
     assert "rows read 2 = kept 0 + rejected 2" in out
     assert error_lines(err) == [f"error: {manifest_path}: no usable row to train on (counts above)"]
+
+
+def test_a_failing_evaluation_is_reported_and_training_goes_on(tmp_path, short_manifest, monkeypatch, capsys):
+    """bf16 on the CPU, where the speaker encoder's LSTM has no bf16 kernel, judges its first clips; then a
+    validation clip deleted mid-run makes the next evaluation fail: reported in one line, and the run ends
+    with its export."""
+    rows = [json.loads(line) for line in short_manifest.read_text(encoding="utf-8").splitlines()]
+    doomed = tmp_path / "doomed.wav"
+    doomed.write_bytes(pathlib.Path(rows[1]["audio"]).read_bytes())
+    rows[1]["audio"] = str(doomed)
+    manifest_path = tmp_path / "val.jsonl"
+    manifest_path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    real_lr_at = training.lr_at
+
+    def delete_after_the_first_evaluation(step, settings, max_steps):
+        if step == 1:
+            doomed.unlink(missing_ok=True)
+        return real_lr_at(step, settings, max_steps)
+
+    monkeypatch.setattr(training, "lr_at", delete_after_the_first_evaluation)
+    run = train.train(train_config(tmp_path, manifest_path, val_manifest=str(manifest_path), max_steps=2, eval_every=1,
+                                   eval_prompts=2, eval_max_seconds=0.3, precision="bf16"))
+    err = capsys.readouterr().err
+    assert "warning: step 2: the validation clips could not be generated or scored (AudioError: " in err
+    assert "no such audio file); training goes on" in err
+    assert list(logged(run, "quality/sim")) == [1], "the first evaluation, in bf16, was judged"
+    assert list(logged(run, "eval/failures")) == [2] and (run / "export" / "config.json").is_file()
