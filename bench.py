@@ -8,6 +8,7 @@
     python bench.py graphs                          # graphs and breaks per layer and of the whole model, compiled
     python bench.py syncs                           # host syncs per micro-batch, ours and the package's, per layer
     python bench.py plan-optimizer                  # the plan with fp32 vs 8-bit AdamW moments
+    python bench.py adamw8bit                       # train.py's losses, 8-bit vs fp32 AdamW moments, 200 tiny steps
     python bench.py gpu                             # the GPU check: one call, <= 8 minutes on one H100/H200
 
 Every mode runs the model `training.prepare_model` makes and the step
@@ -561,6 +562,8 @@ def run_case(case: RunCase, device: str, trainer: bool, compile_backend: str = "
     loop's step time if asked."""
     config = model_config(case.model, case.layers)
     batch, lengths = synthetic_batch(config, case.tokens)
+    if device.startswith("cuda"):
+        batch = collate.pinned(batch)  # as the loader hands train.py its batches
     steps = [[batch]] * (case.warmup + case.steps)
     dtype = torch.bfloat16 if case.settings.precision == "bf16" else torch.float32
     peak, peak_source = peak_flops(device, dtype)
@@ -652,6 +655,38 @@ def gpu_check(device: str, model: str = "released", tokens: int = 4096, steps: i
 
 
 # --------------------------------------------------------------------------
+# 8-bit AdamW moments against fp32 ones, over a train.py run
+# --------------------------------------------------------------------------
+
+
+def optimizer_losses(steps: int = 200) -> list[dict]:
+    """`train.py` on the tiny preset and the demo data for `steps` steps (no validation), once with fp32 AdamW
+    and once with torchao's AdamW8bit: the logged total losses, step by step, and their gap."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+
+    logged = {}
+    with tempfile.TemporaryDirectory() as out:
+        for optimizer in ("adamw", "adamw8bit"):
+            settings = TrainConfig(max_steps=steps, optimizer=optimizer, val_manifest="", eval_every=0, save_every=steps,
+                                   out_dir=out, run_name=optimizer, device="cpu", precision="fp32")
+            events = EventAccumulator(str(train.train(settings) / "tensorboard"))
+            events.Reload()
+            logged[optimizer] = [event.value for event in events.Scalars("loss/total")]
+    gaps = [abs(a - b) for a, b in zip(logged["adamw"], logged["adamw8bit"])]
+    relative = [gap / abs(a) for gap, a in zip(gaps, logged["adamw"])]
+    tail = max(1, steps // 10)
+    return [{"steps": len(gaps), "max_abs_gap": max(gaps), "max_rel_gap": max(relative),
+             "step_of_max_gap": 1 + gaps.index(max(gaps)), "first_loss": logged["adamw"][0],
+             f"adamw_mean_last_{tail}": sum(logged["adamw"][-tail:]) / tail,
+             f"adamw8bit_mean_last_{tail}": sum(logged["adamw8bit"][-tail:]) / tail,
+             "adamw_losses": logged["adamw"], "adamw8bit_losses": logged["adamw8bit"]}]
+
+
+# --------------------------------------------------------------------------
 # Host syncs of a step
 # --------------------------------------------------------------------------
 
@@ -707,10 +742,11 @@ def sync_rows(layers: int, tokens: int) -> list[dict]:
 # --------------------------------------------------------------------------
 
 
-def compile_graphs(scope: str, data_dependent_shapes: bool = True, backend: str = "eager", tokens: int = 1024) -> dict:
+def compile_graphs(scope: str, data_dependent_shapes: bool, backend: str = "eager", tokens: int = 1024) -> dict:
     """Graphs and graph breaks of one training step of the tiny model compiled at `scope`
-    (`training.compile_model`), with or without dynamo's data-dependent-shape settings (`False`: as before
-    `training.trace_data_dependent_shapes`); the loss and gradient norm against the same step uncompiled.
+    (`training.compile_model`), with or without dynamo's data-dependent-shape settings (`--compile` sets
+    them for `layers` only; without them is how the package compiled before); the loss and gradient norm
+    against the same step uncompiled, or the backend's error in one line.
 
     The layers share their code, so dynamo compiles a layer's graphs once and every layer runs them:
     `graphs` is per layer for `layers`. Breaks are decided by dynamo before any backend runs, so `eager`
@@ -727,17 +763,24 @@ def compile_graphs(scope: str, data_dependent_shapes: bool = True, backend: str 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = build_training_model(config, replace(settings, compile=compiled, compile_scope=scope), "cpu", backend)
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=data_dependent_shapes,
-                                        capture_scalar_outputs=data_dependent_shapes):
-            stats = step_once(model, training.build_optimizer(model, settings, "cpu"), batch, settings)
-        values[compiled] = stats.read(World())
+        started = time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=data_dependent_shapes,
+                                            capture_scalar_outputs=data_dependent_shapes):
+                stats = step_once(model, training.build_optimizer(model, settings, "cpu"), batch, settings)
+        except Exception as error:  # a backend that cannot compile the graph: the row says so, the table goes on
+            return {"scope": scope, "data_dependent_shapes": data_dependent_shapes, "backend": str(backend),
+                    "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+        values[compiled] = (stats.read(World()), time.perf_counter() - started)
     counters = torch._dynamo.utils.counters
+    (compiled_values, compiled_seconds), (eager_values, eager_seconds) = values[True], values[False]
     return {"scope": scope, "data_dependent_shapes": data_dependent_shapes, "backend": str(backend),
             "frames": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
             "breaks": int(sum(counters["graph_break"].values())),
             "break_reasons": {reason.splitlines()[0][:120]: count for reason, count in counters["graph_break"].items()},
-            "loss_difference": abs(values[True].losses["total"] - values[False].losses["total"]),
-            "grad_norm_difference": abs(values[True].grad_norm - values[False].grad_norm)}
+            "loss_difference": abs(compiled_values.losses["total"] - eager_values.losses["total"]),
+            "grad_norm_difference": abs(compiled_values.grad_norm - eager_values.grad_norm),
+            "first_step_s": compiled_seconds, "eager_step_s": eager_seconds}
 
 
 def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backend: str = "eager",
@@ -873,6 +916,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sync = commands.add_parser("syncs", help="host syncs per micro-batch, ours and the package's, per layer (released layout, fake tensors)")
     sync.add_argument("--layers", type=int, default=2, help="decoder layers of the released layout [2]")
     sync.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
+    losses = commands.add_parser("adamw8bit", help="train.py's losses with 8-bit vs fp32 AdamW moments (tiny preset, demo data)")
+    losses.add_argument("--steps", type=int, default=200, help="training steps [200]")
     gpu = commands.add_parser("gpu", help="the GPU check: released layout, lora/audio at 4k tokens, compile off/on (<= 8 min on an H100)")
     gpu.add_argument("--device", default="cuda", help="[cuda]; cpu with --model tiny runs the same code in seconds")
     gpu.add_argument("--model", default="released", help="released or tiny [released]")
@@ -940,6 +985,7 @@ COMMANDS = {
     "graphs": lambda args: _table([compile_graphs(scope, shapes, args.backend) for scope in ("layers", "model")
                                    for shapes in (False, True)]),
     "syncs": lambda args: _table(sync_rows(args.layers, args.tokens)),
+    "adamw8bit": lambda args: _table(optimizer_losses(args.steps)),
     "gpu": _gpu,
 }
 

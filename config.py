@@ -104,7 +104,8 @@ class TrainConfig:
                              choices=("bf16", "fp32"))
     compile: bool = setting(False, "torch.compile the model (inductor, dynamic shapes; see --compile-scope)", resume=True)
     compile_scope: str = setting("layers", "with --compile: layers (each decoder layer, one graph each) or model (the whole "
-                                           "forward: merge, layers and heads)", choices=("layers", "model"), resume=True)
+                                           "forward: merge, layers and heads, in more graphs)", choices=("layers", "model"),
+                                 resume=True)
     grad_checkpoint: bool = setting(False, "recompute decoder layers in backward", resume=True)
     frozen_bf16: bool = setting(True, "with --precision bf16, hold frozen linear weights in bf16 (bit-identical under autocast; "
                                       "trained ones stay fp32)", resume=True)

@@ -135,18 +135,21 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _attribute(self, operator: str) -> Sync:
-        frames = traceback.extract_stack(sys._getframe(2))
+        frames = traceback.extract_stack()
+        if torch._C._current_autograd_node() is None:
+            owner, where = _owner(frames)
+            return Sync(operator, owner, where, self._forward_layer(), "forward")
+        inside = _python_inside_engine(frames)
+        if inside:  # a checkpointed layer's forward, run again by the engine
+            owner, where = _owner(inside)
+            return Sync(operator, owner, where, self._forward_layer(), "recompute")
         node = torch._C._current_autograd_node()
-        in_engine = node is not None and _engine_entry(frames) is not None
-        if in_engine and not _python_below_engine(frames):
-            forward_frames = _parse_frames(node.metadata.get("traceback_", []))
-            owner, where = _owner(forward_frames)
-            return Sync(operator, owner, where, self.backward_layer, "backward")
-        owner, where = _owner(frames)
-        return Sync(operator, owner, where, self._forward_layer(), "recompute" if in_engine else "forward")
+        owner, where = _owner(_parse_frames(node.metadata.get("traceback_", [])))
+        return Sync(operator, owner, where, self.backward_layer, "backward")
 
     def _forward_layer(self) -> int | None:
-        frame = sys._getframe(3)
+        """The decoder layer whose `forward` is on this thread's stack, if any."""
+        frame = sys._getframe()
         while frame is not None:
             owner = frame.f_locals.get("self")
             if owner is not None and id(owner) in self.layers:
@@ -209,17 +212,13 @@ def _waiting_copy(func, args, kwargs) -> str | None:
     return None
 
 
-def _engine_entry(frames: traceback.StackSummary) -> int | None:
-    """Index of the frame that entered the autograd engine (`.backward()`), if the stack has one."""
-    for index, frame in enumerate(frames):
-        if frame.name == "_engine_run_backward" and frame.filename.startswith(TORCH_DIR):
-            return index
-    return None
-
-
-def _python_below_engine(frames: traceback.StackSummary) -> bool:
-    """Whether code outside torch runs inside the engine (a checkpointed layer's forward, recomputed)."""
-    return any(not frame.filename.startswith(TORCH_DIR) for frame in frames[_engine_entry(frames) + 1 :])
+def _python_inside_engine(frames: traceback.StackSummary) -> list[traceback.FrameSummary]:
+    """The frames outside torch that run inside the autograd engine: those after the call that entered it
+    (`.backward()`), or, on the engine's own thread (CUDA backward), all of them."""
+    entry = max((index for index, frame in enumerate(frames)
+                 if frame.name == "_engine_run_backward" and frame.filename.startswith(TORCH_DIR)), default=-1)
+    inside = list(frames)[entry + 1:]
+    return inside if any(not _in_torch(frame) for frame in inside) else []
 
 
 def _owner(frames) -> tuple[str, str]:

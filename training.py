@@ -101,32 +101,35 @@ def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def compile_model(model: torch.nn.Module, scope: str, backend: str | Callable = "inductor", dynamic: bool | None = True) -> None:
-    """`Module.compile` in place, with dynamic shapes: each decoder layer (`layers`) or the whole
-    `HiggsAudioModel` (`model`: the merge of text and audio, the layers and the heads)."""
-    trace_data_dependent_shapes()
+    """`Module.compile` in place, with dynamic shapes: each decoder layer (`layers`: one graph per layer,
+    `trace_data_dependent_shapes`) or the whole `HiggsAudioModel` (`model`: the merge of text and audio, the
+    layers and the heads, broken where the package's sizes depend on the data, since inductor in torch 2.9.1
+    fails on those sizes when it must keep them: on the package's merge, and on several layers in one graph;
+    docs/memory-and-speed.md gives both graph counts)."""
+    trace_data_dependent_shapes(scope == "layers")
     modules = model_utils.decoder_layers(model) if scope == "layers" else [model_utils.higgs_model(model)]
     for module in modules:
         module.compile(dynamic=dynamic, backend=backend)
 
 
-def trace_data_dependent_shapes() -> None:
-    """Let dynamo trace operators whose output size depends on the data, instead of breaking the graph there.
+def trace_data_dependent_shapes(enabled: bool) -> None:
+    """Whether dynamo traces operators whose output size depends on the data, instead of breaking the graph.
 
     The package's dual-FFN layer routes text and audio positions with boolean
     masks (`hidden_states[mask]`, `residual[mask] += ...`: modeling_higgs_audio.py
-    lines 692-699 of boson-multimodal 0.1.1), each an `aten.nonzero` whose
+    lines 692-699 of boson-multimodal 0.1.1), each an `aten.nonzero`, whose
     output size dynamo cannot know while tracing: by default every layer
     breaks into 5 graphs (4 breaks). With these two dynamo settings such a
     size is an unbacked symbol inside one graph: 1 graph per layer, the same
     losses (tests/test_training.py), and still one FFN per position (computing
     both FFNs on every token and selecting would also remove the breaks, at
     1.75x the layer's FLOPs). They are process-wide settings of dynamo, set
-    here only, by the compile path.
+    here only, by `compile_model`.
     """
     import torch._dynamo
 
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    torch._dynamo.config.capture_scalar_outputs = True
+    torch._dynamo.config.capture_dynamic_output_shape_ops = enabled
+    torch._dynamo.config.capture_scalar_outputs = enabled
 
 
 def checkpoint_forward(layer: torch.nn.Module) -> None:
@@ -182,7 +185,7 @@ def step_optimizer(optimizer: torch.optim.Optimizer, device: str) -> None:
         optimizer.step()
 
 
-def update_stance(optimizer: torch.optim.Optimizer, device: str):
+def update_stance(optimizer: torch.optim.Optimizer, device: str) -> contextlib.AbstractContextManager:
     """Where the optimizer's update runs: torchao compiles its 8-bit update per parameter shape with
     inductor, a few seconds once on a GPU but about 30 s for the tiny preset's 7 shapes on 2 CPU cores, so
     on the CPU the same update function runs eagerly (`force_eager`); torch's AdamW is never compiled.

@@ -112,6 +112,7 @@ def test_the_step_reads_what_compute_loss_gives_and_counts_what_the_model_saw(ti
     assert values.losses["codebook_7"] == pytest.approx(float(reference.per_codebook[7]), rel=1e-6)
     assert (values.tokens, values.padded, values.samples) == (int(mask.sum()), int(mask.numel() - mask.sum()), 2)
     assert 0 <= values.accuracy["all"] <= 1 and values.grad_norm > 0
+    assert not values.stop and stats.read(World(), stop_requested=True).stop, "a stop request travels with the read"
 
 
 def _model_state(optimizer) -> dict:
@@ -174,17 +175,19 @@ def _forward_backward(model, batch) -> tuple[torch.Tensor, dict]:
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _compiled_step(tiny, batch, scope: str, backend: str, data_dependent_shapes: bool = True) -> dict:
-    """The graphs and breaks dynamo makes of a forward and backward of the tiny model compiled at `scope`,
-    with its loss and gradients and those of the same model uncompiled."""
+def _compiled_step(tiny, batch, scope: str, backend: str, data_dependent_shapes: bool | None = None) -> dict:
+    """The graphs and breaks dynamo makes of a forward and backward of the tiny model compiled at `scope`
+    (dynamo's data-dependent-shape settings as `training.compile_model` sets them, or as given), with its loss
+    and gradients and those of the same model uncompiled."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model, _ = _prepared(tiny, scope="full")
     training.compile_model(model, scope, backend=backend)
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=data_dependent_shapes,
-                                    capture_scalar_outputs=data_dependent_shapes):
+    settings = {} if data_dependent_shapes is None else dict(capture_dynamic_output_shape_ops=data_dependent_shapes,
+                                                             capture_scalar_outputs=data_dependent_shapes)
+    with torch._dynamo.config.patch(**settings):
         compiled = _forward_backward(model, batch)
     eager = _forward_backward(_prepared(tiny, scope="full")[0], batch)
     counters = torch._dynamo.utils.counters
@@ -208,9 +211,9 @@ def test_each_compiled_layer_is_one_graph_with_the_eager_loss_and_gradients(tiny
         torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_the_whole_model_compiles_in_five_graphs_with_the_eager_loss(tiny, batches):
-    """--compile-scope model: the merge, the layers and the heads; one break is left, a data-dependent branch
-    in the package's merge."""
+def test_the_whole_model_compiles_with_the_eager_loss_breaking_where_sizes_depend_on_the_data(tiny, batches):
+    """--compile-scope model: the merge, the layers and the heads, with the package's data-dependent sizes left
+    to graph breaks (inductor fails on them otherwise: docs/memory-and-speed.md)."""
     whole = _compiled_step(tiny, batches[1], "model", "eager")
-    assert (whole["graphs"], whole["breaks"]) == (5, 1)
+    assert (whole["graphs"], whole["breaks"]) == (22, 16)
     torch.testing.assert_close(whole["compiled"][0], whole["eager"][0], rtol=0, atol=0)
