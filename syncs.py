@@ -86,8 +86,8 @@ class SyncCounter(TorchDispatchMode):
         super().__init__()
         self.on_host = torch.device(device).type == "cpu"
         self.syncs: list[Sync] = []
-        self.layers = {id(layer): index for index, layer in enumerate(model_utils.decoder_layers(model))} if model else {}
-        self.modules = list(model_utils.decoder_layers(model)) if model else []
+        self.modules = list(model_utils.decoder_layers(model)) if model is not None else []
+        self.layers = {id(layer): index for index, layer in enumerate(self.modules)}
         self.backward_layer: int | None = None
         self.handles: list = []
         self.anomaly = None
