@@ -128,7 +128,6 @@ def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tiny, batches, opti
     found_inf, so there the host reads the skip flag: one sync per step, and no other."""
     model, settings = _prepared(tiny, scope="full", grad_checkpoint=True, optimizer=optimizer)
     built = training.build_optimizer(model, settings, "cuda")
-    training.train_step(model, built, [batches[1], batches[0]], settings, World(), "cpu", 1e-3)  # optimizer state exists
     with syncs.SyncCounter(model) as counter:
         stats = training.train_step(model, built, [batches[1], batches[0]], settings, World(), "cpu", 1e-3)
     ours = [(sync.operator, sync.where) for sync in counter.ours()]
@@ -155,14 +154,14 @@ def test_8bit_adamw_skips_a_non_finite_step_leaving_its_state_alone(tiny, batche
 
 
 def test_8bit_adamw_losses_stay_close_to_fp32_adamw(tiny, batches):
-    """Ten steps on one batch (the 200-step figure is in docs/memory-and-speed.md: bench.py adamw8bit)."""
+    """Five steps on one batch (the 200-step figures are in docs/memory-and-speed.md: bench.py adamw8bit)."""
     losses = {}
     for optimizer in ("adamw", "adamw8bit"):
         model, settings = _prepared(tiny, scope="full", optimizer=optimizer)
         built = training.build_optimizer(model, settings, "cpu")
         losses[optimizer] = [training.train_step(model, built, [batches[1]], settings, World(), "cpu", settings.lr)
-                             .read(World()).losses["total"] for _ in range(10)]
-    assert losses["adamw8bit"][-1] < 0.75 * losses["adamw8bit"][0], ("it learns", losses)
+                             .read(World()).losses["total"] for _ in range(5)]
+    assert losses["adamw8bit"][-1] < losses["adamw8bit"][0] - 1.0, ("it learns", losses)
     assert max(abs(a - b) for a, b in zip(losses["adamw"], losses["adamw8bit"])) < 0.05 * losses["adamw"][0], losses
 
 
