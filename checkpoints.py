@@ -158,6 +158,11 @@ def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
 
 def load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     """Restore model, optimizer and this process's RNG state; returns the loop's state (the `LOOP_KEYS`)."""
+    with training.update_stance(optimizer, next(model.parameters()).device):
+        return _load_checkpoint(path, model, optimizer, world)
+
+
+def _load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     if path.is_dir():
         return load_sharded_checkpoint(path, model, optimizer, world)
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -106,12 +106,17 @@ class TrainConfig:
     device: str = setting("cuda" if CUDA else "cpu", "torch device", resume=True)
     precision: str = setting("bf16" if CUDA else "fp32", "bf16 (autocast on CUDA, fp32 master weights) or fp32",
                              choices=("bf16", "fp32"))
-    compile: bool = setting(False, "torch.compile the decoder layers", resume=True)
+    compile: bool = setting(False, "torch.compile the model (inductor, dynamic shapes; see --compile-scope)", resume=True)
+    compile_scope: str = setting("layers", "with --compile: layers (each decoder layer, one graph each) or model (the whole "
+                                           "forward: merge, layers and heads, in more graphs)", choices=("layers", "model"),
+                                 resume=True)
     grad_checkpoint: bool = setting(False, "recompute decoder layers in backward", resume=True)
     frozen_bf16: bool = setting(True, "with --precision bf16, hold frozen linear weights in bf16 (bit-identical under autocast; "
                                       "trained ones stay fp32)", resume=True)
     text_logits: str = setting("labelled", "labelled (text logits only where a text label is; generation unchanged) "
                                            "or all (the package's head)", choices=("labelled", "all"), resume=True)
+    debug_checks: bool = setting(False, "check every forward's labelled text positions against a second merge of the "
+                                        "package's (host syncs: for debugging)", resume=True)
     parallel: str = setting("ddp", "under torchrun: ddp (replicated model) or fsdp (FSDP2: parameters, gradients and "
                                    "optimizer state sharded)", choices=("ddp", "fsdp"))
     # optimisation
@@ -124,6 +129,8 @@ class TrainConfig:
                                  "(0 = use --max-steps)", limit=at_least(0))
     stop_after: int = setting(0, "stop with a checkpoint after this many steps of the schedule (0 = never)",
                               limit=at_least(0), resume=True)
+    optimizer: str = setting("adamw", "adamw (torch's, fp32 moments, fused on CUDA) or adamw8bit (torchao's AdamW8bit: "
+                                      "8-bit block-quantized moments, a quarter of the memory)", choices=("adamw", "adamw8bit"))
     lr: float = setting(3e-3, "peak learning rate", limit=positive())
     min_lr_ratio: float = setting(0.1, "cosine floor as a fraction of lr", limit=within(0, 1))
     warmup_steps: int = setting(5, "linear warmup steps", limit=at_least(0))

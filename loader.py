@@ -8,7 +8,7 @@
 * `micro_batches`: the epochs one after another, micro-batches dealt
   round-robin to the processes, with the position a resumed run continues from;
 * `BatchBuilder`: pairs to collated batches, through the one sample builder
-  and the one collator;
+  and the one collator, pinned for a CUDA run;
 * `Prefetcher`: a background thread that builds the next micro-batches while
   the step runs, in the same order.
 """
@@ -127,8 +127,10 @@ class BatchBuilder:
         ]
 
     def batch(self, pairs: list[manifest.Pair]) -> HiggsAudioBatchInput:
+        """The collated batch; for a CUDA run in pinned memory, so that the step copies it without waiting."""
         codebook_size = self.bundle.model.config.audio_codebook_size
-        return collate.collate(self.collator, self.samples(pairs), codebook_size, [pair.id for pair in pairs])
+        batch = collate.collate(self.collator, self.samples(pairs), codebook_size, [pair.id for pair in pairs])
+        return collate.pinned(batch) if self.config.device.startswith("cuda") else batch
 
 
 # --------------------------------------------------------------------------

@@ -258,15 +258,16 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
     logged training loss.
 
     The step's statistics stay on the device (`training.StepStats`) and are
-    read only on a step that logs, so other steps never wait for the device.
+    read only on a step that logs, so other steps never wait for the device;
+    under torchrun a stop signal is agreed on at those reads too (`StopRequested.agreed`).
     """
     config, plan = run.config, run.plan
     model.train()
     skipped = SkippedSteps(config.max_bad_steps)
     interval = Interval(batches)
     train_loss = math.nan
-    while (state.step < plan.last_step and not state.best.out_of_patience(config.patience)
-           and not parallel.any_process(run.stop.requested, plan.world, plan.device)):
+    stopping = run.stop.agreed(None, plan.world)
+    while state.step < plan.last_step and not state.best.out_of_patience(config.patience) and not stopping:
         interval.begin_step()
         micro = batches.take(config.grad_accum)
         lr = training.lr_at(state.step, config, plan.max_steps)
@@ -274,8 +275,9 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
         skipped.add(state.step, stats.skipped, [pair.id for m in micro for pair in m.pairs])
         state.step, state.position = state.step + 1, micro[-1].position
         logs = state.step % config.log_every == 0 or state.step == plan.last_step
-        values = stats.read(plan.world) if logs else None  # the only place the step waits for the device
+        values = stats.read(plan.world, run.stop.requested) if logs else None  # the only place the step waits for the device
         interval.end_step(stats)
+        stopping = run.stop.agreed(values, plan.world)
 
         if logs:
             skipped.check(run.writer)
@@ -406,6 +408,14 @@ class StopRequested:
     @property
     def requested(self) -> bool:
         return bool(self.signum)
+
+    def agreed(self, logged: training.StepValues | None, world: World) -> bool:
+        """Whether every process stops now, without a collective of its own: a single process reads its flag
+        at every step; under torchrun the processes' flags travel with a logged step's statistics (`logged`,
+        one all-reduce), so they stop together at the next step that logs (--log-every)."""
+        if not world.distributed:
+            return self.requested
+        return logged is not None and logged.stop
 
     def _request(self, signum, _frame):
         name = signal.Signals(signum).name

@@ -386,3 +386,29 @@ def test_an_export_whose_weights_changed_is_named_and_skipped(export, tmp_path, 
         model_utils.load_bundle(str(copy_of))
     assert model_utils.newest_export(str(tmp_path / "runs")) is None
     assert "model.safetensors: its bytes differ" in capsys.readouterr().err
+
+
+def test_8bit_adamw_state_survives_a_checkpoint_exactly(tmp_path, tiny, batches):
+    """--optimizer adamw8bit: torchao's 8-bit moments go through save_checkpoint and load_checkpoint (what
+    --resume runs) unchanged, so the next step gives bit-identical losses and weights."""
+    settings = config.TrainConfig(device="cpu", scope="full", optimizer="adamw8bit")
+
+    def fresh():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = training.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train()
+        return model, training.build_optimizer(model, settings, "cpu")
+
+    def steps(model, optimizer, count):
+        return [training.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", 1e-3).read(World()).losses["total"]
+                for _ in range(count)]
+
+    model, optimizer = fresh()
+    steps(model, optimizer, 1)
+    loop_state = {"step": 1, "position": {"epoch": 0, "index": 1}, "best_loss": float("inf"), "config": {}}
+    path = checkpoints.save_checkpoint(tmp_path, model, optimizer, loop_state, World(), keep_last=2)
+    resumed, resumed_optimizer = fresh()
+    assert checkpoints.load_checkpoint(path, resumed, resumed_optimizer, World())["step"] == 1
+    assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in resumed_optimizer.state.values())
+    assert steps(resumed, resumed_optimizer, 1) == steps(model, optimizer, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))

@@ -123,5 +123,9 @@ def test_resume_rules_come_from_the_declarations(tmp_path):
         config.check_resume(saved, config.TrainConfig(), checkpoint)
     with pytest.raises(ValueError, match=r"--scope 'full' \(now 'lora'\), --lr 0.003 \(now 0.1\)"):
         config.check_resume(saved, config.TrainConfig(max_steps=8, epochs=2.0, lr=0.1, scope="lora"), checkpoint)
+    with pytest.raises(ValueError, match=r"--optimizer 'adamw' \(now 'adamw8bit'\)"):
+        config.check_resume(saved, config.TrainConfig(max_steps=8, epochs=2.0, optimizer="adamw8bit"), checkpoint)
+    faster = config.TrainConfig(max_steps=8, epochs=2.0, compile=True, compile_scope="model", debug_checks=True)
+    config.check_resume(saved, faster, checkpoint)  # how the step computes may change
     older = {name: value for name, value in saved.items() if name != "prefetch"}  # a setting added since
     assert config.config_changes(older, config.TrainConfig(max_steps=8, epochs=2.0)) == {}

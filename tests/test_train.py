@@ -3,6 +3,7 @@ are one line, and the loop's derived values live beside the config, not in it.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -186,6 +187,19 @@ def test_a_second_signal_stops_at_once(capsys):
             signal.signal(signum, handler)
     assert stopped.value.signum == signal.SIGINT and "without a checkpoint" in stopped.value.message
     assert "SIGINT again to stop at once" in capsys.readouterr().err
+
+
+def test_processes_agree_to_stop_at_a_logged_step_without_a_collective_of_their_own(monkeypatch):
+    """A single process stops at the step after a signal; under torchrun the flags travel with a logged step's
+    statistics (one all-reduce that the read makes anyway), so a step that logs nothing runs no collective."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *args, **kwargs: pytest.fail("a collective"))
+    stop = object.__new__(train.StopRequested)  # the flag without installing signal handlers
+    stop.signum = signal.SIGTERM
+    one, two = train.World(), train.World(rank=0, size=2)
+    assert stop.agreed(None, one)
+    assert not stop.agreed(None, two), "not on a step that does not log"
+    logged = training.StepValues({}, 0.0, 0.0, 0.0, {}, 0.0, False, stop=True)
+    assert stop.agreed(logged, two) and not stop.agreed(dataclasses.replace(logged, stop=False), two)
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
