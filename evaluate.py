@@ -148,6 +148,7 @@ class Validation:
     pairs: list[manifest.Pair]
     builder: loader.BatchBuilder
     clones: CloneJudge | None
+    rows: list[dict]  # the kept validation rows, for the train/val overlap report
 
 
 def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, world: World, device: str,
@@ -162,7 +163,7 @@ def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, worl
         pairs = manifest.training_pairs(rows, config.seed, 0)[0]
         builder = loader.BatchBuilder(bundle, config, val_codes)
     clones = clone_judge(config, rows, pairs, world, device)
-    return Validation(pairs, builder, clones) if pairs else None
+    return Validation(pairs, builder, clones, rows) if pairs else None
 
 
 def clone_judge(config: TrainConfig, val_rows: list[dict], val_pairs: list[manifest.Pair], world: World,

@@ -68,6 +68,14 @@ def training_rows(config: TrainConfig, bundle: model_utils.Bundle, world: World,
     return rows, codes
 
 
+def report_overlap(rows: list[dict], val_rows: list[dict], config: TrainConfig, world: World) -> None:
+    """Print the speakers and clips the validation set shares with the training set; --strict-overlap refuses any."""
+    if config.val_manifest:
+        line = manifest.check_overlap(rows, val_rows, config.strict_overlap)
+        if world.main:
+            print(f"data: {line}")
+
+
 def validated_rows(path: str, codes: prepare.EncodedClips, world: World, report: Path) -> list[dict]:
     """The kept rows of the manifest at `path`, their clips encoded into `codes`; the counts are printed and the
     rejected rows, with row numbers and reasons, listed in `report`."""

@@ -318,3 +318,39 @@ def test_a_read_only_output_directory_is_one_error_line(clips, tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == [f"error: {read_only / 'cache'}: " + ("Read-only file system" if os.geteuid() == 0 else "Permission denied")]
+
+
+# --------------------------------------------------------------------------
+# Language tags and train/val overlap (issue 18)
+# --------------------------------------------------------------------------
+
+
+def test_language_takes_the_usual_spellings_and_rows_store_the_canonical_tag(clips, tmp_path, capsys):
+    folder, _ = clips
+    rows = [row("a", str(folder / "0.wav"), speaker="s", language="en"), row("b", str(folder / "1.wav"), speaker="s", language="en_us")]
+    path = write_manifest(tmp_path / "m.jsonl", rows)
+    for spelling in ("EN", "eng", "en"):  # before: EN and eng kept no row
+        assert prepare.main(["--manifest", str(path), "--out", str(tmp_path / "cache"), "--language", spelling]) == 0
+        kept = [json.loads(line) for line in (tmp_path / "cache" / "manifest.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["language"]) for r in kept] == [("a", "en"), ("b", "en-US")], spelling
+    capsys.readouterr()
+    assert prepare.main(["--manifest", str(path), "--out", str(tmp_path / "cache"), "--language", "english"]) == 2
+    assert capsys.readouterr().err.strip() == "error: 'english' is not a language tag (Expected a language code, got 'english')"
+
+
+def test_prepare_reports_train_val_overlap_and_strict_overlap_refuses_it(clips, tmp_path, capsys):
+    folder, _ = clips
+    train = write_manifest(tmp_path / "train.jsonl", [row("a", str(folder / "0.wav"), speaker="s"),
+                                                       row("b", str(folder / "1.wav"), speaker="s")])
+    val = write_manifest(tmp_path / "val.jsonl", [row("v0", str(folder / "copy-of-0.wav"), speaker="new"),
+                                                   row("v1", str(folder / "2.wav"), speaker="s")])
+    command = ["--manifest", str(train), "--out", str(tmp_path / "cache"), "--val-manifest", str(val)]
+    assert prepare.main(command) == 0
+    assert ("train/val overlap: 1 speaker(s) (s) and 1 validation row(s) whose clip is a training clip (v0)"
+            in capsys.readouterr().out)
+    (tmp_path / "cache" / "summary.json").unlink()
+    assert prepare.main(command + ["--strict-overlap"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: train/val overlap: 1 speaker(s)")
+    assert err[0].endswith("--strict-overlap refuses it: take them out of one of the sets")
+    assert not (tmp_path / "cache" / "summary.json").exists(), "a refused prepare leaves no finished cache"
