@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+import commands
 import files
 import manifest
 
@@ -419,16 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         language = manifest.canonical_language(args.language) if args.language else None
         result = run_import(args.format, args.source, args.out, Options(language, args.speaker, args.split, columns))
-    except (ValueError, files.WriteError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
-        return 2
-    for item in result.unusable[:5]:
-        print(f"  {item.where} ({item.id or 'no id'}): {item.reason}: {item.detail}")
-    if len(result.unusable) > 5:
-        print(f"  ... {len(result.unusable) - 5} more")
+    except commands.EXPECTED as error:
+        return commands.fail(error)
+    commands.list_first([f"{item.where} ({item.id or 'no id'}): {item.reason}: {item.detail}" for item in result.unusable])
     print(f"dropped by this format: {DROPPED[args.format]}\n"
           f"clips written to {result.clips.folder}: {result.clips.written} (and {result.clips.reused} already there)\n"
           f"report: {report_path(result.manifest)}\n"

@@ -2,6 +2,8 @@
 
 * `training_rows`: the kept rows and where their codes come from (a prepared
   cache, or the manifest validated and encoded now), counted as `prepare` counts;
+* `report_overlap`: the speakers and clips the validation set shares with them
+  (refused with --strict-overlap);
 * `epoch_batches`: each epoch's pairs (references drawn anew from (seed,
   epoch)) cut into micro-batches, of `--batch-size` samples or length-bucketed
   within `--batch-tokens`;

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import commands
 import data
 import files
 import manifest
@@ -519,12 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     world, device = parallel.start_processes(args.device)
     try:
         result = _run(args, world, device)
-    except (ValueError, RuntimeError, CacheLocked, files.WriteError) as error:  # WriteError: a file the disk refused
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a missing manifest, a read-only or full disk: the path and the reason
-        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
-        return 2
+    except commands.EXPECTED as error:
+        return commands.fail(error)
     finally:
         parallel.stop_processes(world)
     if result is not None:
@@ -544,10 +541,7 @@ def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult |
 
 def _print_result(result: PrepareResult, out: str) -> None:
     validation = result.validation
-    for rejection in validation.rejections[:5]:
-        print(f"  row {rejection.row} ({rejection.id or 'no id'}): {rejection.reason}: {rejection.detail}")
-    if len(validation.rejections) > 5:
-        print(f"  ... {len(validation.rejections) - 5} more")
+    commands.list_first([f"row {r.row} ({r.id or 'no id'}): {r.reason}: {r.detail}" for r in validation.rejections])
     if result.overlap:
         print(result.overlap)
     print(f"report: {Path(out) / 'report.jsonl'}\n"

@@ -36,6 +36,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+import commands
 import data
 import files
 import importers
@@ -287,16 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         language = manifest.canonical_language(args.language) if args.language else None
         settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from)
         result = segment(args.inputs, args.out, settings, progress=True)
-    except (ValueError, files.WriteError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
-        return 2
-    for rejection in result.rejections[:5]:
-        print(f"  {rejection.recording} {rejection.start}-{rejection.end} s: {rejection.reason}: {rejection.detail}")
-    if len(result.rejections) > 5:
-        print(f"  ... {len(result.rejections) - 5} more")
+    except commands.EXPECTED as error:
+        return commands.fail(error)
+    commands.list_first([f"{r.recording} {r.start}-{r.end} s: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
     print(f"recordings: {result.redone} segmented, {result.reused} already done\n"
           f"report: {out / 'report.jsonl'}\n{result.summary()}\n"
