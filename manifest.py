@@ -14,6 +14,7 @@ built by `data.build_sample`, the one builder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -141,6 +142,7 @@ class ValidationResult:
         files.write_text(Path(path), "".join(lines))
 
 
+@functools.lru_cache(maxsize=4096)  # a corpus has few distinct tags; langcodes takes ~40 us a call
 def canonical_language(tag: str) -> str:
     """The one spelling of a language tag that rows and filters store: BCP 47 as `langcodes` standardises it
     (`EN` -> `en`, `en_us` -> `en-US`, `eng` -> `en`); a ValueError for what is no known language."""

@@ -9,7 +9,7 @@
   pocketsphinx; each cut's distance to its true pause (0 inside it) and to the pause's middle, and each clip's WER;
 * prepare: `--clips` distinct clips (the demo clips, each copy with a little noise so its content differs),
   prepared by `python prepare.py` and by `torchrun --nproc-per-node 2 prepare.py`, each run again on its finished
-  cache to measure what is not encoding (start-up, validation, writing); and the encode rate of one process with
+  cache to measure what is not encoding (start-up, validation, writing), in wall and CPU seconds; and the encode rate of one process with
   the tiny tokenizer and with a HuBERT-base semantic teacher (the released tokenizer's teacher size), from
   which the hours for 10,000 hours of audio on 8 processes are projected;
 * flows: each kind of source (five rows, or the joined recording) to a training run in three commands (import
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 import librosa
 import numpy as np
 import soundfile as sf
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -179,16 +181,19 @@ def write_clips(folder: Path, count: int) -> tuple[Path, float]:
     return folder / "m.jsonl", seconds
 
 
-def timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+def timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, of the command and every process it waited for) of a command."""
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def encode_rate(audio_tokenizer, seconds: float = 6.0) -> float:
-    """Seconds of audio one process encodes per second (the best of three encodes of a `seconds`-long clip)."""
+    """Seconds of audio one process encodes per CPU second (the best of three encodes of a `seconds`-long clip):
+    its rate on a core of its own, whatever else the machine runs."""
     samples = data.load_audio(VOICE_PROMPTS / "en_woman.wav", audio_tokenizer.sampling_rate)
     clip = np.resize(samples, round(seconds * audio_tokenizer.sampling_rate))
     best = min(_time(lambda: data.encode_clip(audio_tokenizer, clip)) for _ in range(3))
@@ -196,9 +201,9 @@ def encode_rate(audio_tokenizer, seconds: float = 6.0) -> float:
 
 
 def _time(function) -> float:
-    started = time.perf_counter()
+    started = time.process_time()
     function()
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def hubert_base_tokenizer():
@@ -212,34 +217,36 @@ def hubert_base_tokenizer():
     return tokenizer.eval()
 
 
-def bench_prepare(count: int, repeats: int = 2) -> None:
+def bench_prepare(count: int) -> None:
+    """1 and 2 processes, each run twice on one cache: the second run encodes nothing, so the difference is the
+    encoding. The cores are shared with other jobs, so CPU seconds (which contention does not inflate) measure
+    the work, and wall seconds what this machine gave. torchrun gives each process one OpenMP thread; the single
+    process gets the same, so that the two compare processes, not threads."""
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as folder:
         manifest_path, audio_seconds = write_clips(Path(folder), count)
-        print(f"prepare: {count} clips, {audio_seconds:.1f} s of audio, tiny preset's audio tokenizer, CPU")
-        # The cores are shared: 1 and 2 processes take turns, `repeats` times, and the fastest of each counts.
-        runs: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
-        for repeat in range(repeats):
-            for processes in (1, 2):
-                launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                                    "--standalone", "--nproc-per-node", str(processes)]
-                command = launcher + ["prepare.py", "--manifest", str(manifest_path), "--out",
-                                      f"{folder}/cache{processes}-{repeat}", "--device", "cpu", "--batch-size", "8"]
-                runs[processes].append((timed(command), timed(command)))
-        rates = {}
-        for processes, timings in runs.items():
-            first, again = min(timings)
-            encoding = first - again
-            rates[processes] = count / encoding
-            print(f"  {processes} process(es): {first:.1f} s in all, {again:.1f} s of it start-up, validation and writing "
-                  f"(a run on the finished cache); encoding {count / encoding:.2f} clips/s, "
-                  f"{audio_seconds / encoding:.2f} s of audio per s; {count / first:.2f} clips/s end to end "
-                  f"(fastest of {' / '.join(f'{t:.0f} s' for t, _ in timings)})")
+        print(f"prepare: {count} clips, {audio_seconds:.1f} s of audio, tiny preset's audio tokenizer, CPU, one thread a process")
+        cpu_per_clip = {}
+        for processes in (1, 2):
+            launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                                "--standalone", "--nproc-per-node", str(processes)]
+            command = launcher + ["prepare.py", "--manifest", str(manifest_path), "--out", f"{folder}/cache{processes}",
+                                  "--device", "cpu", "--batch-size", "4"]
+            (wall, cpu), (wall_again, cpu_again) = timed(command, one_thread), timed(command, one_thread)
+            cpu_per_clip[processes] = (cpu - cpu_again) / count
+            print(f"  {processes} process(es): wall {wall:.1f} s ({wall_again:.1f} s of it start-up, validation and "
+                  f"writing: a run on the finished cache), {count / (wall - wall_again):.2f} clips/s encoding, "
+                  f"{count / wall:.2f} clips/s end to end; CPU {cpu:.1f} s ({cpu_again:.1f} s), "
+                  f"{cpu_per_clip[processes]:.2f} CPU-s per clip encoded: {1 / cpu_per_clip[processes]:.2f} clips/s "
+                  f"per process on a core of its own")
         print(f"  load average (1, 5, 15 min) at the end: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
-    efficiency = rates[2] / (2 * rates[1])
+    efficiency = cpu_per_clip[1] / cpu_per_clip[2]
+    torch.set_num_threads(1)  # one thread per process, as under torchrun
     tiny, base = encode_rate(model_utils.build_tiny_audio_tokenizer()), encode_rate(hubert_base_tokenizer())
-    print(f"  2 processes: {rates[2] / rates[1]:.2f}x one process ({100 * efficiency:.0f}% of linear) on {os.cpu_count()} cores")
-    print(f"  one process encodes {tiny:.2f} s of audio per s (tiny teacher), {base:.2f} (HuBERT-base teacher)")
-    hours = 10_000 * 3600 / (8 * base * min(1.0, efficiency)) / 3600
+    print(f"  2 processes spend {100 / efficiency:.0f}% of one process's CPU per clip: {100 * min(1.0, efficiency):.0f}% "
+          "scaling efficiency with a core per process")
+    print(f"  one process, one thread, encodes {tiny:.2f} s of audio per CPU-s (tiny teacher), {base:.2f} (HuBERT-base teacher)")
+    hours = 10_000 / (8 * base * min(1.0, efficiency))
     print(f"  projection: 10,000 h of audio on 8 processes at {base:.2f} s/s each and {100 * min(1.0, efficiency):.0f}% "
           f"scaling: {hours:,.0f} h (a CPU core's rate per process; a GPU's rate was not measured here)")
 
@@ -261,7 +268,7 @@ def bench_flows() -> None:
             train = [sys.executable, "train.py", "--cache", f"{folder}/cache/{kind}", "--val-manifest", "", "--max-steps", "5",
                      "--eval-every", "0", "--save-every", "5", "--device", "cpu", "--precision", "fp32",
                      "--out-dir", f"{folder}/runs", "--run-name", kind]
-            seconds = [timed(step) for step in (command, prepare, train)]
+            seconds = [timed(step)[0] for step in (command, prepare, train)]
             kept = json.loads(Path(f"{folder}/cache/{kind}/summary.json").read_text())["kept"]
             print(f"  {kind:<9} {kept} rows kept: {seconds[0]:5.1f} s, {seconds[1]:5.1f} s, {seconds[2]:5.1f} s")
 

@@ -153,3 +153,20 @@ def test_each_filter_names_its_reason(case, expected):
     }[case]
     problem = segment.clip_problem(samples, rate, text, segment.Settings(1.0, 10.0))
     assert (problem[0] if problem else None) == expected, problem
+
+
+def test_a_whisper_directory_transcribes_what_pocketsphinx_cannot(tmp_path, capsys):
+    from test_metrics import _tiny_whisper_directory
+
+    (tmp_path / "whisper").mkdir()
+    _tiny_whisper_directory(tmp_path / "whisper")
+    (tmp_path / "rec" / "zaid").mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "vex.wav", tmp_path / "rec" / "zaid" / "one.wav")
+    assert segment.main([str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--language", "ar"]) == 2
+    assert "pocketsphinx-en-us does not transcribe language 'ar'" in capsys.readouterr().err
+    result = segment.segment([str(tmp_path / "rec")], tmp_path / "out-whisper",
+                             segment.Settings(1.0, 10.0, "ar", asr=str(tmp_path / "whisper")))
+    # A random Whisper says random things: each clip is kept with its words or rejected under a filter's reason.
+    assert len(result.rows) + len(result.rejections) >= 1
+    assert {r.reason for r in result.rejections} <= {"empty_transcript", "implausible_rate"}
+    assert all(row["language"] == "ar" and row["speaker"] == "zaid" for row in result.rows)
