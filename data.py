@@ -9,7 +9,9 @@ voice-cloning example (`examples/generation.py: prepare_generation_context` in
 boson-ai/higgs-audio), and the text normalisation that example applies before
 generation is applied here, so training text is normalised as inference text.
 
-It also loads audio: any WAV/FLAC (8 to 48 kHz, 16/24/32-bit int or float,
+It holds the one table of limits (`LIMITS`: sample rates, reference and clip
+lengths, text length) that manifest validation, the segmenter and infer.py
+read. It also loads audio: any WAV/FLAC (8 to 48 kHz, 16/24/32-bit int or float,
 mono or multi-channel) to mono float32 at the audio tokenizer's rate
 (`load_clip` first refuses a WAV cut short and more than MAX_CHANNELS
 channels), and encodes a clip into audio codes (`encode_clip`). A manifest's
