@@ -81,6 +81,8 @@ class TrainConfig:
     verify_cache: bool = setting(True, "check every shard of --cache against its checksum at start (--no-verify-cache skips it)",
                                  resume=True)
     val_manifest: str = setting(str(DEMO_MANIFEST), "JSONL manifest for validation loss and generated samples ('' = none)")
+    strict_overlap: bool = setting(False, "refuse to train when the validation set shares a speaker id or a clip (same file "
+                                          "content) with the training set; without it the overlap is reported", resume=True)
     ref_in_system: bool = setting(False, "put the reference in the system message instead of an assistant turn")
     prefetch: int = setting(2, "micro-batches built and collated ahead of the step by a background thread (0 = off)",
                             limit=at_least(0), resume=True)

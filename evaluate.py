@@ -145,8 +145,8 @@ class CloneJudge:
 
 @dataclass
 class Validation:
-    """The validation rows and their pairs, the pairs' batch builder and, on process 0 where clips are
-    generated, their judge."""
+    """The validation rows (for the data fingerprint and the train/val overlap report) and their pairs, the
+    pairs' batch builder and, on process 0 where clips are generated, their judge."""
 
     rows: list[dict]
     pairs: list[manifest.Pair]

@@ -2,6 +2,8 @@
 
 * `training_rows`: the kept rows and where their codes come from (a prepared
   cache, or the manifest validated and encoded now), counted as `prepare` counts;
+* `report_overlap`: the speakers and clips the validation set shares with them
+  (refused with --strict-overlap);
 * `epoch_batches`: each epoch's pairs (references drawn anew from (seed,
   epoch)) cut into micro-batches, of `--batch-size` samples or length-bucketed
   within `--batch-tokens`;
@@ -68,6 +70,14 @@ def training_rows(config: TrainConfig, bundle: model_utils.Bundle, world: World,
             say("data: the cache's text token counts are of another text tokenizer or normalisation: counting again")
         manifest.add_text_token_counts(rows, bundle.tokenizer)
     return rows, codes
+
+
+def report_overlap(rows: list[dict], val_rows: list[dict], config: TrainConfig, world: World) -> None:
+    """Print the speakers and clips the validation set shares with the training set; --strict-overlap refuses any."""
+    if config.val_manifest:
+        line = manifest.check_overlap(rows, val_rows, config.strict_overlap)
+        if world.main:
+            print(f"data: {line}")
 
 
 def validated_rows(path: str, codes: prepare.EncodedClips, world: World, report: Path) -> list[dict]:

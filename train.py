@@ -178,6 +178,7 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
         raise ValueError(f"{config.cache or config.train_manifest}: no usable row to train on (counts above)")
     builder = loader.BatchBuilder(bundle, config, codes)
     validation = evaluate.load_validation(config, bundle, codes, world, device, run_dir)
+    loader.report_overlap(rows, validation.rows if validation else [], config, world)
 
     # the model as trained, the schedule, the first batch
     model = training.prepare_model(bundle.model, config, world, device)

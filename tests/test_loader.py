@@ -100,3 +100,23 @@ def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manif
         for pairs in batches:
             outputs = tiny.model(**collate.batch_to_model_inputs(maker.batch(pairs), "cpu"))
             assert outputs.attention_mask.numel() <= 500
+
+
+# --------------------------------------------------------------------------
+# Train/val overlap (issue 18 #9)
+# --------------------------------------------------------------------------
+
+
+def test_training_reports_train_val_overlap_and_strict_overlap_refuses_it(tmp_path):
+    from conftest import error_lines, run_main
+
+    both = demo_manifest(tmp_path, count=2)
+    flags = ["--train-manifest", str(both), "--val-manifest", str(both), "--out-dir", str(tmp_path / "runs"),
+             "--device", "cpu", "--precision", "fp32", "--eval-every", "0"]
+    status, out, _ = run_main(*flags, "--inspect")
+    assert status == 0
+    assert ("data: train/val overlap: 1 speaker(s) (en_male) and 2 validation row(s) whose clip is a training clip "
+            "(en_male_0, en_male_1): validation scores are inflated") in out
+    status, _, err = run_main(*flags, "--strict-overlap", "--run-name", "strict")
+    assert status == 2 and len(error_lines(err)) == 1
+    assert "--strict-overlap refuses it" in error_lines(err)[0]
