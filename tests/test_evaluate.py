@@ -171,11 +171,20 @@ def test_export_from_writes_a_checkpoints_export_beside_the_runs(patient_run, ca
 
 def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated(judge):
     pairs = [manifest.Pair("ar_male_1", "ref.wav", "ref", "target.wav", "text")]
-    with pytest.raises(ValueError, match="FSDP"):
-        evaluate.clone_judge(config.TrainConfig(best_by="sim", parallel="fsdp"), [], pairs, World(0, 2, 0), "cpu")
+
+    def one_set(rows, name=None):
+        return [evaluate.Validation(name, rows, pairs, None)]
+
+    with pytest.raises(ValueError, match="--best-by sim needs generated validation clips, which FSDP does not make"):
+        evaluate.attach_judges(one_set([]), config.TrainConfig(best_by="sim", parallel="fsdp"), World(0, 2, 0), "cpu")
+    with pytest.raises(ValueError, match="--guard wer@ar<=0.5 needs generated validation clips"):
+        evaluate.attach_judges(one_set([], "ar"), config.TrainConfig(val_manifest="ar=ar.jsonl", guard=("wer@ar<=0.5",),
+                                                                     parallel="fsdp"), World(0, 2, 0), "cpu")
     with pytest.raises(ValueError, match="no ASR"):
-        evaluate.clone_judge(config.TrainConfig(best_by="wer"), [{"id": "ar_male_1", "language": "ar"}], pairs, World(), "cpu")
-    clones = evaluate.clone_judge(config.TrainConfig(best_by="wer", eval_language="en"), [{"id": "ar_male_1"}], pairs, World(), "cpu")
+        evaluate.attach_judges(one_set([{"id": "ar_male_1", "language": "ar"}]), config.TrainConfig(best_by="wer"), World(), "cpu")
+    validations = one_set([{"id": "ar_male_1"}])
+    evaluate.attach_judges(validations, config.TrainConfig(best_by="wer", eval_language="en"), World(), "cpu")
+    clones = validations[0].clones
     assert clones.judge.intelligibility_available(clones.languages["ar_male_1"])
 
 
