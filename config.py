@@ -10,6 +10,12 @@ new setting is one line here. A parsed config is frozen: what a run derives
 when it starts (the device each process binds, the schedule's length from
 `--epochs`, the world size) lives in `train.RunPlan`, never in the config, so
 the config saved in a checkpoint is exactly what the user asked for.
+
+A setting whose default is a tuple is repeatable (`--train-manifest`,
+`--cache`, `--val-manifest`, `--guard`). The spellings these flags take are
+read here too, so a misspelt one is a one-line error at parse time: a data
+set `PATH`, `NAME=PATH` or `NAME:WEIGHT=PATH` (`parse_set`), `--best-by
+METRIC@SET` (`selection`) and `--guard METRIC@SET<=+X` (`parse_guard`).
 """
 
 from __future__ import annotations

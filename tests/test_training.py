@@ -144,15 +144,16 @@ def _loss_and_kl(model, batch) -> tuple[float, float]:
 
 
 def test_the_forgetting_guard_keeps_a_held_back_set_nearer_the_base(tiny, arabic_and_english):
-    """LoRA adapts to the Arabic pairs for 6 steps at a high learning rate, with and without --kl-weight 100:
-    the KL to the base on the held-back English pairs ends lower with the guard (seen: about a third lower;
-    benchmarks/forgetting_benchmark.py measures it over longer runs, with the Arabic loss it costs)."""
+    """LoRA adapts to the Arabic pairs for 4 steps at a high learning rate, with and without --kl-weight 100:
+    the KL to the base on the held-back English pairs ends lower with the guard (seen: 0.0272 without, 0.0150
+    with, for an Arabic loss of 12.29 without and 12.66 with; benchmarks/forgetting_benchmark.py measures
+    longer runs)."""
     arabic, english = arabic_and_english
     held_back, logged = {}, {}
     for weight in (0.0, 100.0):
         model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0, kl_weight=weight)
         optimizer = training.build_optimizer(model, settings, "cpu")
-        for _ in range(6):
+        for _ in range(4):
             stats = training.train_step(model, optimizer, [arabic], settings, World(), "cpu", settings.lr)
         logged[weight] = stats.read(World()).kl
         held_back[weight] = _loss_and_kl(model, english)[1]

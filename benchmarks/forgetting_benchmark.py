@@ -1,0 +1,177 @@
+"""The forgetting guard's effect and cost, and a mixture's draw shares.
+
+    python benchmarks/forgetting_benchmark.py [--steps 30] [--weights 0 1 10 100] [--time-steps 4]
+                                              [--plan-tokens 4096] [--draws 10000]
+
+Effect: the tiny preset adapted with LoRA (rank 4, lr 0.05, no warm-up) to
+the demo's Arabic speakers (6 clips, 6 pairs, 3 per micro-batch) for
+--steps steps, once per --kl-weight, with English (6 clips, 6 pairs) held
+back. At the end it prints, on each language, the loss and KL(base ||
+adapted) of the audio-token distributions (`training.forgetting_kl`, the
+term the guard adds), evaluated without dropout.
+
+Cost: the step time of `training.train_step` with and without the guard's
+base pass on this CPU (the tiny preset on the demo's Arabic micro-batch, and
+the 164M-parameter mid-size model of `bench.mid_config` at 2048 tokens;
+LoRA, fp32; the median of --time-steps steps after one untimed), and the
+planned peak memory of a step of the released layout (LoRA, bf16, fused
+AdamW, --plan-tokens tokens, with and without activation checkpointing;
+`bench.plan_step`, fake tensors, no GPU).
+
+Shares: --draws draws of `loader.next_set` for a three-set mixture, each
+set's share against its weight, and the largest gap between a set's count
+and weight x draws over every prefix.
+
+Prints what it measured, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import bench  # noqa: E402
+import collate  # noqa: E402
+import loader  # noqa: E402
+import manifest  # noqa: E402
+import model_utils  # noqa: E402
+import prepare  # noqa: E402
+import training  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from parallel import World  # noqa: E402
+
+DEMO = ROOT / "demo" / "data"
+
+
+def language_batches(bundle: model_utils.Bundle, folder: Path) -> dict[str, list]:
+    """The demo's pairs of each language in micro-batches of 3."""
+    rows = [json.loads(line) for line in (DEMO / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    codes = prepare.EncodedClips(bundle.audio_tokenizer)
+    builder = loader.BatchBuilder(bundle, TrainConfig(device="cpu"), codes)
+    batches = {}
+    for language in ("ar", "en"):
+        path = folder / f"{language}.jsonl"
+        path.write_text("".join(json.dumps(dict(row, audio=str(DEMO / row["audio"])), ensure_ascii=False) + "\n"
+                                for row in rows if row["language"] == language), encoding="utf-8")
+        pairs = manifest.training_pairs(manifest.validate_manifest(path, codes).kept, 0, 0)[0]
+        batches[language] = [builder.batch(pairs[start : start + 3]) for start in range(0, len(pairs), 3)]
+    return batches
+
+
+def loss_and_kl(model, batches: list) -> tuple[float, float]:
+    """Mean loss and KL(base || adapted) over `batches`, in eval mode."""
+    model.eval()
+    losses, divergences = [], []
+    with torch.no_grad():
+        for batch in batches:
+            inputs = collate.batch_to_model_inputs(batch, "cpu")
+            outputs = model(**inputs)
+            losses.append(float(model_utils.compute_loss(outputs, batch.label_audio_ids).total))
+            divergences.append(float(training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)))
+    model.train()
+    return statistics.mean(losses), statistics.mean(divergences)
+
+
+def lora_model(base: torch.nn.Module, settings: TrainConfig) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return training.prepare_model(copy.deepcopy(base), settings, World(), "cpu").train()
+
+
+def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[float], steps: int) -> None:
+    print(f"\n== effect: LoRA on Arabic for {steps} steps, English held back (tiny preset) ==")
+    print(f"{'kl_weight':>9}  {'ar loss':>8}  {'ar KL':>8}  {'en loss':>8}  {'en KL':>8}  {'s/step':>7}")
+    untrained = lora_model(bundle.model, TrainConfig(device="cpu", scope="lora", lora_rank=4))
+    (ar_loss, ar_kl), (en_loss, en_kl) = loss_and_kl(untrained, batches["ar"]), loss_and_kl(untrained, batches["en"])
+    print(f"{'(start)':>9}  {ar_loss:8.4f}  {ar_kl:8.5f}  {en_loss:8.4f}  {en_kl:8.5f}")
+    for weight in weights:
+        settings = TrainConfig(device="cpu", precision="fp32", scope="lora", lora_rank=4, lr=0.05, warmup_steps=0,
+                               kl_weight=weight, max_steps=steps)
+        model = lora_model(bundle.model, settings)
+        optimizer = training.build_optimizer(model, settings, "cpu")
+        started = time.perf_counter()
+        for step in range(steps):
+            lr = training.lr_at(step, settings, steps)
+            training.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), "cpu", lr)
+        seconds = (time.perf_counter() - started) / steps
+        (ar_loss, ar_kl), (en_loss, en_kl) = loss_and_kl(model, batches["ar"]), loss_and_kl(model, batches["en"])
+        print(f"{weight:9g}  {ar_loss:8.4f}  {ar_kl:8.5f}  {en_loss:8.4f}  {en_kl:8.5f}  {seconds:7.3f}")
+
+
+def step_seconds(model: torch.nn.Module, batch, settings: TrainConfig, count: int) -> float:
+    """Median seconds of `count` training steps on `batch`, after one untimed."""
+    times, _ = bench.our_loop(model, [[batch]] * (count + 1), settings, "cpu", warmup=1)
+    return statistics.median(times)
+
+
+def step_time(bundle: model_utils.Bundle, batches: dict[str, list], count: int) -> None:
+    print(f"\n== cost: step time on this CPU (LoRA, fp32; median of {count} steps) ==")
+    cases = [("tiny preset, 3 Arabic pairs", bundle.model, batches["ar"][0], 0),
+             ("mid 164M, 2048 tokens", None, None, 2048)]
+    for name, base, batch, tokens in cases:
+        row = {}
+        for weight in (0.0, 1.0):
+            settings = bench.bench_config(scope="lora", precision="fp32", kl_weight=weight, warmup_steps=0)
+            if base is None:
+                config = bench.mid_config()
+                batch = bench.synthetic_batch(config, tokens)[0]
+                model = bench.build_training_model(config, settings)
+            else:
+                model = lora_model(base, settings)
+            row[weight] = step_seconds(model, batch, settings, count)
+        print(f"{name}: {row[0.0]:.3f} s without the guard, {row[1.0]:.3f} s with it (x{row[1.0] / row[0.0]:.2f})")
+
+
+def planned_memory(tokens: int) -> None:
+    print(f"\n== cost: planned peak memory, released layout, LoRA, bf16, {tokens} tokens (GiB) ==")
+    for checkpointing in (False, True):
+        plain = bench.bench_config(scope="lora", grad_checkpoint=checkpointing)
+        peaks = {weight: bench.plan_step(bench.released_config(), replace(plain, kl_weight=weight), tokens).peak_gib
+                 for weight in (0.0, 1.0)}
+        print(f"grad_checkpoint {'on ' if checkpointing else 'off'}: {peaks[0.0]:.2f} without the guard, {peaks[1.0]:.2f} "
+              f"with it (+{peaks[1.0] - peaks[0.0]:.2f}, +{100 * (peaks[1.0] / peaks[0.0] - 1):.1f}%)")
+
+
+def draw_shares(draws: int) -> None:
+    weights = {"vi": 0.7, "en": 0.2, "zh": 0.1}
+    print(f"\n== draw shares: {draws} draws, weights {weights} ==")
+    drawn, worst = [0] * len(weights), 0.0
+    for count in range(1, draws + 1):
+        drawn[loader.next_set(list(weights.values()), drawn)] += 1
+        worst = max(worst, max(abs(n - count * weight) for n, weight in zip(drawn, weights.values())))
+    print(", ".join(f"{name} {n / draws:.4f}" for name, n in zip(weights, drawn))
+          + f"; largest |count - weight x draws| over every prefix: {worst:.3f} micro-batches")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="adaptation steps per --kl-weight [30]")
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 10.0, 100.0], help="[0 1 10 100]")
+    parser.add_argument("--time-steps", type=int, default=4, help="timed steps per case [4]")
+    parser.add_argument("--plan-tokens", type=int, default=4096, help="micro-batch of the memory plan [4096]")
+    parser.add_argument("--draws", type=int, default=10000, help="[10000]")
+    args = parser.parse_args(argv)
+    draw_shares(args.draws)
+    bundle = model_utils.load_bundle(model_utils.TINY_PRESET)
+    with tempfile.TemporaryDirectory() as folder:
+        batches = language_batches(bundle, Path(folder))
+    effect(bundle, batches, args.weights, args.steps)
+    step_time(bundle, batches, args.time_steps)
+    planned_memory(args.plan_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
