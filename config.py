@@ -383,7 +383,8 @@ def _same_set(old: str, new: str) -> bool:
     if bool(first) != bool(second):
         return False
     if first:
-        return first["name"] == second["name"] and first["weight"] == second["weight"] and _same_file(first["path"], second["path"])
+        weights = [None if match["weight"] is None else float(match["weight"]) for match in (first, second)]
+        return first["name"] == second["name"] and weights[0] == weights[1] and _same_file(first["path"], second["path"])
     return _same_file(old, new)
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -192,9 +192,6 @@ class DataPosition:
             return cls({ONE_TRAINING_SET: SetPosition(saved["epoch"], saved["index"])})
         return cls({name: SetPosition(**values) for name, values in saved["sets"].items()})
 
-    def saved(self) -> dict:
-        return asdict(self)
-
 
 def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int, builder: BatchBuilder) -> list[list[manifest.Pair]]:
     """All micro-batches of an epoch: `batch_size` pairs each, or length-bucketed within `batch_tokens`."""
@@ -208,11 +205,20 @@ def epoch_batches(rows: list[dict], config: TrainConfig, epoch: int, builder: Ba
 
 
 def next_set(weights: list[float], drawn: list[int]) -> int:
-    """The set furthest behind its share after one more draw (the first of equals): a deterministic draw by
-    weight, whose counts stay within one micro-batch of weight x draws, so shares hold over any stretch and
-    a resumed run draws as the uninterrupted one."""
-    total = sum(drawn) + 1
-    return max(range(len(weights)), key=lambda index: weights[index] * total - drawn[index])
+    """The set the next micro-batch of a mixture is drawn from, by weight and deterministically.
+
+    Tijdeman's rule for the chairman assignment problem: among the sets at
+    least 1/(2k - 2) micro-batches behind their share (k sets), the one whose
+    next turn falls due first. It keeps every set's count within
+    1 - 1/(2k - 2) of weight x draws after any number of draws, so the shares
+    hold over every stretch and a resumed run draws as the uninterrupted one.
+    """
+    if len(weights) == 1:
+        return 0
+    margin = 1 / (2 * len(weights) - 2)
+    due = sum(drawn) + 1
+    behind = [index for index, (weight, count) in enumerate(zip(weights, drawn)) if weight * due - count >= margin - 1e-9]
+    return min(behind, key=lambda index: ((drawn[index] + 1 - margin) / weights[index], index))
 
 
 class Drawn(NamedTuple):

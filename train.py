@@ -179,6 +179,8 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
     sets = loader.training_sets(config, bundle, world, run_dir)
     builder = sets[0].builder
     validations = evaluate.load_validation(config, bundle, builder.codes, world, device, run_dir)
+    if len(validations) > 1 and "@" not in config.best_by:
+        say(f"--best-by {config.best_by} is the first validation set's, {validations[0].name} (METRIC@SET names another)")
 
     # the model as trained, the schedule, the first batch
     model = training.prepare_model(bundle.model, config, world, device)
@@ -465,7 +467,7 @@ class StopRequested:
 
 def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> Path:
     config, plan = run.config, run.plan
-    if state.step < plan.max_steps:
+    if state.step < plan.max_steps or run.guards.stop:  # a breach at the last step exports the best, not the last
         path = run.save(model, optimizer, state)
         if state.best.out_of_patience(config.patience):
             run.say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): "

@@ -20,7 +20,8 @@ AdamW, --plan-tokens tokens, with and without activation checkpointing;
 
 Shares: --draws draws of `loader.next_set` for a three-set mixture, each
 set's share against its weight, and the largest gap between a set's count
-and weight x draws over every prefix.
+and weight x draws over every prefix; the same gap over 200 random
+mixtures of 2-6 sets.
 
 Prints what it measured, asserts nothing.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -144,15 +146,25 @@ def planned_memory(tokens: int) -> None:
               f"with it (+{peaks[1.0] - peaks[0.0]:.2f}, +{100 * (peaks[1.0] / peaks[0.0] - 1):.1f}%)")
 
 
+def draw(weights: list[float], draws: int) -> tuple[list[int], float]:
+    """Counts of `draws` draws, and the largest |count - weight x draws| of any set over every prefix."""
+    drawn, worst = [0] * len(weights), 0.0
+    for count in range(1, draws + 1):
+        drawn[loader.next_set(weights, drawn)] += 1
+        worst = max(worst, max(abs(n - count * weight) for n, weight in zip(drawn, weights)))
+    return drawn, worst
+
+
 def draw_shares(draws: int) -> None:
     weights = {"vi": 0.7, "en": 0.2, "zh": 0.1}
     print(f"\n== draw shares: {draws} draws, weights {weights} ==")
-    drawn, worst = [0] * len(weights), 0.0
-    for count in range(1, draws + 1):
-        drawn[loader.next_set(list(weights.values()), drawn)] += 1
-        worst = max(worst, max(abs(n - count * weight) for n, weight in zip(drawn, weights.values())))
+    drawn, worst = draw(list(weights.values()), draws)
     print(", ".join(f"{name} {n / draws:.4f}" for name, n in zip(weights, drawn))
           + f"; largest |count - weight x draws| over every prefix: {worst:.3f} micro-batches")
+    generator = random.Random(0)
+    mixtures = [[generator.random() + 0.01 for _ in range(generator.randint(2, 6))] for _ in range(200)]
+    worst = max(draw([weight / sum(mixture) for weight in mixture], 2000)[1] for mixture in mixtures)
+    print(f"200 random mixtures of 2-6 sets, 2000 draws each: largest gap over every prefix {worst:.3f} micro-batches")
 
 
 def main(argv: list[str] | None = None) -> int:
