@@ -1,7 +1,7 @@
 """The forgetting guard's effect and cost, and a mixture's draw shares.
 
-    python benchmarks/forgetting_benchmark.py [--steps 30] [--weights 0 1 10 100] [--time-steps 4]
-                                              [--plan-tokens 4096] [--draws 10000]
+    python benchmarks/forgetting_benchmark.py [--parts shares effect time memory] [--steps 30]
+                                              [--weights 0 1 10 100] [--time-steps 8] [--plan-tokens 4096] [--draws 10000]
 
 Effect: the tiny preset adapted with LoRA (rank 4, lr 0.05, no warm-up) to
 the demo's Arabic speakers (6 clips, 6 pairs, 3 per micro-batch) for
@@ -13,7 +13,8 @@ term the guard adds), evaluated without dropout.
 Cost: the step time of `training.train_step` with and without the guard's
 base pass on this CPU (the tiny preset on the demo's Arabic micro-batch, and
 the 164M-parameter mid-size model of `bench.mid_config` at 2048 tokens;
-LoRA, fp32; the median of --time-steps steps after one untimed), and the
+LoRA, fp32; the median of --time-steps steps after one untimed, the two
+models taking turns step by step so that a drifting load slows both), and the
 planned peak memory of a step of the released layout (LoRA, bf16, fused
 AdamW, --plan-tokens tokens, with and without activation checkpointing;
 `bench.plan_step`, fake tensors, no GPU).
@@ -55,6 +56,7 @@ from config import TrainConfig  # noqa: E402
 from parallel import World  # noqa: E402
 
 DEMO = ROOT / "demo" / "data"
+PARTS = ("shares", "effect", "time", "memory")
 
 
 def language_batches(bundle: model_utils.Bundle, folder: Path) -> dict[str, list]:
@@ -112,28 +114,33 @@ def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[f
         print(f"{weight:9g}  {ar_loss:8.4f}  {ar_kl:8.5f}  {en_loss:8.4f}  {en_kl:8.5f}  {seconds:7.3f}")
 
 
-def step_seconds(model: torch.nn.Module, batch, settings: TrainConfig, count: int) -> float:
-    """Median seconds of `count` training steps on `batch`, after one untimed."""
-    times, _ = bench.our_loop(model, [[batch]] * (count + 1), settings, "cpu", warmup=1)
-    return statistics.median(times)
+def alternating_step_seconds(models: dict[float, torch.nn.Module], batch, settings: dict[float, TrainConfig],
+                             count: int) -> dict[float, float]:
+    """Median seconds of a training step of each model on `batch`, the models taking turns step by step (after
+    one untimed step each), so that a machine whose load drifts slows both alike."""
+    optimizers = {weight: training.build_optimizer(model, settings[weight], "cpu") for weight, model in models.items()}
+    times = {weight: [] for weight in models}
+    for round_ in range(count + 1):
+        for weight, model in models.items():
+            started = time.perf_counter()
+            training.train_step(model, optimizers[weight], [batch], settings[weight], World(), "cpu", settings[weight].lr)
+            if round_:
+                times[weight].append(time.perf_counter() - started)
+    return {weight: statistics.median(seconds) for weight, seconds in times.items()}
 
 
 def step_time(bundle: model_utils.Bundle, batches: dict[str, list], count: int) -> None:
-    print(f"\n== cost: step time on this CPU (LoRA, fp32; median of {count} steps) ==")
-    cases = [("tiny preset, 3 Arabic pairs", bundle.model, batches["ar"][0], 0),
-             ("mid 164M, 2048 tokens", None, None, 2048)]
-    for name, base, batch, tokens in cases:
-        row = {}
-        for weight in (0.0, 1.0):
-            settings = bench.bench_config(scope="lora", precision="fp32", kl_weight=weight, warmup_steps=0)
-            if base is None:
-                config = bench.mid_config()
-                batch = bench.synthetic_batch(config, tokens)[0]
-                model = bench.build_training_model(config, settings)
-            else:
-                model = lora_model(base, settings)
-            row[weight] = step_seconds(model, batch, settings, count)
-        print(f"{name}: {row[0.0]:.3f} s without the guard, {row[1.0]:.3f} s with it (x{row[1.0] / row[0.0]:.2f})")
+    print(f"\n== cost: step time on this CPU (LoRA, fp32; median of {count} steps, with and without taking turns) ==")
+    settings = {weight: bench.bench_config(scope="lora", precision="fp32", kl_weight=weight, warmup_steps=0)
+                for weight in (0.0, 1.0)}
+    tiny = {weight: lora_model(bundle.model, settings[weight]) for weight in settings}
+    mid_config = bench.mid_config()
+    mid = {weight: bench.build_training_model(mid_config, settings[weight]) for weight in settings}
+    for name, models, batch in (("tiny preset, 3 Arabic pairs", tiny, batches["ar"][0]),
+                                ("mid 164M, 2048 tokens", mid, bench.synthetic_batch(mid_config, 2048)[0])):
+        seconds = alternating_step_seconds(models, batch, settings, count)
+        print(f"{name}: {seconds[0.0]:.3f} s without the guard, {seconds[1.0]:.3f} s with it "
+              f"(x{seconds[1.0] / seconds[0.0]:.2f})")
 
 
 def planned_memory(tokens: int) -> None:
@@ -169,19 +176,25 @@ def draw_shares(draws: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help=f"what to measure [{' '.join(PARTS)}]")
     parser.add_argument("--steps", type=int, default=30, help="adaptation steps per --kl-weight [30]")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 10.0, 100.0], help="[0 1 10 100]")
-    parser.add_argument("--time-steps", type=int, default=4, help="timed steps per case [4]")
+    parser.add_argument("--time-steps", type=int, default=8, help="timed steps per case [8]")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="micro-batch of the memory plan [4096]")
     parser.add_argument("--draws", type=int, default=10000, help="[10000]")
     args = parser.parse_args(argv)
-    draw_shares(args.draws)
-    bundle = model_utils.load_bundle(model_utils.TINY_PRESET)
-    with tempfile.TemporaryDirectory() as folder:
-        batches = language_batches(bundle, Path(folder))
-    effect(bundle, batches, args.weights, args.steps)
-    step_time(bundle, batches, args.time_steps)
-    planned_memory(args.plan_tokens)
+    if "shares" in args.parts:
+        draw_shares(args.draws)
+    if {"effect", "time"} & set(args.parts):
+        bundle = model_utils.load_bundle(model_utils.TINY_PRESET)
+        with tempfile.TemporaryDirectory() as folder:
+            batches = language_batches(bundle, Path(folder))
+        if "effect" in args.parts:
+            effect(bundle, batches, args.weights, args.steps)
+        if "time" in args.parts:
+            step_time(bundle, batches, args.time_steps)
+    if "memory" in args.parts:
+        planned_memory(args.plan_tokens)
     return 0
 
 
