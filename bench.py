@@ -173,7 +173,8 @@ def synthetic_batch(config: HiggsAudioConfig, tokens: int, sample_tokens: int = 
 
 
 # The settings that shape a step's memory and speed, which `plan` takes as flags; the rest are train.py's defaults.
-STEP_SETTINGS = ("scope", "precision", "grad_checkpoint", "frozen_bf16", "text_logits", "compile", "compile_scope", "optimizer")
+STEP_SETTINGS = ("scope", "precision", "grad_checkpoint", "frozen_bf16", "text_logits", "compile", "compile_scope", "optimizer",
+                 "kl_weight")
 BENCH_DEFAULTS = {"scope": "lora", "precision": "bf16"}
 
 
@@ -278,13 +279,16 @@ class Plan:
 class PeakTracker(MemTracker):
     """torch's `MemTracker`, keeping the step's peak only, usable on models with frozen parameters.
 
-    Two changes, both for limits of torch 2.9's tracker: it updates every
+    Three changes, all for limits of torch 2.9's tracker: it updates every
     tracked module's local peak after every operator (about 1,500 modules
     times 100,000 operators for the 28-layer LoRA model: an hour, where the
     peak alone takes a minute), so `_update_peak_stats` keeps the global peak
-    only; and it registers a gradient hook on every parameter of a module it
+    only; it registers a gradient hook on every parameter of a module it
     enters, which raises on a frozen one, so frozen parameters are marked as
-    hooked already (they get no gradient; their memory is counted).
+    hooked already (they get no gradient; their memory is counted); and it
+    refuses a second forward of the root module in one step, which the
+    forgetting guard's base pass is, so `_pre_fw_hook` lets it through (its
+    tensors are counted like any others).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -298,6 +302,15 @@ class PeakTracker(MemTracker):
             if self._peak_mem.get(device, 0) < snapshot["Total"]:
                 self._peak_mem[device] = snapshot["Total"]
                 self._peak_mem_snap[device] = dict(snapshot)
+
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs) -> None:
+        # The forgetting guard (--kl-weight) calls the model a second time in a step, its adapters disabled;
+        # torch's tracker refuses a second call of the root module, which only its per-module statistics need.
+        name = self._mod_tracker.get_known_fqn(module)
+        again = (module in self.memory_tracking and not self._mod_tracker.is_bw
+                 and set(self._mod_tracker.parents) - {name} == {"Global"})
+        if not again:
+            super()._pre_fw_hook(module, inputs)
 
 
 class _NoHook:

@@ -47,7 +47,7 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 LOOP_KEYS = ("step", "position", "best_loss", "config")
 CHECKPOINT_KEYS = {"model", "optimizer", "rng", *LOOP_KEYS}
 # Kept since checkpoints began carrying them; an older checkpoint resumes without them.
-LATER_LOOP_KEYS = ("stale_evals", "eval_settings", "data")
+LATER_LOOP_KEYS = ("stale_evals", "eval_settings", "data", "guard_first")
 
 # --------------------------------------------------------------------------
 # Checkpoints (atomic, last K and best kept, weights_only-loadable)
@@ -481,11 +481,18 @@ def check_data(saved: dict, fingerprints: dict[str, str], allow_change: bool, ch
     changed = [name for name, fingerprint in fingerprints.items() if saved["data"].get(name) != fingerprint]
     if not changed:
         return
-    what = " and ".join({"train": "training data", "val": "validation data"}[name] for name in changed)
+    what = " and ".join(_data_label(name) for name in changed)
     if not allow_change:
         raise ValueError(f"--resume: the {what} changed since {checkpoint} was written (its content fingerprint differs): "
                          "resume with the data it was trained on, or add --allow-data-change to go on knowingly")
     say(f"warning: the {what} changed since {checkpoint} was written; going on (--allow-data-change)")
+
+
+def _data_label(key: str) -> str:
+    """A fingerprint's key in words: `train`/`val` (a lone set), `train:NAME`/`val:NAME` (a named one)."""
+    kind, _, name = key.partition(":")
+    words = {"train": "training", "val": "validation"}[kind]
+    return f"{words} set {name}" if name else f"{words} data"
 
 
 def retire_best(run_dir: Path, step: int) -> Path | None:

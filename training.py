@@ -7,7 +7,9 @@
 `train_step` is the one optimizer step that `train.py`, `bench.py` and the
 tests run: forward, loss and backward over the step's micro-batches (DDP's
 gradient all-reduce only on the last), gradient clipping and the AdamW
-update, skipped when a loss is not finite. Its statistics stay on the device
+update, skipped when a loss is not finite. With `--kl-weight` the loss adds
+the forgetting guard, `forgetting_kl`: the KL from the base (the same LoRA
+model with its adapters disabled) at the batch's audio targets. Its statistics stay on the device
 (`StepStats`) until the loop reads them on a step that logs (`read`: one
 all-reduce, one transfer), so a step that logs nothing never waits for the
 GPU on our account.
@@ -22,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchInput
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
@@ -225,19 +228,22 @@ class StepStats:
     hits: torch.Tensor
     grad_norm: torch.Tensor
     skipped: torch.Tensor
+    kl: torch.Tensor  # [sum of the forgetting KL over the micro-batches that took it, their number]
 
     def read(self, world: parallel.World, stop_requested: bool = False) -> StepValues:
         """Means over processes (sums for `counts`; whether any process asked to stop), in one all-reduce and
         one device-to-host transfer."""
         stop = torch.full((1,), float(stop_requested), dtype=torch.float64, device=self.losses.device)
-        shared = torch.cat([self.losses, self.counts, self.hits.reshape(-1), stop])
+        shared = torch.cat([self.losses, self.counts, self.hits.reshape(-1), self.kl, stop])
         values = torch.cat([parallel.mean_over_processes(shared, world),
                             self.grad_norm.double().reshape(1), self.skipped.double().reshape(1)]).tolist()
         losses, counts = values[: len(self.losses)], values[len(self.losses) : len(self.losses) + 3]
-        hits = np.array(values[len(self.losses) + 3 : -3]).reshape(self.hits.shape)
+        hits = np.array(values[len(self.losses) + 3 : -5]).reshape(self.hits.shape)
         tokens, padded, samples = (value * world.size for value in counts)
+        kl_sum, kl_batches = values[-5:-3]
         return StepValues(dict(zip(loss_names(len(self.losses) - 3), losses)), tokens, padded, samples,
-                          metrics.accuracy_from_hits(hits), values[-2], bool(values[-1]), values[-3] > 0)
+                          metrics.accuracy_from_hits(hits), values[-2], bool(values[-1]),
+                          kl_sum / kl_batches if kl_batches else math.nan, values[-3] > 0)
 
 
 @dataclass
@@ -251,6 +257,7 @@ class StepValues:
     accuracy: dict[str, float]
     grad_norm: float
     skipped: bool
+    kl: float  # mean forgetting KL of the micro-batches that took it; NaN where none did
     stop: bool = False  # some process asked to stop (a signal)
 
 
@@ -259,7 +266,8 @@ def loss_names(num_codebooks: int) -> list[str]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[HiggsAudioBatchInput],
-               config: TrainConfig, world: parallel.World, device: str, lr: float) -> StepStats:
+               config: TrainConfig, world: parallel.World, device: str, lr: float,
+               set_names: list[str] | None = None) -> StepStats:
     """One optimizer step at learning rate `lr` over `batches`, the step's micro-batches (its gradient accumulation).
 
     Each micro-batch's loss is scaled by 1/len(batches), so the gradient is
@@ -267,6 +275,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     only. A non-finite loss on any process skips the update everywhere (the
     gradients are dropped, the optimizer state is untouched); `StepStats.skipped`
     says so. Gradients are clipped to `config.grad_clip` (0 = off). With
+    `--kl-weight`, each micro-batch that `takes_kl` (`set_names`: the training
+    set each came from) adds that weight times `forgetting_kl` to its loss. With
     torch's fused AdamW nothing here makes the host wait for the device
     (`syncs.py` counts; tests/test_training.py checks).
     """
@@ -277,6 +287,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     hits = torch.zeros(codebooks + 1, 2, dtype=torch.float64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
+    kl = torch.zeros(2, dtype=torch.float64, device=device)
+    guarded = takes_kl(config, set_names, len(batches))
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
@@ -286,8 +298,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         with no_sync, autocast(config.precision, device):
             outputs = model(**inputs)
             loss = model_utils.compute_loss(outputs, inputs["label_audio_ids"])
-            (loss.total / len(batches)).backward()
-        finite = finite & torch.isfinite(loss.total.detach())
+            total = loss.total
+            if guarded[index]:
+                divergence = forgetting_kl(model, inputs, outputs.audio_logits, inputs["label_audio_ids"])
+                total = total + config.kl_weight * divergence
+                kl += torch.stack([divergence.detach().double(), kl.new_ones(())])
+            (total / len(batches)).backward()
+        finite = finite & torch.isfinite(total.detach())
         losses += _loss_vector(loss) * (1 / len(batches))
         real = outputs.attention_mask.sum()  # positions of the merged text-and-audio sequence the model ran on
         counts += torch.stack([real, outputs.attention_mask.numel() - real, torch.full_like(real, len(batch.input_ids))])
@@ -299,7 +316,40 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     _update_unless(skipped, optimizer, device)
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(losses, counts, hits, grad_norm.detach(), skipped)
+    return StepStats(losses, counts, hits, grad_norm.detach(), skipped, kl)
+
+
+def takes_kl(config: TrainConfig, set_names: list[str] | None, count: int) -> list[bool]:
+    """Which of a step's `count` micro-batches add the forgetting term: none without --kl-weight, those of the
+    --kl-replay set if one is named, else all."""
+    if not config.kl_weight:
+        return [False] * count
+    if not config.kl_replay:
+        return [True] * count
+    if set_names is None:
+        raise ValueError("--kl-replay: the step needs the training set of each micro-batch")
+    return [name == config.kl_replay for name in set_names]
+
+
+def forgetting_kl(model: torch.nn.Module, inputs: dict, audio_logits: torch.Tensor, label_audio_ids: torch.Tensor) -> torch.Tensor:
+    """KL(base || adapted) of the audio-token distributions, averaged over the target positions and codebooks.
+
+    The base is the same LoRA model with its adapters disabled (peft's own
+    switch), run under no_grad, so no second model is held and its pass keeps
+    no activations for backward. The targets are where the loss is: column
+    t's logits predict label column t + 1 (`model_utils.compute_loss`'s shift).
+    The direction KL(base || adapted) penalises the adapted model for dropping
+    what the base found likely.
+    """
+    with torch.no_grad(), parallel.unwrap(model).disable_adapter():
+        base = parallel.unwrap(model)(**inputs).audio_logits
+    # Every column is computed and the targets weighted in, rather than selected: selecting by a mask would make
+    # the host wait for the device to count them.
+    targets = (label_audio_ids[:, 1:] != model_utils.IGNORE_INDEX).T.to(audio_logits.device)  # (columns - 1, codebooks)
+    adapted = F.log_softmax(audio_logits[:-1].float(), dim=-1)
+    reference = F.log_softmax(base[:-1].float(), dim=-1)
+    per_position = (reference.exp() * (reference - adapted)).sum(-1)
+    return (per_position * targets).sum() / targets.sum().clamp(min=1)
 
 
 def _loss_vector(loss: model_utils.LossBreakdown) -> torch.Tensor:

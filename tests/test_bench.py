@@ -68,10 +68,9 @@ def test_the_benchmarked_loop_gives_train_py_s_losses_for_the_same_batches(tmp_p
     train.py run: the micro-batches train.py takes, in its order, give the losses it logged."""
     settings = train_config(tmp_path, small_manifest, max_steps=3, grad_accum=2, batch_size=1, grad_clip=0.5)
     run = train.train(settings)
-    rows, codes = loader.training_rows(settings, tiny, World(), tmp_path)
-    builder = loader.BatchBuilder(tiny, settings, codes)
-    order = loader.micro_batches(rows, settings, loader.DataPosition(), World(), builder)
-    steps = [[builder.batch(next(order)[1]) for _ in range(settings.grad_accum)] for _ in range(settings.max_steps)]
+    [training_set] = loader.training_sets(settings, tiny, World(), tmp_path)
+    order = loader.micro_batches([training_set], settings, loader.DataPosition(), World())
+    steps = [[training_set.builder.batch(next(order).pairs) for _ in range(settings.grad_accum)] for _ in range(settings.max_steps)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = bench.build_training_model(tiny_config, settings)

@@ -256,3 +256,35 @@ def test_a_failing_evaluation_is_reported_and_training_goes_on(tmp_path, short_m
     assert "no such audio file); training goes on" in err
     assert list(logged(run, "quality/sim")) == [1], "the first evaluation, in bf16, was judged"
     assert list(logged(run, "eval/failures")) == [2] and (run / "export" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def language_manifests(tmp_path_factory, short_manifest) -> dict[str, str]:
+    """The short manifest's Arabic and English rows, each a manifest of its own."""
+    rows = [json.loads(line) for line in short_manifest.read_text(encoding="utf-8").splitlines()]
+    folder = tmp_path_factory.mktemp("languages")
+    paths = {}
+    for language in ("ar", "en"):
+        paths[language] = folder / f"{language}.jsonl"
+        paths[language].write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows if row["language"] == language),
+                                   encoding="utf-8")
+    return {language: str(path) for language, path in paths.items()}
+
+
+def test_a_mixture_resumes_exactly_and_logs_the_shares_it_drew(tmp_path, language_manifests):
+    """Arabic 3 : English 1, one micro-batch a step, the forgetting term on the English (replay) micro-batches:
+    the draws go ar, ar, en, ar, ar, ar (`loader.next_set`), and a run stopped at step 3 and resumed logs what
+    the uninterrupted one logs."""
+    mixture = dict(train_manifest=(f"ar:3={language_manifests['ar']}", f"en:1={language_manifests['en']}"), batch_size=1,
+                   scope="lora", lora_rank=4, kl_weight=10.0, kl_replay="en", max_steps=6)
+    straight = train.train(train_config(tmp_path / "a", language_manifests["ar"], **mixture))
+    train.train(train_config(tmp_path / "b", language_manifests["ar"], **mixture, stop_after=3))
+    resumed = train.train(train_config(tmp_path / "b", language_manifests["ar"], **mixture, resume=True))
+    for tag in ("loss/total", "loss/kl", "mixture/en/share", "mixture/ar/epoch"):
+        assert logged(straight, tag) == logged(resumed, tag), tag
+    assert sorted(logged(straight)) == [1, 2, 3, 4, 5, 6]
+    assert list(logged(straight, "loss/kl")) == [3], "the term is taken on the English micro-batch alone"
+    assert logged(straight, "mixture/en/share") == pytest.approx({1: 0, 2: 0, 3: 1 / 3, 4: 1 / 4, 5: 1 / 5, 6: 1 / 6})
+    assert logged(straight, "mixture/ar/epoch") == {1: 0, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2}, "2 Arabic pairs an epoch"
+    saved = torch.load(checkpoints.latest_checkpoint(resumed), weights_only=True)
+    assert saved["data"].keys() == {"train:ar", "train:en"} and saved["position"]["sets"]["en"]["drawn"] == 1
