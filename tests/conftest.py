@@ -157,13 +157,14 @@ def batches(tiny, parity_case):
 
 @pytest.fixture(scope="session")
 def short_manifest(tmp_path_factory, small_manifest):
-    """The small manifest with each clip cut to its first 0.6 s, for runs whose clips' encoding should cost little."""
+    """The small manifest with each clip cut to its first 1.05 s (a reference must last 1 s: data.LIMITS), for runs
+    whose clips' encoding should cost little."""
     folder = tmp_path_factory.mktemp("short")
     rows = [json.loads(line) for line in small_manifest.read_text(encoding="utf-8").splitlines()]
     for row in rows:
         waveform, rate = sf.read(row["audio"])
         row["audio"] = str(folder / f"{row['id']}.wav")
-        sf.write(row["audio"], waveform[: int(0.6 * rate)], rate)
+        sf.write(row["audio"], waveform[: int(1.05 * rate)], rate)
     path = folder / "short.jsonl"
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
