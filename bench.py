@@ -4,7 +4,12 @@
     python bench.py plan-table                      # the README table: scopes x tokens x checkpointing, before/after
     python bench.py validate                        # the plan against a measured CPU step of a mid-size model
     python bench.py run --preset tiny [--compile]   # tokens/s, step time, peak memory, MFU; vs transformers.Trainer
-    python bench.py recompiles                      # torch.compile recompiles over 50 steps of varied lengths
+    python bench.py recompiles [--scope model]      # torch.compile recompiles over 50 steps of varied lengths
+    python bench.py graphs                          # graphs and breaks per layer and of the whole model, compiled
+    python bench.py syncs                           # host syncs per micro-batch, ours and the package's, per layer
+    python bench.py plan-optimizer                  # the plan with fp32 vs 8-bit AdamW moments
+    python bench.py adamw8bit                       # train.py's losses, 8-bit vs fp32 AdamW moments, 200 tiny steps
+    python bench.py gpu                             # the GPU check: one call, <= 8 minutes on one H100/H200
 
 Every mode runs the model `training.prepare_model` makes and the step
 `training.train_step` takes, the ones `train.py` runs; a mode's settings are a
@@ -49,6 +54,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
@@ -60,6 +66,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import collate
 import data
 import model_utils
+import syncs
 import training
 from config import TrainConfig, add_setting_flags, check_config
 from parallel import World
@@ -166,7 +173,8 @@ def synthetic_batch(config: HiggsAudioConfig, tokens: int, sample_tokens: int = 
 
 
 # The settings that shape a step's memory and speed, which `plan` takes as flags; the rest are train.py's defaults.
-STEP_SETTINGS = ("scope", "precision", "grad_checkpoint", "frozen_bf16", "text_logits", "compile")
+STEP_SETTINGS = ("scope", "precision", "grad_checkpoint", "frozen_bf16", "text_logits", "compile", "compile_scope", "optimizer",
+                 "kl_weight")
 BENCH_DEFAULTS = {"scope": "lora", "precision": "bf16"}
 
 
@@ -177,9 +185,17 @@ def bench_config(**settings) -> TrainConfig:
     return config
 
 
-def build_training_model(config: HiggsAudioConfig, settings: TrainConfig, device: str = "cpu") -> torch.nn.Module:
-    """A randomly initialised model of `config`, prepared as `train.py` prepares it (`training.prepare_model`)."""
-    return training.prepare_model(HiggsAudioModel(config).to(device), settings, World(), device).train()
+def build_training_model(config: HiggsAudioConfig, settings: TrainConfig, device: str = "cpu",
+                         compile_backend: str | Callable = "inductor") -> torch.nn.Module:
+    """A randomly initialised model of `config` (initialised on `device`), prepared as `train.py` prepares it
+    (`training.prepare_model`); with `settings.compile`, compiled by `compile_backend` (`eager` traces the
+    same graphs without generating code)."""
+    with torch.device(device):
+        model = HiggsAudioModel(config)
+    model = training.prepare_model(model, replace(settings, compile=False), World(), device).train()
+    if settings.compile:
+        training.compile_model(model, settings.compile_scope, compile_backend)
+    return model
 
 
 def step_once(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, settings: TrainConfig,
@@ -205,7 +221,10 @@ class RealIndexData(TorchDispatchMode):
     for real, so every mask and position is computed exactly and only the
     floating-point work (weights, activations, gradients) is fake. Indexing
     a fake tensor with a real boolean mask is indexing with the mask's
-    positions, which fake tensors can do.
+    positions, which fake tensors can do. The one fake value the host reads
+    is the step's skip flag, where the optimizer has no `found_inf`
+    (`training._update_unless`, `--optimizer adamw8bit`): a planned step is
+    a finite one, so the answer is False (not skipped).
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -222,6 +241,8 @@ class RealIndexData(TorchDispatchMode):
             return result
         if func in _BOOL_INDEXED:
             args = (args[0], _positions(args[1]), *args[2:])
+        if func is aten._local_scalar_dense.default and args[0].dtype == torch.bool and args[0].dim() == 0:
+            return False
         return func(*args, **kwargs)
 
 
@@ -258,13 +279,16 @@ class Plan:
 class PeakTracker(MemTracker):
     """torch's `MemTracker`, keeping the step's peak only, usable on models with frozen parameters.
 
-    Two changes, both for limits of torch 2.9's tracker: it updates every
+    Three changes, all for limits of torch 2.9's tracker: it updates every
     tracked module's local peak after every operator (about 1,500 modules
     times 100,000 operators for the 28-layer LoRA model: an hour, where the
     peak alone takes a minute), so `_update_peak_stats` keeps the global peak
-    only; and it registers a gradient hook on every parameter of a module it
+    only; it registers a gradient hook on every parameter of a module it
     enters, which raises on a frozen one, so frozen parameters are marked as
-    hooked already (they get no gradient; their memory is counted).
+    hooked already (they get no gradient; their memory is counted); and it
+    refuses a second forward of the root module in one step, which the
+    forgetting guard's base pass is, so `_pre_fw_hook` lets it through (its
+    tensors are counted like any others).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -279,6 +303,15 @@ class PeakTracker(MemTracker):
                 self._peak_mem[device] = snapshot["Total"]
                 self._peak_mem_snap[device] = dict(snapshot)
 
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs) -> None:
+        # The forgetting guard (--kl-weight) calls the model a second time in a step, its adapters disabled;
+        # torch's tracker refuses a second call of the root module, which only its per-module statistics need.
+        name = self._mod_tracker.get_known_fqn(module)
+        again = (module in self.memory_tracking and not self._mod_tracker.is_bw
+                 and set(self._mod_tracker.parents) - {name} == {"Global"})
+        if not again:
+            super()._pre_fw_hook(module, inputs)
+
 
 class _NoHook:
     def remove(self) -> None:
@@ -290,7 +323,7 @@ def resident_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
+    training.step_optimizer(optimizer, "cpu")
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -299,6 +332,8 @@ def plan_step(config: HiggsAudioConfig, settings: TrainConfig, tokens: int, samp
 
     The optimizer is CUDA's (fused AdamW, no per-parameter temporaries)."""
     batch, lengths = synthetic_batch(config, tokens, sample_tokens)
+    if settings.optimizer == "adamw8bit":
+        _build_torchao_tables()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         model = build_training_model(config, settings)
@@ -311,10 +346,12 @@ def plan_step(config: HiggsAudioConfig, settings: TrainConfig, tokens: int, samp
     return _plan_from(tracker, model, batch, lengths, config, settings)
 
 
-def text_label_count(batch, config: HiggsAudioConfig) -> int:
-    """Positions with a text label in the merged sequence (audio placeholders become audio columns)."""
-    text = (batch.input_ids != config.audio_in_token_idx) & (batch.input_ids != config.audio_out_token_idx)
-    return int(((batch.label_ids != model_utils.IGNORE_INDEX) & text).sum())
+def _build_torchao_tables() -> None:
+    """torchao computes its 8-bit quantisation tables with torch operators on first use and caches them as
+    Python lists; fake tensors cannot give values, so they are built for real before the fake step."""
+    from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+    get_qmap_signed(), get_qmap_unsigned()
 
 
 def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: HiggsAudioConfig,
@@ -325,7 +362,7 @@ def _plan_from(tracker: MemTracker, model, batch, lengths: list[int], config: Hi
     held = weights + categories.get("gradient", 0) + categories.get("optstate", 0)
     parameters = list(model.parameters())
     padded = collate.padded_tokens(lengths)
-    text_labels = text_label_count(batch, config)
+    text_labels = collate.text_label_count(batch, config)
     logit_rows = text_labels if settings.text_logits == "labelled" else padded
     return Plan(
         peak_gib=categories["total"] / GIB,
@@ -418,7 +455,7 @@ def step_flops(config: HiggsAudioConfig, batch, lengths: list[int], settings: Tr
     projections = 2 * hidden * (2 * heads * head_dim + 2 * kv * head_dim) * positions
     attention = sum(2 * length * length * heads * head_dim for length in lengths)
     mlps = 2 * 3 * hidden * (text.intermediate_size * (positions - audio) + config.audio_ffn_intermediate_size * audio)
-    text_rows = text_label_count(batch, config) if settings.text_logits == "labelled" else positions
+    text_rows = collate.text_label_count(batch, config) if settings.text_logits == "labelled" else positions
     heads_flops = 2 * hidden * (text.vocab_size * text_rows + config.audio_num_codebooks * (config.audio_codebook_size + 2) * audio)
     matmuls = text.num_hidden_layers * (projections + mlps) + heads_flops
     forward = matmuls + text.num_hidden_layers * attention
@@ -530,18 +567,22 @@ class RunCase:
     steps: int = 6
     warmup: int = 2
     trainer: bool = True
+    count_syncs: bool = False
 
 
-def run_case(case: RunCase, device: str, trainer: bool) -> dict:
-    """Tokens/s, step time, peak memory and MFU of `case`, and of a `transformers.Trainer` loop if asked."""
+def run_case(case: RunCase, device: str, trainer: bool, compile_backend: str = "inductor") -> dict:
+    """Tokens/s, step time, peak memory and MFU of `case`, its host syncs if asked, and a `transformers.Trainer`
+    loop's step time if asked."""
     config = model_config(case.model, case.layers)
     batch, lengths = synthetic_batch(config, case.tokens)
+    if device.startswith("cuda"):
+        batch = collate.pinned(batch)  # as the loader hands train.py its batches
     steps = [[batch]] * (case.warmup + case.steps)
     dtype = torch.bfloat16 if case.settings.precision == "bf16" else torch.float32
     peak, peak_source = peak_flops(device, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_training_model(config, case.settings, device)
+        model = build_training_model(config, case.settings, device, compile_backend)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     matrix = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     flops = step_flops(config, batch, lengths, case.settings, min(1.0, trained / matrix))
@@ -555,13 +596,15 @@ def run_case(case: RunCase, device: str, trainer: bool) -> dict:
            "tokens_per_s": sum(lengths) / step_time, "peak_memory_gib": _peak_memory_gib(device),
            "peak_memory_kind": "max_memory_allocated" if device.startswith("cuda") else "process peak RSS",
            "mfu_pct": 100 * flops / step_time / peak, "peak_flops_source": peak_source, "step_tflop": flops / 1e12}
+    if case.count_syncs:
+        row.update(step_syncs(model, batch, case.settings, device))
     del model  # the Trainer's copy must not share the card with ours
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     if trainer and case.trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            reference = build_training_model(config, case.settings, device)
+            reference = build_training_model(config, case.settings, device, compile_backend)
         trainer_time = sorted(trainer_loop(reference, steps, case.settings, device, case.warmup))
         row["trainer_step_s"] = trainer_time[len(trainer_time) // 2]
         row["speedup_vs_trainer"] = row["trainer_step_s"] / step_time
@@ -570,13 +613,16 @@ def run_case(case: RunCase, device: str, trainer: bool) -> dict:
 
 def cpu_cases() -> list[RunCase]:
     """(a) the tiny preset, eager and compiled, fp32 and bf16, each against a Trainer loop; (b) the released layout
-    (full width and vocabulary) at 2 layers, fp32, LoRA with checkpointing, one timed step (minutes on 2 cores)."""
+    (full width and vocabulary) at 2 layers, fp32, LoRA with checkpointing, eager and compiled, one timed step
+    each (minutes on 2 cores)."""
+    released = bench_config(scope="lora", precision="fp32", grad_checkpoint=True)
     return [
         RunCase("tiny eager fp32", "tiny", None, bench_config(scope="full", precision="fp32"), 2048, steps=4),
         RunCase("tiny compile fp32", "tiny", None, bench_config(scope="full", precision="fp32", compile=True), 2048, steps=4),
         RunCase("tiny eager bf16", "tiny", None, bench_config(scope="full", precision="bf16"), 2048, steps=4),
-        RunCase("released x2 layers lora fp32", "released", 2, bench_config(scope="lora", precision="fp32", grad_checkpoint=True),
-                1024, steps=1, warmup=1, trainer=False),
+        RunCase("released x2 layers lora fp32", "released", 2, released, 1024, steps=2, warmup=1, trainer=False),
+        RunCase("released x2 layers lora fp32 compile", "released", 2, replace(released, compile=True), 1024, steps=2,
+                warmup=1, trainer=False),
     ]
 
 
@@ -588,12 +634,172 @@ def gpu_cases() -> list[RunCase]:
 
 
 # --------------------------------------------------------------------------
-# torch.compile recompiles over steps of varied lengths
+# The GPU check: one call, at most 8 minutes on one H100/H200
+# --------------------------------------------------------------------------
+
+GPU_CHECK_COLUMNS = ["case", "device", "tokens", "step_s", "tokens_per_s", "mfu_pct", "peak_memory_gib", "planned_gib",
+                     "syncs_ours", "syncs_package", "trainer_step_s", "speedup_vs_trainer", "seconds"]
+
+
+def gpu_check(device: str, model: str = "released", tokens: int = 4096, steps: int = 5, warmup: int = 2,
+              compile_backend: str = "inductor") -> list[dict]:
+    """The released layout with random weights, bf16, checkpointing, `tokens` per micro-batch: scopes lora and
+    audio, compile off and on. Per case: step time, tokens/s, MFU of the real layout's FLOPs, peak
+    `max_memory_allocated` against the plan of the same step, and, compile off, the host syncs of one step
+    (ours and the package's) and the `transformers.Trainer` loop's step time. On the CPU (`model="tiny"`,
+    `compile_backend="eager"`) the same code runs in seconds (tests/test_bench.py)."""
+    import torch._dynamo
+
+    rows = []
+    for scope in ("lora", "audio"):
+        settings = bench_config(scope=scope, precision="bf16", grad_checkpoint=True)
+        planned = plan_step(model_config(model), settings, tokens).peak_gib
+        for compiled in (False, True):
+            started = time.perf_counter()
+            case = RunCase(f"{model} {scope} {'compile' if compiled else 'eager'}", model, None,
+                           replace(settings, compile=compiled), tokens, steps=steps, warmup=warmup,
+                           trainer=not compiled, count_syncs=not compiled)
+            row = run_case(case, device, trainer=True, compile_backend=compile_backend)
+            rows.append({**row, "planned_gib": planned, "seconds": time.perf_counter() - started})
+            print_table(rows[-1:], GPU_CHECK_COLUMNS)
+            if compiled:
+                torch._dynamo.reset()  # the next model's layers compile afresh
+    return rows
+
+
+# --------------------------------------------------------------------------
+# 8-bit AdamW moments against fp32 ones, over a train.py run
 # --------------------------------------------------------------------------
 
 
-def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backend: str = "eager") -> dict:
-    """Compiles of the tiny model's decoder layers over `steps` training steps whose lengths all differ.
+def optimizer_losses(steps: int = 200) -> list[dict]:
+    """`train.py` on the tiny preset and the demo data for `steps` steps (no validation), once with fp32 AdamW
+    and once with torchao's AdamW8bit: the logged total losses, step by step, and their gap."""
+    import tempfile
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+
+    logged = {}
+    with tempfile.TemporaryDirectory() as out:
+        for optimizer in ("adamw", "adamw8bit"):
+            settings = TrainConfig(max_steps=steps, optimizer=optimizer, val_manifest="", eval_every=0, save_every=steps,
+                                   out_dir=out, run_name=optimizer, device="cpu", precision="fp32")
+            events = EventAccumulator(str(train.train(settings) / "tensorboard"))
+            events.Reload()
+            logged[optimizer] = [event.value for event in events.Scalars("loss/total")]
+    gaps = [abs(a - b) for a, b in zip(logged["adamw"], logged["adamw8bit"])]
+    relative = [gap / abs(a) for gap, a in zip(gaps, logged["adamw"])]
+    tail = max(1, steps // 10)
+    return [{"steps": len(gaps), "max_abs_gap": max(gaps), "max_rel_gap": max(relative),
+             "step_of_max_gap": 1 + gaps.index(max(gaps)), "first_loss": logged["adamw"][0],
+             f"adamw_mean_last_{tail}": sum(logged["adamw"][-tail:]) / tail,
+             f"adamw8bit_mean_last_{tail}": sum(logged["adamw8bit"][-tail:]) / tail,
+             "adamw_losses": logged["adamw"], "adamw8bit_losses": logged["adamw8bit"]}]
+
+
+# --------------------------------------------------------------------------
+# Host syncs of a step
+# --------------------------------------------------------------------------
+
+
+def step_syncs(model: torch.nn.Module, batch, settings: TrainConfig, device: str) -> dict:
+    """Host syncs of one `training.train_step` of one micro-batch, counted on the device it runs on, with a
+    fresh optimizer of the CUDA step (fused AdamW, which runs on the CPU too); compiled layers run eagerly
+    under the counter."""
+    optimizer = training.build_optimizer(model, settings, "cuda")
+    with syncs.SyncCounter(model, device) as counter:
+        step_once(model, optimizer, batch, settings, device)
+    summary = counter.summary()
+    return {"syncs_ours": summary[syncs.OURS], "syncs_package": summary[syncs.PACKAGE],
+            "syncs_ours_sites": [site for site in summary["by_site"] if site.startswith(syncs.OURS)]}
+
+
+def planned_syncs(config: HiggsAudioConfig, settings: TrainConfig, tokens: int, sample_tokens: int = 1024) -> dict:
+    """Host syncs of one step of one micro-batch of `config`, on fake tensors with the batch's index data real
+    (the plan's `RealIndexData`), with the CUDA step's optimizer (fused AdamW): every data-dependent operator
+    the GPU step would run, attributed to ours or the package's, per decoder layer. Copies between host and
+    device are not seen on the CPU; `bench.py gpu` counts them on a GPU."""
+    batch, _ = synthetic_batch(config, tokens, sample_tokens)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        model = build_training_model(config, settings)
+        optimizer = training.build_optimizer(model, settings, "cuda")
+        resident_optimizer_state(model, optimizer)
+    with fake, RealIndexData(), syncs.SyncCounter(model) as counter:
+        step_once(model, optimizer, batch, settings)
+    return counter.summary()
+
+
+def sync_rows(layers: int, tokens: int) -> list[dict]:
+    """`planned_syncs` of the released layout at `layers` layers: lora and audio, checkpointing off and on,
+    with the package's count per layer and extrapolated to the released 28 layers."""
+    rows = []
+    for scope in ("lora", "audio"):
+        for checkpoint in (False, True):
+            settings = bench_config(scope=scope, grad_checkpoint=checkpoint)
+            summary = planned_syncs(released_config(layers), settings, tokens)
+            per_layer = summary["by_layer"].get("layer 0", {}).get(syncs.PACKAGE, 0)
+            outside = summary["by_layer"].get("outside layers", {}).get(syncs.PACKAGE, 0)
+            rows.append({"scope": scope, "grad_checkpoint": checkpoint, "layers": layers, "ours": summary[syncs.OURS],
+                         "package": summary[syncs.PACKAGE], "package_per_layer": per_layer,
+                         "package_outside_layers": outside, "package_at_28_layers": outside + 28 * per_layer,
+                         "ours_sites": [site for site in summary["by_site"] if site.startswith(syncs.OURS)]})
+            print_table(rows[-1:], list(rows[-1])[:-1])
+    return rows
+
+
+# --------------------------------------------------------------------------
+# torch.compile: graphs and breaks, recompiles over steps of varied lengths
+# --------------------------------------------------------------------------
+
+
+def compile_graphs(scope: str, data_dependent_shapes: bool, backend: str = "eager", tokens: int = 1024) -> dict:
+    """Graphs and graph breaks of one training step of the tiny model compiled at `scope`
+    (`training.compile_model`), with or without dynamo's data-dependent-shape settings (`--compile` sets
+    them for `layers` only; without them is how the package compiled before); the loss and gradient norm
+    against the same step uncompiled, or the backend's error in one line.
+
+    The layers share their code, so dynamo compiles a layer's graphs once and every layer runs them:
+    `graphs` is per layer for `layers`. Breaks are decided by dynamo before any backend runs, so `eager`
+    counts what `inductor` compiles, without the code generation."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = model_config("tiny")
+    settings = bench_config(scope="full", precision="fp32")
+    batch, _ = synthetic_batch(config, tokens, tokens // 2)
+    values = {}
+    for compiled in (True, False):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_training_model(config, replace(settings, compile=compiled, compile_scope=scope), "cpu", backend)
+        started = time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=data_dependent_shapes,
+                                            capture_scalar_outputs=data_dependent_shapes):
+                stats = step_once(model, training.build_optimizer(model, settings, "cpu"), batch, settings)
+        except Exception as error:  # a backend that cannot compile the graph: the row says so, the table goes on
+            return {"scope": scope, "data_dependent_shapes": data_dependent_shapes, "backend": str(backend),
+                    "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+        values[compiled] = (stats.read(World()), time.perf_counter() - started)
+    counters = torch._dynamo.utils.counters
+    (compiled_values, compiled_seconds), (eager_values, eager_seconds) = values[True], values[False]
+    return {"scope": scope, "data_dependent_shapes": data_dependent_shapes, "backend": str(backend),
+            "frames": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "breaks": int(sum(counters["graph_break"].values())),
+            "break_reasons": {reason.splitlines()[0][:120]: count for reason, count in counters["graph_break"].items()},
+            "loss_difference": abs(compiled_values.losses["total"] - eager_values.losses["total"]),
+            "grad_norm_difference": abs(compiled_values.grad_norm - eager_values.grad_norm),
+            "first_step_s": compiled_seconds, "eager_step_s": eager_seconds}
+
+
+def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backend: str = "eager",
+                     scope: str = "layers") -> dict:
+    """Compiles of the tiny model (`training.compile_model` at `scope`) over `steps` training steps whose lengths
+    all differ.
 
     Whether a new length recompiles is decided by dynamo's guards, before any
     backend runs, so the count is the same for every backend; `eager` skips
@@ -613,8 +819,7 @@ def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_training_model(config, settings)
-    for layer in model_utils.decoder_layers(model):
-        layer.compile(dynamic=dynamic, backend=backend)
+    training.compile_model(model, scope, backend, dynamic)
     optimizer = training.build_optimizer(model, settings, "cpu")
     started = time.perf_counter()
     for length in lengths:
@@ -622,7 +827,7 @@ def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backe
         step_once(model, optimizer, batch, settings)
     dynamo_log.removeHandler(limit_hits)
     counters = torch._dynamo.utils.counters
-    return {"dynamic": str(dynamic), "steps": steps, "distinct_lengths": len(set(lengths)),
+    return {"scope": scope, "dynamic": str(dynamic), "steps": steps, "distinct_lengths": len(set(lengths)),
             "frames_compiled": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
             "recompile_limit_hits": limit_hits.count, "seconds": time.perf_counter() - started}
 
@@ -680,6 +885,22 @@ def plan_table(tokens_list: list[int], scopes: list[str]) -> list[dict]:
     return rows
 
 
+def optimizer_table(tokens: int, scopes: list[str]) -> list[dict]:
+    """The plan with fp32 AdamW moments against torchao's 8-bit ones, both fixes on, checkpointing on."""
+    rows = []
+    for scope in scopes:
+        settings = bench_config(scope=scope, grad_checkpoint=True)
+        planned = {name: plan_step(released_config(), replace(settings, optimizer=name), tokens) for name in ("adamw", "adamw8bit")}
+        rows.append({"scope": scope, "tokens": tokens, "grad_checkpoint": True,
+                     "adamw_gib": planned["adamw"].peak_gib, "adamw8bit_gib": planned["adamw8bit"].peak_gib,
+                     "adamw_optimizer": planned["adamw"].optimizer_gib, "adamw8bit_optimizer": planned["adamw8bit"].optimizer_gib,
+                     "adamw8bit_weights": planned["adamw8bit"].weights_gib, "adamw8bit_grads": planned["adamw8bit"].gradients_gib,
+                     "adamw8bit_activations": planned["adamw8bit"].activations_gib,
+                     "fits_adamw": fits(planned["adamw"].peak_gib), "fits_adamw8bit": fits(planned["adamw8bit"].peak_gib)})
+        print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -692,58 +913,101 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     table = commands.add_parser("plan-table", help="the README table: released model, scopes x tokens x checkpointing, before/after the fixes")
     table.add_argument("--tokens", default="2048,4096,8192", help="comma-separated micro-batch sizes [2048,4096,8192]")
     table.add_argument("--scopes", default="lora,audio,full", help="comma-separated scopes [lora,audio,full]")
+    optimizer = commands.add_parser("plan-optimizer", help="the plan with fp32 vs 8-bit AdamW moments, checkpointing on")
+    optimizer.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
+    optimizer.add_argument("--scopes", default="lora,audio,full", help="comma-separated scopes [lora,audio,full]")
     commands.add_parser("validate", help="the plan against a measured CPU step of a 164M-parameter model")
     run = commands.add_parser("run", help="tokens/s, step time, peak memory, MFU; our loop vs a transformers.Trainer loop")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="[cuda if present, else cpu]")
     run.add_argument("--cases", default="", help="comma-separated case names to run [all of the device's]")
     run.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
                      help="also time a transformers.Trainer loop over the same model and batches [on]")
-    commands.add_parser("recompiles", help="torch.compile recompiles over 50 steps of distinct lengths, per dynamic setting")
-    for sub in (plan, table, run):
-        sub.add_argument("--json", help="also write the rows to this JSON file")
-    commands.choices["validate"].add_argument("--json", help="also write the rows to this JSON file")
-    commands.choices["recompiles"].add_argument("--json", help="also write the rows to this JSON file")
+    recompiles = commands.add_parser("recompiles", help="torch.compile recompiles over 50 steps of distinct lengths, per dynamic setting")
+    recompiles.add_argument("--scope", default="layers", choices=("layers", "model"), help="what is compiled [layers]")
+    graphs = commands.add_parser("graphs", help="graphs and breaks of a compiled step: layers and whole model, before/after")
+    graphs.add_argument("--backend", default="inductor", help="dynamo backend: inductor (what --compile uses) or eager [inductor]")
+    sync = commands.add_parser("syncs", help="host syncs per micro-batch, ours and the package's, per layer (released layout, fake tensors)")
+    sync.add_argument("--layers", type=int, default=2, help="decoder layers of the released layout [2]")
+    sync.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
+    losses = commands.add_parser("adamw8bit", help="train.py's losses with 8-bit vs fp32 AdamW moments (tiny preset, demo data)")
+    losses.add_argument("--steps", type=int, default=200, help="training steps [200]")
+    gpu = commands.add_parser("gpu", help="the GPU check: released layout, lora/audio at 4k tokens, compile off/on (<= 8 min on an H100)")
+    gpu.add_argument("--device", default="cuda", help="[cuda]; cpu with --model tiny runs the same code in seconds")
+    gpu.add_argument("--model", default="released", help="released or tiny [released]")
+    gpu.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
+    gpu.add_argument("--steps", type=int, default=5, help="timed steps per case [5]")
+    gpu.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles) [2]")
+    gpu.add_argument("--compile-backend", default="inductor", help="dynamo backend of the compiled cases [inductor]")
+    for sub in commands.choices.values():
+        sub.add_argument("--json", default="gpu_check.json" if sub is gpu else None,
+                         help="also write the rows to this JSON file" + (" [gpu_check.json]" if sub is gpu else ""))
     return parser.parse_args(argv)
+
+
+def _plan(args) -> list[dict]:
+    config = model_config(args.model, args.layers)
+    settings = bench_config(**{name: getattr(args, name) for name in STEP_SETTINGS if getattr(args, name) is not None})
+    started = time.perf_counter()
+    plan = plan_step(config, settings, args.tokens, args.sample_tokens)
+    chosen = {name: getattr(settings, name) for name in STEP_SETTINGS}
+    rows = [{**chosen, **asdict(plan), "seconds": time.perf_counter() - started, "fits": fits(plan.peak_gib)}]
+    for key, value in rows[0].items():
+        print(f"{key:>16}: {value:,.3f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    return rows
+
+
+def _run(args) -> list[dict]:
+    cases = gpu_cases() if args.device.startswith("cuda") else cpu_cases()
+    wanted = set(filter(None, args.cases.split(",")))
+    rows = []
+    for case in cases:
+        if not wanted or case.name in wanted:
+            try:
+                rows.append(run_case(case, args.device, args.trainer))
+            except torch.OutOfMemoryError:  # e.g. full fine-tuning of 5.8B on one card: reported, not fatal
+                rows.append({"case": case.name, "device": args.device, "step_s": "out of memory"})
+                torch.cuda.empty_cache()
+            print_table(rows[-1:], list(rows[-1]))
+    print()
+    print_table(rows, ["case", "device", "tokens", "step_s", "tokens_per_s", "peak_memory_gib", "mfu_pct",
+                       "trainer_step_s", "speedup_vs_trainer"])
+    return rows
+
+
+def _gpu(args) -> list[dict]:
+    started = time.perf_counter()
+    rows = gpu_check(args.device, args.model, args.tokens, args.steps, args.warmup, args.compile_backend)
+    print(f"\nGPU check: {time.perf_counter() - started:.0f} s in all")
+    print_table(rows, GPU_CHECK_COLUMNS)
+    return rows
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> list[dict]:
+    print()
+    print_table(rows, columns or [column for column in rows[0] if not isinstance(rows[0][column], (list, dict))])
+    return rows
+
+
+COMMANDS = {
+    "plan": _plan,
+    "plan-table": lambda args: _table(plan_table([int(t) for t in args.tokens.split(",")], args.scopes.split(","))),
+    "plan-optimizer": lambda args: _table(optimizer_table(args.tokens, args.scopes.split(","))),
+    "validate": lambda args: _table(validate()),
+    "run": _run,
+    "recompiles": lambda args: _table([count_recompiles(dynamic, scope=args.scope) for dynamic in (False, None, True)]),
+    "graphs": lambda args: _table([compile_graphs(scope, shapes, args.backend) for scope in ("layers", "model")
+                                   for shapes in (False, True)]),
+    "syncs": lambda args: _table(sync_rows(args.layers, args.tokens)),
+    "adamw8bit": lambda args: _table(optimizer_losses(args.steps)),
+    "gpu": _gpu,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command == "plan":
-        config = model_config(args.model, args.layers)
-        settings = bench_config(**{name: getattr(args, name) for name in STEP_SETTINGS if getattr(args, name) is not None})
-        started = time.perf_counter()
-        plan = plan_step(config, settings, args.tokens, args.sample_tokens)
-        chosen = {name: getattr(settings, name) for name in STEP_SETTINGS}
-        rows = [{**chosen, **asdict(plan), "seconds": time.perf_counter() - started, "fits": fits(plan.peak_gib)}]
-        for key, value in rows[0].items():
-            print(f"{key:>16}: {value:,.3f}" if isinstance(value, float) else f"{key:>16}: {value}")
-    elif args.command == "plan-table":
-        rows = plan_table([int(t) for t in args.tokens.split(",")], args.scopes.split(","))
-        print()
-        print_table(rows, list(rows[0]))
-    elif args.command == "validate":
-        rows = validate()
-        print_table(rows, list(rows[0]))
-    elif args.command == "run":
-        cases = gpu_cases() if args.device.startswith("cuda") else cpu_cases()
-        wanted = set(filter(None, args.cases.split(",")))
-        rows = []
-        for case in cases:
-            if not wanted or case.name in wanted:
-                try:
-                    rows.append(run_case(case, args.device, args.trainer))
-                except torch.OutOfMemoryError:  # e.g. full fine-tuning of 5.8B on one card: reported, not fatal
-                    rows.append({"case": case.name, "device": args.device, "step_s": "out of memory"})
-                    torch.cuda.empty_cache()
-                print_table(rows[-1:], list(rows[-1]))
-        print()
-        print_table(rows, ["case", "device", "tokens", "step_s", "tokens_per_s", "peak_memory_gib", "mfu_pct",
-                           "trainer_step_s", "speedup_vs_trainer"])
-    else:
-        rows = [count_recompiles(dynamic) for dynamic in (False, None, True)]
-        print_table(rows, list(rows[0]))
+    rows = COMMANDS[args.command](args)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     return 0
 
 

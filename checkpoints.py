@@ -38,7 +38,7 @@ import files
 import model_utils
 import parallel
 import training
-from config import TrainConfig, check_resume, config_changes
+from config import DEFAULTS, TrainConfig, check_resume, config_changes
 from parallel import World
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -46,6 +46,8 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # WER...); the key keeps the name checkpoints have always had, so that older ones resume.
 LOOP_KEYS = ("step", "position", "best_loss", "config")
 CHECKPOINT_KEYS = {"model", "optimizer", "rng", *LOOP_KEYS}
+# Kept since checkpoints began carrying them; an older checkpoint resumes without them.
+LATER_LOOP_KEYS = ("stale_evals", "eval_settings", "data", "guard_first")
 
 # --------------------------------------------------------------------------
 # Checkpoints (atomic, last K and best kept, weights_only-loadable)
@@ -89,13 +91,48 @@ def save_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, world: Wo
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
     rngs = parallel.gather_objects(rng_state(), world)
     path = folder / (name or f"step_{loop_state['step']:08d}.pt")
+    failure = None
     if world.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        with files.atomic_file(path) as handle:
-            torch.save({**loop_state, "model": model_state, "optimizer": optimizer_state, "rng": rngs}, handle)
-        prune_checkpoints(folder, keep_last, path)
-    parallel.wait_for_all(world)
+        state = {**loop_state, "model": model_state, "optimizer": optimizer_state, "rng": rngs}
+        failure = _write_twice(lambda: _write_checkpoint_file(path, state))
+        if failure is None:
+            prune_checkpoints(folder, keep_last, path)
+    failure = parallel.from_main_process(failure, world)  # every process stops together, or none
+    if failure:
+        latest = latest_checkpoint(run_dir)
+        raise SaveFailed(f"{failure} (tried twice); the last good checkpoint is {latest or 'none: nothing is saved'}")
     return path
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint that could not be written twice in a row: the message names it and the last good one."""
+
+
+RETRY_AFTER_SECONDS = 3.0
+
+
+def _write_twice(write) -> str | None:
+    """Run `write` again after a pause if it fails (a full disk may have been freed, a network filesystem may
+    have come back); None once it succeeds, else the second failure's one line."""
+    for attempt in range(2):
+        try:
+            write()
+            return None
+        except files.WriteError as error:
+            failure = str(error)
+            if attempt == 0:
+                time.sleep(RETRY_AFTER_SECONDS)
+    return failure
+
+
+def _write_checkpoint_file(path: Path, state: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise files.WriteError(path.parent, error) from error
+    with files.atomic_file(path) as handle:
+        torch.save(state, handle)
+    files.write_sidecar_digest(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -116,10 +153,16 @@ def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
     for old in found:
         if old not in keep:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
+            files.sidecar_of(old).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     """Restore model, optimizer and this process's RNG state; returns the loop's state (the `LOOP_KEYS`)."""
+    with training.update_stance(optimizer, next(model.parameters()).device):
+        return _load_checkpoint(path, model, optimizer, world)
+
+
+def _load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     if path.is_dir():
         return load_sharded_checkpoint(path, model, optimizer, world)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,7 +172,12 @@ def load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     _restore_rng(state, path, world)
-    return {key: state[key] for key in LOOP_KEYS}
+    return loop_state_of(state)
+
+
+def loop_state_of(state: dict) -> dict:
+    """The loop's state in a checkpoint's: the `LOOP_KEYS`, and those of `LATER_LOOP_KEYS` it has."""
+    return {key: state[key] for key in (*LOOP_KEYS, *LATER_LOOP_KEYS) if key in state}
 
 
 def _restore_rng(state: dict, path: Path, world: World) -> None:
@@ -173,13 +221,23 @@ def save_sharded_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, w
     # DCP writes each process's files (fsynced), then the metadata on process 0 after all have reported.
     dcp.save(sharded_tensors(model, optimizer), checkpoint_id=temporary)
     rngs = parallel.gather_objects(rng_state(), world)
+    digests = parallel.gather_objects(_own_shard_digests(temporary, world), world)
     if world.main:
         with files.atomic_file(temporary / TRAIN_STATE) as handle:
             torch.save({**loop_state, "rng": rngs}, handle)
+        written = {name: digest for shards in digests for name, digest in shards.items()}
+        written.update({name: files.sha256(temporary / name) for name in (TRAIN_STATE, ".metadata")})
+        files.write_folder_digests(temporary, written)
         _replace_directory(temporary, path)
         prune_checkpoints(folder, keep_last, path)
     parallel.wait_for_all(world)
     return path
+
+
+def _own_shard_digests(folder: Path, world: World) -> dict[str, str]:
+    """The SHA-256 of the shard files this process wrote (DCP names them `__RANK_N.distcp`): each process reads
+    back only its own, so no process reads the whole checkpoint."""
+    return {shard.name: files.sha256(shard) for shard in sorted(folder.glob(f"__{world.rank}_*.distcp"))}
 
 
 def _replace_directory(new: Path, path: Path) -> None:
@@ -201,11 +259,14 @@ def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     if len(state["rng"]) != world.size:
         raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with as many (now {world.size})")
     tensors = sharded_tensors(model, optimizer)
-    dcp.load(tensors, checkpoint_id=path)
+    try:
+        dcp.load(tensors, checkpoint_id=path)
+    except dcp.api.CheckpointException as error:  # a BaseException: it would escape every `except Exception`
+        raise ValueError(f"{path}: its shards cannot be read ({files.first_line(error)})") from None
     set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     _restore_rng(state, path, world)
-    return {key: state[key] for key in LOOP_KEYS}
+    return loop_state_of(state)
 
 
 # --------------------------------------------------------------------------
@@ -247,16 +308,20 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     return stray
 
 
-def read_checkpoint_state(path: Path) -> dict:
+def read_checkpoint_state(path: Path, verify: bool = True) -> dict:
     """A checkpoint's state with its tensors memory-mapped (read when used), or a ValueError saying what is
-    wrong with the file (empty, truncated, not a checkpoint, another program's)."""
-    required = CHECKPOINT_KEYS
+    wrong with the file (bytes changed since written, empty, truncated, not a checkpoint, another program's).
+    `verify` checks the content against the SHA-256 written with it first (about 1.4 GB/s here)."""
+    required, state_file = CHECKPOINT_KEYS, path
     if path.is_dir():  # a sharded checkpoint: its tensors are in the DCP files, the rest in train_state.pt
-        path, required = path / TRAIN_STATE, CHECKPOINT_KEYS - {"model", "optimizer"}
+        required, state_file = CHECKPOINT_KEYS - {"model", "optimizer"}, path / TRAIN_STATE
     try:
-        if path.stat().st_size == 0:
+        if state_file.stat().st_size == 0:
             raise ValueError("empty file")
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        problem = files.digest_problem(path) if verify else None
+        if problem:
+            raise ValueError(problem)
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
     except ValueError:
         raise
     except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
@@ -267,27 +332,45 @@ def read_checkpoint_state(path: Path) -> dict:
 
 
 def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, dict]:
-    """The newest readable `step_N.pt` and its state; damaged newer ones are named and set aside as `*.corrupt`."""
+    """The newest intact `step_N` checkpoint and its state; damaged newer ones are named and set aside as
+    `*.corrupt`. Process 0 checks the candidates (their content against its SHA-256, then their state) and
+    the other processes take its choice, so that no process but one reads a damaged checkpoint whole."""
+    chosen = _choose_intact(run_dir, say) if world.main else None
+    chosen = parallel.from_main_process(chosen, world)
+    if isinstance(chosen, Exception):
+        raise chosen
+    return chosen, read_checkpoint_state(chosen, verify=False)
+
+
+def _choose_intact(run_dir: Path, say) -> Path | Exception:
     folder = run_dir / "checkpoints"
     found = step_checkpoints(folder)
     if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {folder}: nothing to resume (pick another --run-name)")
+        return FileNotFoundError(f"--resume: no checkpoint in {folder}: nothing to resume (pick another --run-name)")
     damaged: list[tuple[Path, str]] = []
     for path in reversed(found):
         try:
-            state = read_checkpoint_state(path)
+            read_checkpoint_state(path)
         except ValueError as error:
             damaged.append((path, str(error)))
             continue
         if damaged:
             listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
             say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
-            if world.main:
-                for bad, _ in damaged:
-                    os.replace(bad, bad.with_name(bad.name + ".corrupt"))
-        return path, state
+            for bad, _ in damaged:
+                set_aside(bad)
+        return path
     listed = "; ".join(f"{bad.name} ({reason})" for bad, reason in damaged)
-    raise ValueError(f"--resume: no intact checkpoint in {folder}: {listed}")
+    return ValueError(f"--resume: no intact checkpoint in {folder}: {listed}")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint (and its digest) to `*.corrupt`, kept for a look, out of the listing."""
+    corrupt = path.with_name(path.name + ".corrupt")
+    os.replace(path, corrupt)
+    if files.sidecar_of(path).is_file():
+        os.replace(files.sidecar_of(path), files.sidecar_of(corrupt))
+    return corrupt
 
 
 def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, saved: dict | None) -> None:
@@ -310,22 +393,115 @@ def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, world: 
     """The final model in `HiggsAudioModel.from_pretrained` format (LoRA merged), with its text tokenizer
     and its audio tokenizer (`audio_tokenizer/`, or a pointer to it), so `infer.py` and the package's
     `HiggsAudioServeEngine` load it (the engine prompts in the trained layout through `generation.align_serve_engine`),
-    and `prompt_layout.json`. Written whole into a temporary folder, then renamed."""
+    and `prompt_layout.json`. Every process takes part in gathering the weights; process 0 writes."""
     full = get_model_state_dict(model, options=FULL_STATE)
     if world.main:
-        fresh = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed).model
-        if config.scope == "lora":
-            fresh = training.add_lora(fresh, config)
+        fresh = _trained_layout(config)
         fresh.load_state_dict(full)
-        if config.scope == "lora":
-            fresh = fresh.merge_and_unload()
-        with files.atomic_directory(out) as folder:
-            fresh.save_pretrained(folder)
-            bundle.tokenizer.save_pretrained(folder)
-            data.write_prompt_layout(folder, data.PromptLayout(ref_in_system=config.ref_in_system))
-            if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
-                model_utils.save_tiny_audio_tokenizer(folder / "audio_tokenizer", seed=config.seed)
-            else:
-                (folder / "audio_tokenizer.json").write_text(json.dumps({"audio_tokenizer": config.audio_tokenizer}))
+        write_export(_merged(fresh, config), bundle.tokenizer, config, out)
     parallel.wait_for_all(world)
     return out
+
+
+def write_export(model, tokenizer, config: TrainConfig, out: Path) -> Path:
+    """Write a model (LoRA merged) as an export: written whole into a temporary folder, with the SHA-256 of
+    every file, then renamed."""
+    with files.atomic_directory(out) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        data.write_prompt_layout(folder, data.PromptLayout(ref_in_system=config.ref_in_system))
+        if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
+            model_utils.save_tiny_audio_tokenizer(folder / "audio_tokenizer", seed=config.seed)
+        else:
+            (folder / "audio_tokenizer.json").write_text(json.dumps({"audio_tokenizer": config.audio_tokenizer}))
+    return out
+
+
+def _trained_layout(config: TrainConfig, device: str = "cpu") -> torch.nn.Module:
+    """The model `config` trains, freshly loaded, with LoRA adapters where it trains them."""
+    fresh = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=device).model
+    return training.add_lora(fresh, config) if config.scope == "lora" else fresh
+
+
+def _merged(model, config: TrainConfig):
+    return model.merge_and_unload() if config.scope == "lora" else model
+
+
+# --------------------------------------------------------------------------
+# A checkpoint as a model: for infer.py --checkpoint and train.py --export-from
+# --------------------------------------------------------------------------
+
+
+def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.Bundle, TrainConfig]:
+    """The model a checkpoint holds (its trained parameters on the model its own config names, LoRA merged),
+    with its tokenizers, and that config. The checkpoint's content is checked against its SHA-256 first."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    state = read_checkpoint_state(path)
+    trained = TrainConfig(**{name: value for name, value in state["config"].items() if name in DEFAULTS})
+    bundle = model_utils.load_bundle(trained.model, trained.audio_tokenizer, seed=trained.seed, device=device)
+    model = training.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
+    weights = _sharded_weights(path, model) if path.is_dir() else state["model"]
+    missing = trained_names(model) - set(weights)
+    if missing:
+        raise ValueError(f"{path} lacks trained parameters of {trained.model} ({trained.scope}), e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model_utils.Bundle(_merged(model, trained).eval(), bundle.tokenizer, bundle.audio_tokenizer), trained
+
+
+def _sharded_weights(path: Path, model) -> dict:
+    """The trained parameters of a sharded (FSDP) checkpoint, read whole in this one process."""
+    weights = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+    try:
+        dcp.load({"model": weights}, checkpoint_id=path)
+    except dcp.api.CheckpointException as error:
+        raise ValueError(f"{path}: its shards cannot be read ({files.first_line(error)})") from None
+    return weights
+
+
+def export_checkpoint(path: Path) -> Path:
+    """`train.py --export-from`: `RUN/checkpoints/NAME.pt` (or `NAME.dcp`) exported to `RUN/export-NAME/`."""
+    bundle, trained = model_from_checkpoint(path)
+    return write_export(bundle.model, bundle.tokenizer, trained, Path(path).parent.parent / f"export-{Path(path).stem}")
+
+
+# --------------------------------------------------------------------------
+# What a resumed run must match: its data, and the settings its best score was measured with
+# --------------------------------------------------------------------------
+
+
+def check_data(saved: dict, fingerprints: dict[str, str], allow_change: bool, checkpoint: Path, say) -> None:
+    """Refuse, in one line, a --resume whose training or validation data changed in content since the
+    checkpoint (`loader.data_fingerprint`); with --allow-data-change, say so and go on. A checkpoint written
+    before fingerprints were kept cannot be checked, and that is said too."""
+    if "data" not in saved:
+        say(f"note: {checkpoint} predates data fingerprints: the data it was trained on cannot be compared")
+        return
+    changed = [name for name, fingerprint in fingerprints.items() if saved["data"].get(name) != fingerprint]
+    if not changed:
+        return
+    what = " and ".join(_data_label(name) for name in changed)
+    if not allow_change:
+        raise ValueError(f"--resume: the {what} changed since {checkpoint} was written (its content fingerprint differs): "
+                         "resume with the data it was trained on, or add --allow-data-change to go on knowingly")
+    say(f"warning: the {what} changed since {checkpoint} was written; going on (--allow-data-change)")
+
+
+def _data_label(key: str) -> str:
+    """A fingerprint's key in words: `train`/`val` (a lone set), `train:NAME`/`val:NAME` (a named one)."""
+    kind, _, name = key.partition(":")
+    words = {"train": "training", "val": "validation"}[kind]
+    return f"{words} set {name}" if name else f"{words} data"
+
+
+def retire_best(run_dir: Path, step: int) -> Path | None:
+    """Move best.pt (or best.dcp) aside as `best-until-step-N`, so that a new best can start without losing it."""
+    for best in (run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / f"best{SHARDED_SUFFIX}"):
+        if best.exists():
+            kept = best.with_name(f"best-until-step-{step}{best.suffix}")
+            os.replace(best, kept)
+            if files.sidecar_of(best).is_file():
+                os.replace(files.sidecar_of(best), files.sidecar_of(kept))
+            return kept
+    return None

@@ -12,7 +12,7 @@ padding stays small.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Sequence
 
 import numpy as np
@@ -152,9 +152,43 @@ def collate(
 
 
 def batch_to_model_inputs(batch: HiggsAudioBatchInput, device: torch.device | str) -> dict:
-    """The batch as `model(**inputs)` keyword arguments, tensors on `device`."""
-    inputs = {key: value for key, value in asdict(batch).items() if key != "reward"}
-    return {key: value.contiguous().to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+    """The batch as `model(**inputs)` keyword arguments, tensors on `device`.
+
+    The copies are `non_blocking`: from a `pinned` batch the host queues them
+    and goes on (from pageable memory CUDA copies synchronously anyway).
+    """
+    return {key: value.contiguous().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in _fields(batch).items() if key != "reward"}
+
+
+def pinned(batch: HiggsAudioBatchInput) -> HiggsAudioBatchInput:
+    """The batch with its tensors contiguous in pinned (page-locked) host memory, from which a copy to the
+    GPU does not make the host wait; the loader pins each batch in its prefetch thread."""
+    return HiggsAudioBatchInput(**{key: value.contiguous().pin_memory() if isinstance(value, torch.Tensor) else value
+                                   for key, value in _fields(batch).items()})
+
+
+def _fields(batch: HiggsAudioBatchInput) -> dict:
+    """The batch's fields, the tensors themselves (`dataclasses.asdict` would deep-copy each one)."""
+    return {field.name: getattr(batch, field.name) for field in fields(batch)}
+
+
+def text_label_count(batch: HiggsAudioBatchInput, config: HiggsAudioConfig) -> int:
+    """Positions of the model's merged sequence whose next token carries a text label, counted on the host.
+
+    The model's merge keeps the labels of text tokens (every token but the
+    audio placeholders, whose columns get -100) and the loss shifts by one,
+    so that the label of a row's first position is never predicted: a batch
+    labelling a first token is refused (a voice-cloning sample never does:
+    it starts with `<|begin_of_text|>`). Counted with numpy on the CPU batch,
+    so the count never asks the device (`model_utils.labelled_positions`).
+    """
+    input_ids, labels = batch.input_ids.numpy(), batch.label_ids.numpy()
+    text = (input_ids != config.audio_in_token_idx) & (input_ids != config.audio_out_token_idx)
+    labelled = (labels != -100) & text
+    if labelled[:, 0].any():
+        raise SampleError(f"batch samples {np.flatnonzero(labelled[:, 0]).tolist()} label their first token, which no position predicts")
+    return int(labelled.sum())
 
 
 def describe_batch(batch: HiggsAudioBatchInput, tokenizer, config: HiggsAudioConfig, index: int = 0) -> str:

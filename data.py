@@ -9,7 +9,9 @@ voice-cloning example (`examples/generation.py: prepare_generation_context` in
 boson-ai/higgs-audio), and the text normalisation that example applies before
 generation is applied here, so training text is normalised as inference text.
 
-It also loads audio: any WAV/FLAC (8 to 48 kHz, 16/24/32-bit int or float,
+It holds the one table of limits (`LIMITS`: sample rates, reference and clip
+lengths, text length) that manifest validation, the segmenter and infer.py
+read. It also loads audio: any WAV/FLAC (8 to 48 kHz, 16/24/32-bit int or float,
 mono or multi-channel) to mono float32 at the audio tokenizer's rate
 (`load_clip` first refuses a WAV cut short and more than MAX_CHANNELS
 channels), and encodes a clip into audio codes (`encode_clip`). A manifest's
@@ -42,11 +44,35 @@ GENERATION_PREFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 # Text that spells a control token (<|eot_id|>, <|AUDIO_OUT|>, ...) would be
 # tokenised into the real token by prepare_chatml_sample.
 CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
-# A voice prompt for cloning: under a second carries little of the voice (and a few samples are shorter than
-# the audio tokenizer's convolutions take); over 30 s is past what the collator's Whisper path handles and far
-# past the voice prompts of the official examples (seconds).
-MIN_REFERENCE_SECONDS, MAX_REFERENCE_SECONDS = 1.0, collate.WHISPER_MAX_SECONDS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The one table of what a clip and a text may be, wherever they come in: manifest validation (prepare,
+    training, `--eval`), the importers and the segmenter, and infer.py. Filters (`prepare --max-seconds`, ...)
+    may narrow these, never widen them."""
+
+    min_sample_rate: int = 8000
+    max_sample_rate: int = 48000
+    # A voice prompt: under a second carries little of the voice; over 30 s is past what the collator's Whisper
+    # path handles and far past the voice prompts of the official examples (seconds).
+    min_reference_seconds: float = 1.0
+    max_reference_seconds: float = collate.WHISPER_MAX_SECONDS
+    # A clip to speak: the audio tokenizer's convolutions need about 0.03 s (shorter is a RuntimeError inside
+    # the package), and 0.1 s holds no word; 60 s is about what the longest text below takes to say.
+    min_target_seconds: float = 0.1
+    max_target_seconds: float = 60.0
+    # Longer transcripts are mis-segmentations: 30 s of speech is ~500 characters.
+    max_text_chars: int = 1000
+
+    def reference_fits(self, seconds: float) -> bool:
+        return self.min_reference_seconds <= seconds <= self.max_reference_seconds
+
+    def reference_range(self) -> str:
+        return f"{self.min_reference_seconds:g} to {self.max_reference_seconds:g} s"
+
+
+LIMITS = Limits()
 
 
 class AudioError(ValueError):
@@ -72,16 +98,15 @@ def load_audio(path: str | Path, target_rate: int) -> np.ndarray:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as error:
         raise AudioError(f"{path}: unreadable audio ({error})") from None
-    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+    if not LIMITS.min_sample_rate <= rate <= LIMITS.max_sample_rate:
+        raise AudioError(f"{path}: sample rate {rate} Hz is outside {LIMITS.min_sample_rate}-{LIMITS.max_sample_rate} Hz")
     return to_model_rate(samples.mean(axis=1), rate, target_rate, str(path))
 
 
 def check_reference_seconds(seconds: float, name: str) -> None:
-    """A reference clip outside MIN_REFERENCE_SECONDS..MAX_REFERENCE_SECONDS is an `AudioError` naming it."""
-    if not MIN_REFERENCE_SECONDS <= seconds <= MAX_REFERENCE_SECONDS:
-        raise AudioError(f"{name}: the reference lasts {seconds:.2f} s; a voice prompt must last "
-                         f"{MIN_REFERENCE_SECONDS:g} to {MAX_REFERENCE_SECONDS:g} s")
+    """A reference clip outside the reference limits of `LIMITS` is an `AudioError` naming it."""
+    if not LIMITS.reference_fits(seconds):
+        raise AudioError(f"{name}: the reference lasts {seconds:.2f} s; a voice prompt must last {LIMITS.reference_range()}")
 
 
 def to_model_rate(samples: np.ndarray, rate: int, target_rate: int, name: str = "audio") -> np.ndarray:
@@ -113,7 +138,11 @@ def load_clip(path: str | Path, rate: int) -> np.ndarray:
     path = Path(path)
     if path.is_file():
         _check_container(path)
-    return load_audio(path, rate)
+    samples = load_audio(path, rate)
+    if len(samples) < LIMITS.min_target_seconds * rate:
+        raise AudioError(f"{path}: lasts {len(samples) / rate:.3f} s, shorter than the {LIMITS.min_target_seconds:g} s "
+                         "any clip must last")
+    return samples
 
 
 def _check_container(path: Path) -> None:
@@ -144,6 +173,14 @@ def _wav_missing_bytes(path: Path) -> int:
                 return 0 if length in (0, 0xFFFFFFFF) else max(0, offset + 8 + length - size)
             offset += 8 + length + length % 2
     return 0
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: a clip's identity whatever its path (the cache's keys, train/val overlap)."""
+    if not Path(path).is_file():
+        raise AudioError(f"{path}: no such audio file")
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def encode_clip(audio_tokenizer, waveform: np.ndarray) -> torch.Tensor:

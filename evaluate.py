@@ -11,12 +11,12 @@ rows.csv (`eval_dir.EvalDir`, which also refuses a used directory and
 resumes a half-done one). The summary gives ours (means, corpus WER, the
 real targets') and the Seed-TTS-eval aggregates (`seedtts.py`).
 
-In the training loop, `evaluate_in_loop` computes the validation losses
-and, for the first `--eval-prompts` validation pairs, judges greedy clones
+In the training loop, `evaluate_in_loop` computes each validation set's
+losses and, for its first `--eval-prompts` pairs, judges greedy clones
 (`clones_of`, `--eval-batch-size` per decoding step, then `score_row`),
-logging both;
-`selection_score` and `Best` decide which evaluation's weights `best.pt`
-keeps and when `--patience` stops the run.
+logging both under the set's name; `selection_score` and `Best` decide
+which evaluation's weights `best.pt` keeps and when `--patience` stops the
+run, and `Guards` which evaluations the `--guard` bounds veto or stop at.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ import parallel
 import prepare
 import seedtts
 import training
-from config import TrainConfig
+from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_sets
 from parallel import World
 
 
@@ -328,54 +329,87 @@ class CloneJudge:
 
 @dataclass
 class Validation:
-    """The validation pairs, their batch builder and, on process 0 where clips are generated, their judge."""
+    """One validation set: its name (None for a lone unnamed set, logged as val/* and quality/*), its rows (for
+    the data fingerprint and the train/val overlap report) and their pairs, the pairs' batch builder and, on
+    process 0 where clips are generated, their judge."""
 
+    name: str | None
+    rows: list[dict]
     pairs: list[manifest.Pair]
     builder: loader.BatchBuilder
-    clones: CloneJudge | None
+    clones: CloneJudge | None = None
 
 
 def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, world: World, device: str,
-                    run_dir: Path) -> Validation | None:
-    """The --val-manifest rows validated (rejections in `val_rejections.jsonl`), paired once with the seed;
-    None without a validation set. Clips shared with the training manifest (the demo validates on its own
-    data) are encoded once."""
-    pairs, rows, builder = [], [], None
-    if config.val_manifest:
-        val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
-        rows = loader.validated_rows(config.val_manifest, val_codes, world, run_dir / "val_rejections.jsonl")
+                    run_dir: Path) -> list[Validation]:
+    """Each --val-manifest set's rows validated (rejections in `val_rejections.jsonl`, or
+    `val_rejections-NAME.jsonl`), paired once with the seed; none without --val-manifest. A set with no pair
+    to validate on is a one-line error after its counts. Clips shared with the training manifests (the demo
+    validates on its own data) are encoded once."""
+    val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
+    validations = []
+    for spec in validation_sets(config):
+        report = run_dir / ("val_rejections.jsonl" if spec.name is None else f"val_rejections-{spec.name}.jsonl")
+        rows = loader.validated_rows(spec.path, val_codes, world, report)
         pairs = manifest.training_pairs(rows, config.seed, 0)[0]
-        builder = loader.BatchBuilder(bundle, config, val_codes)
-    clones = clone_judge(config, rows, pairs, world, device)
-    return Validation(pairs, builder, clones) if pairs else None
+        if not pairs:
+            raise ValueError(f"{spec.path}: no usable validation pair (counts above)")
+        validations.append(Validation(spec.name, rows, pairs, loader.BatchBuilder(bundle, config, val_codes)))
+    attach_judges(validations, config, world, device)
+    return validations
 
 
-def clone_judge(config: TrainConfig, val_rows: list[dict], val_pairs: list[manifest.Pair], world: World,
-                device: str) -> CloneJudge | None:
-    """The judge of generated validation clips, on process 0; None where no clip is generated.
+def attach_judges(validations: list[Validation], config: TrainConfig, world: World, device: str) -> None:
+    """Give each validation set the judge of its generated clips, on process 0; none where no clip is generated.
 
     Under FSDP no clip is generated (each generation step would need every
-    process), so --best-by on a clip metric is refused there.
+    process), so --best-by or --guard on a clip metric is refused there; a
+    WER-based one needs an ASR for a language of its set's first --eval-prompts rows.
     """
-    generates = bool(val_pairs and config.eval_every and config.eval_prompts)
+    generates = bool(validations and config.eval_every and config.eval_prompts)
     generates &= not (world.distributed and config.parallel == "fsdp")
-    if config.best_by != "val_loss" and not generates:
-        raise ValueError(f"--best-by {config.best_by} needs generated validation clips, which FSDP does not make; use val_loss")
-    clones = None
+    watchers = clip_watchers(config)
+    if watchers and not generates:
+        raise ValueError(f"{watchers[0][0]} needs generated validation clips, which FSDP does not make; use val_loss")
+    judge = None
     if generates and world.main:
         judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None, device)
-        clones = CloneJudge(judge, {row["id"]: row.get("language") for row in val_rows})
-    prompts = val_pairs[: config.eval_prompts]
-    no_asr = clones is not None and config.best_by in ("wer", "sim_wer") and not any(
-        clones.judge.intelligibility_available(clones.languages[pair.id]) for pair in prompts)
-    if parallel.any_process(no_asr, world, device):
-        raise ValueError(f"--best-by {config.best_by}: no ASR for the languages of the first --eval-prompts validation rows; "
-                         "give --asr-model (Whisper) or --eval-language")
-    return clones
+    for validation in validations:
+        validation.clones = CloneJudge(judge, {row["id"]: row.get("language") for row in validation.rows}) if judge else None
+    by_name = {validation.name: validation for validation in validations}
+    for label, metric, name in watchers:
+        clones, prompts = by_name[name].clones, by_name[name].pairs[: config.eval_prompts]
+        no_asr = clones is not None and metric in ("wer", "sim_wer") and not any(
+            clones.judge.intelligibility_available(clones.languages[pair.id]) for pair in prompts)
+        if parallel.any_process(no_asr, world, device):
+            raise ValueError(f"{label}: no ASR for the languages of the first --eval-prompts rows of its validation set; "
+                             "give --asr-model (Whisper) or --eval-language")
 
 
-def evaluate_in_loop(model, validation: Validation, config: TrainConfig, world: World, device: str, writer,
-                     step: int) -> tuple[dict[str, float], dict[str, float]]:
+def clip_watchers(config: TrainConfig) -> list[tuple[str, str, str | None]]:
+    """(flag as given, metric, validation set) of --best-by and each --guard that measure generated clips."""
+    metric, name = selection(config)
+    watched = [(f"--best-by {config.best_by}", metric, name)]
+    watched += [(f"--guard {rule.text}", rule.metric, rule.set_name) for rule in guard_rules(config)]
+    return [watcher for watcher in watched if watcher[1] in CLIP_METRICS]
+
+
+class Scores(NamedTuple):
+    """One validation set's evaluation: its losses (`val`) and its clips' quality means (`quality`)."""
+
+    val: dict[str, float]
+    quality: dict[str, float]
+
+
+def evaluate_in_loop(model, validations: list[Validation], config: TrainConfig, world: World, device: str, writer,
+                     step: int) -> dict[str | None, Scores]:
+    """Each validation set's `Scores`, logged under its name (`SetWriter`), by set name; the same on every process."""
+    return {validation.name: evaluate_set(model, validation, config, world, device, SetWriter.of(writer, validation.name), step)
+            for validation in validations}
+
+
+def evaluate_set(model, validation: Validation, config: TrainConfig, world: World, device: str, writer,
+                 step: int) -> Scores:
     """Validation losses (`val/*`) and, where clips are generated, their quality (`quality/*`), logged;
     returns both, the same on every process."""
     val = validation_loss(model, validation, config, world, device)
@@ -384,8 +418,77 @@ def evaluate_in_loop(model, validation: Validation, config: TrainConfig, world: 
             writer.add_scalar(f"val/{name}", value, step)
     quality = {}
     if validation.clones:
-        quality = log_generations(writer, step, parallel.unwrap(model), validation, config, device)
-    return val, parallel.from_main_process(quality, world)
+        try:
+            quality = log_generations(writer, step, parallel.unwrap(model), validation, config, device)
+        except Exception as error:  # a clip that cannot be generated or scored must not cost the training
+            report_failure(writer, step, "the validation clips could not be generated or scored", error)
+    return Scores(val, parallel.from_main_process(quality, world))
+
+
+class SetWriter:
+    """A SummaryWriter whose tags carry a validation set's name after their first part (`val/NAME/total`,
+    `quality/NAME/sim`, `generated/NAME/ID`), so that each set's panels are its own while the code that logs
+    them is that of one set."""
+
+    def __init__(self, writer, name: str):
+        self.writer, self.name = writer, name
+
+    @classmethod
+    def of(cls, writer, name: str | None):
+        return cls(writer, name) if writer is not None and name is not None else writer
+
+    def __getattr__(self, method: str):
+        if not method.startswith("add_"):
+            raise AttributeError(method)
+        write = getattr(self.writer, method)
+
+        def named(tag: str, *args, **kwargs):
+            first, _, rest = tag.partition("/")
+            return write(f"{first}/{self.name}/{rest}", *args, **kwargs)
+
+        return named
+
+
+def log_set_layout(writer, validation_names: list[str | None], training_names: list[str]) -> None:
+    """TensorBoard's Custom Scalars tab: for several named validation sets, one chart per metric with a line
+    per set, and for a mixture, each set's share and epoch, so that sets are read side by side."""
+    charts = {}
+    named = "|".join(name for name in validation_names if name)
+    if len([name for name in validation_names if name]) > 1:
+        charts["validation sets"] = {f"{prefix}/{metric}": ["Multiline", [f"^{prefix}/({named})/{metric}$"]]
+                                     for prefix, metric in (("val", "total"), ("val", "audio"), ("val", "kl"),
+                                                            ("quality", "sim"), ("quality", "error_rate"))}
+    if len(training_names) > 1:
+        charts["training mixture"] = {f"mixture/{panel}": ["Multiline", [f"^mixture/[^/]+/{panel}$"]]
+                                      for panel in ("share", "sample_share", "epoch")}
+    if writer is not None and charts:
+        writer.add_custom_scalars(charts)
+
+
+def report_failure(writer, step: int, what: str, error: Exception) -> None:
+    """An evaluation that failed, in one line on stderr and in TensorBoard (`eval/failures`, `eval/failure`);
+    the run goes on, and a selection score that could not be measured never makes a new best."""
+    line = f"step {step}: {what} ({type(error).__name__}: {files.first_line(error)}); training goes on"
+    print(f"warning: {line}", file=sys.stderr)
+    if writer:
+        writer.add_scalar("eval/failures", 1, step)
+        writer.add_text("eval/failure", line, step)
+
+
+EVAL_SETTINGS = ("best_by", "eval_prompts", "eval_max_seconds", "asr_model", "speaker_model", "eval_language")
+
+
+def eval_settings(config: TrainConfig, validations: list[Validation]) -> dict:
+    """What a best score was measured with: the selection and evaluation settings, the guards, and the
+    validation data's content (one fingerprint for a lone unnamed set, one per name otherwise), so that a
+    resumed run compares scores only with scores measured alike."""
+    settings = {name: getattr(config, name) for name in EVAL_SETTINGS}
+    fingerprints = {validation.name: loader.data_fingerprint(validation.rows, validation.builder.codes)
+                    for validation in validations}
+    settings["val_data"] = fingerprints.get(None) if list(fingerprints) in ([], [None]) else fingerprints
+    if config.guard:  # absent otherwise, so that checkpoints written before guards compare equal
+        settings |= {"guard": list(config.guard), "guard_action": config.guard_action}
+    return settings
 
 
 def validation_loss(model, validation: Validation, config: TrainConfig, world: World, device: str) -> dict[str, float]:
@@ -401,13 +504,18 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
         for round_ in range(math.ceil(len(chunks) / world.size)):
             index = round_ * world.size + world.rank
             batch = validation.builder.batch(chunks[index % len(chunks)])
-            loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, device)), batch.label_audio_ids)
+            inputs = collate.batch_to_model_inputs(batch, device)
+            outputs = model(**inputs)
+            loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
+            parts = [loss.total, loss.text, loss.audio, *loss.per_codebook]
+            if config.scope == "lora":  # how far the adapted model has moved from its base on this set
+                parts.append(training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids))
             real = float(index < len(chunks))
-            values = [float(value) * real for value in (loss.total, loss.text, loss.audio, *loss.per_codebook)]
+            values = [float(value) * real for value in parts]
             sums = values if sums is None else [total + value for total, value in zip(sums, values)]
             weight += real
     totals = parallel.sum_over_processes(torch.tensor(sums + [weight], dtype=torch.float64, device=device), world).tolist()
-    names = training.loss_names(len(sums) - 3)
+    names = training.loss_names(len(loss.per_codebook)) + ["kl"] * (config.scope == "lora")
     return {name: value / totals[-1] for name, value in zip(names, totals)}
 
 
@@ -455,10 +563,17 @@ def mel_panels(waveforms: list[np.ndarray], rate: int) -> np.ndarray:
     return np.concatenate(panels[:-1], axis=1).astype(np.float32)
 
 
-def selection_score(best_by: str, val: dict[str, float], quality: dict[str, float]) -> float:
-    """What best.pt minimises: validation loss, -SIM, WER/CER, or WER/CER - SIM; inf when it is unavailable."""
+def metric_value(metric: str, val: dict[str, float], quality: dict[str, float]) -> float:
+    """A metric of one validation set's evaluation, in its own sign; NaN when it is unavailable."""
     sim, error = quality.get("sim", math.nan), quality.get("error_rate", math.nan)
-    score = {"val_loss": val["total"], "sim": -sim, "wer": error, "sim_wer": error - sim}[best_by]
+    return {"val_loss": val["total"], "sim": sim, "wer": error, "sim_wer": error - sim, "kl": val.get("kl", math.nan)}[metric]
+
+
+def selection_score(best_by: str, val: dict[str, float], quality: dict[str, float]) -> float:
+    """What best.pt minimises (`best_by` is the metric): validation loss, -SIM, WER/CER, or WER/CER - SIM;
+    inf when it is unavailable."""
+    value = metric_value(best_by, val, quality)
+    score = -value if best_by == "sim" else value
     return score if math.isfinite(score) else math.inf
 
 
@@ -483,3 +598,45 @@ class Best:
     def value(self, best_by: str) -> float:
         """The best score in its metric's own sign (SIM is minimised as -SIM)."""
         return -self.score if best_by == "sim" else self.score
+
+
+@dataclass
+class Guards:
+    """The --guard bounds on validation metrics, and each relative bound's first value.
+
+    A relative bound (`wer@en<=+0.05`) is measured from its metric's first
+    evaluation, made before the first step, and kept in checkpoints
+    (`first`, by the rule's text). `judge` gives the lines of an evaluation
+    that breaks a bound, or cannot be measured for one: such an evaluation
+    never becomes best.pt, and a breach with --guard-action stop sets `stop`.
+    """
+
+    rules: list[GuardRule]
+    action: str = "veto"
+    first: dict[str, float] = field(default_factory=dict)
+    stop: bool = False
+
+    def needs_first(self) -> bool:
+        return any(rule.relative and rule.text not in self.first for rule in self.rules)
+
+    def record_first(self, scores: dict[str | None, Scores]) -> None:
+        for rule in self.rules:
+            value = metric_value(rule.metric, *scores[rule.set_name])
+            if rule.relative and rule.text not in self.first and math.isfinite(value):
+                self.first[rule.text] = value
+
+    def judge(self, scores: dict[str | None, Scores]) -> list[str]:
+        """The lines of the bounds this evaluation breaks or cannot measure."""
+        self.record_first(scores)  # a first evaluation that could not measure a metric leaves its first value to the next
+        lines = []
+        for rule in self.rules:
+            value = metric_value(rule.metric, *scores[rule.set_name])
+            first = self.first.get(rule.text)
+            if not math.isfinite(value) or (rule.relative and first is None):
+                lines.append(f"--guard {rule.text}: {rule.metric} could not be measured, so this evaluation cannot be best")
+            elif rule.breached(value, first):
+                since = f" (first evaluation {first:.4f})" if rule.relative else ""
+                lines.append(f"--guard {rule.text} breached: {rule.metric} {value:.4f} "
+                             f"{'>' if rule.upper else '<'} {rule.limit(first):.4f}{since}")
+                self.stop |= self.action == "stop"
+        return lines

@@ -1,4 +1,5 @@
-"""Files that are whole or absent: written under a temporary name, fsynced, then renamed.
+"""Files that are whole or absent, and whose content is checked: written under a temporary name, fsynced,
+then renamed; large ones carry a SHA-256 that is checked before they are loaded.
 
 This module owns the one atomic writer. Checkpoints, configs and exports
 (`checkpoints.py`, `train.py`), prompt layouts (`data.py`), validation reports
@@ -13,6 +14,8 @@ before it returns.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -81,18 +84,21 @@ def append_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: Path):
-    """Yields an empty folder `PATH.tmp-XXXX`; on success every file in it is fsynced and it replaces
-    `path` (an older `path` is moved to `PATH.old-XXXX`, then deleted); on any failure it is removed."""
+    """Yields an empty folder `PATH.tmp-XXXX`; on success its files' SHA-256 are listed in `sha256.json`, every
+    file is fsynced and the folder replaces `path` (an older `path` is moved to `PATH.old-XXXX`, then
+    deleted), with the permissions of a folder made by `mkdir`; on any failure it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
     old = path.with_name(temporary.name.replace(".tmp-", ".old-"))
     try:
         yield temporary
+        write_folder_digests(temporary)
         for folder, _, files in os.walk(temporary, topdown=False):
             for name in files:
                 with open(os.path.join(folder, name), "rb") as handle:
                     os.fsync(handle.fileno())
             fsync_directory(Path(folder))
+        temporary.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700, private to its owner
         if path.exists():
             os.replace(path, old)
         os.replace(temporary, path)
@@ -105,3 +111,71 @@ def atomic_directory(path: Path):
         if isinstance(error, Exception):
             raise WriteError(path, error) from error
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------
+# Content digests: a file or folder whose bytes changed since it was written is named, never loaded
+# --------------------------------------------------------------------------
+
+DIGESTS = "sha256.json"  # in a folder: every other file's SHA-256, by its path relative to the folder
+SIDECAR_SUFFIX = ".sha256"  # beside a single file: its SHA-256
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_sidecar_digest(path: Path) -> Path:
+    """`PATH.sha256` holding the SHA-256 of the file at `path` (written whole or not at all)."""
+    sidecar = sidecar_of(path)
+    write_text(sidecar, sha256(path) + "\n")
+    return sidecar
+
+
+def sidecar_of(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def write_folder_digests(folder: Path, digests: dict[str, str] | None = None) -> None:
+    """`folder/sha256.json` with the SHA-256 of every file in `folder` (relative names), or the given ones
+    (files hashed where they were written, e.g. by each process of a sharded checkpoint)."""
+    if digests is None:
+        digests = {str(path.relative_to(folder)): sha256(path) for path in sorted(folder.rglob("*"))
+                   if path.is_file() and path.name != DIGESTS}
+    write_text(folder / DIGESTS, json.dumps(digests, indent=1, sort_keys=True) + "\n")
+
+
+def digest_problem(path: Path) -> str | None:
+    """What is wrong with the content of a file (against `PATH.sha256`) or a folder (against its
+    `sha256.json`): the first file whose bytes differ from those written, or that is missing; None when all
+    match, and None when no digest was written (files from before digests, which cannot be checked)."""
+    if not path.is_dir():
+        sidecar = sidecar_of(path)
+        return _content_problem(path, sidecar.read_text(encoding="utf-8").strip()) if sidecar.is_file() else None
+    listing = path / DIGESTS
+    if not listing.is_file():
+        return None
+    try:
+        expected = json.loads(listing.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{DIGESTS} is damaged"
+    for name, digest in expected.items():
+        problem = _content_problem(path / name, digest)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _content_problem(path: Path, digest: str) -> str | None:
+    if not path.is_file():
+        return "missing"
+    if sha256(path) != digest:
+        return "its bytes differ from the SHA-256 written with it (damaged or altered)"
+    return None

@@ -128,8 +128,8 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 
 def check_text(text: str, name: str) -> None:
-    """A text to speak within training's limits: at most manifest.Filters.max_text_chars characters, something speakable."""
-    limit = manifest.Filters.max_text_chars
+    """A text to speak within training's limits: at most data.LIMITS.max_text_chars characters, something speakable."""
+    limit = data.LIMITS.max_text_chars
     if len(text) > limit:
         raise ValueError(f"{name} has {len(text)} characters, over the {limit} training accepts; split it")
     spoken = data.normalize_text(text)
@@ -162,8 +162,8 @@ def _reference_paths(args: argparse.Namespace, layout: data.PromptLayout) -> tup
             raise data.AudioError(f"{args.ref_audio}: no such audio file")
         if args.ref_text is None and not layout.ref_in_system:
             raise ValueError("--ref-audio needs --ref-text (its transcript)")
-        if args.ref_text is not None and len(args.ref_text) > manifest.Filters.max_text_chars:
-            raise ValueError(f"--ref-text has {len(args.ref_text)} characters, over the {manifest.Filters.max_text_chars} training accepts")
+        if args.ref_text is not None and len(args.ref_text) > data.LIMITS.max_text_chars:
+            raise ValueError(f"--ref-text has {len(args.ref_text)} characters, over the {data.LIMITS.max_text_chars} training accepts")
         _check_reference_file(args.ref_audio)
         return args.ref_audio, args.ref_text or ""
     row = json.loads((DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])

@@ -14,6 +14,7 @@ built by `data.build_sample`, the one builder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ _AUDIO_REASONS = (
     ("NaN or infinite", "nonfinite_audio"),
     ("sample rate", "sample_rate"),
     ("channels", "channels"),
+    ("shorter than", "too_short"),
 )
 
 
@@ -68,9 +70,16 @@ class Filters:
     min_seconds: float = 0.0
     max_seconds: float = math.inf
     max_tokens: int | None = None  # positions of the training sample in the model's sequence
-    languages: tuple[str, ...] = ()  # empty: every language
-    # Longer transcripts are mis-segmentations: 30 s of speech is ~500 characters.
-    max_text_chars: int = 1000
+    languages: tuple[str, ...] = ()  # canonical tags (`canonical_language`); empty: every language
+    max_text_chars: int = data.LIMITS.max_text_chars
+
+    def check(self) -> None:
+        """Filters narrow `data.LIMITS`, never widen them; a ValueError says which."""
+        if self.max_text_chars > data.LIMITS.max_text_chars:
+            raise ValueError(f"max_text_chars {self.max_text_chars} is over the {data.LIMITS.max_text_chars} of data.LIMITS")
+        for language in self.languages:
+            if canonical_language(language) != language:
+                raise ValueError(f"language filter {language!r}: give its canonical tag {canonical_language(language)!r}")
 
 
 @dataclass(frozen=True)
@@ -120,8 +129,12 @@ class ValidationResult:
         """Rejections by reason, most frequent first."""
         return dict(Counter(rejection.reason for rejection in self.rejections).most_common())
 
+    def targets_only(self) -> int:
+        """Kept speaker rows whose clip cannot serve as reference (`can_refer`): trained as targets only."""
+        return sum(1 for row in self.kept if "ref_audio" not in row and not can_refer(row))
+
     def summary(self) -> str:
-        return reconcile(self.rows_read, len(self.kept), self.counts())
+        return reconcile(self.rows_read, len(self.kept), self.counts(), self.targets_only())
 
     def write_report(self, path: str | Path) -> None:
         """One JSON line per rejection: row, id, reason, detail."""
@@ -129,13 +142,37 @@ class ValidationResult:
         files.write_text(Path(path), "".join(lines))
 
 
-def reconcile(rows_read: int, kept: int, rejected: dict[str, int]) -> str:
-    """`rows read N = kept K + rejected R (reason n, ...)`; an error when the numbers do not add up."""
+@functools.lru_cache(maxsize=4096)  # a corpus has few distinct tags; langcodes takes ~40 us a call
+def canonical_language(tag: str) -> str:
+    """The one spelling of a language tag that rows and filters store: BCP 47 as `langcodes` standardises it
+    (`EN` -> `en`, `en_us` -> `en-US`, `eng` -> `en`); a ValueError for what is no known language."""
+    import langcodes
+
+    try:
+        canonical = langcodes.standardize_tag(tag.strip())
+    except ValueError as error:
+        raise ValueError(f"{tag!r} is not a language tag ({error})") from None
+    if not langcodes.tag_is_valid(canonical):
+        raise ValueError(f"{tag!r} is not a known language (a BCP 47 tag such as en, en-US, ar, zh-Hans)")
+    return canonical
+
+
+def language_matches(language: str | None, wanted: tuple[str, ...]) -> bool:
+    """Whether a row's canonical tag is among `wanted` or narrows one of them (`en-US` under `en`)."""
+    return language is not None and any(language == tag or language.startswith(tag + "-") for tag in wanted)
+
+
+def reconcile(rows_read: int, kept: int, rejected: dict[str, int], targets_only: int = 0) -> str:
+    """`rows read N = kept K + rejected R (reason n, ...)`, and how many kept clips serve as targets only;
+    an error when the numbers do not add up."""
     total = sum(rejected.values())
     if rows_read != kept + total:
         raise ValueError(f"counts do not reconcile: {rows_read} rows read, {kept} kept, {total} rejected")
     reasons = ", ".join(f"{reason} {count}" for reason, count in rejected.items())
-    return f"rows read {rows_read} = kept {kept} + rejected {total}" + (f" ({reasons})" if reasons else "")
+    line = f"rows read {rows_read} = kept {kept} + rejected {total}" + (f" ({reasons})" if reasons else "")
+    if targets_only:
+        line += f"; {targets_only} kept clip(s) outside {data.LIMITS.reference_range()} serve as targets only, never as references"
+    return line
 
 
 # Validation ---------------------------------------------------------------
@@ -152,16 +189,19 @@ def validate_manifest(
     """Every row of a manifest, kept or rejected with its row number and reason.
 
     In order: UTF-8 (rows are read as bytes, so one bad line is one rejected
-    row), JSON, fields, duplicate id, texts, language; each clip (`load_clip`)
-    and its duration; then, over the rows still standing, `filters.max_tokens`
-    (needs the text `tokenizer`) and speaker rows whose speaker has no other
-    clip left. Blank lines are not rows. `strict` raises `ManifestError` at the
+    row), JSON, fields, duplicate id, texts, language (stored canonical); each
+    clip (`load_clip`) and its duration within `data.LIMITS` (a paired row's
+    reference within the reference limits) and `filters`; then, over the rows
+    still standing, `filters.max_tokens` (needs the text `tokenizer`) and
+    speaker rows whose speaker has no other clip that can serve as reference
+    (see `can_refer`). Blank lines are not rows. `strict` raises `ManifestError` at the
     first rejection. Kept rows carry absolute audio paths and, per clip,
     `seconds`, `frames` and (from a `CacheWriter`) `audio_key`; a paired row's
     reference has them with a `ref_` prefix.
     """
     if filters.max_tokens is not None and tokenizer is None:
         raise ValueError("the max_tokens filter needs the text tokenizer")
+    filters.check()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such manifest: {path}")
@@ -198,6 +238,25 @@ def _check_rows(
                 continue
             standing.append((number, row))
     return standing
+
+
+def rows_before_audio(path: str | Path, filters: Filters = Filters()) -> list[dict]:
+    """The rows of a manifest that pass every check needing no audio (JSON, fields, id, texts, language), their
+    paths made absolute: the clips a validation will open, found without opening one. The rows left out are
+    counted by the validation itself."""
+    path = Path(path)
+    rows, seen = [], set()
+    with path.open("rb") as lines:
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                row = _read_json(raw)
+                _check_row(row, path.parent, seen, filters)
+            except RowRejected:
+                continue
+            rows.append(row)
+    return rows
 
 
 def _reject(result: ValidationResult, rejection: Rejection, strict: bool) -> None:
@@ -239,7 +298,12 @@ def _check_row(row: dict, base: Path, seen: set[str], filters: Filters) -> None:
     for name in ("ref_text", "text", "scene"):
         if row.get(name) is not None:
             _check_text(name, row[name], filters.max_text_chars)
-    if filters.languages and row.get("language") not in filters.languages:
+    if row.get("language") is not None:
+        try:
+            row["language"] = canonical_language(row["language"])
+        except ValueError as error:
+            raise RowRejected("bad_language", str(error)) from None
+    if filters.languages and not language_matches(row.get("language"), filters.languages):
         raise RowRejected("language", f"language {row.get('language')!r} is not among {', '.join(filters.languages)}")
     for key in ("ref_audio", "audio"):
         if key in row:
@@ -281,15 +345,31 @@ def _add_clips(row: dict, clips: ClipSource, filters: Filters) -> None:
             clip = clips.clip(row[key])
         except data.AudioError as error:
             raise RowRejected(audio_reason(error, row[key]), str(error)) from None
-        if clip.seconds < filters.min_seconds:
-            raise RowRejected("too_short", f"{key} lasts {clip.seconds:.2f} s, under {filters.min_seconds:g} s")
-        if clip.seconds > filters.max_seconds:
-            raise RowRejected("too_long", f"{key} lasts {clip.seconds:.2f} s, over {filters.max_seconds:g} s")
+        _check_seconds(key, clip.seconds, filters)
         row[f"{prefix}seconds"], row[f"{prefix}frames"] = round(clip.seconds, 3), clip.frames
         if clip.key is not None:
             row[f"{key}_key"] = clip.key
     if "ref_audio" in row and _clip_identity(row, "ref_audio") == _clip_identity(row):
         raise RowRejected("self_reference", "the reference is the target clip itself")
+
+
+def _check_seconds(key: str, seconds: float, filters: Filters) -> None:
+    """A clip's duration within `data.LIMITS` and the filters."""
+    check_limits(key, seconds)
+    if seconds < filters.min_seconds:
+        raise RowRejected("too_short", f"{key} lasts {seconds:.2f} s, under {filters.min_seconds:g} s")
+    if seconds > filters.max_seconds:
+        raise RowRejected("too_long", f"{key} lasts {seconds:.2f} s, over {filters.max_seconds:g} s")
+
+
+def check_limits(key: str, seconds: float) -> None:
+    """A clip's duration within `data.LIMITS` (`ref_audio` within the reference limits), else `RowRejected`."""
+    limits = data.LIMITS
+    if key == "ref_audio" and not limits.reference_fits(seconds):
+        reason = "reference_too_short" if seconds < limits.min_reference_seconds else "reference_too_long"
+        raise RowRejected(reason, f"ref_audio lasts {seconds:.2f} s; a voice prompt must last {limits.reference_range()}")
+    if seconds > limits.max_target_seconds:
+        raise RowRejected("too_long", f"{key} lasts {seconds:.2f} s, over the {limits.max_target_seconds:g} s any clip may last")
 
 
 def audio_reason(error: data.AudioError, path: str) -> str:
@@ -307,18 +387,19 @@ def _token_rejections(
     """Rows whose training sample would exceed `max_tokens`.
 
     A speaker row's reference is drawn each epoch, so it is measured with its
-    speaker's longest other clip: every sample it can be part of fits.
+    speaker's longest other clip that can serve as reference: every sample it
+    can be part of fits.
     """
     if max_tokens is None:
         return {}
     longest = {speaker: sorted(group, key=lambda row: -row["frames"])[:2]
-               for speaker, group in _speaker_clips(row for _, row in standing).items()}
+               for speaker, group in _speaker_clips((row for _, row in standing), references_only=True).items()}
     late = {}
     for number, row in standing:
         if "ref_audio" in row:
             reference = (row["ref_text"], row["ref_frames"])
         else:
-            others = [other for other in longest[row["speaker"]] if _clip_identity(other) != _clip_identity(row)]
+            others = [other for other in longest.get(row["speaker"], []) if _clip_identity(other) != _clip_identity(row)]
             if not others:
                 continue  # a lone speaker, rejected as such
             reference = (others[0]["text"], others[0]["frames"])
@@ -340,12 +421,22 @@ def _sample_tokens(
 
 
 def _lone_speaker_rejections(standing: list[tuple[int, dict]]) -> dict[int, RowRejected]:
-    groups = _speaker_clips(row for _, row in standing)
-    return {
-        number: RowRejected("lone_speaker", f"speaker {row['speaker']!r} has no other clip to serve as reference")
-        for number, row in standing
-        if "ref_audio" not in row and len(groups[row["speaker"]]) < 2
-    }
+    """Speaker rows with no other clip of their speaker that can serve as reference; rejecting one may leave a
+    clip that cannot refer (a target only) without a reference, so this repeats until none is left."""
+    rejected: dict[int, RowRejected] = {}
+    while True:
+        remaining = [(number, row) for number, row in standing if number not in rejected]
+        references = _speaker_clips((row for _, row in remaining), references_only=True)
+        lone = {
+            number: RowRejected("lone_speaker", f"speaker {row['speaker']!r} has no other clip of "
+                                                f"{data.LIMITS.reference_range()} to serve as reference")
+            for number, row in remaining
+            if "ref_audio" not in row
+            and not any(_clip_identity(other) != _clip_identity(row) for other in references.get(row["speaker"], []))
+        }
+        if not lone:
+            return rejected
+        rejected.update(lone)
 
 
 # Training pairs -----------------------------------------------------------
@@ -368,11 +459,17 @@ def _clip_identity(row: dict, key: str = "audio") -> str:
     return row.get(f"{key}_key") or row[key]
 
 
-def _speaker_clips(rows: Iterable[dict]) -> dict[str, list[dict]]:
-    """Speaker-grouped rows by speaker, one row per distinct clip."""
+def can_refer(row: dict) -> bool:
+    """Whether a speaker row's clip can serve its speaker's other rows as reference: within the reference limits
+    of `data.LIMITS`. One that cannot is still a target; `ValidationResult.targets_only` counts them."""
+    return data.LIMITS.reference_fits(row["seconds"])
+
+
+def _speaker_clips(rows: Iterable[dict], references_only: bool = False) -> dict[str, list[dict]]:
+    """Speaker-grouped rows by speaker, one row per distinct clip; only clips that `can_refer` if `references_only`."""
     groups: dict[str, dict[str, dict]] = {}
     for row in rows:
-        if "ref_audio" not in row:
+        if "ref_audio" not in row and (not references_only or can_refer(row)):
             groups.setdefault(row["speaker"], {}).setdefault(_clip_identity(row), row)
     return {speaker: list(clips.values()) for speaker, clips in groups.items()}
 
@@ -381,25 +478,27 @@ def training_pairs(rows: list[dict], seed: int, epoch: int) -> tuple[list[Pair],
     """This epoch's pairs, and the ids left out because their speaker has no other clip.
 
     A speaker-grouped row takes as reference another clip of its speaker
-    (never its own, nor a copy of it under another id), drawn uniformly and
-    anew each epoch, deterministically from (seed, epoch); paired rows keep
-    their reference. Validated rows have no lone speaker left.
+    that can serve as one (`can_refer`; never its own, nor a copy of it under
+    another id), drawn uniformly and anew each epoch, deterministically from
+    (seed, epoch); paired rows keep their reference. Validated rows have no
+    lone speaker left.
     """
     rng = random.Random(seed * 100_003 + epoch)
-    groups = _speaker_clips(rows)
+    groups = _speaker_clips(rows, references_only=True)
     position = {(speaker, _clip_identity(row)): i for speaker, group in groups.items() for i, row in enumerate(group)}
     pairs, lonely = [], []
     for row in rows:
         if "ref_audio" in row:
             pairs.append(Pair(row["id"], row["ref_audio"], row["ref_text"], row["audio"], row["text"], row.get("scene")))
             continue
-        group = groups[row["speaker"]]
-        if len(group) < 2:
+        group = groups.get(row["speaker"], [])
+        own = position.get((row["speaker"], _clip_identity(row)))
+        if len(group) - (own is not None) < 1:
             lonely.append(row["id"])
             continue
         # Draw among the others: skip over the row's own clip.
-        pick = rng.randrange(len(group) - 1)
-        pick += pick >= position[(row["speaker"], _clip_identity(row))]
+        pick = rng.randrange(len(group) - (own is not None))
+        pick += own is not None and pick >= own
         ref = group[pick]
         pairs.append(Pair(row["id"], ref["audio"], ref["text"], row["audio"], row["text"], row.get("scene")))
     return pairs, lonely
@@ -499,3 +598,65 @@ def sample_lengths(
         lengths.append(templates[pair.scene] + targets[pair.id] + reference + frames[pair.ref_audio] + frames[pair.audio])
     return lengths
 
+
+
+# Overlap between a training and a validation set ---------------------------
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """What a validation set shares with its training set: speaker ids, and rows whose clip (target or
+    reference) is a training clip by content, whatever its path."""
+
+    speakers: list[str]
+    clip_rows: list[str]  # validation row ids
+
+    def describe(self) -> str:
+        if not self.speakers and not self.clip_rows:
+            return "train/val overlap: none (no shared speaker id, no shared clip)"
+        parts = []
+        if self.speakers:
+            parts.append(f"{len(self.speakers)} speaker(s) ({_some(self.speakers)})")
+        if self.clip_rows:
+            parts.append(f"{len(self.clip_rows)} validation row(s) whose clip is a training clip ({_some(self.clip_rows)})")
+        return "train/val overlap: " + " and ".join(parts) + ": validation scores are inflated"
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f", ... {len(names) - shown} more" if len(names) > shown else "")
+
+
+def overlap(train_rows: list[dict], val_rows: list[dict]) -> Overlap:
+    """Speakers (same id) and clips (same file content) that a validation set shares with a training set."""
+    train_speakers = {row["speaker"] for row in train_rows if row.get("speaker")}
+    speakers = sorted({row["speaker"] for row in val_rows if row.get("speaker") in train_speakers})
+    train_clips = {content for row in train_rows for content in _contents(row)}
+    clip_rows = [row["id"] for row in val_rows if not train_clips.isdisjoint(_contents(row))]
+    return Overlap(speakers, clip_rows)
+
+
+def _contents(row: dict) -> list[str]:
+    """Content digests of a row's clips: from its cache keys (a file digest and the tokenizer's), else the files;
+    a missing file has none."""
+    digests = []
+    for key in ("ref_audio", "audio"):
+        if key in row:
+            cached = row.get(f"{key}_key")
+            if cached:
+                digests.append(cached.split("-")[0])
+            elif Path(row[key]).is_file():
+                digests.append(data.file_digest(row[key])[:32])
+    return digests
+
+
+class OverlapError(ValueError):
+    """A validation set that shares speakers or clips with its training set, refused (--strict-overlap)."""
+
+
+def check_overlap(train_rows: list[dict], val_rows: list[dict], strict: bool) -> str:
+    """The overlap report line; with `strict`, an `OverlapError` when there is any overlap."""
+    found = overlap(train_rows, val_rows)
+    line = found.describe()
+    if strict and (found.speakers or found.clip_rows):
+        raise OverlapError(f"{line}; --strict-overlap refuses it: take them out of one of the sets")
+    return line

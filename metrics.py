@@ -23,6 +23,7 @@ scores on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import unicodedata
@@ -377,17 +378,19 @@ class Judge:
     def reference_embedding(self, path: str, load: Callable[[], np.ndarray], rate: int) -> np.ndarray | None:
         """The reference clip's embedding; `load` gives its waveform at `rate` the first time."""
         if path not in self._embeddings:
-            self._embeddings[path] = self.encoder.embed(load(), rate)
+            with full_precision():
+                self._embeddings[path] = self.encoder.embed(load(), rate)
         return self._embeddings[path]
 
     def score_clip(self, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str, language: str | None) -> ClipScores:
         lead, trail = edge_silence(waveform, rate)
         language = self.language(language)
         transcript = rate_value = None
-        if self.intelligibility_available(language):
-            transcript = self.asr.transcribe(waveform, rate, language)
-            rate_value = error_rate(text, transcript, language)
-        sim = cosine(self.encoder.embed(waveform, rate), reference)
+        with full_precision():
+            if self.intelligibility_available(language):
+                transcript = self.asr.transcribe(waveform, rate, language)
+                rate_value = error_rate(text, transcript, language)
+            sim = cosine(self.encoder.embed(waveform, rate), reference)
         return ClipScores(len(waveform) / rate, sim, rate_value, transcript, lead, trail)
 
     def score_target(self, path: str, load: Callable[[], np.ndarray], rate: int, reference_path: str,
@@ -413,6 +416,16 @@ class Judge:
         if cache:
             cache.put(key, {name: value for name, value in asdict(scores).items() if name != "error_rate"})
         return scores
+
+
+def full_precision() -> contextlib.ExitStack:
+    """The judge's models compute in their own fp32, also inside a caller's bf16 autocast (the training loop's
+    evaluation generates under it): resemblyzer's LSTM has no bf16 kernel on the CPU, and scores should not
+    depend on the precision the model under test was trained in."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def build_judge(speaker_model: str | None = None, asr_model: str | None = None, language: str | None = None,

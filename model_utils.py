@@ -31,6 +31,8 @@ from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTo
 from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 from transformers import AutoTokenizer, HubertConfig, HubertModel, PreTrainedTokenizerFast
 
+import files
+
 IGNORE_INDEX = -100
 TINY_PRESET = "tiny"
 TINY_WHISPER_PRESET = "tiny-whisper"
@@ -362,6 +364,9 @@ def load_bundle(
     audio_tokenizer = audio_tokenizer or exported_audio_tokenizer(model)
     if audio_tokenizer is None:
         raise ValueError("a model directory needs --audio-tokenizer DIR (e.g. bosonai/higgs-audio-v2-tokenizer)")
+    changed = files.digest_problem(Path(model)) if os.path.isdir(model) else None
+    if changed:  # an export lists its files' SHA-256 (files.atomic_directory); a released checkpoint lists none
+        raise ValueError(f"{model}: {changed}")
     higgs = HiggsAudioModel.from_pretrained(model, torch_dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
     special_token_ids(tokenizer)
@@ -399,6 +404,9 @@ def export_problem(path: Path) -> str | None:
     file shorter than its header says, a torch zip file without its closing directory); None if whole."""
     if not (path / "config.json").is_file():
         return "no config.json"
+    changed = files.digest_problem(path)
+    if changed:
+        return changed
     for weights in sorted(path.rglob("*.safetensors")):
         if not _safetensors_whole(weights):
             return f"{weights.relative_to(path)} is truncated"
@@ -430,14 +438,14 @@ def _safetensors_whole(path: Path) -> bool:
 
 @dataclass
 class LossBreakdown:
-    """Total loss and its parts; token counts say how many positions each mean covers."""
+    """Total loss and its parts; the counts (device tensors) say how many positions each mean covers."""
 
     total: torch.Tensor
     text: torch.Tensor
     audio: torch.Tensor
     per_codebook: torch.Tensor
-    text_tokens: int
-    audio_tokens: int
+    text_tokens: torch.Tensor
+    audio_tokens: torch.Tensor
 
 
 def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown:
@@ -446,45 +454,57 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
     Text: `logits[:, :-1]` predicts `expanded_labels[:, 1:]` (the model
     returns labels aligned to its inputs, unshifted); logits of shape (N,
     vocab) come from `text_logits_at_labels` and hold the N labelled
-    positions only. Audio: `audio_logits[:-1,
-    k]` predicts `label_audio_ids[k, 1:]`; shifting across clip boundaries is
+    positions only, in row-major order. Audio: `audio_logits[:-1, k]`
+    predicts `label_audio_ids[k, 1:]`; shifting across clip boundaries is
     safe because each clip's first label column is -100. The total is the sum
     of the text mean and the mean of the per-codebook means; a part with no
     labelled position contributes 0 and says so with a count of 0.
+
+    Nothing here branches on the data or reads a tensor on the host, so the
+    step never waits for the GPU on the loss's account (`syncs.py` counts).
     """
     logits = outputs.logits.float()
-    text_labels = outputs.expanded_labels[:, 1:]
-    text_tokens = int((text_labels != IGNORE_INDEX).sum())
-    if logits.dim() == 2:  # `text_logits_at_labels`: one row per labelled position, in row-major order
-        logits, text_labels = logits[:, None], text_labels[text_labels != IGNORE_INDEX][:, None]
-        if logits.shape[0] != text_tokens:
-            raise ValueError(f"{logits.shape[0]} rows of text logits for {text_tokens} text labels")
+    shifted = outputs.expanded_labels[:, 1:]
+    if logits.dim() == 2:  # `text_logits_at_labels`: its row count is known on the host
+        text_labels = shifted.reshape(-1).index_select(0, labelled_positions(outputs.expanded_labels, logits.shape[0]))
     else:
-        logits = logits[:, :-1]
-    text = (
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), text_labels.reshape(-1), ignore_index=IGNORE_INDEX)
-        if text_tokens
-        else logits.sum() * 0.0
-    )
+        logits, text_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1)
+    text, text_tokens = _mean_cross_entropy(logits, text_labels)
 
     audio_logits = outputs.audio_logits
-    audio_tokens = 0
     if audio_logits is None or label_audio_ids is None or label_audio_ids.numel() == 0:
-        per_codebook = logits.new_zeros(0)
-        audio = logits.sum() * 0.0
+        per_codebook, audio, audio_tokens = logits.new_zeros(0), logits.sum() * 0.0, text_tokens * 0
     else:
-        audio_labels = label_audio_ids[:, 1:].to(audio_logits.device)
-        audio_tokens = int((audio_labels != IGNORE_INDEX).sum())
-        per_codebook = torch.stack(
-            [
-                F.cross_entropy(audio_logits[:-1, k].float(), audio_labels[k], ignore_index=IGNORE_INDEX)
-                if (audio_labels[k] != IGNORE_INDEX).any()
-                else audio_logits.sum() * 0.0
-                for k in range(audio_labels.shape[0])
-            ]
-        )
+        audio_labels = label_audio_ids[:, 1:].to(audio_logits.device, non_blocking=True)
+        means, counts = zip(*(_mean_cross_entropy(audio_logits[:-1, k].float(), audio_labels[k])
+                              for k in range(audio_labels.shape[0])))
+        per_codebook, audio_tokens = torch.stack(means), torch.stack(counts).sum()
         audio = per_codebook.mean()
     return LossBreakdown(text + audio, text, audio, per_codebook, text_tokens, audio_tokens)
+
+
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean cross-entropy over labelled positions (0 where none is) and their count.
+
+    The sum over labelled positions divided by their count, at least 1: the
+    same arithmetic as `F.cross_entropy`'s mean (bit for bit, in value and
+    gradient), without the branch that a part with no label would need.
+    """
+    count = (labels != IGNORE_INDEX).sum()
+    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / count.clamp(min=1), count
+
+
+def labelled_positions(expanded_labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat indices into `expanded_labels[:, 1:]` of its `count` labelled positions, in row-major order.
+
+    `count` comes from the host (`collate.text_label_count`), so the device
+    never reports a size back (`nonzero_static`, where `nonzero` would wait).
+    Were `count` too large, the padding index is out of range and the lookup
+    fails loudly; `--debug-checks` compares it with the device's count.
+    """
+    labelled = (expanded_labels[:, 1:] != IGNORE_INDEX).reshape(-1)
+    return torch.nonzero_static(labelled, size=count, fill_value=labelled.numel()).reshape(-1)
 
 
 # --------------------------------------------------------------------------
@@ -503,12 +523,13 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def merged_text_labels(model: HiggsAudioModel, inputs: dict) -> torch.Tensor:
-    """The text labels of the merged text-and-audio sequence, as the model's forward will build them.
+    """The text labels of the merged text-and-audio sequence, by a second run of the package's merge.
 
-    The package's own `merge_input_ids_with_audio_features` runs on 1-wide
-    zero embeddings (a few kilobytes), with the arguments the training
-    forward gives it (no cache: 8-position rounding, left padding for a
-    batch of one).
+    Only `--debug-checks` and the tests use it, to check the labels the
+    model's own merge returned: the package's `merge_input_ids_with_audio_features`
+    runs on 1-wide zero embeddings (a few kilobytes), with the arguments the
+    training forward gives it (no cache: 8-position rounding, left padding for
+    a batch of one).
     """
     from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
 
@@ -525,44 +546,71 @@ def merged_text_labels(model: HiggsAudioModel, inputs: dict) -> torch.Tensor:
     return merged[2]
 
 
-def text_logits_at_labels(model: torch.nn.Module) -> None:
+TEXT_LABEL_COUNT = "text_label_count"  # the keyword a training forward passes `collate.text_label_count` by
+
+
+def text_logits_at_labels(model: torch.nn.Module, check: bool = False) -> None:
     """Make the training forward compute text logits only at positions whose next token is a text label.
 
     The package's head computes 128,256-way logits at every position of the
     merged sequence (about 4 GiB in fp32 for 8,192 positions), while a
-    voice-cloning sample has about 3 text labels. A forward pre-hook finds
-    the labelled positions (`merged_text_labels`), the text head's forward
-    computes logits there only and returns them as (N, vocab), and
-    `compute_loss` pairs them with the labels in the same row-major order.
-    A forward without `label_ids` (validation prompts, generation) keeps the
+    voice-cloning sample has about 3 text labels. In a forward with
+    `label_ids`, the text head passes the final hidden states through, and a
+    forward hook on the model takes the labelled rows out of them, at the
+    positions of the labels the model's own merge returned
+    (`expanded_labels`: one merge, the model's), and applies the head there:
+    `outputs.logits` is (N, vocab), which `compute_loss` pairs with the labels
+    in the same row-major order. N is the keyword `text_label_count`, counted
+    on the host from the CPU batch (`collate.text_label_count`), so that no
+    size comes back from the device; a forward that does not give it
+    (validation losses, tests) has N counted on the device, one host sync.
+    A forward without `label_ids` (generation, validation prompts) keeps the
     full head, so inference is unchanged. Parameter names are untouched, so
-    checkpoints and exports are as before. A forward hook checks that the
-    model built the same merged labels.
+    checkpoints and exports are as before. `check` (`--debug-checks`) runs
+    the package's merge a second time and compares labels and count, each
+    forward: host syncs, for debugging only.
     """
     higgs = higgs_model(model)
     if not higgs.config.skip_audio_tower:
         raise ValueError("--text-logits labelled needs a model without a Whisper tower (the released model has none); use --text-logits all")
     head = higgs.audio_decoder_proj.text_lm_head
     full_forward = head.forward
-    state: dict[str, torch.Tensor | None] = {"labels": None}
+    state: dict = {"deferred": False, "count": None}
 
-    def find_positions(_module, _args, kwargs):
-        state["labels"] = merged_text_labels(higgs, kwargs) if kwargs.get("label_ids") is not None else None
+    def take_count(_module, args, kwargs):
+        count = kwargs.pop(TEXT_LABEL_COUNT, None)
+        state["deferred"], state["count"] = kwargs.get("label_ids") is not None, count
+        return args, kwargs
 
-    def check_positions(_module, _args, _kwargs, outputs):
-        labels, state["labels"] = state["labels"], None
-        if labels is not None and not torch.equal(labels, outputs.expanded_labels):
-            raise RuntimeError("text logits at labels: the model merged its labels differently from merged_text_labels")
+    def pass_hidden_states(hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if state["deferred"] else full_forward(hidden_states)
 
-    def labelled_forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        labels = state["labels"]
-        if labels is None:
-            return full_forward(hidden_states)
-        return full_forward(hidden_states[:, :-1][labels[:, 1:] != IGNORE_INDEX])
+    def logits_at_labels(_module, _args, kwargs, outputs):
+        if not state["deferred"]:
+            return outputs
+        state["deferred"] = False
+        labels, hidden = outputs.expanded_labels, outputs.logits
+        count = state["count"] if state["count"] is not None else int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if check:
+            _check_labelled_positions(higgs, kwargs, labels, count)
+        flat = labelled_positions(labels, count)
+        width = labels.shape[1] - 1  # positions of the shifted grid per row; the hidden states have one more
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat // width * labels.shape[1] + flat % width)
+        outputs.logits = full_forward(rows)
+        return outputs
 
-    higgs.register_forward_pre_hook(find_positions, with_kwargs=True)
-    higgs.register_forward_hook(check_positions, with_kwargs=True)
-    head.forward = labelled_forward
+    higgs.register_forward_pre_hook(take_count, with_kwargs=True)
+    higgs.register_forward_hook(logits_at_labels, with_kwargs=True)
+    head.forward = pass_hidden_states
+
+
+def _check_labelled_positions(higgs: HiggsAudioModel, inputs: dict, labels: torch.Tensor, count: int) -> None:
+    """`--debug-checks`: the model merged the labels a second merge gives, and `count` is their number."""
+    if not torch.equal(merged_text_labels(higgs, inputs), labels):
+        raise RuntimeError("text logits at labels: the model merged its labels differently from merged_text_labels")
+    labelled = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if labelled != count:
+        raise RuntimeError(f"text logits at labels: {TEXT_LABEL_COUNT} {count}, but the merged labels hold {labelled}")
 
 
 def frozen_linear_weights_to_bf16(model: torch.nn.Module) -> int:

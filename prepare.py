@@ -7,8 +7,13 @@ training reads without the audio tokenizer (`read_prepared`, `PreparedCodes`);
 its command line is
 
     python prepare.py --manifest M --out CACHE [--audio-tokenizer DIR] [--model DIR] [filters]
+    torchrun --nproc-per-node 8 prepare.py --manifest M --out CACHE ...     # one process per GPU, or machines
 
 (`python data.py prepare ...`, its spelling before it moved here, still runs it).
+Under torchrun each process encodes its share of the clips into shards of its
+own, then process 0 validates the manifest as one process does, every clip
+now in the cache, and writes the cache's manifest, report and summary: the
+same cache as one process makes.
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import commands
 import data
 import files
 import manifest
 import model_utils
+import parallel
+from parallel import World
 
 # --------------------------------------------------------------------------
 # Codes in memory
@@ -72,13 +81,6 @@ def audio_tokenizer_id(audio_tokenizer) -> str:
     return digest.hexdigest()
 
 
-def _file_digest(path: str) -> str:
-    if not os.path.isfile(path):
-        raise data.AudioError(f"{path}: no such audio file")
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 # --------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------
@@ -115,14 +117,17 @@ class CacheWriter:
     interrupted run leaves whole shards and at worst files that no entry file
     commits, which the next run deletes. A shard that fails verification is
     deleted, so its clips are encoded again (`repaired` counts them). The
-    caller holds the cache's lock (`prepare_lock`).
+    caller holds the cache's lock (`prepare_lock`). `clean`: do that clean-up;
+    under torchrun only process 0 does, before the others start writing.
     """
 
-    def __init__(self, cache_dir: str | Path, audio_tokenizer, batch_size: int = 64):
+    def __init__(self, cache_dir: str | Path, audio_tokenizer, batch_size: int = 64, clean: bool = True):
         self.shards = Path(cache_dir) / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
-        _remove_uncommitted(self.shards)
-        self.repaired = _remove_corrupt(self.shards)
+        self.repaired = 0
+        if clean:
+            _remove_uncommitted(self.shards)
+            self.repaired = _remove_corrupt(self.shards)
         self.index = read_index(cache_dir)
         self.audio_tokenizer, self.batch_size = audio_tokenizer, batch_size
         self.tokenizer_id = audio_tokenizer_id(audio_tokenizer)
@@ -134,7 +139,7 @@ class CacheWriter:
 
     def clip(self, path: str) -> manifest.Clip:
         if path not in self.clips:
-            key = f"{_file_digest(path)[:32]}-{self.tokenizer_id[:16]}"
+            key = f"{data.file_digest(path)[:32]}-{self.tokenizer_id[:16]}"
             entry = self.index.get(key) or (self.pending[key][1] if key in self.pending else None)
             if entry is None:
                 entry = self._encode(path, key)
@@ -324,9 +329,10 @@ class PreparedCodes:
 @dataclass
 class PrepareResult:
     validation: manifest.ValidationResult
-    encoded: int  # clips this run encoded
+    encoded: int  # clips this run encoded (by every process)
     reused: int  # clips whose codes the cache (or this run, at another path) already held
     repaired: int = 0  # shards that failed verification, deleted and encoded again
+    overlap: str | None = None  # the train/val overlap line, with a validation manifest
 
 
 def prepare(
@@ -338,7 +344,10 @@ def prepare(
     strict: bool = False,
     batch_size: int = 64,
     progress: bool = False,
-) -> PrepareResult:
+    val_manifest: str | Path | None = None,
+    strict_overlap: bool = False,
+    world: World = World(),
+) -> PrepareResult | None:
     """Validate a manifest and cache the codes of every kept clip (the layout is above).
 
     What was encoded before an error, a `strict` stop or Ctrl-C is committed,
@@ -347,25 +356,128 @@ def prepare(
     previous finished prepare, if any. With the text `tokenizer`, each kept
     row carries its text token counts (`add_text_token_counts`), so training
     plans token-budget batches without building samples. A second prepare of
-    the same cache while one runs is a `CacheLocked` error.
+    the same cache while one runs is a `CacheLocked` error. With
+    `val_manifest`, the speakers and clips it shares with the kept rows are
+    reported (`manifest.check_overlap`), and refused with `strict_overlap`
+    before the cache's manifest is written. Under torchrun (`world`) each
+    process first encodes its share (`encode_share`); process 0 then does the
+    rest and returns the result, the others None.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    with prepare_lock(cache):
-        writer = CacheWriter(cache, audio_tokenizer, batch_size)
+    with held_by_main(cache, world):
+        shared = encode_share(manifest_path, cache, audio_tokenizer, filters, batch_size, world, progress) \
+            if world.distributed else Share()
+        if not world.main:
+            return None
+        writer = CacheWriter(cache, audio_tokenizer, batch_size, clean=not world.distributed)
         try:
             result = manifest.validate_manifest(manifest_path, writer, tokenizer, filters, strict, progress)
         finally:
             writer.flush()
-        text_counts = manifest.add_text_token_counts(result.kept, tokenizer) if tokenizer is not None else None
-        (cache / "summary.json").unlink(missing_ok=True)
-        files.write_text(cache / "manifest.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.kept))
-        result.write_report(cache / "report.jsonl")
-        summary = dict(manifest=result.manifest, rows_read=result.rows_read, kept=len(result.kept), rejected=result.counts(),
-                       audio_tokenizer=writer.tokenizer_id, sampling_rate=writer.sampling_rate, text_token_counts=text_counts,
-                       encoded=writer.encoded, reused=writer.reused, repaired=writer.repaired)
-        files.write_text(cache / "summary.json", json.dumps(summary, indent=2))
-    return PrepareResult(result, writer.encoded, writer.reused, writer.repaired)
+        overlap = None
+        if val_manifest:
+            overlap = manifest.check_overlap(result.kept, manifest.rows_before_audio(val_manifest), strict_overlap)
+        # Clips the processes encoded are found in the cache here: they count as encoded, not reused.
+        encoded = writer.encoded + shared.encoded
+        reused, repaired = writer.reused + writer.encoded - encoded, writer.repaired + shared.repaired
+        write_finished(cache, result, writer, tokenizer, dict(encoded=encoded, reused=reused, repaired=repaired))
+    return PrepareResult(result, encoded, reused, repaired, overlap)
+
+
+def write_finished(cache: Path, result: manifest.ValidationResult, writer: CacheWriter, tokenizer, counts: dict) -> None:
+    """The kept rows, the report and, last, the summary of a finished prepare."""
+    text_counts = manifest.add_text_token_counts(result.kept, tokenizer) if tokenizer is not None else None
+    (cache / "summary.json").unlink(missing_ok=True)
+    files.write_text(cache / "manifest.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.kept))
+    result.write_report(cache / "report.jsonl")
+    summary = dict(manifest=result.manifest, rows_read=result.rows_read, kept=len(result.kept), rejected=result.counts(),
+                   audio_tokenizer=writer.tokenizer_id, sampling_rate=writer.sampling_rate, text_token_counts=text_counts,
+                   targets_only=result.targets_only(), **counts)
+    files.write_text(cache / "summary.json", json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------
+# Many processes: torchrun, one cache
+# --------------------------------------------------------------------------
+#
+# Process 0 holds the cache's lock for the whole prepare and cleans the cache
+# (stray files, damaged shards) while the others wait; then each process
+# encodes its share of the clips into shards of its own (shard names are
+# digests of their keys, so no two processes write one file) and commits them
+# as one process does. Once all are done, process 0 validates the manifest as
+# one process does: every clip is in the cache by then, so it encodes only
+# what no share held. A killed process leaves whole shards, and torchrun ends
+# the others: a re-run, with any number of processes, encodes only the rest.
+
+
+@dataclass
+class Share:
+    """What the processes did together before validation."""
+
+    encoded: int = 0
+    repaired: int = 0
+
+
+@contextlib.contextmanager
+def held_by_main(cache: Path, world: World):
+    """`prepare_lock`, held by process 0 for the whole prepare; every process learns whether it got it."""
+    if not world.distributed:
+        with prepare_lock(cache):
+            yield
+        return
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if world.main:
+            try:
+                held.enter_context(prepare_lock(cache))
+            except CacheLocked as error:
+                refusal = str(error)
+        refusal = parallel.from_main_process(refusal, world)
+        if refusal:
+            raise CacheLocked(refusal)
+        yield
+
+
+def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, filters: manifest.Filters, batch_size: int,
+                 world: World, progress: bool) -> Share:
+    """This process's share of the manifest's clips (`share_of`), encoded into shards of its own; the counts of all.
+
+    A clip that cannot be loaded is left to the validation on process 0,
+    which counts it under its reason. Any other error on any process is a
+    RuntimeError on every process, naming it.
+    """
+    writer = CacheWriter(cache, audio_tokenizer, batch_size) if world.main else None
+    parallel.wait_for_all(world)  # process 0 has cleaned the cache
+    writer = writer or CacheWriter(cache, audio_tokenizer, batch_size, clean=False)
+    error = None
+    try:
+        for path in tqdm(share_of(manifest_path, filters, world), desc="encode (process 0's share)", disable=not (progress and world.main)):
+            with contextlib.suppress(data.AudioError):
+                writer.clip(path)
+        writer.flush()
+    except Exception as failure:  # handed to every process, so that none waits for it forever
+        error = f"process {world.rank}: {failure}"
+    reports = parallel.gather_objects((writer.encoded, writer.repaired, error), world)
+    errors = [error for _, _, error in reports if error]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return Share(sum(encoded for encoded, _, _ in reports), sum(repaired for _, repaired, _ in reports))
+
+
+def share_of(manifest_path: str | Path, filters: manifest.Filters, world: World) -> list[str]:
+    """This process's clips: the distinct clips of the rows that pass the checks needing no audio, dealt largest
+    file first to the process with the fewest bytes so far, so that each encodes about as much audio."""
+    paths = sorted({row[key] for row in manifest.rows_before_audio(manifest_path, filters)
+                    for key in ("ref_audio", "audio") if key in row})
+    sizes = {path: os.path.getsize(path) if os.path.isfile(path) else 0 for path in paths}
+    loads, mine = [0] * world.size, []
+    for path in sorted(paths, key=lambda path: (-sizes[path], path)):
+        least = loads.index(min(loads))
+        loads[least] += sizes[path] + 1
+        if least == world.rank:
+            mine.append(path)
+    return mine
 
 
 @dataclass
@@ -393,7 +505,8 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, 
                          f"not of this one ({audio_tokenizer_id[:16]}): prepare it again")
     rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     codes = PreparedCodes(cache, rows, summary["sampling_rate"], verify)
-    return Prepared(rows, codes, manifest.reconcile(summary["rows_read"], summary["kept"], summary["rejected"]),
+    counts = manifest.reconcile(summary["rows_read"], summary["kept"], summary["rejected"], summary.get("targets_only", 0))
+    return Prepared(rows, codes, counts,
                     summary["audio_tokenizer"], summary.get("text_token_counts"))
 
 
@@ -404,29 +517,38 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    world, device = parallel.start_processes(args.device)
     try:
-        audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, args.device) if args.audio_tokenizer
-                           else model_utils.build_tiny_audio_tokenizer(args.seed, args.device))
-        tokenizer = _text_tokenizer(args.model)
-        filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, tuple(args.language), args.max_text_chars)
-        result = prepare(args.manifest, args.out, audio_tokenizer, tokenizer, filters, args.strict, args.batch_size, progress=True)
-    except (ValueError, CacheLocked, files.WriteError) as error:  # WriteError: a cache file the disk could not take
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a missing manifest, a read-only or full disk: the path and the reason
-        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
-        return 2
+        result = _run(args, world, device)
+    except commands.EXPECTED as error:
+        return commands.fail(error)
+    finally:
+        parallel.stop_processes(world)
+    if result is not None:
+        _print_result(result, args.out)
+    return 0
+
+
+def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
+    audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, device) if args.audio_tokenizer
+                       else model_utils.build_tiny_audio_tokenizer(args.seed, device))
+    tokenizer = _text_tokenizer(args.model)
+    languages = tuple(manifest.canonical_language(tag) for tag in args.language)
+    filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, languages, args.max_text_chars)
+    return prepare(args.manifest, args.out, audio_tokenizer, tokenizer, filters, args.strict, args.batch_size,
+                   progress=world.main, val_manifest=args.val_manifest, strict_overlap=args.strict_overlap, world=world)
+
+
+def _print_result(result: PrepareResult, out: str) -> None:
     validation = result.validation
-    for rejection in validation.rejections[:5]:
-        print(f"  row {rejection.row} ({rejection.id or 'no id'}): {rejection.reason}: {rejection.detail}")
-    if len(validation.rejections) > 5:
-        print(f"  ... {len(validation.rejections) - 5} more")
-    print(f"report: {Path(args.out) / 'report.jsonl'}\n"
+    commands.list_first([f"row {r.row} ({r.id or 'no id'}): {r.reason}: {r.detail}" for r in validation.rejections])
+    if result.overlap:
+        print(result.overlap)
+    print(f"report: {Path(out) / 'report.jsonl'}\n"
           f"clips: {result.encoded} encoded, {result.reused} already in the cache"
           + (f" ({result.repaired} damaged shard(s) deleted and their clips encoded again)" if result.repaired else "")
-          + f"; train with --cache {args.out}\n"
+          + f"; train with --cache {out}\n"
           f"{validation.summary()}")
-    return 0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -442,12 +564,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--min-seconds", type=float, default=0.0, help="shortest clip kept [0]")
     add("--max-seconds", type=float, default=math.inf, help="longest clip kept [no limit]")
     add("--max-tokens", type=int, help="largest training sample kept, in model positions [no limit]")
-    add("--language", action="append", default=[], help="keep only this language (repeatable) [all]")
+    add("--language", action="append", default=[],
+        help="keep only this language (repeatable; any spelling of a BCP 47 tag: en, EN, en-US, en_us, eng; "
+             "en keeps en-US too; rows store the canonical tag) [all]")
     add("--max-text-chars", type=int, default=manifest.Filters.max_text_chars,
-        help=f"longest text kept [{manifest.Filters.max_text_chars}]")
+        help=f"longest text kept, at most data.LIMITS' [{manifest.Filters.max_text_chars}]")
     add("--strict", action="store_true", help="stop at the first bad row")
+    add("--val-manifest", help="a validation manifest: report the speakers and clips it shares with the kept rows")
+    add("--strict-overlap", action="store_true",
+        help="with --val-manifest, refuse any shared speaker or clip (exit status 2) instead of reporting it")
     add("--batch-size", type=int, default=64, help="clips per committed shard [64]")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the audio tokenizer runs")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the audio tokenizer runs (under torchrun, cuda means each process's own GPU)")
     return parser.parse_args(argv)
 
 

@@ -83,9 +83,11 @@ def _check_clips(row: dict, clips: manifest.ClipSource) -> None:
     for key, prefix in (("ref_audio", "ref_"), ("audio", "")):
         if key in row:
             try:
-                row[f"{prefix}seconds"] = round(clips.clip(row[key]).seconds, 3)
+                seconds = clips.clip(row[key]).seconds
             except data.AudioError as error:
                 raise manifest.RowRejected(manifest.audio_reason(error, row[key]), str(error)) from None
+            manifest.check_limits(key, seconds)
+            row[f"{prefix}seconds"] = round(seconds, 3)
 
 
 def _row(raw: bytes, base: Path, seen: set[str]) -> dict:

@@ -6,10 +6,11 @@
 
 Read top to bottom: set-up (run directory, data, model, schedule, resume),
 the loop, the finish. Each capability it calls is a module of its own:
-settings in `config.py`, the data order and prefetch in `loader.py`, the
-model preparation and the one training step in `training.py`, processes and
-DDP/FSDP2 in `parallel.py`, checkpoints and the export in `checkpoints.py`,
-validation and best-checkpoint selection in `evaluate.py`. Samples come from
+settings in `config.py`, the data mixture, its order and prefetch in
+`loader.py`, the model preparation and the one training step (with its
+forgetting guard) in `training.py`, processes and DDP/FSDP2 in `parallel.py`,
+checkpoints and the export in `checkpoints.py`, validation sets, guards and
+best-checkpoint selection in `evaluate.py`. Samples come from
 `data.build_sample` (the one builder inference uses too), batches from
 `collate.build_collator`, the loss from `model_utils.compute_loss`.
 """
@@ -20,6 +21,7 @@ import contextlib
 import json
 import math
 import random
+import shlex
 import signal
 import sys
 import time
@@ -53,7 +55,7 @@ import manifest
 import model_utils
 import parallel
 import training
-from config import TrainConfig, parse_config
+from config import TrainConfig, as_flags, guard_rules, parse_config, selection
 from parallel import World
 
 
@@ -94,11 +96,13 @@ class LoopState:
     best: evaluate.Best = field(default_factory=evaluate.Best)
 
     def saved(self, config: TrainConfig) -> dict:
-        return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score, "config": asdict(config)}
+        return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score,
+                "stale_evals": self.best.stale, "config": asdict(config)}
 
     @classmethod
     def restored(cls, saved: dict) -> LoopState:
-        return cls(saved["step"], loader.DataPosition(**saved["position"]), evaluate.Best(saved["best_loss"]))
+        best = evaluate.Best(saved["best_loss"], saved.get("stale_evals", 0))
+        return cls(saved["step"], loader.DataPosition.restored(saved["position"]), best)
 
 
 @dataclass
@@ -109,14 +113,34 @@ class Run:
     plan: RunPlan
     dir: Path
     bundle: model_utils.Bundle
-    validation: evaluate.Validation | None
+    validations: list[evaluate.Validation]
+    fingerprints: dict[str, str]  # the data's content (`loader.data_fingerprint`), which a resume must match
+    eval_settings: dict  # what a best score is measured with (`evaluate.eval_settings`)
+    guards: evaluate.Guards
     writer: SummaryWriter | None = None
     stop: StopRequested | None = None
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP runs write sharded checkpoints (`*.dcp/`), the others one file."""
+        return self.plan.world.distributed and self.config.parallel == "fsdp"
+
     def save(self, model, optimizer, state: LoopState, name: str | None = None) -> Path:
-        sharded = self.plan.world.distributed and self.config.parallel == "fsdp"
-        return checkpoints.save_checkpoint(self.dir, model, optimizer, state.saved(self.config), self.plan.world,
-                                           self.config.keep_last, sharded, name)
+        saved = {**state.saved(self.config), "data": self.fingerprints, "eval_settings": self.eval_settings,
+                 "guard_first": self.guards.first}
+        try:
+            return checkpoints.save_checkpoint(self.dir, model, optimizer, saved, self.plan.world, self.config.keep_last,
+                                               self.sharded, name)
+        except checkpoints.SaveFailed as failure:
+            raise RuntimeError(f"{failure}; once there is room, continue with: {self.resume_command()}") from None
+
+    def resume_command(self) -> str:
+        """The command that continues this run: its flags as given (less --stop-after), its name, --resume."""
+        flags = as_flags(self.config, leave_out=("stop_after", "resume", "run_name", "inspect"))
+        flags += ["--run-name", self.dir.name, "--resume"]
+        launch = f"the same torchrun launch of {self.plan.world.size} processes with train.py" if self.plan.world.distributed \
+            else "python train.py"
+        return f"{launch} {shlex.join(flags)}"
 
     def say(self, *args, **kwargs) -> None:
         if self.plan.world.main:
@@ -129,7 +153,9 @@ class Run:
 
 
 def train(config: TrainConfig) -> Path:
-    """Run training; returns the run directory."""
+    """Run training (or, with --export-from, export a checkpoint); returns the run directory."""
+    if config.export_from:
+        return export_checkpoint(config.export_from)
     world, device = parallel.start_processes(config.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
@@ -150,16 +176,18 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
 
     # model pieces and data: rows whose every problem was counted and reported
     bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=device)
-    rows, codes = loader.training_rows(config, bundle, world, run_dir)
-    if not rows:
-        raise ValueError(f"{config.cache or config.train_manifest}: no usable row to train on (counts above)")
-    builder = loader.BatchBuilder(bundle, config, codes)
-    validation = evaluate.load_validation(config, bundle, codes, world, device, run_dir)
+    sets = loader.training_sets(config, bundle, world, run_dir)
+    builder = sets[0].builder
+    validations = evaluate.load_validation(config, bundle, builder.codes, world, device, run_dir)
+    if len(validations) > 1 and "@" not in config.best_by:
+        say(f"--best-by {config.best_by} is the first validation set's, {validations[0].name} (METRIC@SET names another)")
+    loader.report_overlap([row for each in sets for row in each.rows], [row for each in validations for row in each.rows],
+                          config, world)
 
     # the model as trained, the schedule, the first batch
     model = training.prepare_model(bundle.model, config, world, device)
     say(describe_model(model, config, world))
-    first_epoch = loader.epoch_batches(rows, config, 0, builder)
+    first_epoch = loader.epoch_batches(sets[0].rows, config, 0, builder)
     plan = RunPlan.derive(config, world, device, len(first_epoch))
     if config.epochs:
         say(f"{config.epochs:g} epochs: a schedule of {plan.max_steps} steps")
@@ -171,16 +199,16 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
         return run_dir
 
     optimizer = training.build_optimizer(model, config, device)
-    state = LoopState()
-    if resume_from is not None:
-        saved = None  # its memory-mapped tensors are not needed any more
-        state = LoopState.restored(checkpoints.load_checkpoint(resume_from, model, optimizer, world))
-        say(f"resumed from {resume_from} at step {state.step}")
-    run = Run(config, plan, run_dir, bundle, validation)
+    run = Run(config, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
+              evaluate.eval_settings(config, validations), evaluate.Guards(guard_rules(config), config.guard_action))
+    state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
+    evaluate.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
+    if validations and config.eval_every and run.guards.needs_first():
+        evaluate_first(model, state, run)
     run.stop = StopRequested()
-    batches = loader.Prefetcher(loader.micro_batches(rows, config, state.position, world, builder), builder, config.prefetch)
+    batches = loader.Prefetcher(loader.micro_batches(sets, config, state.position, world), config.prefetch)
     # closed on any exit, so that an error message starts its own line
     progress = on_exit.enter_context(tqdm(total=plan.last_step, initial=state.step, desc="train", dynamic_ncols=True,
                                           disable=not world.main))
@@ -188,6 +216,43 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
     progress.close()
     batches.close()
     return finish(model, optimizer, state, run, train_loss)
+
+
+def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopState:
+    """The loop's state from `checkpoint`, once the data matches the checkpoint's. A best score measured with
+    other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts."""
+    checkpoints.check_data(saved, run.fingerprints, run.config.allow_data_change, checkpoint, run.say)
+    state = LoopState.restored(checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world))
+    measured_with = saved.get("eval_settings", run.eval_settings)
+    if measured_with != run.eval_settings:
+        changed = ", ".join(name for name in run.eval_settings if measured_with.get(name) != run.eval_settings[name])
+        kept = checkpoints.retire_best(run.dir, state.step) if run.plan.world.main else None
+        state.best = evaluate.Best()
+        run.say(f"--resume: the evaluation changed ({changed}), so earlier scores are not comparable: a new best starts"
+                + (f"; the old one is kept as {kept}" if kept else "")
+                + ("; relative --guard bounds are measured from this resume's first evaluation" if run.guards.needs_first() else ""))
+    else:
+        run.guards.first = dict(saved.get("guard_first", {}))
+    run.say(f"resumed from {checkpoint} at step {state.step}")
+    return state
+
+
+def data_fingerprints(sets: list[loader.TrainingSet], validations: list[evaluate.Validation]) -> dict[str, str]:
+    """Each training and validation set's content fingerprint, which a resume must match: `train` and `val` for
+    a lone (unnamed) set, as before mixtures, else `train:NAME` and `val:NAME`."""
+    fingerprints = {"train" if len(sets) == 1 else f"train:{each.name}": loader.data_fingerprint(each.rows, each.builder.codes)
+                    for each in sets}
+    for validation in validations:
+        key = "val" if validation.name is None else f"val:{validation.name}"
+        fingerprints[key] = loader.data_fingerprint(validation.rows, validation.builder.codes)
+    return fingerprints
+
+
+def export_checkpoint(checkpoint: str) -> Path:
+    """--export-from: a checkpoint (best.pt, step_N.pt, a sharded *.dcp) as an export beside its run's."""
+    export = checkpoints.export_checkpoint(Path(checkpoint))
+    print(f"exported {checkpoint} to {export}\nnext: python infer.py --model {export}")
+    return export.parent
 
 
 def seed_everything(seed: int) -> None:
@@ -213,33 +278,36 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
     logged training loss.
 
     The step's statistics stay on the device (`training.StepStats`) and are
-    read only on a step that logs, so other steps never wait for the device.
+    read only on a step that logs, so other steps never wait for the device;
+    under torchrun a stop signal is agreed on at those reads too (`StopRequested.agreed`).
     """
     config, plan = run.config, run.plan
     model.train()
     skipped = SkippedSteps(config.max_bad_steps)
     interval = Interval(batches)
     train_loss = math.nan
-    while (state.step < plan.last_step and not state.best.out_of_patience(config.patience)
-           and not parallel.any_process(run.stop.requested, plan.world, plan.device)):
+    stopping = run.stop.agreed(None, plan.world)
+    while state.step < plan.last_step and not state.best.out_of_patience(config.patience) and not run.guards.stop and not stopping:
         interval.begin_step()
         micro = batches.take(config.grad_accum)
         lr = training.lr_at(state.step, config, plan.max_steps)
-        stats = training.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, plan.device, lr)
+        stats = training.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, plan.device, lr,
+                                    [m.set_name for m in micro])
         skipped.add(state.step, stats.skipped, [pair.id for m in micro for pair in m.pairs])
         state.step, state.position = state.step + 1, micro[-1].position
         logs = state.step % config.log_every == 0 or state.step == plan.last_step
-        values = stats.read(plan.world) if logs else None  # the only place the step waits for the device
+        values = stats.read(plan.world, run.stop.requested) if logs else None  # the only place the step waits for the device
         interval.end_step(stats)
+        stopping = run.stop.agreed(values, plan.world)
 
         if logs:
             skipped.check(run.writer)
             train_loss = values.losses["total"]
-            log_step(run, state.step, values, lr, interval.take(plan.world))
+            log_step(run, state, values, lr, interval.take(plan.world))
             progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{interval.tokens_per_s:.0f}")
         progress.update(1)
 
-        if run.validation and config.eval_every and (state.step % config.eval_every == 0 or state.step == plan.max_steps):
+        if run.validations and config.eval_every and (state.step % config.eval_every == 0 or state.step == plan.max_steps):
             evaluate_and_select(model, optimizer, state, run)
         if state.step % config.save_every == 0 or state.step == plan.max_steps:
             run.save(model, optimizer, state)
@@ -247,12 +315,41 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
 
 
 def evaluate_and_select(model, optimizer, state: LoopState, run: Run) -> None:
-    """Validation losses and clone quality, logged; a new best score is saved as best.pt."""
+    """Validation losses and clone quality, logged; a new best score is saved as best.pt. An evaluation that
+    fails is reported and the training goes on (under torchrun only a failure of the generated clips, which
+    process 0 alone makes, can be survived: one process's failure elsewhere leaves the others in a collective)."""
     model.eval()
-    val, quality = evaluate.evaluate_in_loop(model, run.validation, run.config, run.plan.world, run.plan.device,
-                                             run.writer, state.step)
-    if state.best.update(evaluate.selection_score(run.config.best_by, val, quality)):
+    try:
+        scores = evaluate.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
+                                           run.writer, state.step)
+    except Exception as error:
+        if run.plan.world.distributed:
+            raise
+        evaluate.report_failure(run.writer, state.step, "the evaluation failed", error)
+        scores = None
+    if scores is not None and state.best.update(guarded_score(scores, state.step, run)):
         run.save(model, optimizer, state, name="best.pt")
+    model.train()
+
+
+def guarded_score(scores: dict, step: int, run: Run) -> float:
+    """The --best-by score of an evaluation, or inf (never a new best) when it breaks a --guard, which is said."""
+    breaches = run.guards.judge(scores)
+    for line in breaches:
+        run.say(f"step {step}: {line}")
+    if run.writer and run.guards.rules:
+        run.writer.add_scalar("guard/breaches", len(breaches), step)
+    metric, name = selection(run.config)
+    return math.inf if breaches else evaluate.selection_score(metric, *scores[name])
+
+
+def evaluate_first(model, state: LoopState, run: Run) -> None:
+    """The evaluation before the first step, from which relative --guard bounds are measured (logged at step
+    0; no candidate for best.pt)."""
+    model.eval()
+    run.guards.record_first(evaluate.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
+                                                      run.writer, state.step))
+    run.say("--guard bounds measured from: " + ", ".join(f"{text} {value:.4f}" for text, value in run.guards.first.items()))
     model.train()
 
 
@@ -314,13 +411,18 @@ class Interval:
         return taken
 
 
-def log_step(run: Run, step: int, values: training.StepValues, lr: float, throughput: dict[str, float]) -> None:
-    """Loss terms, learning rate, grad norm, throughput, accuracy and GPU memory of a logged step (process 0)."""
-    writer = run.writer
+def log_step(run: Run, state: LoopState, values: training.StepValues, lr: float, throughput: dict[str, float]) -> None:
+    """Loss terms (the forgetting KL among them), learning rate, grad norm, throughput, accuracy, GPU memory
+    and a mixture's shares drawn so far, of a logged step (process 0)."""
+    writer, step = run.writer, state.step
     if writer is None:
         return
     for name, value in values.losses.items():
         writer.add_scalar(f"loss/{name}", value, step)
+    if math.isfinite(values.kl):  # NaN on a step none of whose micro-batches took the forgetting term
+        writer.add_scalar("loss/kl", values.kl, step)
+    for tag, value in loader.mixture_panels(state.position).items():
+        writer.add_scalar(tag, value, step)
     writer.add_scalar("train/lr", lr, step)
     writer.add_scalar("train/grad_norm", values.grad_norm, step)
     for name, value in throughput.items():
@@ -354,6 +456,14 @@ class StopRequested:
     def requested(self) -> bool:
         return bool(self.signum)
 
+    def agreed(self, logged: training.StepValues | None, world: World) -> bool:
+        """Whether every process stops now, without a collective of its own: a single process reads its flag
+        at every step; under torchrun the processes' flags travel with a logged step's statistics (`logged`,
+        one all-reduce), so they stop together at the next step that logs (--log-every)."""
+        if not world.distributed:
+            return self.requested
+        return logged is not None and logged.stop
+
     def _request(self, signum, _frame):
         name = signal.Signals(signum).name
         if self.signum:
@@ -369,29 +479,44 @@ class StopRequested:
 
 def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> Path:
     config, plan = run.config, run.plan
-    if state.step < plan.max_steps:
+    if state.step < plan.max_steps or run.guards.stop:  # a breach at the last step exports the best, not the last
         path = run.save(model, optimizer, state)
         if state.best.out_of_patience(config.patience):
-            run.say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): best.pt holds the best")
-        out_dir = f"--out-dir {config.out_dir} " if config.out_dir != TrainConfig.out_dir else ""
-        run.say(f"stopped at step {state.step}; checkpoint {path}; "
-                f"continue with the same flags and {out_dir}--run-name {run.dir.name} --resume")
+            run.say(f"no new best {config.best_by} in {config.patience} evaluations (--patience): "
+                    + export_best(model, optimizer, run))
+        elif run.guards.stop:
+            run.say(f"stopped at step {state.step}: a --guard was breached (--guard-action stop); "
+                    + export_best(model, optimizer, run))
+        else:
+            run.say(f"stopped at step {state.step}; checkpoint {path}; continue with: {run.resume_command()}")
     else:
         export = checkpoints.export_model(model, config, run.bundle, plan.world, run.dir / "export")
-        best = state.best.value(config.best_by)
+        best = state.best.value(selection(config)[0])
         run.say(f"done: {state.step} steps, final train loss {train_loss:.3f}"
                 + (f", best {config.best_by} {best:.3f}" if math.isfinite(best) else "")
                 + f"\nTensorBoard: tensorboard --logdir {config.out_dir}\n"
                 f"next: python infer.py --model {export}"
                 + (" (or just python infer.py: it takes the newest export)" if config.out_dir == "runs" else ""))
     if run.writer:
-        hparams = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))}
-        run.writer.add_hparams(hparams, {"hparam/train_loss": train_loss, f"hparam/best_{config.best_by}": state.best.value(config.best_by)},
+        hparams = {k: " ".join(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()
+                   if isinstance(v, (int, float, str, bool, tuple))}
+        best = state.best.value(selection(config)[0])
+        run.writer.add_hparams(hparams, {"hparam/train_loss": train_loss, f"hparam/best_{config.best_by}": best},
                                run_name="hparams")
         run.writer.close()
     if run.stop.requested:
         raise Stopped(run.stop.signum)
     return run.dir
+
+
+def export_best(model, optimizer, run: Run) -> str:
+    """A run stopped by --patience ends with the export of its best weights, as a finished run ends with its last."""
+    best = run.dir / "checkpoints" / ("best.dcp" if run.sharded else "best.pt")
+    if not best.exists():
+        return "no evaluation gave a score to keep, so there is no best.pt to export"
+    best_step = checkpoints.load_checkpoint(best, model, optimizer, run.plan.world)["step"]
+    export = checkpoints.export_model(model, run.config, run.bundle, run.plan.world, run.dir / "export")
+    return f"the best, {best.name} of step {best_step}, is exported to {export}\nnext: python infer.py --model {export}"
 
 
 def main(argv: list[str] | None = None) -> int:

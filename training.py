@@ -7,7 +7,9 @@
 `train_step` is the one optimizer step that `train.py`, `bench.py` and the
 tests run: forward, loss and backward over the step's micro-batches (DDP's
 gradient all-reduce only on the last), gradient clipping and the AdamW
-update, skipped when a loss is not finite. Its statistics stay on the device
+update, skipped when a loss is not finite. With `--kl-weight` the loss adds
+the forgetting guard, `forgetting_kl`: the KL from the base (the same LoRA
+model with its adapters disabled) at the batch's audio targets. Its statistics stay on the device
 (`StepStats`) until the loop reads them on a step that logs (`read`: one
 all-reduce, one transfer), so a step that logs nothing never waits for the
 GPU on our account.
@@ -18,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchInput
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
@@ -42,14 +46,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.World, device: str) -> torch.nn.Module:
-    """What is trained (`--scope`, or LoRA adapters), the memory options, activation checkpointing and compile
-    per decoder layer, then DDP or FSDP2 across processes: the model `train_step` steps."""
+    """What is trained (`--scope`, or LoRA adapters), the memory options, activation checkpointing per
+    decoder layer, compile (`--compile`, per layer or whole), then DDP or FSDP2 across processes: the model
+    `train_step` steps."""
     if config.scope == "lora":
         model = add_lora(model, config)
     else:
         select_trainable(model, config.scope)
     reduce_memory(model, config)
     wrap_decoder_layers(model, config)
+    if config.compile:
+        compile_model(model, config.compile_scope)
     return parallel.wrap_model(model, config.parallel, config.precision, world, device)
 
 
@@ -76,26 +83,56 @@ def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
     """Text logits only at labelled positions (`--text-logits labelled`) and, under bf16, frozen
     linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_training.py)."""
     if config.text_logits == "labelled":
-        model_utils.text_logits_at_labels(model)
+        model_utils.text_logits_at_labels(model, check=config.debug_checks)
     if config.frozen_bf16 and config.precision == "bf16":
         model_utils.frozen_linear_weights_to_bf16(model)
 
 
 def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
-    """Activation checkpointing (the package has none) and/or compile, one decoder layer at a time.
+    """Activation checkpointing (the package has none), one decoder layer at a time.
 
     Each layer keeps its class and its parameter names: the package's decoder
     calls a layer with the audio mask only `if isinstance(layer,
     HiggsAudioDualFFNDecoderLayer)`, so a wrapper module (`checkpoint_wrapper`,
     the `OptimizedModule` of `torch.compile(layer)`) would silently route
     every token through the text FFN. Hence the layer's own `forward` is
-    checkpointed and `Module.compile` compiles in place.
+    checkpointed, and `compile_model` compiles in place.
     """
-    for layer in model_utils.decoder_layers(model):
-        if config.grad_checkpoint:
+    if config.grad_checkpoint:
+        for layer in model_utils.decoder_layers(model):
             checkpoint_forward(layer)
-        if config.compile:
-            layer.compile(dynamic=True)
+
+
+def compile_model(model: torch.nn.Module, scope: str, backend: str | Callable = "inductor", dynamic: bool | None = True) -> None:
+    """`Module.compile` in place, with dynamic shapes: each decoder layer (`layers`: one graph per layer,
+    `trace_data_dependent_shapes`) or the whole `HiggsAudioModel` (`model`: the merge of text and audio, the
+    layers and the heads, broken where the package's sizes depend on the data, since inductor in torch 2.9.1
+    fails on those sizes when it must keep them: on the package's merge, and on several layers in one graph;
+    docs/memory-and-speed.md gives both graph counts)."""
+    trace_data_dependent_shapes(scope == "layers")
+    modules = model_utils.decoder_layers(model) if scope == "layers" else [model_utils.higgs_model(model)]
+    for module in modules:
+        module.compile(dynamic=dynamic, backend=backend)
+
+
+def trace_data_dependent_shapes(enabled: bool) -> None:
+    """Whether dynamo traces operators whose output size depends on the data, instead of breaking the graph.
+
+    The package's dual-FFN layer routes text and audio positions with boolean
+    masks (`hidden_states[mask]`, `residual[mask] += ...`: modeling_higgs_audio.py
+    lines 692-699 of boson-multimodal 0.1.1), each an `aten.nonzero`, whose
+    output size dynamo cannot know while tracing: by default every layer
+    breaks into 5 graphs (4 breaks). With these two dynamo settings such a
+    size is an unbacked symbol inside one graph: 1 graph per layer, the same
+    losses (tests/test_training.py), and still one FFN per position (computing
+    both FFNs on every token and selecting would also remove the breaks, at
+    1.75x the layer's FLOPs). They are process-wide settings of dynamo, set
+    here only, by `compile_model`.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = enabled
+    torch._dynamo.config.capture_scalar_outputs = enabled
 
 
 def checkpoint_forward(layer: torch.nn.Module) -> None:
@@ -120,14 +157,45 @@ def autocast(precision: str, device: str):
 # --------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (no decay on norms and biases); fused on CUDA."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (no decay on norms and biases): torch's, fused on CUDA, or with
+    8-bit moments (`--optimizer adamw8bit`: torchao's `AdamW8bit`)."""
     trained = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trained if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if config.optimizer == "adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(groups, lr=config.lr, betas=(0.9, 0.95))
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """`lr` in every parameter group; torchao keeps it as a (CPU) tensor, filled in place so that its
+    compiled update sees a new value without recompiling."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, device: str) -> None:
+    """`optimizer.step()`, under `update_stance`."""
+    with update_stance(optimizer, device):
+        optimizer.step()
+
+
+def update_stance(optimizer: torch.optim.Optimizer, device: str) -> contextlib.AbstractContextManager:
+    """Where the optimizer's update runs: torchao compiles its 8-bit update per parameter shape with
+    inductor, a few seconds once on a GPU but about 30 s for the tiny preset's 7 shapes on 2 CPU cores, so
+    on the CPU the same update function runs eagerly (`force_eager`); torch's AdamW is never compiled.
+    Around every step of it, and around a checkpoint's load (torch's state-dict loading takes one step to
+    create the optimizer state)."""
+    eager = torch.device(device).type == "cpu" and not isinstance(optimizer, torch.optim.AdamW)
+    return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
 
 
 def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
@@ -160,17 +228,22 @@ class StepStats:
     hits: torch.Tensor
     grad_norm: torch.Tensor
     skipped: torch.Tensor
+    kl: torch.Tensor  # [sum of the forgetting KL over the micro-batches that took it, their number]
 
-    def read(self, world: parallel.World) -> StepValues:
-        """Means over processes (sums for `counts`), in one all-reduce and one device-to-host transfer."""
-        shared = torch.cat([self.losses, self.counts, self.hits.reshape(-1)])
+    def read(self, world: parallel.World, stop_requested: bool = False) -> StepValues:
+        """Means over processes (sums for `counts`; whether any process asked to stop), in one all-reduce and
+        one device-to-host transfer."""
+        stop = torch.full((1,), float(stop_requested), dtype=torch.float64, device=self.losses.device)
+        shared = torch.cat([self.losses, self.counts, self.hits.reshape(-1), self.kl, stop])
         values = torch.cat([parallel.mean_over_processes(shared, world),
                             self.grad_norm.double().reshape(1), self.skipped.double().reshape(1)]).tolist()
         losses, counts = values[: len(self.losses)], values[len(self.losses) : len(self.losses) + 3]
-        hits = np.array(values[len(self.losses) + 3 : -2]).reshape(self.hits.shape)
+        hits = np.array(values[len(self.losses) + 3 : -5]).reshape(self.hits.shape)
         tokens, padded, samples = (value * world.size for value in counts)
+        kl_sum, kl_batches = values[-5:-3]
         return StepValues(dict(zip(loss_names(len(self.losses) - 3), losses)), tokens, padded, samples,
-                          metrics.accuracy_from_hits(hits), values[-2], bool(values[-1]))
+                          metrics.accuracy_from_hits(hits), values[-2], bool(values[-1]),
+                          kl_sum / kl_batches if kl_batches else math.nan, values[-3] > 0)
 
 
 @dataclass
@@ -184,6 +257,8 @@ class StepValues:
     accuracy: dict[str, float]
     grad_norm: float
     skipped: bool
+    kl: float  # mean forgetting KL of the micro-batches that took it; NaN where none did
+    stop: bool = False  # some process asked to stop (a signal)
 
 
 def loss_names(num_codebooks: int) -> list[str]:
@@ -191,43 +266,90 @@ def loss_names(num_codebooks: int) -> list[str]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[HiggsAudioBatchInput],
-               config: TrainConfig, world: parallel.World, device: str, lr: float) -> StepStats:
+               config: TrainConfig, world: parallel.World, device: str, lr: float,
+               set_names: list[str] | None = None) -> StepStats:
     """One optimizer step at learning rate `lr` over `batches`, the step's micro-batches (its gradient accumulation).
 
     Each micro-batch's loss is scaled by 1/len(batches), so the gradient is
     the mean over them; under DDP gradients are all-reduced on the last one
     only. A non-finite loss on any process skips the update everywhere (the
     gradients are dropped, the optimizer state is untouched); `StepStats.skipped`
-    says so. Gradients are clipped to `config.grad_clip` (0 = off).
+    says so. Gradients are clipped to `config.grad_clip` (0 = off). With
+    `--kl-weight`, each micro-batch that `takes_kl` (`set_names`: the training
+    set each came from) adds that weight times `forgetting_kl` to its loss. With
+    torch's fused AdamW nothing here makes the host wait for the device
+    (`syncs.py` counts; tests/test_training.py checks).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     model_config = model_utils.higgs_model(parallel.unwrap(model)).config
     codebooks, stream_eos = model_config.audio_num_codebooks, model_config.audio_codebook_size + 1
     losses = torch.zeros(3 + codebooks, dtype=torch.float64, device=device)
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     hits = torch.zeros(codebooks + 1, 2, dtype=torch.float64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
+    kl = torch.zeros(2, dtype=torch.float64, device=device)
+    guarded = takes_kl(config, set_names, len(batches))
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        inputs = collate.batch_to_model_inputs(batch, device)
+        if config.text_logits == "labelled":
+            inputs[model_utils.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
         with no_sync, autocast(config.precision, device):
-            outputs = model(**collate.batch_to_model_inputs(batch, device))
-            loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
-            (loss.total / len(batches)).backward()
-        finite = finite & torch.isfinite(loss.total.detach())
+            outputs = model(**inputs)
+            loss = model_utils.compute_loss(outputs, inputs["label_audio_ids"])
+            total = loss.total
+            if guarded[index]:
+                divergence = forgetting_kl(model, inputs, outputs.audio_logits, inputs["label_audio_ids"])
+                total = total + config.kl_weight * divergence
+                kl += torch.stack([divergence.detach().double(), kl.new_ones(())])
+            (total / len(batches)).backward()
+        finite = finite & torch.isfinite(total.detach())
         losses += _loss_vector(loss) * (1 / len(batches))
         real = outputs.attention_mask.sum()  # positions of the merged text-and-audio sequence the model ran on
-        counts += torch.stack([real, outputs.attention_mask.numel() - real, real.new_tensor(len(batch.input_ids))])
-        hits += metrics.teacher_forced_hits(outputs.audio_logits.detach(), batch.label_audio_ids, stream_eos)
+        counts += torch.stack([real, outputs.attention_mask.numel() - real, torch.full_like(real, len(batch.input_ids))])
+        hits += metrics.teacher_forced_hits(outputs.audio_logits.detach(), inputs["label_audio_ids"], stream_eos)
     skipped = _on_any_process(~finite, world)
     trained = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip if config.grad_clip > 0 else float("inf"))
     # Under FSDP the norm is a DTensor; making it whole is a collective, so every process does it.
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    _update_unless(skipped, optimizer)
+    _update_unless(skipped, optimizer, device)
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(losses, counts, hits, grad_norm.detach(), skipped)
+    return StepStats(losses, counts, hits, grad_norm.detach(), skipped, kl)
+
+
+def takes_kl(config: TrainConfig, set_names: list[str] | None, count: int) -> list[bool]:
+    """Which of a step's `count` micro-batches add the forgetting term: none without --kl-weight, those of the
+    --kl-replay set if one is named, else all."""
+    if not config.kl_weight:
+        return [False] * count
+    if not config.kl_replay:
+        return [True] * count
+    if set_names is None:
+        raise ValueError("--kl-replay: the step needs the training set of each micro-batch")
+    return [name == config.kl_replay for name in set_names]
+
+
+def forgetting_kl(model: torch.nn.Module, inputs: dict, audio_logits: torch.Tensor, label_audio_ids: torch.Tensor) -> torch.Tensor:
+    """KL(base || adapted) of the audio-token distributions, averaged over the target positions and codebooks.
+
+    The base is the same LoRA model with its adapters disabled (peft's own
+    switch), run under no_grad, so no second model is held and its pass keeps
+    no activations for backward. The targets are where the loss is: column
+    t's logits predict label column t + 1 (`model_utils.compute_loss`'s shift).
+    The direction KL(base || adapted) penalises the adapted model for dropping
+    what the base found likely.
+    """
+    with torch.no_grad(), parallel.unwrap(model).disable_adapter():
+        base = parallel.unwrap(model)(**inputs).audio_logits
+    # Every column is computed and the targets weighted in, rather than selected: selecting by a mask would make
+    # the host wait for the device to count them.
+    targets = (label_audio_ids[:, 1:] != model_utils.IGNORE_INDEX).T.to(audio_logits.device)  # (columns - 1, codebooks)
+    adapted = F.log_softmax(audio_logits[:-1].float(), dim=-1)
+    reference = F.log_softmax(base[:-1].float(), dim=-1)
+    per_position = (reference.exp() * (reference - adapted)).sum(-1)
+    return (per_position * targets).sum() / targets.sum().clamp(min=1)
 
 
 def _loss_vector(loss: model_utils.LossBreakdown) -> torch.Tensor:
@@ -245,17 +367,18 @@ def _on_any_process(flag: torch.Tensor, world: parallel.World) -> torch.Tensor:
     return flag.bool()
 
 
-def _update_unless(skipped: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+def _update_unless(skipped: torch.Tensor, optimizer: torch.optim.Optimizer, device: str) -> None:
     """The optimizer's update, unless `skipped`.
 
     A fused AdamW (CUDA) takes the flag on the device through `found_inf`, the
     protocol `torch.amp.GradScaler` uses: the kernel leaves parameters, moments
     and step count alone when it is set, and the host never reads it. The
-    foreach AdamW (CPU, where reading a tensor waits for nothing) has no such
-    argument, so the host decides.
+    foreach AdamW (CPU, where reading a tensor waits for nothing) and
+    torchao's `AdamW8bit` have no such argument, so the host decides: with
+    `--optimizer adamw8bit` on a GPU that is one host sync per step.
     """
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skipped.to(torch.float32)
         optimizer.step()
     elif not skipped.item():
-        optimizer.step()
+        step_optimizer(optimizer, device)

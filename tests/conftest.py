@@ -153,3 +153,18 @@ def batches(tiny, parity_case):
                                        parity_case.text, parity_case.target_codes)
     collator = collate.build_collator(tiny.model.config)
     return [collate.collate(collator, [sample() for _ in range(n)], 1024) for n in (1, 2)]
+
+
+@pytest.fixture(scope="session")
+def short_manifest(tmp_path_factory, small_manifest):
+    """The small manifest with each clip cut to its first 1.05 s (a reference must last 1 s: data.LIMITS), for runs
+    whose clips' encoding should cost little."""
+    folder = tmp_path_factory.mktemp("short")
+    rows = [json.loads(line) for line in small_manifest.read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        waveform, rate = sf.read(row["audio"])
+        row["audio"] = str(folder / f"{row['id']}.wav")
+        sf.write(row["audio"], waveform[: int(1.05 * rate)], rate)
+    path = folder / "short.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path

@@ -3,16 +3,19 @@ refuses a changed run and skips damaged checkpoints, writes are whole or absent,
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
@@ -84,10 +87,25 @@ def _files(folder: pathlib.Path) -> dict[str, int]:
 def test_sigterm_stop_saves_says_how_to_resume_and_exits_143(stopped):
     assert stopped["status"] == 128 + signal.SIGTERM == 143
     assert "SIGTERM: stopping with a checkpoint after this step" in stopped["err"]
-    assert "stopped at step 2" in stopped["out"] and f"--out-dir {stopped['run'].parent} --run-name run --resume" in stopped["out"]
+    assert "stopped at step 2" in stopped["out"]
+    command = stopped["out"].split("continue with: ")[1].splitlines()[0]
+    assert command.startswith("python train.py --cache ") and command.endswith(" --run-name run --resume")
+    assert f"--out-dir {stopped['run'].parent}" in command and "--max-steps 3" in command
     assert [path.name for path in checkpoints.step_checkpoints(stopped["run"] / "checkpoints")] == ["step_00000001.pt", "step_00000002.pt"]
     assert not (stopped["run"] / "export").exists()
     assert stopped["handler_restored"]
+
+
+def test_the_printed_command_continues_the_run(stopped, tmp_path):
+    """The stop message's command, run as printed (with this copy's --out-dir), finishes the run."""
+    run = _copy(stopped, tmp_path)
+    command = shlex.split(stopped["out"].split("continue with: ")[1].splitlines()[0])
+    assert command[:2] == ["python", "train.py"]
+    arguments = command[2:]
+    arguments[arguments.index("--out-dir") + 1] = str(run.parent)
+    status, out, err = run_main(*arguments)
+    assert status == 0, err
+    assert "resumed from" in out and "done: 3 steps" in out
 
 
 # --- a run directory belongs to one run --------------------------------------------------------------------------
@@ -128,13 +146,18 @@ def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_p
     assert status == 2 and len(error_lines(err)) == 1 and "no checkpoint in" in err
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "foreign dict"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "foreign dict", "bytes flipped mid-tensor"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped, tmp_path, damage, capsys):
     run = _copy(stopped, tmp_path)
     newest = run / "checkpoints" / "step_00000002.pt"
     whole = newest.read_bytes()
     if damage == "foreign dict":
         torch.save({"weights": torch.zeros(3)}, newest)
+    elif damage == "bytes flipped mid-tensor":  # still a loadable file: only its digest tells
+        flipped = bytearray(whole)
+        flipped[len(whole) // 2 : len(whole) // 2 + 8] = bytes(b ^ 0x5A for b in flipped[len(whole) // 2 : len(whole) // 2 + 8])
+        newest.write_bytes(bytes(flipped))
+        assert torch.load(newest, weights_only=True)["step"] == 2
     else:
         newest.write_bytes({"empty": b"", "truncated": whole[: len(whole) // 2], "random bytes": os.urandom(4096)}[damage])
     path, state = checkpoints.newest_intact_checkpoint(run, World(), print)
@@ -142,6 +165,31 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
     out = capsys.readouterr().out
     assert f"unreadable checkpoint {newest}" in out and f"resuming from {path} instead" in out
     assert not newest.exists() and newest.with_name(newest.name + ".corrupt").is_file()
+    if damage == "bytes flipped mid-tensor":
+        assert "its bytes differ from the SHA-256 written with it" in out
+
+
+def test_a_damaged_shard_of_a_sharded_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path, capsys):
+    """FSDP checkpoints (`step_N.dcp/`): a truncated `.distcp` shard is named and the previous checkpoint used;
+    reading it anyway is one ValueError, not torch's CheckpointException (a BaseException)."""
+    model = training.prepare_model(copy.deepcopy(tiny.model), config.TrainConfig(scope="audio"), World(), "cpu")
+    optimizer = training.build_optimizer(model, config.TrainConfig(), "cpu")
+    run = tmp_path / "run"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for step in (1, 2):
+            loop_state = {"step": step, "position": {"epoch": 0, "index": step}, "best_loss": 1.0, "config": {}}
+            checkpoints.save_checkpoint(run, model, optimizer, loop_state, World(), keep_last=2, sharded=True)
+        newest = run / "checkpoints" / "step_00000002.dcp"
+        [shard] = newest.glob("*.distcp")
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        with pytest.raises(ValueError, match="its shards cannot be read"):
+            checkpoints.load_checkpoint(newest, model, optimizer, World())
+        path, state = checkpoints.newest_intact_checkpoint(run, World(), print)
+    finally:
+        dist.destroy_process_group()
+    assert path == run / "checkpoints" / "step_00000001.dcp" and state["step"] == 1
+    assert f"{shard.name}: its bytes differ" in capsys.readouterr().out
 
 
 def test_resume_uses_the_intact_checkpoint_cleans_strays_records_safe_changes_and_purges_events(stopped, tmp_path):
@@ -187,6 +235,8 @@ def test_pruning_keeps_the_newest_by_step_number_and_never_the_one_just_written(
 
 
 def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporary(stopped, tmp_path, monkeypatch):
+    """A save that fails twice stops the run in one line naming the last good checkpoint and the command that
+    continues; nothing half-written is left."""
     run = _copy(stopped, tmp_path)
 
     def disk_full(state, handle):
@@ -194,10 +244,33 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporary
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints, "RETRY_AFTER_SECONDS", 0.0)
     status, _, err = _resume(stopped, run)
     assert status == 2
-    assert error_lines(err) == [f"error: cannot write {run / 'checkpoints' / 'step_00000003.pt'}: No space left on device"]
-    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
+    [line] = error_lines(err)
+    assert line.startswith(f"error: cannot write {run / 'checkpoints' / 'step_00000003.pt'}: No space left on device (tried twice); "
+                           f"the last good checkpoint is {run / 'checkpoints' / 'step_00000002.pt'}; once there is room, "
+                           "continue with: python train.py ")
+    assert line.endswith("--run-name run --resume")
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == [
+        "step_00000001.pt", "step_00000001.pt.sha256", "step_00000002.pt", "step_00000002.pt.sha256"]
+
+
+def test_a_save_that_fails_once_is_retried_and_the_run_goes_on(stopped, tmp_path, monkeypatch):
+    run = _copy(stopped, tmp_path)
+    real_save, failures = torch.save, []
+
+    def full_once(state, handle):
+        if not failures:
+            failures.append(1)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(state, handle)
+
+    monkeypatch.setattr(torch, "save", full_once)
+    monkeypatch.setattr(checkpoints, "RETRY_AFTER_SECONDS", 0.0)
+    status, out, err = _resume(stopped, run)
+    assert status == 0 and failures == [1], err
+    assert checkpoints.latest_checkpoint(run).name == "step_00000003.pt" and (run / "export").is_dir()
 
 
 def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_path, monkeypatch):
@@ -266,3 +339,76 @@ def test_a_read_only_out_dir_is_one_line_naming_it(tmp_path, monkeypatch):
 
 
 # --- flags, --config and data: one line each --------------------------------------------------------------------
+
+
+# --- a resumed run trains on the data it started with, and compares scores measured alike -------------------------
+
+
+def test_resume_checks_the_data_and_compares_only_scores_measured_alike(tmp_path, short_manifest):
+    """One run, resumed three times: with other evaluation settings (a new best starts, the old best.pt kept),
+    then with its training data changed in place (refused in one line), then with --allow-data-change."""
+    manifest_path = tmp_path / "train.jsonl"
+    shutil.copy(short_manifest, manifest_path)
+    flags = ["--train-manifest", str(manifest_path), "--val-manifest", str(manifest_path), "--out-dir", str(tmp_path / "runs"),
+             "--run-name", "run", "--max-steps", "3", "--save-every", "1", "--eval-every", "1", "--eval-prompts", "0",
+             "--device", "cpu", "--precision", "fp32"]
+    checkpoints_dir = tmp_path / "runs" / "run" / "checkpoints"
+    assert run_main(*flags, "--stop-after", "1")[0] == 0
+    old_best = torch.load(checkpoints_dir / "best.pt", weights_only=True)["best_loss"]
+    status, out, err = run_main(*flags, "--resume", "--stop-after", "2", "--eval-max-seconds", "2")
+    assert status == 0, err
+    assert "--resume: the evaluation changed (eval_max_seconds), so earlier scores are not comparable: a new best starts" in out
+    assert torch.load(checkpoints_dir / "best-until-step-1.pt", weights_only=True)["best_loss"] == old_best
+    assert torch.load(checkpoints_dir / "best.pt", weights_only=True)["step"] == 2, "the first evaluation after it is the new best"
+
+    rows = manifest_path.read_text(encoding="utf-8").splitlines()
+    rows[0] = rows[0].replace('"text": "', '"text": "Changed. ')
+    manifest_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    status, _, err = run_main(*flags, "--resume", "--eval-max-seconds", "2")
+    assert status == 2
+    assert error_lines(err) == [f"error: --resume: the training data and validation data changed since "
+                                f"{checkpoints_dir / 'step_00000002.pt'} was written (its content fingerprint differs): resume "
+                                "with the data it was trained on, or add --allow-data-change to go on knowingly"]
+    status, out, err = run_main(*flags, "--resume", "--eval-max-seconds", "2", "--allow-data-change")
+    assert status == 0, err
+    assert "changed since" in out and "going on (--allow-data-change)" in out and "done: 3 steps" in out
+
+
+def test_an_export_whose_weights_changed_is_named_and_skipped(export, tmp_path, capsys):
+    copy_of = tmp_path / "runs" / "run" / "export"
+    shutil.copytree(export, copy_of)
+    assert model_utils.newest_export(str(tmp_path / "runs")) == str(copy_of)
+    weights = copy_of / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[-100] ^= 0xFF  # inside the last tensor: a whole, loadable file with other weights
+    weights.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match="model.safetensors: its bytes differ from the SHA-256 written with it"):
+        model_utils.load_bundle(str(copy_of))
+    assert model_utils.newest_export(str(tmp_path / "runs")) is None
+    assert "model.safetensors: its bytes differ" in capsys.readouterr().err
+
+
+def test_8bit_adamw_state_survives_a_checkpoint_exactly(tmp_path, tiny, batches):
+    """--optimizer adamw8bit: torchao's 8-bit moments go through save_checkpoint and load_checkpoint (what
+    --resume runs) unchanged, so the next step gives bit-identical losses and weights."""
+    settings = config.TrainConfig(device="cpu", scope="full", optimizer="adamw8bit")
+
+    def fresh():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = training.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train()
+        return model, training.build_optimizer(model, settings, "cpu")
+
+    def steps(model, optimizer, count):
+        return [training.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", 1e-3).read(World()).losses["total"]
+                for _ in range(count)]
+
+    model, optimizer = fresh()
+    steps(model, optimizer, 1)
+    loop_state = {"step": 1, "position": {"epoch": 0, "index": 1}, "best_loss": float("inf"), "config": {}}
+    path = checkpoints.save_checkpoint(tmp_path, model, optimizer, loop_state, World(), keep_last=2)
+    resumed, resumed_optimizer = fresh()
+    assert checkpoints.load_checkpoint(path, resumed, resumed_optimizer, World())["step"] == 1
+    assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in resumed_optimizer.state.values())
+    assert steps(resumed, resumed_optimizer, 1) == steps(model, optimizer, 1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))

@@ -371,6 +371,32 @@ def test_sample_tokens_and_padding_are_what_the_model_sees(tiny, ref_in_system):
     assert collate.padding_fraction(lengths) == pytest.approx(1 - real / outputs.attention_mask.numel())
 
 
+@pytest.mark.parametrize("ref_in_system", [False, True], ids=["reference-turn", "reference-in-system"])
+def test_text_label_count_is_what_the_model_merges_counted_on_the_host(tiny, ref_in_system):
+    """The training step passes this count, so that the labelled text positions never ask the device for a size."""
+    batch_samples = samples(tiny.tokenizer, ref_in_system)
+    for group in (batch_samples[:1], batch_samples):  # left-padded by the model alone, right-padded together
+        batch = collate.collate(collate.build_collator(tiny.model.config), group, tiny.model.config.audio_codebook_size)
+        with torch.no_grad():
+            merged = tiny.model(**collate.batch_to_model_inputs(batch, "cpu")).expanded_labels
+        assert collate.text_label_count(batch, tiny.model.config) == int((merged[:, 1:] != -100).sum()) > 0
+    batch.label_ids[1, 0] = batch.input_ids[1, 0]
+    with pytest.raises(collate.SampleError, match=r"batch samples \[1\] label their first token"):
+        collate.text_label_count(batch, tiny.model.config)
+
+
+def test_a_pinned_batch_holds_every_field_contiguous_and_pinned(tiny, monkeypatch):
+    """What the loader hands a CUDA run (pinning itself needs a GPU here, so it is marked instead)."""
+    batch = collate.collate(collate.build_collator(tiny.model.config), samples(tiny.tokenizer, False), 1024)
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor) or tensor)
+    result = collate.pinned(batch)
+    for field in dataclasses.fields(batch):
+        value, original = getattr(result, field.name), getattr(batch, field.name)
+        assert (value is None and original is None) or (torch.equal(value, original) and any(value is p for p in pinned))
+    assert all(tensor.is_contiguous() for tensor in pinned)
+
+
 def test_sample_tokens_refuses_a_sample_with_whisper_features(tiny):
     sample = data.build_sample(tiny.tokenizer, None, codes(5, 0), "Hi.", ref_in_system=True,
                                ref_waveform=np.ones(2400, np.float32), sample_rate=24000)

@@ -123,5 +123,108 @@ def test_resume_rules_come_from_the_declarations(tmp_path):
         config.check_resume(saved, config.TrainConfig(), checkpoint)
     with pytest.raises(ValueError, match=r"--scope 'full' \(now 'lora'\), --lr 0.003 \(now 0.1\)"):
         config.check_resume(saved, config.TrainConfig(max_steps=8, epochs=2.0, lr=0.1, scope="lora"), checkpoint)
+    with pytest.raises(ValueError, match=r"--optimizer 'adamw' \(now 'adamw8bit'\)"):
+        config.check_resume(saved, config.TrainConfig(max_steps=8, epochs=2.0, optimizer="adamw8bit"), checkpoint)
+    faster = config.TrainConfig(max_steps=8, epochs=2.0, compile=True, compile_scope="model", debug_checks=True)
+    config.check_resume(saved, faster, checkpoint)  # how the step computes may change
     older = {name: value for name, value in saved.items() if name != "prefetch"}  # a setting added since
     assert config.config_changes(older, config.TrainConfig(max_steps=8, epochs=2.0)) == {}
+
+
+# --------------------------------------------------------------------------
+# Repeatable settings: training mixtures, named validation sets, guards
+# --------------------------------------------------------------------------
+
+
+def test_a_set_is_a_path_or_a_named_weighted_path_and_a_colon_stays_in_a_path(tmp_path, monkeypatch):
+    parse = config.parse_set
+    assert parse("data:v2/vi.jsonl", "--train-manifest") == config.DataSet(None, None, "data:v2/vi.jsonl")
+    assert parse("runs/a=b.jsonl", "--train-manifest") == config.DataSet(None, None, "runs/a=b.jsonl")
+    assert parse("vi:0.8=data/vi:2.jsonl", "--train-manifest") == config.DataSet("vi", 0.8, "data/vi:2.jsonl")
+    assert parse("en=caches/en", "--cache") == config.DataSet("en", None, "caches/en")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a=b.jsonl").write_text("")
+    with pytest.raises(config.ConfigError, match=r"a=b.jsonl: a file of that name exists.*write ./a=b.jsonl for the file"):
+        parse("a=b.jsonl", "--train-manifest")
+    assert parse("./a=b.jsonl", "--train-manifest").path == "./a=b.jsonl"
+
+
+def test_a_mixture_normalises_its_weights_and_the_single_spellings_work_as_before(tmp_path):
+    mixed = config.parse_config(["--train-manifest", "vi:3=vi.jsonl", "--train-manifest", "en:1=en.jsonl",
+                                 "--val-manifest", "vi=vi_val.jsonl", "--val-manifest", "en=en_val.jsonl"])
+    assert [(spec.name, spec.weight) for spec in config.training_sets(mixed)] == [("vi", 0.75), ("en", 0.25)]
+    assert [spec.name for spec in config.validation_sets(mixed)] == ["vi", "en"]
+    single = config.parse_config(["--train-manifest", "m.jsonl", "--val-manifest", ""])
+    assert (single.train_manifest, single.val_manifest, single.cache) == (("m.jsonl",), (), ())
+    assert config.training_sets(single) == [config.DataSet("train", 1.0, "m.jsonl")]
+    assert config.validation_sets(config.TrainConfig(val_manifest="v.jsonl")) == [config.DataSet(None, None, "v.jsonl")]
+    assert config.training_sets(config.TrainConfig(cache="cache/train"))[0].path == "cache/train", "--cache wins, as before"
+    for parsed in (mixed, single):  # the command a stopped run prints gives its config back
+        assert config.parse_config(config.as_flags(parsed)) == parsed
+    path = tmp_path / "mixture.yaml"
+    path.write_text("train_manifest: [vi:0.8=vi.jsonl, en:0.2=en.jsonl]\nval_manifest: ''\ncache: ''\n")
+    assert config.parse_config(["--config", str(path)]).train_manifest == ("vi:0.8=vi.jsonl", "en:0.2=en.jsonl")
+    assert config.parse_config(["--config", str(path), "--train-manifest", "x.jsonl"]).train_manifest == ("x.jsonl",)
+    path.write_text("val_manifest: [1, 2]\n")
+    with pytest.raises(config.ConfigError, match="val_manifest must be a string or a list of strings, not"):
+        config.parse_config(["--config", str(path)])
+
+
+def test_a_checkpoint_whose_config_holds_strings_resumes(tmp_path):
+    """Before mixtures, train_manifest, val_manifest and cache were strings ('' = none)."""
+    manifest_path = tmp_path / "m.jsonl"
+    manifest_path.write_text("")
+    old = {**asdict(config.TrainConfig()), "train_manifest": str(manifest_path), "val_manifest": "", "cache": ""}
+    now = config.TrainConfig(train_manifest=str(tmp_path / "." / "m.jsonl"), val_manifest="")
+    assert config.config_changes(old, now) == {}
+    config.check_resume(old, now, tmp_path / "step_00000002.pt")
+    with pytest.raises(ValueError, match=r"--train-manifest \(.*\) \(now \('vi:1=.*', 'en:1=x'\)\)"):
+        config.check_resume(old, config.TrainConfig(train_manifest=(f"vi:1={manifest_path}", "en:1=x"), val_manifest=""),
+                            tmp_path / "step_00000002.pt")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-manifest", "a.jsonl", "--train-manifest", "b.jsonl"], "a mixture names each set and its weight, NAME:WEIGHT=PATH"),
+    (["--train-manifest", "vi:0=a.jsonl"], "vi:0=a.jsonl: the weight after ':' must be a positive number, not '0'"),
+    (["--train-manifest", "vi:1=a", "--train-manifest", "vi:1=b"], "--train-manifest: each set needs its own name"),
+    (["--train-manifest", ""], "--train-manifest: give a training set"),
+    (["--val-manifest", "en:0.5=e.jsonl"], "a validation set has no weight: NAME=PATH"),
+    (["--val-manifest", "a.jsonl", "--val-manifest", "b.jsonl"], "name each of several validation sets, NAME=PATH"),
+    (["--val-manifest", "", "--val-manifest", "b.jsonl"], "--val-manifest '' (none) cannot be given with other sets"),
+    (["--train-manifest", "vi:1=a", "--train-manifest", "en:1=b", "--epochs", "2"], "--epochs is ambiguous for a mixture"),
+    (["--best-by", "sim@vi", "--eval-prompts", "1"], "--best-by sim@vi: no validation set named vi"),
+    (["--guard", "wer@en<0.3"], "--guard wer@en<0.3: expected METRIC@SET<=+X"),
+    (["--guard", "loss<=1"], "--guard loss<=1: the metric must be one of val_loss, sim, wer, sim_wer, kl"),
+    (["--guard", "val_loss<=+1", "--eval-every", "0"], "--guard val_loss<=+1 needs evaluations"),
+    (["--guard", "kl<=0.1"], "--guard kl measures KL to the base, which only LoRA has"),
+    (["--scope", "lora", "--kl-replay", "en"], "--kl-replay names where the --kl-weight term is taken: set --kl-weight"),
+    (["--scope", "lora", "--kl-weight", "1", "--kl-replay", "en"], "--kl-replay en: no training set of that name (sets: train)"),
+    (["--scope", "lora", "--kl-weight", "1", "--train-manifest", "vi:1=a", "--train-manifest", "en:1=b", "--kl-replay", "en",
+      "--parallel", "fsdp"], "--kl-replay with --parallel fsdp"),
+    (["--kl-weight", "-1", "--scope", "lora"], "--kl-weight must be at least 0, not -1.0"),
+])
+def test_bad_mixture_validation_and_guard_flags_are_one_line_errors(flags, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.parse_config(flags)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("scope", ["audio", "full"])
+def test_kl_weight_is_refused_where_no_disabled_adapter_base_exists(tmp_path, scope):
+    status, out, err = run_main("--out-dir", str(tmp_path), *QUICK_FLAGS, "--scope", scope, "--kl-weight", "0.1")
+    [line] = error_lines(err)
+    assert status == 2 and not out and not any(tmp_path.iterdir())
+    assert line.startswith(f"error: --kl-weight needs --scope lora: its base is the model with the adapters disabled, and --scope {scope}")
+    assert "mix the old kind of data back in instead, e.g. --train-manifest new:0.8=new.jsonl --train-manifest old:0.2=old.jsonl" in line
+
+
+def test_best_by_and_guards_name_a_validation_set_or_take_the_first():
+    named = ["--val-manifest", "vi=vi.jsonl", "--val-manifest", "en=en.jsonl", "--eval-prompts", "1"]
+    assert config.selection(config.parse_config(named + ["--best-by", "sim@en"])) == ("sim", "en")
+    assert config.selection(config.parse_config(named)) == ("val_loss", "vi")
+    assert config.selection(config.TrainConfig()) == ("val_loss", None), "a lone unnamed set"
+    rules = config.guard_rules(config.parse_config(named + ["--guard", "wer@en<=+0.05", "--guard", "sim>=0.6"]))
+    assert [(rule.metric, rule.set_name, rule.upper, rule.bound, rule.relative) for rule in rules] == [
+        ("wer", "en", True, 0.05, True), ("sim", "vi", False, 0.6, False)]
+    assert rules[0].breached(0.36, first=0.3) and not rules[0].breached(0.35, first=0.3)
+    assert rules[1].breached(0.59, first=None) and not rules[1].breached(0.6, first=None)

@@ -26,7 +26,7 @@ import metrics
 import model_utils
 import prepare
 import train
-from conftest import DEMO_DIR, ROOT
+from conftest import DEMO_DIR, ROOT, logged
 from parallel import World
 
 
@@ -239,7 +239,7 @@ def test_in_loop_evaluation_writes_quality_and_accuracy_scalars_and_a_table(pati
     assert table.startswith("| id | SIM") and "en_female_0" in table
 
 
-def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint(patient_run):
+def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint_and_the_best_exported(patient_run):
     sims = {event.step: event.value for event in _events(patient_run).Scalars("quality/sim")}
     best_step, best, stale, stop_step = None, -np.inf, 0, None
     for step in sorted(sims):  # the documented rule, replayed on the logged values
@@ -253,17 +253,40 @@ def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint(
     assert max(sims) == stop_step
     state = torch.load(patient_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     assert state["step"] == best_step and state["best_loss"] == pytest.approx(-best)
-    assert (patient_run / "checkpoints" / f"step_{stop_step:08d}.pt").is_file()
-    assert not (patient_run / "export").exists()
+    stopped = torch.load(patient_run / "checkpoints" / f"step_{stop_step:08d}.pt", map_location="cpu", weights_only=True)
+    assert stopped["stale_evals"] == 2, "the patience counter is saved, so --resume does not reset it"
+    assert train.LoopState.restored(stopped).best.stale == 2
+    exported = model_utils.load_bundle(str(patient_run / "export")).model.state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in state["model"].items()), "the export holds best.pt's weights"
+
+
+def test_export_from_writes_a_checkpoints_export_beside_the_runs(patient_run, capsys):
+    best = patient_run / "checkpoints" / "best.pt"
+    assert train.main(["--export-from", str(best)]) == 0
+    export = patient_run / "export-best"
+    assert f"exported {best} to {export}" in capsys.readouterr().out
+    weights = torch.load(best, map_location="cpu", weights_only=True)["model"]
+    exported = model_utils.load_bundle(str(export)).model.state_dict()
+    assert all(torch.equal(exported[name], value) for name, value in weights.items())
+    assert data.read_prompt_layout(export) is not None
 
 
 def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated(judge):
     pairs = [manifest.Pair("ar_male_1", "ref.wav", "ref", "target.wav", "text")]
-    with pytest.raises(ValueError, match="FSDP"):
-        evaluate.clone_judge(config.TrainConfig(best_by="sim", parallel="fsdp"), [], pairs, World(0, 2, 0), "cpu")
+
+    def one_set(rows, name=None):
+        return [evaluate.Validation(name, rows, pairs, None)]
+
+    with pytest.raises(ValueError, match="--best-by sim needs generated validation clips, which FSDP does not make"):
+        evaluate.attach_judges(one_set([]), config.TrainConfig(best_by="sim", parallel="fsdp"), World(0, 2, 0), "cpu")
+    with pytest.raises(ValueError, match="--guard wer@ar<=0.5 needs generated validation clips"):
+        evaluate.attach_judges(one_set([], "ar"), config.TrainConfig(val_manifest="ar=ar.jsonl", guard=("wer@ar<=0.5",),
+                                                                     parallel="fsdp"), World(0, 2, 0), "cpu")
     with pytest.raises(ValueError, match="no ASR"):
-        evaluate.clone_judge(config.TrainConfig(best_by="wer"), [{"id": "ar_male_1", "language": "ar"}], pairs, World(), "cpu")
-    clones = evaluate.clone_judge(config.TrainConfig(best_by="wer", eval_language="en"), [{"id": "ar_male_1"}], pairs, World(), "cpu")
+        evaluate.attach_judges(one_set([{"id": "ar_male_1", "language": "ar"}]), config.TrainConfig(best_by="wer"), World(), "cpu")
+    validations = one_set([{"id": "ar_male_1"}])
+    evaluate.attach_judges(validations, config.TrainConfig(best_by="wer", eval_language="en"), World(), "cpu")
+    clones = validations[0].clones
     assert clones.judge.intelligibility_available(clones.languages["ar_male_1"])
 
 
@@ -275,3 +298,70 @@ def test_selection_score_orders_each_metric_so_lower_is_better():
     assert evaluate.selection_score("sim_wer", val, {"sim": 0.8, "error_rate": 0.2}) == pytest.approx(-0.6)
     assert evaluate.selection_score("sim", val, {}) == float("inf")  # unavailable never counts as a new best
     assert evaluate.Best(-0.8).value("sim") == 0.8
+
+
+# --------------------------------------------------------------------------
+# Named validation sets, --best-by METRIC@SET, --guard
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def named_run(clips, tmp_path_factory):
+    """LoRA on Arabic, validated on two named sets (Arabic, English), one clip each per evaluation, best.pt by
+    val_loss@ar."""
+    folder = tmp_path_factory.mktemp("named")
+    arabic = _write(folder / "ar.jsonl", [clips[row_id] for row_id in ("ar_male_0", "ar_male_2")])
+    english = _write(folder / "en.jsonl", [clips[row_id] for row_id in ("en_female_0", "en_female_1")])
+    settings = config.TrainConfig(
+        train_manifest=str(arabic), val_manifest=(f"ar={arabic}", f"en={english}"), out_dir=str(folder / "runs"),
+        run_name="run", device="cpu", precision="fp32", scope="lora", lora_rank=4, lr=0.05, batch_size=2, max_steps=2,
+        warmup_steps=1, save_every=100, eval_every=2, eval_prompts=1, eval_max_seconds=0.3, best_by="val_loss@ar")
+    return train.train(settings)
+
+
+def test_each_validation_set_is_logged_under_its_name_and_best_by_names_the_set(named_run):
+    events = EventAccumulator(str(named_run / "tensorboard"), size_guidance={"audio": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for name in ("ar", "en"):
+        assert {f"val/{name}/total", f"val/{name}/audio", f"val/{name}/kl", f"quality/{name}/sim"} <= scalars
+        assert any(tag.startswith(f"generated/{name}/") for tag in events.Tags()["audio"])
+    assert not {"val/total", "quality/sim"} & scalars, "a named set never writes the unnamed panels"
+    [arabic], [english] = events.Scalars("val/ar/total"), events.Scalars("val/en/total")
+    assert arabic.step == english.step == 2 and arabic.value != english.value
+    assert events.Scalars("val/en/kl")[0].value > 0, "LoRA runs log how far each set has moved from the base"
+    state = torch.load(named_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 2 and state["best_loss"] == pytest.approx(arabic.value), "val_loss@ar, not en's"
+
+
+def test_a_breached_guard_vetoes_the_evaluation_and_can_stop_the_run(clips, tmp_path, capsys):
+    arabic = _write(tmp_path / "ar.jsonl", [clips[row_id] for row_id in ("ar_male_0", "ar_male_2")])
+    settings = config.TrainConfig(
+        train_manifest=str(arabic), val_manifest=f"ar={arabic}", out_dir=str(tmp_path / "runs"), run_name="run",
+        device="cpu", precision="fp32", batch_size=2, max_steps=4, warmup_steps=1, save_every=100, eval_every=1,
+        eval_prompts=0, guard=("val_loss@ar<=-100",), guard_action="stop")
+    run = train.train(settings)
+    out = capsys.readouterr().out
+    first = logged(run, "val/ar/total")
+    assert sorted(first) == [0, 1], "a relative guard's first evaluation is made before the first step"
+    assert f"--guard bounds measured from: val_loss@ar<=-100 {first[0]:.4f}" in out
+    assert f"step 1: --guard val_loss@ar<=-100 breached: val_loss {first[1]:.4f} > {first[0] - 100:.4f} (first evaluation" in out
+    assert "stopped at step 1: a --guard was breached (--guard-action stop); no evaluation gave a score to keep" in out
+    assert sorted(path.name for path in (run / "checkpoints").glob("*.pt")) == ["step_00000001.pt"], "a checkpoint, no best.pt"
+    assert torch.load(run / "checkpoints" / "step_00000001.pt", weights_only=True)["guard_first"] == {"val_loss@ar<=-100": first[0]}
+    assert logged(run, "guard/breaches") == {1: 1.0}
+
+
+def test_guards_veto_breached_and_unmeasured_evaluations_against_their_first_value():
+    rules = config.guard_rules(config.TrainConfig(val_manifest=("vi=v", "en=e"), eval_prompts=1,
+                                                  guard=("wer@en<=+0.05", "sim@vi>=0.5")))
+    guards = evaluate.Guards(rules, action="stop")
+    scores = lambda wer, sim: {"en": evaluate.Scores({"total": 1.0}, {"error_rate": wer}),  # noqa: E731
+                               "vi": evaluate.Scores({"total": 1.0}, {"sim": sim})}
+    guards.record_first(scores(0.30, 0.9))
+    assert guards.first == {"wer@en<=+0.05": 0.30} and not guards.needs_first()
+    assert guards.judge(scores(0.35, 0.9)) == [] and not guards.stop
+    assert guards.judge(scores(float("nan"), 0.9)) == ["--guard wer@en<=+0.05: wer could not be measured, so this evaluation cannot be best"]
+    assert not guards.stop, "what cannot be measured vetoes, but does not stop"
+    [line] = guards.judge(scores(0.31, 0.4))
+    assert line == "--guard sim@vi>=0.5 breached: sim 0.4000 < 0.5000" and guards.stop

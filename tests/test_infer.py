@@ -139,5 +139,5 @@ def test_bad_input_is_one_line_and_exit_status_2(limit_clips, capsys, monkeypatc
 
 
 def test_the_limits_are_trainings():
-    assert manifest.Filters.max_text_chars == 1000
-    assert (data.MIN_REFERENCE_SECONDS, data.MAX_REFERENCE_SECONDS) == (1.0, collate.WHISPER_MAX_SECONDS)
+    assert manifest.Filters.max_text_chars == data.LIMITS.max_text_chars == 1000
+    assert (data.LIMITS.min_reference_seconds, data.LIMITS.max_reference_seconds) == (1.0, collate.WHISPER_MAX_SECONDS)

@@ -19,8 +19,8 @@ import prepare
 RATE = 16000
 
 
-def write_tone(path, freq, seconds=0.4, rate=RATE, channels=1, fmt=None):
-    """A tone whose frequency makes its content (and so its cache key) distinct."""
+def write_tone(path, freq, seconds=1.0, rate=RATE, channels=1, fmt=None):
+    """A tone whose frequency makes its content (and so its cache key) distinct; 1 s, the shortest reference."""
     t = np.arange(int(seconds * rate)) / rate
     samples = np.stack([0.3 * np.sin(2 * np.pi * (freq + 50 * c) * t) for c in range(channels)], axis=1)
     sf.write(str(path), samples.astype(np.float32), rate, subtype="PCM_16", format=fmt)
@@ -68,7 +68,7 @@ BAD_AUDIO = {  # name -> (writer of the row's clip, reason)
     "missing-file": (lambda path: None, "missing_audio"),
     "truncated-wav": (truncated("WAV"), "truncated_audio"),
     "truncated-flac": (truncated("FLAC"), "corrupt_audio"),
-    "header-only-wav": (truncated("WAV", 0.003), "corrupt_audio"),
+    "header-only-wav": (truncated("WAV", 0.001), "corrupt_audio"),
     "garbage": (lambda path: path.write_bytes(bytes(range(256)) * 16), "corrupt_audio"),
     "zero-length": (write_samples(np.zeros(0)), "empty_audio"),
     "all-silent": (write_samples(np.zeros(RATE)), "silent_audio"),
@@ -169,9 +169,9 @@ def test_good_rows_are_kept_with_absolute_paths_and_clip_lengths(messy, validate
     assert [kept["id"] for kept in validated.kept] == GOOD
     for kept in validated.kept:
         assert kept["audio"] == str((manifest.parent / kept["audio"]).resolve())
-        assert kept["seconds"] == pytest.approx(0.4, abs=0.01) and kept["frames"] in (10, 11)
+        assert kept["seconds"] == pytest.approx(1.0, abs=0.01) and kept["frames"] in (25, 26)
     paired = validated.kept[GOOD.index("paired")]
-    assert paired["ref_audio"] == str(manifest.parent / "a0.wav") and paired["ref_frames"] in (10, 11)
+    assert paired["ref_audio"] == str(manifest.parent / "a0.wav") and paired["ref_frames"] in (25, 26)
 
 
 def test_counts_reconcile_and_the_report_lists_every_rejection(messy, validated, tmp_path):
@@ -213,10 +213,10 @@ def test_strict_stops_at_the_first_bad_row_with_one_line(messy, messy_codes):
 
 @pytest.fixture(scope="module")
 def lengths_manifest(tmp_path_factory):
-    """Speaker s: clips of 0.3, 0.3, 0.6, 1.2, 0.6 (ar) and 0.6 s (no language); speaker t: one clip."""
+    """Speaker s: clips of 1.0, 1.0, 1.2, 1.6, 1.2 (ar) and 1.2 s (no language); speaker t: one clip."""
     folder = tmp_path_factory.mktemp("lengths")
     rows = []
-    for index, (seconds, language) in enumerate([(0.3, "en"), (0.3, "en"), (0.6, "en"), (1.2, "en"), (0.6, "ar"), (0.6, None)]):
+    for index, (seconds, language) in enumerate([(1.0, "en"), (1.0, "en"), (1.2, "en"), (1.6, "en"), (1.2, "ar"), (1.2, None)]):
         write_tone(folder / f"{index}.wav", 300 + 30 * index, seconds=seconds)
         rows.append(row(f"r{index}", f"{index}.wav", speaker="s", **({"language": language} if language else {})))
     rows.append(row("t-copy", "2.wav", speaker="t", language="en"))  # speaker t has this one clip only
@@ -229,7 +229,7 @@ def lengths_codes(tiny):
 
 
 def test_duration_and_language_filters_count_each_exclusion(lengths_manifest, lengths_codes):
-    filters = manifest.Filters(min_seconds=0.5, max_seconds=1.0, languages=("en", "ar"))
+    filters = manifest.Filters(min_seconds=1.1, max_seconds=1.4, languages=("en", "ar"))
     result = manifest.validate_manifest(lengths_manifest, lengths_codes, filters=filters)
 
     assert [kept["id"] for kept in result.kept] == ["r2", "r4"]
@@ -246,8 +246,8 @@ def test_max_tokens_measures_a_speaker_row_with_its_longest_possible_reference(l
                                    by_id[target]["text"], target_codes=lengths_codes(by_id[target]["audio"]))
         return data.collate.sample_tokens(sample, 8)
 
-    budget = tokens("r0", "r3")  # a 0.3 s clip with the longest clip (1.2 s) as reference
-    # A 0.6 s clip fits with a 0.3 s reference, not with the 1.2 s one it may be drawn.
+    budget = tokens("r0", "r3")  # a 1.0 s clip with the longest clip (1.6 s) as reference
+    # A 1.2 s clip fits with a 1.0 s reference, not with the 1.6 s one it may be drawn.
     assert tokens("r2", "r0") <= budget < tokens("r2", "r3")
     result = manifest.validate_manifest(lengths_manifest, lengths_codes, tiny.tokenizer, manifest.Filters(max_tokens=budget))
 
@@ -273,10 +273,10 @@ def test_max_tokens_needs_the_text_tokenizer(lengths_manifest, lengths_codes):
 
 
 def speaker_rows():
-    rows = [row(f"{speaker}{i}", f"/clips/{speaker}{i}.wav", speaker=speaker) for speaker, n in (("a", 5), ("b", 2))
+    rows = [row(f"{speaker}{i}", f"/clips/{speaker}{i}.wav", speaker=speaker, seconds=2.0) for speaker, n in (("a", 5), ("b", 2))
             for i in range(n)]
-    rows.append(row("a0-again", "/clips/a0.wav", speaker="a"))  # the same clip as a0 under another id
-    rows.append(row("c0", "/clips/c0.wav", speaker="c"))
+    rows.append(row("a0-again", "/clips/a0.wav", speaker="a", seconds=2.0))  # the same clip as a0 under another id
+    rows.append(row("c0", "/clips/c0.wav", speaker="c", seconds=2.0))
     rows.append(dict(id="p", ref_audio="/clips/b0.wav", ref_text="Ref.", audio="/clips/x.wav", text="Target."))
     return rows
 
@@ -376,3 +376,91 @@ def test_a_row_with_nothing_speakable_is_rejected(tiny, tmp_path):
     manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
     result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
     assert result.counts() == {"empty_text": 1}
+
+
+# --------------------------------------------------------------------------
+# One table of limits; language tags; train/val overlap
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_references(tmp_path_factory):
+    """Speaker s: clips of 1.0, 1.0 and 0.2 s; speaker t: 1.0 and 0.2 s; a paired row with a 0.2 s reference;
+    a row whose clip lasts 0.01 s, under what the audio tokenizer can encode."""
+    folder = tmp_path_factory.mktemp("short-references")
+    for name, seconds in (("s0", 1.0), ("s1", 1.0), ("s-short", 0.2), ("t0", 1.0), ("t-short", 0.2), ("blip", 0.01)):
+        write_tone(folder / f"{name}.wav", 200 + 20 * len(name) + 100 * seconds, seconds=seconds)
+    rows = [row("s0", "s0.wav", speaker="s"), row("s1", "s1.wav", speaker="s"), row("s-short", "s-short.wav", speaker="s"),
+            row("t0", "t0.wav", speaker="t"), row("t-short", "t-short.wav", speaker="t"),
+            dict(id="paired-short", ref_audio="s-short.wav", ref_text="Hi.", audio="s0.wav", text="Hello."),
+            row("blip", "blip.wav", speaker="s")]
+    return write_manifest(folder / "manifest.jsonl", rows)
+
+
+def test_a_reference_outside_the_limits_is_never_used_and_is_counted(short_references, tiny):
+    """Issue 18 #10: training and --eval (both validate_manifest + training_pairs) took 0.2 s references that
+    infer.py refuses."""
+    result = manifest.validate_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer))
+    # t0 has no other clip that can refer, and once it is out neither has t-short.
+    assert {r.id: r.reason for r in result.rejections} == {
+        "t0": "lone_speaker", "t-short": "lone_speaker", "paired-short": "reference_too_short", "blip": "too_short"}
+    assert "a voice prompt must last 1 to 30 s" in next(r.detail for r in result.rejections if r.id == "paired-short")
+    # The 0.2 s clip of s is kept as a target, never drawn as a reference, and counted as such.
+    assert [kept["id"] for kept in result.kept] == ["s0", "s1", "s-short"]
+    assert result.summary().endswith("; 1 kept clip(s) outside 1 to 30 s serve as targets only, never as references")
+    for epoch in range(20):
+        pairs, lonely = manifest.training_pairs(result.kept, seed=0, epoch=epoch)
+        assert not lonely and {pair.ref_audio.rsplit("/", 1)[1] for pair in pairs} <= {"s0.wav", "s1.wav"}
+
+
+def test_the_limits_are_one_table_that_filters_narrow_and_never_widen(short_references, tiny):
+    assert (data.LIMITS.min_reference_seconds, data.LIMITS.max_reference_seconds) == (1.0, collate.WHISPER_MAX_SECONDS)
+    assert not data.LIMITS.reference_fits(0.2) and not data.LIMITS.reference_fits(60.0) and data.LIMITS.reference_fits(1.0)
+    assert manifest.Filters().max_text_chars == data.LIMITS.max_text_chars
+    with pytest.raises(ValueError, match="over the 1000 of data.LIMITS"):
+        manifest.validate_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer),
+                                   filters=manifest.Filters(max_text_chars=5000))
+
+
+@pytest.mark.parametrize("tag,canonical", [("EN", "en"), ("en-US", "en-US"), ("en_us", "en-US"), ("eng", "en"),
+                                           ("zh-hans", "zh-Hans"), (" ar ", "ar")])
+def test_usual_language_tag_spellings_become_one_canonical_form(tag, canonical):
+    assert manifest.canonical_language(tag) == canonical
+
+
+@pytest.mark.parametrize("tag", ["english", "xx", "", "en-!!"])
+def test_what_is_no_language_tag_is_an_error(tag):
+    with pytest.raises(ValueError, match="language"):
+        manifest.canonical_language(tag)
+
+
+def test_rows_store_the_canonical_tag_and_a_filter_keeps_its_regional_variants(tmp_path, tiny):
+    for index in range(4):
+        write_tone(tmp_path / f"{index}.wav", 700 + 30 * index)
+    rows = [row("a", "0.wav", language="EN"), row("b", "1.wav", language="en_us"), row("c", "2.wav", language="en-GB"),
+            row("d", "3.wav", language="ar"), row("e", "3.wav", language="english")]
+    path = write_manifest(tmp_path / "m.jsonl", rows)
+    result = manifest.validate_manifest(path, prepare.EncodedClips(tiny.audio_tokenizer),
+                                        filters=manifest.Filters(languages=("en",)))
+    assert [(kept["id"], kept["language"]) for kept in result.kept] == [("a", "en"), ("b", "en-US"), ("c", "en-GB")]
+    assert result.counts() == {"language": 1, "bad_language": 1}
+    with pytest.raises(ValueError, match="canonical tag 'en'"):
+        manifest.Filters(languages=("EN",)).check()
+
+
+def test_overlap_names_shared_speakers_and_clips_by_content(tmp_path):
+    write_tone(tmp_path / "a.wav", 300)
+    (tmp_path / "copy-of-a.wav").write_bytes((tmp_path / "a.wav").read_bytes())
+    write_tone(tmp_path / "b.wav", 310)
+    write_tone(tmp_path / "c.wav", 320)
+    train_rows = [row("t1", str(tmp_path / "a.wav"), speaker="alice"), row("t2", str(tmp_path / "b.wav"), speaker="bob")]
+    val_rows = [row("v1", str(tmp_path / "copy-of-a.wav"), speaker="carol"), row("v2", str(tmp_path / "c.wav"), speaker="bob"),
+                dict(id="v3", ref_audio=str(tmp_path / "b.wav"), ref_text="Hi.", audio=str(tmp_path / "c.wav"), text="Yo.")]
+    found = manifest.overlap(train_rows, val_rows)
+    assert (found.speakers, found.clip_rows) == (["bob"], ["v1", "v3"])
+    assert found.describe() == ("train/val overlap: 1 speaker(s) (bob) and 2 validation row(s) whose clip is a training "
+                                "clip (v1, v3): validation scores are inflated")
+    assert manifest.overlap(train_rows, val_rows[1:2]).clip_rows == []
+    assert manifest.check_overlap(train_rows, [], strict=True).endswith("none (no shared speaker id, no shared clip)")
+    with pytest.raises(manifest.OverlapError, match="--strict-overlap refuses it"):
+        manifest.check_overlap(train_rows, val_rows, strict=True)

@@ -131,7 +131,7 @@ def test_loss_is_shifted_cross_entropy():
     assert torch.allclose(loss.text, text)
     assert torch.allclose(loss.per_codebook, torch.stack(per_codebook))
     assert torch.allclose(loss.total, text + torch.stack(per_codebook).mean())
-    assert (loss.text_tokens, loss.audio_tokens) == (3, 7)
+    assert (int(loss.text_tokens), int(loss.audio_tokens)) == (3, 7)
 
 
 def test_loss_is_zero_only_when_the_next_token_is_predicted():
@@ -156,8 +156,8 @@ def test_loss_backpropagates_through_the_tiny_model(tiny, parity_case):
     model = model_utils.build_tiny_model(tiny.tokenizer, seed=0).train()
     loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, "cpu")), batch.label_audio_ids)
     loss.total.backward()
-    assert loss.audio_tokens == 8 * (case.target_codes.shape[1] + 1)
-    assert loss.text_tokens == 3
+    assert int(loss.audio_tokens) == 8 * (case.target_codes.shape[1] + 1)
+    assert int(loss.text_tokens) == 3
     assert model.audio_codebook_embeddings.weight.grad.abs().sum() > 0
     assert model.layers[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0
 
@@ -178,12 +178,43 @@ def test_text_logits_at_labels_keep_the_loss_and_gradients(tiny, batches, size):
     outputs = model(**collate.batch_to_model_inputs(batch, "cpu"))
     assert outputs.logits.shape == (3 * size, tiny.model.config.text_config.vocab_size)
     selected, grads = _loss_and_grads(model, batch)
-    assert selected.text_tokens == full.text_tokens == 3 * size
+    assert int(selected.text_tokens) == int(full.text_tokens) == 3 * size
     torch.testing.assert_close(selected.text, full.text, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(selected.total, full.total, rtol=1e-6, atol=1e-6)
     assert grads.keys() == full_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_labelled_text_logits_take_their_count_from_the_host_and_check_it_on_request(tiny, batches):
+    """The training step's forward: one merge (the model's), the count from the host; `check` (--debug-checks)
+    compares labels and count with a second merge, and a count off by one fails either way."""
+    import collate
+
+    batch = batches[1]
+    inputs = collate.batch_to_model_inputs(batch, "cpu")
+    count = collate.text_label_count(batch, tiny.model.config)
+    reference = model_utils.compute_loss(tiny.model(**inputs), batch.label_audio_ids)
+    models = {}
+    for check in (False, True):
+        models[check] = copy.deepcopy(tiny.model)
+        model_utils.text_logits_at_labels(models[check], check=check)
+        outputs = models[check](**inputs, **{model_utils.TEXT_LABEL_COUNT: count})
+        assert outputs.logits.shape == (count, tiny.model.config.text_config.vocab_size)
+        torch.testing.assert_close(model_utils.compute_loss(outputs, batch.label_audio_ids).total, reference.total,
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(IndexError):
+        models[False](**inputs, **{model_utils.TEXT_LABEL_COUNT: count + 1})
+    with pytest.raises(RuntimeError, match=f"text_label_count {count - 1}, but the merged labels hold {count}"):
+        models[True](**inputs, **{model_utils.TEXT_LABEL_COUNT: count - 1})
+
+
+def test_a_part_without_labels_adds_zero_without_asking_the_host():
+    labels = torch.full((1, 4), -100)
+    audio_labels = torch.tensor([[-100, -100, -100], [-100, 1, 2]])
+    loss = model_utils.compute_loss(_outputs(torch.randn(1, 4, 5, requires_grad=True), torch.randn(3, 2, 9), labels), audio_labels)
+    assert float(loss.text) == 0.0 and float(loss.per_codebook[0]) == 0.0 and float(loss.per_codebook[1]) > 0
+    assert (int(loss.text_tokens), int(loss.audio_tokens)) == (0, 2)
 
 
 def test_text_logits_at_labels_leave_prompt_forwards_whole(tiny, batches):

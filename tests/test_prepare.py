@@ -1,9 +1,12 @@
 """Tests of prepare.py: the prepare step's code cache, its command line, damaged shards, the lock, a read-only disk."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +321,106 @@ def test_a_read_only_output_directory_is_one_error_line(clips, tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == [f"error: {read_only / 'cache'}: " + ("Read-only file system" if os.geteuid() == 0 else "Permission denied")]
+
+
+# --------------------------------------------------------------------------
+# Language tags and train/val overlap (issue 18)
+# --------------------------------------------------------------------------
+
+
+def test_language_takes_the_usual_spellings_and_rows_store_the_canonical_tag(clips, tmp_path, capsys):
+    folder, _ = clips
+    rows = [row("a", str(folder / "0.wav"), speaker="s", language="en"), row("b", str(folder / "1.wav"), speaker="s", language="en_us")]
+    path = write_manifest(tmp_path / "m.jsonl", rows)
+    for spelling in ("EN", "eng", "en"):  # before: EN and eng kept no row
+        assert prepare.main(["--manifest", str(path), "--out", str(tmp_path / "cache"), "--language", spelling]) == 0
+        kept = [json.loads(line) for line in (tmp_path / "cache" / "manifest.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["language"]) for r in kept] == [("a", "en"), ("b", "en-US")], spelling
+    capsys.readouterr()
+    assert prepare.main(["--manifest", str(path), "--out", str(tmp_path / "cache"), "--language", "english"]) == 2
+    assert capsys.readouterr().err.strip() == "error: 'english' is not a language tag (Expected a language code, got 'english')"
+
+
+def test_prepare_reports_train_val_overlap_and_strict_overlap_refuses_it(clips, tmp_path, capsys):
+    folder, _ = clips
+    train = write_manifest(tmp_path / "train.jsonl", [row("a", str(folder / "0.wav"), speaker="s"),
+                                                       row("b", str(folder / "1.wav"), speaker="s")])
+    val = write_manifest(tmp_path / "val.jsonl", [row("v0", str(folder / "copy-of-0.wav"), speaker="new"),
+                                                   row("v1", str(folder / "2.wav"), speaker="s")])
+    command = ["--manifest", str(train), "--out", str(tmp_path / "cache"), "--val-manifest", str(val)]
+    assert prepare.main(command) == 0
+    assert ("train/val overlap: 1 speaker(s) (s) and 1 validation row(s) whose clip is a training clip (v0)"
+            in capsys.readouterr().out)
+    (tmp_path / "cache" / "summary.json").unlink()
+    assert prepare.main(command + ["--strict-overlap"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: train/val overlap: 1 speaker(s)")
+    assert err[0].endswith("--strict-overlap refuses it: take them out of one of the sets")
+    assert not (tmp_path / "cache" / "summary.json").exists(), "a refused prepare leaves no finished cache"
+
+
+# --------------------------------------------------------------------------
+# Many processes: torchrun over gloo, one cache
+# --------------------------------------------------------------------------
+
+
+def _worker_pids(launcher: subprocess.Popen, rank: int) -> list[int]:
+    """Processes started by `launcher` (torchrun) whose environment says RANK=`rank`."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            status = (environ.parent / "status").read_text()
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if parent == launcher.pid and f"RANK={rank}".encode() in variables:
+            found.append(int(environ.parent.name))
+    return found
+
+
+def _torchrun_prepare(manifest_path, cache) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "prepare.py"), "--manifest", str(manifest_path), "--out", str(cache), "--device", "cpu",
+               "--batch-size", "1"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _cache_contents(cache):
+    """What a finished prepare holds: kept rows, the report, the counts that are not work done, and each clip's codes."""
+    rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
+    summary = json.loads((cache / "summary.json").read_text())
+    counts = {key: summary[key] for key in ("rows_read", "kept", "rejected", "audio_tokenizer", "targets_only")}
+    codes = prepare.PreparedCodes(cache, rows, 24000)
+    clips = {r[key]: codes(r[key]).tolist() for r in rows for key in ("ref_audio", "audio") if key in r}
+    return rows, (cache / "report.jsonl").read_text(), counts, clips
+
+
+def test_two_gloo_processes_make_the_cache_one_makes_and_resume_after_one_is_killed(clips, tmp_path):
+    folder, _ = clips
+    write_tone(folder / "blip.wav", 900, seconds=0.01)
+    rows = [row("s0", "0.wav", speaker="s"), row("s1", "1.wav", speaker="s"), row("s2", "2.wav", speaker="s"),
+            row("gone", "gone.wav", speaker="s"), row("blip", "blip.wav", speaker="s"),
+            dict(id="p0", ref_audio="0.wav", ref_text="Hello there.", audio="3.wav", text="One.")]
+    manifest_path = write_manifest(folder / "two-processes.jsonl", rows)
+    assert prepare.main(["--manifest", str(manifest_path), "--out", str(tmp_path / "one")]) == 0
+
+    cache = tmp_path / "two"
+    killed = _torchrun_prepare(manifest_path, cache)
+    deadline = time.time() + 180
+    while not list(cache.glob("shards/*.json")) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in _worker_pids(killed, rank=1):
+        os.kill(pid, signal.SIGKILL)
+    assert killed.wait(timeout=180) != 0, "the two processes finished before one could be killed"
+    assert not (cache / "summary.json").exists()
+    committed = prepare.read_index(cache)
+    assert 1 <= len(committed) < 4
+
+    resumed = _torchrun_prepare(manifest_path, cache)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    summary = json.loads((cache / "summary.json").read_text())
+    assert summary["encoded"] == 4 - len(committed), "the resumed run encodes only what the killed one had not"
+    assert _cache_contents(cache) == _cache_contents(tmp_path / "one")
+    assert "rows read 6 = kept 4 + rejected 2 (missing_audio 1, too_short 1)" in output

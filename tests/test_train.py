@@ -3,8 +3,10 @@ are one line, and the loop's derived values live beside the config, not in it.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import infer
 import model_utils
 import prepare
 import train
+import training
 from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, train_config
 
 
@@ -186,6 +189,19 @@ def test_a_second_signal_stops_at_once(capsys):
     assert "SIGINT again to stop at once" in capsys.readouterr().err
 
 
+def test_processes_agree_to_stop_at_a_logged_step_without_a_collective_of_their_own(monkeypatch):
+    """A single process stops at the step after a signal; under torchrun the flags travel with a logged step's
+    statistics (one all-reduce that the read makes anyway), so a step that logs nothing runs no collective."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *args, **kwargs: pytest.fail("a collective"))
+    stop = object.__new__(train.StopRequested)  # the flag without installing signal handlers
+    stop.signum = signal.SIGTERM
+    one, two = train.World(), train.World(rank=0, size=2)
+    assert stop.agreed(None, one)
+    assert not stop.agreed(None, two), "not on a step that does not log"
+    logged = training.StepValues({}, 0.0, 0.0, 0.0, {}, 0.0, False, stop=True)
+    assert stop.agreed(logged, two) and not stop.agreed(dataclasses.replace(logged, stop=False), two)
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     def interrupted_load(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
@@ -213,3 +229,62 @@ def test_a_manifest_with_no_usable_row_is_one_line_after_the_counts(tmp_path):
     assert status == 2
     assert "rows read 2 = kept 0 + rejected 2" in out
     assert error_lines(err) == [f"error: {manifest_path}: no usable row to train on (counts above)"]
+
+
+def test_a_failing_evaluation_is_reported_and_training_goes_on(tmp_path, short_manifest, monkeypatch, capsys):
+    """bf16 on the CPU, where the speaker encoder's LSTM has no bf16 kernel, judges its first clips; then a
+    validation clip deleted mid-run makes the next evaluation fail: reported in one line, and the run ends
+    with its export."""
+    rows = [json.loads(line) for line in short_manifest.read_text(encoding="utf-8").splitlines()]
+    doomed = tmp_path / "doomed.wav"
+    doomed.write_bytes(pathlib.Path(rows[1]["audio"]).read_bytes())
+    rows[1]["audio"] = str(doomed)
+    manifest_path = tmp_path / "val.jsonl"
+    manifest_path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    real_lr_at = training.lr_at
+
+    def delete_after_the_first_evaluation(step, settings, max_steps):
+        if step == 1:
+            doomed.unlink(missing_ok=True)
+        return real_lr_at(step, settings, max_steps)
+
+    monkeypatch.setattr(training, "lr_at", delete_after_the_first_evaluation)
+    run = train.train(train_config(tmp_path, manifest_path, val_manifest=str(manifest_path), max_steps=2, eval_every=1,
+                                   eval_prompts=2, eval_max_seconds=0.3, precision="bf16"))
+    err = capsys.readouterr().err
+    assert "warning: step 2: the validation clips could not be generated or scored (AudioError: " in err
+    assert "no such audio file); training goes on" in err
+    assert list(logged(run, "quality/sim")) == [1], "the first evaluation, in bf16, was judged"
+    assert list(logged(run, "eval/failures")) == [2] and (run / "export" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def language_manifests(tmp_path_factory, short_manifest) -> dict[str, str]:
+    """The short manifest's Arabic and English rows, each a manifest of its own."""
+    rows = [json.loads(line) for line in short_manifest.read_text(encoding="utf-8").splitlines()]
+    folder = tmp_path_factory.mktemp("languages")
+    paths = {}
+    for language in ("ar", "en"):
+        paths[language] = folder / f"{language}.jsonl"
+        paths[language].write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows if row["language"] == language),
+                                   encoding="utf-8")
+    return {language: str(path) for language, path in paths.items()}
+
+
+def test_a_mixture_resumes_exactly_and_logs_the_shares_it_drew(tmp_path, language_manifests):
+    """Arabic 3 : English 1, one micro-batch a step, the forgetting term on the English (replay) micro-batches:
+    the draws go ar, ar, en, ar, ar, ar (`loader.next_set`), and a run stopped at step 3 and resumed logs what
+    the uninterrupted one logs."""
+    mixture = dict(train_manifest=(f"ar:3={language_manifests['ar']}", f"en:1={language_manifests['en']}"), batch_size=1,
+                   scope="lora", lora_rank=4, kl_weight=10.0, kl_replay="en", max_steps=6)
+    straight = train.train(train_config(tmp_path / "a", language_manifests["ar"], **mixture))
+    train.train(train_config(tmp_path / "b", language_manifests["ar"], **mixture, stop_after=3))
+    resumed = train.train(train_config(tmp_path / "b", language_manifests["ar"], **mixture, resume=True))
+    for tag in ("loss/total", "loss/kl", "mixture/en/share", "mixture/ar/epoch"):
+        assert logged(straight, tag) == logged(resumed, tag), tag
+    assert sorted(logged(straight)) == [1, 2, 3, 4, 5, 6]
+    assert list(logged(straight, "loss/kl")) == [3], "the term is taken on the English micro-batch alone"
+    assert logged(straight, "mixture/en/share") == pytest.approx({1: 0, 2: 0, 3: 1 / 3, 4: 1 / 4, 5: 1 / 5, 6: 1 / 6})
+    assert logged(straight, "mixture/ar/epoch") == {1: 0, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2}, "2 Arabic pairs an epoch"
+    saved = torch.load(checkpoints.latest_checkpoint(resumed), weights_only=True)
+    assert saved["data"].keys() == {"train:ar", "train:en"} and saved["position"]["sets"]["en"]["drawn"] == 1

@@ -1,5 +1,5 @@
 """The model as it is trained and the one training step: scopes, LoRA, bf16, the skip of a non-finite step,
-and the statistics the step keeps on the device until they are read."""
+the statistics the step keeps on the device until they are read, and the forgetting guard's KL to the base."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import checkpoints
 import collate
 import config
 import generation
+import loader
+import manifest
 import model_utils
+import syncs
+
+
+import prepare
 import train
 import training
 from conftest import train_config
@@ -111,3 +117,174 @@ def test_the_step_reads_what_compute_loss_gives_and_counts_what_the_model_saw(ti
     assert values.losses["codebook_7"] == pytest.approx(float(reference.per_codebook[7]), rel=1e-6)
     assert (values.tokens, values.padded, values.samples) == (int(mask.sum()), int(mask.numel() - mask.sum()), 2)
     assert 0 <= values.accuracy["all"] <= 1 and values.grad_norm > 0
+    assert not values.stop and stats.read(World(), stop_requested=True).stop, "a stop request travels with the read"
+
+
+def _model_state(optimizer) -> dict:
+    """The optimizer's state as plain tensors (torchao's 8-bit moments dequantized), copied."""
+    return {key: {name: (value.dequantize() if hasattr(value, "dequantize") else value).clone()
+                  for name, value in state.items()} for key, state in optimizer.state.items()}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tiny, batches, optimizer):
+    """The step as train.py takes it on a GPU (fused AdamW, which runs on the CPU too): two micro-batches,
+    checkpointed layers, text logits at labels, under the sync counter. torchao's 8-bit AdamW has no
+    found_inf, so there the host reads the skip flag: one sync per step, and no other."""
+    model, settings = _prepared(tiny, scope="full", grad_checkpoint=True, optimizer=optimizer)
+    built = training.build_optimizer(model, settings, "cuda")
+    with syncs.SyncCounter(model) as counter:
+        stats = training.train_step(model, built, [batches[1], batches[0]], settings, World(), "cpu", 1e-3)
+    ours = [(sync.operator, sync.where) for sync in counter.ours()]
+    if optimizer == "adamw":
+        assert ours == [], ours
+    else:
+        assert len(ours) == 1 and ours[0][0] == "item" and "_update_unless" in ours[0][1], ours
+    assert counter.summary()[syncs.PACKAGE] > 0, "the counter sees the package's"
+    assert not stats.read(World()).skipped
+
+
+def test_8bit_adamw_skips_a_non_finite_step_leaving_its_state_alone(tiny, batches):
+    model, settings = _prepared(tiny, scope="audio", optimizer="adamw8bit")
+    optimizer = training.build_optimizer(model, settings, "cpu")
+    training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
+    assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in optimizer.state.values())
+    with torch.no_grad():
+        model_utils.higgs_model(model).audio_decoder_proj.audio_lm_head.weight[0, 0] = float("nan")
+    before, state = {name: p.detach().clone() for name, p in model.named_parameters()}, _model_state(optimizer)
+    assert training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World()).skipped
+    assert all(torch.equal(before[name], p.detach()) or name.endswith("audio_lm_head.weight") for name, p in model.named_parameters())
+    after = _model_state(optimizer)
+    assert all(torch.equal(after[key][name], state[key][name]) for key in state for name in state[key])
+
+
+def test_8bit_adamw_losses_stay_close_to_fp32_adamw(tiny, batches):
+    """Five steps on one batch (the 200-step figures are in docs/memory-and-speed.md: bench.py adamw8bit)."""
+    losses = {}
+    for optimizer in ("adamw", "adamw8bit"):
+        model, settings = _prepared(tiny, scope="full", optimizer=optimizer)
+        built = training.build_optimizer(model, settings, "cpu")
+        losses[optimizer] = [training.train_step(model, built, [batches[1]], settings, World(), "cpu", settings.lr)
+                             .read(World()).losses["total"] for _ in range(5)]
+    assert losses["adamw8bit"][-1] < losses["adamw8bit"][0] - 1.0, ("it learns", losses)
+    assert max(abs(a - b) for a, b in zip(losses["adamw"], losses["adamw8bit"])) < 0.05 * losses["adamw"][0], losses
+
+
+def _forward_backward(model, batch) -> tuple[torch.Tensor, dict]:
+    """A training forward (labelled text logits, counted on the host) and backward: the loss and the gradients."""
+    inputs = collate.batch_to_model_inputs(batch, "cpu")
+    inputs[model_utils.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_utils.higgs_model(model).config)
+    loss = model_utils.compute_loss(model(**inputs), inputs["label_audio_ids"]).total
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _compiled_step(tiny, batch, scope: str, backend: str) -> dict:
+    """The graphs and breaks dynamo makes of a forward and backward of the tiny model compiled at `scope`
+    (`training.compile_model`), with its loss and gradients and those of the same model uncompiled."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, _ = _prepared(tiny, scope="full")
+    training.compile_model(model, scope, backend=backend)
+    compiled = _forward_backward(model, batch)
+    eager = _forward_backward(_prepared(tiny, scope="full")[0], batch)
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    torch._dynamo.reset()
+    return {"graphs": graphs, "breaks": breaks, "compiled": compiled, "eager": eager}
+
+
+def test_each_compiled_layer_is_one_graph_with_the_eager_loss_and_gradients(tiny, batches):
+    """The layers share their code, so dynamo's graphs of one layer serve all: 1, where the package's boolean
+    masks broke each layer into 5 before (bench.py graphs counts both). aot_eager traces the forward and
+    backward graphs as inductor does (inductor itself: tests/test_train.py and bench.py graphs)."""
+    after = _compiled_step(tiny, batches[1], "layers", "aot_eager")
+    assert (after["graphs"], after["breaks"]) == (1, 0)
+    (loss, grads), (reference, reference_grads) = after["compiled"], after["eager"]
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_whole_model_compiles_with_the_eager_loss_breaking_where_sizes_depend_on_the_data(tiny, batches):
+    """--compile-scope model: the merge, the layers and the heads, with the package's data-dependent sizes left
+    to graph breaks (inductor fails on them otherwise: docs/memory-and-speed.md)."""
+    whole = _compiled_step(tiny, batches[1], "model", "eager")
+    assert (whole["graphs"], whole["breaks"]) == (22, 16)
+    torch.testing.assert_close(whole["compiled"][0], whole["eager"][0], rtol=0, atol=0)
+
+
+
+
+# --------------------------------------------------------------------------
+# The forgetting guard: KL(base || adapted), the base being the adapters disabled
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def arabic_and_english(tiny, short_manifest):
+    """The short manifest's Arabic pairs (adapted to) and English pairs (held back), one batch each."""
+    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    rows = manifest.validate_manifest(short_manifest, codes).kept
+    builder = loader.BatchBuilder(tiny, config.TrainConfig(device="cpu"), codes)
+    return [builder.batch(manifest.training_pairs([row for row in rows if row["language"] == language], 0, 0)[0])
+            for language in ("ar", "en")]
+
+
+def _loss_and_kl(model, batch) -> tuple[float, float]:
+    """The loss and the KL to the base on `batch`, without dropout."""
+    model.eval()
+    with torch.no_grad():
+        inputs = collate.batch_to_model_inputs(batch, "cpu")
+        outputs = model(**inputs)
+        kl = training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
+        loss = model_utils.compute_loss(outputs, batch.label_audio_ids).total
+    model.train()
+    return float(loss), float(kl)
+
+
+def test_the_forgetting_guard_keeps_a_held_back_set_nearer_the_base(tiny, arabic_and_english):
+    """LoRA adapts to the Arabic pairs for 4 steps at a high learning rate, with and without --kl-weight 100:
+    the KL to the base on the held-back English pairs ends lower with the guard (seen: 0.0272 without, 0.0150
+    with, for an Arabic loss of 12.29 without and 12.66 with; benchmarks/forgetting_benchmark.py measures
+    longer runs)."""
+    arabic, english = arabic_and_english
+    held_back, logged = {}, {}
+    for weight in (0.0, 100.0):
+        model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0, kl_weight=weight)
+        optimizer = training.build_optimizer(model, settings, "cpu")
+        for _ in range(4):
+            stats = training.train_step(model, optimizer, [arabic], settings, World(), "cpu", settings.lr)
+        logged[weight] = stats.read(World()).kl
+        held_back[weight] = _loss_and_kl(model, english)[1]
+    assert logged[0.0] != logged[0.0] and logged[100.0] > 0, "the term is taken, and logged, only with --kl-weight"
+    assert held_back[100.0] < 0.8 * held_back[0.0], held_back
+
+
+def test_the_base_pass_leaves_the_adapters_on_and_the_kl_pulls_only_the_adapters(tiny, batches):
+    model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0)
+    batch = batches[1]
+    assert _loss_and_kl(model, batch)[1] == pytest.approx(0.0, abs=1e-7), "fresh adapters add nothing"
+    training.train_step(model, training.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", settings.lr)
+    inputs = collate.batch_to_model_inputs(batch, "cpu")
+    outputs = model(**inputs)
+    kl = training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
+    kl.backward()
+    with torch.no_grad():
+        again = model(**inputs).audio_logits
+    assert torch.equal(again, outputs.audio_logits.detach()), "the adapters are on again after the base pass"
+    assert float(kl) > 0
+    moved = {name for name, parameter in model.named_parameters() if parameter.grad is not None and parameter.grad.abs().sum() > 0}
+    assert moved and all("lora_" in name for name in moved)
+
+
+def test_the_kl_term_is_taken_on_every_micro_batch_or_on_the_replay_sets():
+    assert training.takes_kl(config.TrainConfig(), ["vi", "en"], 2) == [False, False]
+    assert training.takes_kl(config.TrainConfig(scope="lora", kl_weight=1.0), None, 2) == [True, True]
+    replay = config.TrainConfig(scope="lora", kl_weight=1.0, kl_replay="en")
+    assert training.takes_kl(replay, ["vi", "en", "vi"], 3) == [False, True, False]
+    with pytest.raises(ValueError, match="--kl-replay"):
+        training.takes_kl(replay, None, 2)

@@ -1,0 +1,294 @@
+"""Your data, measured: importer rows/s, the segmenter's cuts and WER, prepare's clips/s in 1 and 2 processes.
+
+    python benchmarks/your_data_benchmark.py [--rows 2000] [--clips 24] [--skip importers,segment,prepare,flows]
+
+* importers: a corpus of `--rows` rows in each format, written here from the shared voice prompts (hard links,
+  so they cost no disk), imported and timed; the formats whose audio is no file of its own (Kaldi segments,
+  Hugging Face stored audio, lhotse parts of recordings) write a clip per row, which is timed too;
+* segment: the five English voice prompts joined by pauses of known position (0.8-1.6 s), segmented with
+  pocketsphinx; each cut's distance to its true pause (0 inside it) and to the pause's middle, and each clip's WER;
+* prepare: `--clips` distinct clips (the demo clips, each copy with a little noise so its content differs),
+  prepared by `python prepare.py` and by `torchrun --nproc-per-node 2 prepare.py`, each run again on its finished
+  cache to measure what is not encoding (start-up, validation, writing), in wall and CPU seconds; and the encode rate of one process with
+  the tiny tokenizer and with a HuBERT-base semantic teacher (the released tokenizer's teacher size), from
+  which the hours for 10,000 hours of audio on 8 processes are projected;
+* flows: each kind of source (five rows, or the joined recording) to a training run in three commands (import
+  or segment, prepare, train 5 steps of the tiny preset), each timed end to end as a user runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import importers  # noqa: E402
+import metrics  # noqa: E402
+import model_utils  # noqa: E402
+import segment  # noqa: E402
+
+VOICE_PROMPTS = ROOT.parent / "shared" / "data" / "voice_prompts"
+ENGLISH = ("en_woman", "en_man", "vex", "belinda", "chadwick")
+
+
+def text_of(name: str) -> str:
+    return (VOICE_PROMPTS / f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+# --------------------------------------------------------------------------
+# Importers
+# --------------------------------------------------------------------------
+
+
+def write_sources(folder: Path, rows: int) -> dict[str, Path]:
+    """One source of `rows` rows per format, two speakers; audio files are hard links to the five English voice
+    prompts in turn, Kaldi segments and lhotse parts start at 0-4 s of one recording."""
+    lj = folder / "lj"
+    (lj / "wavs").mkdir(parents=True)
+    for index in range(rows):
+        os.link(VOICE_PROMPTS / f"{ENGLISH[index % 5]}.wav", lj / "wavs" / f"u{index}.wav")
+    (lj / "metadata.csv").write_text("".join(f"u{i}|raw|{text_of(ENGLISH[i % 5])}\n" for i in range(rows)), encoding="utf-8")
+    voices = folder / "voices"
+    for index in range(rows):
+        speaker = voices / f"s{index % 2}"
+        speaker.mkdir(parents=True, exist_ok=True)
+        os.link(VOICE_PROMPTS / f"{ENGLISH[index % 5]}.wav", speaker / f"u{index}.wav")
+        (speaker / f"u{index}.txt").write_text(text_of(ENGLISH[index % 5]), encoding="utf-8")
+    kaldi = folder / "kaldi"
+    kaldi.mkdir()
+    (kaldi / "wav.scp").write_text(f"rec {VOICE_PROMPTS / 'belinda.wav'}\n")
+    (kaldi / "segments").write_text("".join(f"u{i} rec {i % 5}.0 {i % 5 + 1.2}\n" for i in range(rows)))
+    (kaldi / "text").write_text("".join(f"u{i} {text_of('belinda')}\n" for i in range(rows)))
+    (kaldi / "utt2spk").write_text("".join(f"u{i} s{i % 2}\n" for i in range(rows)))
+    return {"ljspeech": lj, "folders": voices, "kaldi": kaldi, "hf": write_dataset(folder, rows),
+            "lhotse": write_cuts(folder, rows)}
+
+
+def write_dataset(folder: Path, rows: int) -> Path:
+    import datasets
+
+    payloads = [(VOICE_PROMPTS / f"{name}.wav").read_bytes() for name in ENGLISH]
+    table = {"id": [f"u{i}" for i in range(rows)], "audio": [{"bytes": payloads[i % 5], "path": "x.wav"} for i in range(rows)],
+             "text": [text_of(ENGLISH[i % 5]) for i in range(rows)], "speaker_id": [f"s{i % 2}" for i in range(rows)]}
+    datasets.Dataset.from_dict(table).cast_column("audio", datasets.Audio()).save_to_disk(str(folder / "hf"))
+    return folder / "hf"
+
+
+def write_cuts(folder: Path, rows: int) -> Path:
+    """Half the cuts whole recordings (their file kept), half parts of one (written out)."""
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    recording = Recording.from_file(str(VOICE_PROMPTS / "en_man.wav"), recording_id="en_man")
+    cuts = []
+    for index in range(rows):
+        cut = (recording.to_cut() if index % 2 else recording.to_cut().truncate(offset=index % 5, duration=1.5)).with_id(f"c{index}")
+        cut.supervisions = [SupervisionSegment(f"s{index}", "en_man", cut.start, cut.duration, text="words", speaker="m")]
+        cuts.append(cut)
+    CutSet.from_cuts(cuts).to_file(str(folder / "cuts.jsonl.gz"))
+    return folder / "cuts.jsonl.gz"
+
+
+def bench_importers(rows: int) -> None:
+    print(f"importers, {rows} rows each (rows/s over the whole import: parsing, checks, clips written, manifest)")
+    with tempfile.TemporaryDirectory() as folder:
+        sources = write_sources(Path(folder), rows)
+        for fmt, source in sources.items():
+            started = time.perf_counter()
+            result = importers.run_import(fmt, source, Path(folder) / "out" / f"{fmt}.jsonl")
+            seconds = time.perf_counter() - started
+            print(f"  {fmt:<9} {len(result.rows) / seconds:>8.0f} rows/s  ({len(result.rows)} rows, "
+                  f"{result.clips.written} clips written, {seconds:.2f} s)")
+
+
+# --------------------------------------------------------------------------
+# The segmenter
+# --------------------------------------------------------------------------
+
+
+def write_joined(folder: Path) -> tuple[list[tuple[float, float]], float]:
+    """`folder/joined/long.wav`: the English prompts joined by pauses of 0.8-1.6 s; each prompt's span and the length."""
+    parts, spans, position = [], [], 0.0
+    for name, pause in zip(ENGLISH, (0.8, 1.6, 1.0, 1.2, 0.0)):
+        samples, rate = sf.read(VOICE_PROMPTS / f"{name}.wav", dtype="float32")
+        samples = librosa.resample(samples, orig_sr=rate, target_sr=24000) if rate != 24000 else samples
+        spans.append((position, position + len(samples) / 24000))
+        parts += [samples, np.zeros(round(pause * 24000), dtype=np.float32)]
+        position += len(samples) / 24000 + pause
+    (folder / "joined").mkdir()
+    sf.write(folder / "joined" / "long.wav", np.concatenate(parts), 24000)
+    return spans, position
+
+
+def bench_segment() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        spans, position = write_joined(Path(folder))
+        started = time.perf_counter()
+        result = segment.segment([str(Path(folder) / "joined")], Path(folder) / "out", segment.Settings(1.0, 11.0, "en"))
+        seconds = time.perf_counter() - started
+    clips = [(row["start"], row["end"]) for row in result.rows]
+    cuts = [(left[1] + right[0]) / 2 for left, right in zip(clips, clips[1:])]
+    pause_spans = [(left[1], right[0]) for left, right in zip(spans, spans[1:])]
+    outside = [min(max(a - cut, cut - b, 0.0) for a, b in pause_spans) for cut in cuts]
+    from_middle = [min(abs(cut - (a + b) / 2) for a, b in pause_spans) for cut in cuts]
+    print(f"segment: {position:.1f} s of audio in {seconds:.1f} s ({position / seconds:.2f} s of audio per s, "
+          f"VAD + pocketsphinx); {len(clips)} clips for {len(ENGLISH)} prompts; {result.summary()}")
+    print(f"  cut outside its pause: mean {1000 * np.mean(outside):.0f} ms, max {1000 * max(outside):.0f} ms; "
+          f"from the pause's middle: mean {1000 * np.mean(from_middle):.0f} ms, max {1000 * max(from_middle):.0f} ms")
+    words = errors = 0.0
+    for row, name in zip(result.rows, ENGLISH):
+        truth = text_of(name)
+        wer = metrics.error_rate(truth, row["text"], "en")
+        count = len(metrics.normalize_for_scoring(truth).split())
+        words, errors = words + count, errors + wer * count
+        print(f"  {name:<9} WER {wer:.3f}  {row['text']!r}")
+    print(f"  WER over all {int(words)} words: {errors / words:.3f}")
+
+
+# --------------------------------------------------------------------------
+# prepare in 1 and 2 processes
+# --------------------------------------------------------------------------
+
+
+def write_clips(folder: Path, count: int) -> tuple[Path, float]:
+    """`count` distinct clips (demo clips with a little noise each) and their manifest; returns it and the audio's seconds."""
+    demo = ROOT / "demo" / "data"
+    rows = [json.loads(line) for line in (demo / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    rng, lines, seconds = np.random.default_rng(0), [], 0.0
+    for index in range(count):
+        source = rows[index % len(rows)]
+        samples, rate = sf.read(demo / source["audio"], dtype="float32")
+        samples = samples + rng.normal(0, 1e-3, samples.shape).astype(np.float32)
+        sf.write(folder / f"c{index}.wav", samples, rate)
+        seconds += len(samples) / rate
+        lines.append(json.dumps({"id": f"c{index}", "audio": f"c{index}.wav", "text": source["text"],
+                                 "speaker": source["speaker"]}, ensure_ascii=False))
+    (folder / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "m.jsonl", seconds
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, of the command and every process it waited for) of a command."""
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return time.perf_counter() - started, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def encode_rate(audio_tokenizer, seconds: float = 6.0) -> float:
+    """Seconds of audio one process encodes per CPU second (the best of three encodes of a `seconds`-long clip):
+    its rate on a core of its own, whatever else the machine runs."""
+    samples = data.load_audio(VOICE_PROMPTS / "en_woman.wav", audio_tokenizer.sampling_rate)
+    clip = np.resize(samples, round(seconds * audio_tokenizer.sampling_rate))
+    best = min(_time(lambda: data.encode_clip(audio_tokenizer, clip)) for _ in range(3))
+    return seconds / best
+
+
+def _time(function) -> float:
+    started = time.process_time()
+    function()
+    return time.process_time() - started
+
+
+def hubert_base_tokenizer():
+    """The tiny preset's codec with a HuBERT-base semantic teacher (12 layers, 768 wide: the released
+    teacher's size), random weights, codebooks marked initialised as the tiny preset's are."""
+    from transformers import HubertConfig
+
+    tokenizer = model_utils._construct_audio_tokenizer(model_utils.TINY_AUDIO_TOKENIZER_CONFIG, HubertConfig(), "cpu")
+    for codebook in model_utils._codebooks(tokenizer):
+        codebook.inited.fill_(1.0)
+    return tokenizer.eval()
+
+
+def bench_prepare(count: int) -> None:
+    """1 and 2 processes, each run twice on one cache: the second run encodes nothing, so the difference is the
+    encoding. The cores are shared with other jobs, so CPU seconds (which contention does not inflate) measure
+    the work, and wall seconds what this machine gave. torchrun gives each process one OpenMP thread; the single
+    process gets the same, so that the two compare processes, not threads."""
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as folder:
+        manifest_path, audio_seconds = write_clips(Path(folder), count)
+        print(f"prepare: {count} clips, {audio_seconds:.1f} s of audio, tiny preset's audio tokenizer, CPU, one thread a process")
+        cpu_per_clip = {}
+        for processes in (1, 2):
+            launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                                "--standalone", "--nproc-per-node", str(processes)]
+            command = launcher + ["prepare.py", "--manifest", str(manifest_path), "--out", f"{folder}/cache{processes}",
+                                  "--device", "cpu", "--batch-size", "4"]
+            (wall, cpu), (wall_again, cpu_again) = timed(command, one_thread), timed(command, one_thread)
+            cpu_per_clip[processes] = (cpu - cpu_again) / count
+            print(f"  {processes} process(es): wall {wall:.1f} s ({wall_again:.1f} s of it start-up, validation and "
+                  f"writing: a run on the finished cache), {count / (wall - wall_again):.2f} clips/s encoding, "
+                  f"{count / wall:.2f} clips/s end to end; CPU {cpu:.1f} s ({cpu_again:.1f} s), "
+                  f"{cpu_per_clip[processes]:.2f} CPU-s per clip encoded: {1 / cpu_per_clip[processes]:.2f} clips/s "
+                  f"per process on a core of its own")
+        print(f"  load average (1, 5, 15 min) at the end: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
+    efficiency = cpu_per_clip[1] / cpu_per_clip[2]
+    torch.set_num_threads(1)  # one thread per process, as under torchrun
+    tiny, base = encode_rate(model_utils.build_tiny_audio_tokenizer()), encode_rate(hubert_base_tokenizer())
+    print(f"  2 processes spend {100 / efficiency:.0f}% of one process's CPU per clip: {100 * min(1.0, efficiency):.0f}% "
+          "scaling efficiency with a core per process")
+    print(f"  one process, one thread, encodes {tiny:.2f} s of audio per CPU-s (tiny teacher), {base:.2f} (HuBERT-base teacher)")
+    hours = 10_000 / (8 * base * min(1.0, efficiency))
+    print(f"  projection: 10,000 h of audio on 8 processes at {base:.2f} s/s each and {100 * min(1.0, efficiency):.0f}% "
+          f"scaling: {hours:,.0f} h (a CPU core's rate per process; a GPU's rate was not measured here)")
+
+
+def bench_flows() -> None:
+    """Each kind of source to a training run in three commands (tiny preset, CPU, 5 training steps), timed."""
+    print("three commands per source (tiny preset, CPU): import or segment, prepare, train 5 steps; seconds each")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        sources = write_sources(folder, rows=5)
+        write_joined(folder)
+        first = {fmt: [sys.executable, "importers.py", fmt, str(source), "--out", f"{folder}/out/{fmt}.jsonl", "--language", "en"]
+                 for fmt, source in sources.items()}
+        first["segment"] = [sys.executable, "segment.py", str(folder / "joined"), "--out", f"{folder}/out/segment",
+                            "--language", "en", "--max-seconds", "11"]
+        for kind, command in first.items():
+            manifest_path = f"{folder}/out/segment/manifest.jsonl" if kind == "segment" else f"{folder}/out/{kind}.jsonl"
+            prepare = [sys.executable, "prepare.py", "--manifest", manifest_path, "--out", f"{folder}/cache/{kind}"]
+            train = [sys.executable, "train.py", "--cache", f"{folder}/cache/{kind}", "--val-manifest", "", "--max-steps", "5",
+                     "--eval-every", "0", "--save-every", "5", "--device", "cpu", "--precision", "fp32",
+                     "--out-dir", f"{folder}/runs", "--run-name", kind]
+            seconds = [timed(step)[0] for step in (command, prepare, train)]
+            kept = json.loads(Path(f"{folder}/cache/{kind}/summary.json").read_text())["kept"]
+            print(f"  {kind:<9} {kept} rows kept: {seconds[0]:5.1f} s, {seconds[1]:5.1f} s, {seconds[2]:5.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000, help="rows per importer source [2000]")
+    parser.add_argument("--clips", type=int, default=24, help="clips prepared [24]")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: importers, segment, prepare, flows")
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    if "importers" not in skip:
+        bench_importers(args.rows)
+    if "segment" not in skip:
+        bench_segment()
+    if "prepare" not in skip:
+        bench_prepare(args.clips)
+    if "flows" not in skip:
+        bench_flows()
+
+
+if __name__ == "__main__":
+    main()

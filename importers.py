@@ -1,0 +1,449 @@
+"""From the formats speech corpora come in to our manifest: one importer per format, and their command.
+
+    python importers.py ljspeech LJSpeech-1.1 --out data/lj.jsonl           # metadata.csv + wavs/
+    python importers.py folders  my_voices    --out data/mine.jsonl --language en   # SPEAKER/CLIP.wav + CLIP.txt|.lab
+    python importers.py kaldi    data/train   --out data/kaldi.jsonl         # wav.scp, text, utt2spk [, segments]
+    python importers.py hf       my_dataset   --out data/hf.jsonl --split train  # save_to_disk, parquet or arrow
+    python importers.py lhotse   cuts.jsonl.gz --out data/cuts.jsonl        # a lhotse CutSet
+
+Each importer turns its source into speaker-grouped rows (`id`, `audio`,
+`text`, `speaker`, and `language` where known, as a canonical tag) or
+`Unusable` entries; `run_import` writes the rows as a manifest that
+`prepare.py` takes as it is (audio paths relative to it), counts the unusable
+ones by reason as prepare counts its rejections, and lists each in
+`OUT.report.jsonl`. Audio that is no file of its own (a Kaldi segment, a
+lhotse cut of a longer recording, audio stored inside a Hugging Face dataset)
+is written once, as a file in `clips/` beside the manifest; a re-run reuses
+it. What a format carries that a manifest has no place for is named in
+`DROPPED` and printed. The clips themselves are checked by `prepare.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+import commands
+import files
+import manifest
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+TRANSCRIPT_SUFFIXES = (".txt", ".lab")
+
+# What each format carries that a manifest row has no field for.
+DROPPED = {
+    "ljspeech": "the raw transcript (column 2; the normalised column 3 is kept)",
+    "folders": "nothing but files that are neither audio nor transcripts",
+    "kaldi": "spk2gender, utt2dur, reco2file_and_channel, feats.scp, cmvn.scp; wav.scp commands (pipes) are not run",
+    "hf": "every column besides id, audio, text, speaker and language (printed per dataset)",
+    "lhotse": "alignments, features, custom fields, gender, channel layout (clips are mixed down by prepare)",
+}
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A source entry that makes no row: where it is, its id if it has one, why, and the details."""
+
+    where: str
+    id: str | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a source may not say itself: its language and (LJSpeech) speaker; which split and columns (hf)."""
+
+    language: str | None = None
+    speaker: str | None = None
+    split: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # (role, column) given on the command line
+
+
+class ClipFiles:
+    """Audio that is no file of its own, written once into `folder` (a file already there is whole: it was
+    written through `files.atomic_file`, so a re-run reuses it)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.written, self.reused = folder, 0, 0
+
+    def path(self, clip_id: str, suffix: str) -> Path:
+        # Ids may hold any character; the digest keeps ids that differ only there apart.
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", clip_id)[:80]
+        return self.folder / f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}{suffix}"
+
+    def from_bytes(self, clip_id: str, payload: bytes, suffix: str) -> Path:
+        """An encoded audio file (WAV, FLAC, ...) as it is, without decoding it."""
+        return self._write(self.path(clip_id, suffix), lambda handle: handle.write(payload))
+
+    def from_samples(self, clip_id: str, samples: np.ndarray, rate: int) -> Path:
+        """Samples (frames, channels) as 24-bit FLAC: lossless for 16- and 24-bit sources."""
+        def write(handle):
+            buffer = io.BytesIO()
+            sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_24")
+            handle.write(buffer.getvalue())
+        return self._write(self.path(clip_id, ".flac"), write)
+
+    def _write(self, path: Path, write) -> Path:
+        if path.is_file():
+            self.reused += 1
+            return path
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with files.atomic_file(path) as handle:
+            write(handle)
+        self.written += 1
+        return path
+
+
+def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speaker: str | None,
+          language: str | None) -> dict | Unusable:
+    """A row, or why the source entry makes none: no audio file, no transcript, no speaker, no known language."""
+    if audio is None or not audio.is_file():
+        return Unusable(where, clip_id, "missing_audio", f"no audio file {audio}" if audio else "no audio")
+    if text is None:
+        return Unusable(where, clip_id, "missing_transcript", f"no transcript for {audio}")
+    if not text.strip():
+        return Unusable(where, clip_id, "empty_text", "the transcript is empty")
+    if not speaker:
+        return Unusable(where, clip_id, "missing_speaker", "no speaker id")
+    row = {"id": clip_id, "audio": str(audio), "text": " ".join(text.split()), "speaker": speaker}
+    if language:
+        try:
+            row["language"] = manifest.canonical_language(language)
+        except ValueError as error:
+            return Unusable(where, clip_id, "bad_language", str(error))
+    return row
+
+
+# --------------------------------------------------------------------------
+# The formats
+# --------------------------------------------------------------------------
+
+
+def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+    """LJSpeech: `metadata.csv` (`id|raw transcript|normalised transcript`, no quoting) beside `wavs/ID.wav`; one
+    speaker, `--speaker` or the folder's name."""
+    table = source / "metadata.csv" if source.is_dir() else source
+    speaker = options.speaker or table.parent.name
+    with table.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{table}:{number}"
+            try:
+                line = raw.decode("utf-8-sig").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                yield Unusable(where, None, "non_utf8", f"byte {error.start} is not UTF-8")
+                continue
+            if not line.strip():
+                continue
+            fields = line.split("|")
+            if len(fields) not in (2, 3) or not fields[0].strip():
+                yield Unusable(where, None, "bad_line", f"{len(fields)} fields separated by |; expected id|text or id|raw|normalised")
+                continue
+            clip_id = fields[0].strip()
+            yield entry(where, clip_id, table.parent / "wavs" / f"{clip_id}.wav", fields[-1], speaker, options.language)
+
+
+def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+    """A folder per speaker, each clip (at any depth in it) beside a transcript of the same stem (`.txt` or `.lab`)."""
+    for speaker_dir in sorted(path for path in source.iterdir() if path.is_dir()):
+        found = sorted(path for path in speaker_dir.rglob("*") if path.is_file())
+        stems = {path.with_suffix("") for path in found if path.suffix.lower() in AUDIO_SUFFIXES}
+        for path in found:
+            clip_id = f"{speaker_dir.name}/{path.relative_to(speaker_dir).with_suffix('')}"
+            if path.suffix.lower() in AUDIO_SUFFIXES:
+                transcript = next((path.with_suffix(s) for s in TRANSCRIPT_SUFFIXES if path.with_suffix(s).is_file()), None)
+                try:
+                    text = transcript.read_text(encoding="utf-8-sig") if transcript else None
+                except UnicodeDecodeError as error:
+                    yield Unusable(str(transcript), clip_id, "non_utf8", f"byte {error.start} is not UTF-8")
+                    continue
+                yield entry(str(path), clip_id, path, text, speaker_dir.name, options.language)
+            elif path.suffix.lower() in TRANSCRIPT_SUFFIXES and path.with_suffix("") not in stems:
+                yield Unusable(str(path), clip_id, "missing_audio", f"a transcript without a clip of stem {path.stem}")
+
+
+def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+    """A Kaldi data directory: `wav.scp` (recording -> file), `text`, `utt2spk`, and where present `segments`
+    (utterance -> recording, start, end: each segment is written out as a clip) and `utt2lang`."""
+    recordings = _kaldi_table(source / "wav.scp")
+    texts, speakers = _kaldi_table(source / "text"), _kaldi_table(source / "utt2spk")
+    languages = _kaldi_table(source / "utt2lang") if (source / "utt2lang").is_file() else {}
+    segments = _kaldi_table(source / "segments") if (source / "segments").is_file() else None
+    utterances = list(segments or recordings)
+    for utterance in utterances:
+        where = f"{source / ('segments' if segments else 'wav.scp')}: {utterance}"
+        recording = segments[utterance].split()[0] if segments else utterance
+        # Checked before a segment is cut, so that no clip is written for an utterance that makes no row.
+        for table, name, reason in ((texts, "text", "missing_transcript"), (speakers, "utt2spk", "missing_speaker")):
+            if utterance not in table:
+                yield Unusable(where, utterance, reason, f"not in {name}")
+                break
+        else:
+            audio = _kaldi_audio(source, recordings.get(recording), utterance, segments, clips)
+            if isinstance(audio, Unusable):
+                yield Unusable(where, utterance, audio.reason, audio.detail)
+            else:
+                yield entry(where, utterance, audio, texts[utterance], speakers[utterance],
+                            languages.get(utterance, options.language))
+    for utterance in texts.keys() - set(utterances):
+        yield Unusable(f"{source / 'text'}: {utterance}", utterance, "missing_audio", "in text, not in wav.scp or segments")
+
+
+def _kaldi_table(path: Path) -> dict[str, str]:
+    """A Kaldi table: the first field of each line -> the rest."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: a Kaldi data directory needs wav.scp, text and utt2spk")
+    table = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, _, rest = line.strip().partition(" ")
+        if key:
+            table[key] = rest.strip()
+    return table
+
+
+def _kaldi_audio(source: Path, location: str | None, utterance: str, segments: dict | None,
+                 clips: ClipFiles) -> Path | Unusable:
+    """The audio file of an utterance: its wav.scp file, or its segment of one written out."""
+    if location is None:
+        return Unusable("", utterance, "missing_audio", "its recording is not in wav.scp")
+    if location.endswith("|"):
+        return Unusable("", utterance, "pipe_command", f"wav.scp runs a command ({location}); write its output to a file")
+    path = Path(location) if os.path.isabs(location) else source / location
+    if segments is None:
+        return path
+    _, start, end = segments[utterance].split()
+    try:
+        with sf.SoundFile(str(path)) as recording:
+            rate, frames = recording.samplerate, recording.frames
+            first, last = round(float(start) * rate), round(float(end) * rate)
+            # A segment may end a little past the recording (times rounded); one outside it is a mistake.
+            if not 0 <= first < last <= frames + 0.01 * rate:
+                return Unusable("", utterance, "bad_segment", f"{start}-{end} s lies outside {path} ({frames / rate:.2f} s)")
+            recording.seek(first)
+            samples = recording.read(last - first, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        return Unusable("", utterance, "missing_audio" if not path.is_file() else "unreadable_audio", f"{path}: {error}")
+    return clips.from_samples(utterance, samples, rate)
+
+
+def huggingface(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+    """A Hugging Face dataset: a `save_to_disk` folder, or parquet or arrow files (a file or a folder of them).
+    Audio stored in it is written out once; columns are found by their usual names unless given."""
+    import datasets
+
+    dataset = _open_dataset(source, options.split)
+    columns = _dataset_columns(dataset, dict(options.columns))
+    if isinstance(dataset.features[columns["audio"]], datasets.Audio):
+        dataset = dataset.cast_column(columns["audio"], datasets.Audio(decode=False))  # bytes as stored, no decoder
+    print(f"hf: columns used {columns}; not kept: {', '.join(sorted(set(dataset.column_names) - set(columns.values()))) or 'none'}")
+    for index, item in enumerate(dataset):
+        clip_id = str(item[columns["id"]]) if "id" in columns else f"{index:08d}"
+        where = f"{source} row {index}"
+        audio = _dataset_audio(item[columns["audio"]], clip_id, source, clips)
+        if isinstance(audio, Unusable):
+            yield Unusable(where, clip_id, audio.reason, audio.detail)
+            continue
+        speaker = str(item[columns["speaker"]]) if "speaker" in columns and item[columns["speaker"]] is not None else options.speaker
+        language = item[columns["language"]] if "language" in columns else None
+        yield entry(where, clip_id, audio, item[columns["text"]], speaker, language or options.language)
+
+
+# The first column of these names that a dataset has plays the role, unless --ROLE-column names another.
+DATASET_COLUMNS = {
+    "audio": ("audio", "speech", "wav"),
+    "text": ("text", "normalized_text", "transcription", "transcript", "sentence", "raw_text"),
+    "speaker": ("speaker_id", "speaker", "client_id", "spk_id"),
+    "language": ("language", "locale", "lang"),
+    "id": ("id", "utterance_id", "audio_id", "segment_id", "key"),
+}
+
+
+def _open_dataset(source: Path, split: str | None):
+    import datasets
+
+    if source.is_dir() and ((source / "state.json").is_file() or (source / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(source))
+    else:
+        found = sorted(source.glob("**/*.parquet")) + sorted(source.glob("**/*.arrow")) if source.is_dir() else [source]
+        if not found:
+            raise FileNotFoundError(f"{source}: no save_to_disk folder, parquet or arrow file")
+        if found[0].suffix == ".parquet":
+            loaded = datasets.Dataset.from_parquet([str(path) for path in found])
+        else:
+            loaded = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path)) for path in found])
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None and len(loaded) > 1:
+            raise ValueError(f"{source} has splits {', '.join(loaded)}: choose one with --split")
+        split = split or next(iter(loaded))
+        if split not in loaded:
+            raise ValueError(f"{source} has no split {split!r}, only {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
+def _dataset_columns(dataset, given: dict[str, str]) -> dict[str, str]:
+    """Role -> column: those given, else the first usual name the dataset has; audio and text are required."""
+    columns = {}
+    for role, names in DATASET_COLUMNS.items():
+        name = given.get(role) or next((name for name in names if name in dataset.column_names), None)
+        if name is not None and name not in dataset.column_names:
+            raise ValueError(f"--{role}-column {name}: the dataset has columns {', '.join(dataset.column_names)}")
+        if name is not None:
+            columns[role] = name
+    missing = [role for role in ("audio", "text") if role not in columns]
+    if missing:
+        raise ValueError(f"no {' or '.join(missing)} column among {', '.join(dataset.column_names)}: "
+                         f"name it with --{missing[0]}-column")
+    return columns
+
+
+def _dataset_audio(value, clip_id: str, source: Path, clips: ClipFiles) -> Path | Unusable:
+    """A dataset's audio cell as a file: its stored bytes written out, its samples written as FLAC, or the file
+    it names (relative to the dataset)."""
+    if not isinstance(value, dict):
+        return Unusable("", clip_id, "missing_audio", f"the audio cell holds a {type(value).__name__}")
+    name = value.get("path") or ""
+    if value.get("bytes"):
+        suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in AUDIO_SUFFIXES else ".wav"
+        return clips.from_bytes(clip_id, value["bytes"], suffix)
+    if value.get("array") is not None and value.get("sampling_rate"):
+        return clips.from_samples(clip_id, np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
+    for path in (Path(name), (source if source.is_dir() else source.parent) / name):
+        if name and path.is_file():
+            return path
+    return Unusable("", clip_id, "missing_audio", f"no stored audio and no file {name!r}")
+
+
+def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+    """A lhotse CutSet (`cuts.jsonl.gz`), read with lhotse: a cut that is a whole one-file recording keeps its
+    file, any other (part of a recording, several channels or files) is written out as a clip; its
+    supervisions give the text (joined in time order), the one speaker and the language."""
+    from lhotse import CutSet
+
+    for index, cut in enumerate(CutSet.from_file(source)):
+        where = f"{source} cut {index}"
+        supervisions = sorted(cut.supervisions, key=lambda supervision: supervision.start)
+        speakers = {supervision.speaker for supervision in supervisions}
+        if len(speakers) > 1:
+            yield Unusable(where, cut.id, "several_speakers", f"speakers {', '.join(sorted(map(str, speakers)))} in one cut")
+            continue
+        if not cut.has_recording:
+            yield Unusable(where, cut.id, "missing_audio", "the cut has no recording")
+            continue
+        try:
+            audio = _whole_recording_file(cut) or clips.from_samples(cut.id, cut.load_audio().T, cut.sampling_rate)
+        except Exception as error:  # lhotse raises whatever its audio backend raises
+            yield Unusable(where, cut.id, "unreadable_audio", files.first_line(error))
+            continue
+        text = " ".join(s.text for s in supervisions if s.text) if supervisions else None
+        speaker = next(iter(speakers), None) or options.speaker
+        language = next((s.language for s in supervisions if s.language), None) or options.language
+        yield entry(where, cut.id, audio, text, speaker, language)
+
+
+def _whole_recording_file(cut) -> Path | None:
+    """The file of a cut that spans the whole of a one-channel recording stored as one file, else None."""
+    recording = cut.recording
+    sources = recording.sources
+    whole = cut.start == 0 and abs(cut.duration - recording.duration) < 1e-3 and recording.num_channels == 1
+    if whole and len(sources) == 1 and sources[0].type == "file":
+        return Path(sources[0].source)
+    return None
+
+
+IMPORTERS = {"ljspeech": ljspeech, "folders": folders, "kaldi": kaldi, "hf": huggingface, "lhotse": lhotse_cuts}
+
+
+# --------------------------------------------------------------------------
+# Writing the manifest
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ImportResult:
+    manifest: Path
+    rows: list[dict]
+    unusable: list[Unusable]
+    clips: ClipFiles
+    seconds: float
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(item.reason for item in self.unusable).most_common())
+
+    def summary(self) -> str:
+        """`rows read N = kept K + rejected R (reason n, ...)`, as prepare counts."""
+        return manifest.reconcile(len(self.rows) + len(self.unusable), len(self.rows), self.counts())
+
+
+def run_import(fmt: str, source: str | Path, out: str | Path, options: Options = Options()) -> ImportResult:
+    """Import `source` in format `fmt` into the manifest `out` (audio paths relative to it), the unusable entries
+    listed in `OUT.report.jsonl` (written, empty or not, so that an old report never stays)."""
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise FileNotFoundError(f"no such source: {source}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clips = ClipFiles(out.parent / "clips")
+    rows, unusable, seen, started = [], [], set(), time.perf_counter()
+    for item in IMPORTERS[fmt](source, options, clips):
+        if isinstance(item, dict) and item["id"] in seen:
+            item = Unusable(item["audio"], item["id"], "duplicate_id", f"id {item['id']!r} is taken by an earlier row")
+        if isinstance(item, Unusable):
+            unusable.append(item)
+            continue
+        seen.add(item["id"])
+        rows.append(dict(item, audio=os.path.relpath(item["audio"], out.parent)))
+    files.write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    files.write_text(report_path(out), "".join(json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in unusable))
+    return ImportResult(out, rows, unusable, clips, time.perf_counter() - started)
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".report.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    columns = tuple((role, getattr(args, f"{role}_column")) for role in DATASET_COLUMNS if getattr(args, f"{role}_column"))
+    try:
+        language = manifest.canonical_language(args.language) if args.language else None
+        result = run_import(args.format, args.source, args.out, Options(language, args.speaker, args.split, columns))
+    except commands.EXPECTED as error:
+        return commands.fail(error)
+    commands.list_first([f"{item.where} ({item.id or 'no id'}): {item.reason}: {item.detail}" for item in result.unusable])
+    print(f"dropped by this format: {DROPPED[args.format]}\n"
+          f"clips written to {result.clips.folder}: {result.clips.written} (and {result.clips.reused} already there)\n"
+          f"report: {report_path(result.manifest)}\n"
+          f"{result.summary()}; {len(result.rows) / max(result.seconds, 1e-9):.0f} rows/s\n"
+          f"next: python prepare.py --manifest {result.manifest} --out cache/{result.manifest.stem}")
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="importers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("format", choices=list(IMPORTERS), help="the source's format")
+    add("source", help="the source: a folder, or its main file (metadata.csv, cuts.jsonl.gz, a parquet file)")
+    add("--out", required=True, help="the manifest to write (JSONL); clips written out go to clips/ beside it")
+    add("--language", help="language of rows whose source says none (any BCP 47 spelling; stored canonical) [none]")
+    add("--speaker", help="speaker of rows whose source names none (LJSpeech: one speaker) [ljspeech: the folder's name]")
+    add("--split", help="hf: the split of a dataset with several [its only one]")
+    for role, names in DATASET_COLUMNS.items():
+        add(f"--{role}-column", help=f"hf: the {role} column [the first of {', '.join(names)}]")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Long recordings to training clips: cut at pauses, transcribed, filtered, written as a manifest.
+
+    python segment.py podcasts/ --out data/podcasts --language en                  # pocketsphinx, English
+    python segment.py talks/*.flac --out data/talks --asr-model /models/whisper-small --speaker-from file
+
+Each recording (WAV/FLAC/OGG/MP3 that libsndfile reads; a folder is searched
+for them) is read once at its own rate. Voice activity detection
+(`silero-vad`, whose model ships in its wheel) finds the speech; neighbouring
+speech is merged into clips as long as they stay within `--max-seconds`, so
+clips end at pauses, and a cut between two clips lies in the middle of the
+pause between them (`plan_clips`). Each clip is transcribed (`metrics.py`'s
+transcribers: a local Whisper directory, or pocketsphinx's bundled en-us model
+for English) and kept or rejected, each rejection counted by reason: too short
+or too long, clipped, too quiet, empty transcript, implausible characters
+per second. The speaker is the recording's folder or file name.
+
+`OUT/clips/` holds the kept clips (24-bit FLAC at the recording's rate),
+`OUT/manifest.jsonl` the speaker-grouped rows that `prepare.py` takes as they
+are, `OUT/report.jsonl` every rejection. Each finished recording is recorded
+in `OUT/done/`, so a run stopped in any way is run again with the same
+command and redoes only the recordings it had not finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+import commands
+import data
+import files
+import importers
+import manifest
+import metrics
+
+VAD_RATE = 16000
+# Pauses shorter than this do not end a stretch of speech for the VAD: the gaps between words.
+MIN_PAUSE_MS = 300
+# Silence kept before and after a clip's speech, within the pause: a clip that starts or ends mid-breath
+# teaches the model abrupt onsets.
+EDGE_PAD_SECONDS = 0.15
+# A clip is clipped when more than this fraction of its samples sit at full scale.
+CLIPPED_FRACTION = 1e-3
+FULL_SCALE = 0.999
+# Quieter than this (RMS over the clip) is far-field or noise-floor speech.
+MIN_RMS_DBFS = -45.0
+# Letters and digits per second of a clip: read speech runs 10-20; outside these the transcript is wrong
+# (an ASR that dropped or invented words) or the clip is mostly not speech.
+MIN_CHARS_PER_SECOND, MAX_CHARS_PER_SECOND = 3.0, 30.0
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides the clips; a resumed run must use the same (they are recorded in `OUT/settings.json`)."""
+
+    min_seconds: float = 1.0
+    max_seconds: float = 30.0
+    language: str | None = None
+    asr: str = "pocketsphinx-en-us"
+    speaker_from: str = "folder"
+
+    def check(self) -> None:
+        limits = data.LIMITS
+        if not limits.min_target_seconds <= self.min_seconds < self.max_seconds <= limits.max_target_seconds:
+            raise ValueError(f"--min-seconds {self.min_seconds:g} and --max-seconds {self.max_seconds:g} must satisfy "
+                             f"{limits.min_target_seconds:g} <= min < max <= {limits.max_target_seconds:g} (data.LIMITS)")
+        if self.max_seconds < 2 * EDGE_PAD_SECONDS + 0.5:
+            raise ValueError(f"--max-seconds {self.max_seconds:g} leaves no room for speech")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    recording: str
+    start: float | None  # seconds in the recording; None for a recording rejected whole
+    end: float | None
+    reason: str
+    detail: str
+
+
+# --------------------------------------------------------------------------
+# Where to cut
+# --------------------------------------------------------------------------
+
+
+def speech_spans(samples: np.ndarray, vad, max_seconds: float) -> list[tuple[float, float]]:
+    """Stretches of speech (start, end) in seconds of mono audio at `VAD_RATE`; a stretch longer than
+    `max_seconds` is split by silero at its quietest point."""
+    from silero_vad import get_speech_timestamps
+
+    stamps = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), vad,
+                                   sampling_rate=VAD_RATE, min_silence_duration_ms=MIN_PAUSE_MS, speech_pad_ms=0,
+                                   max_speech_duration_s=max_seconds)
+    return [(stamp["start"] / VAD_RATE, stamp["end"] / VAD_RATE) for stamp in stamps]
+
+
+def plan_clips(spans: list[tuple[float, float]], duration: float, max_seconds: float,
+               pad: float = EDGE_PAD_SECONDS) -> list[tuple[float, float]]:
+    """Clips (start, end) from stretches of speech: neighbours are merged while the clip, with `pad` of silence
+    on each side, stays within `max_seconds`; the cut between two clips is the middle of the pause between them,
+    and each clip keeps up to `pad` of that pause on each side."""
+    groups: list[list[float]] = []
+    for start, end in spans:
+        if groups and end - groups[-1][0] + 2 * pad <= max_seconds:
+            groups[-1][1] = end
+        else:
+            groups.append([start, end])
+    cuts = [0.0] + [(left[1] + right[0]) / 2 for left, right in zip(groups, groups[1:])] + [duration]
+    return [(max(cuts[i], start - pad), min(cuts[i + 1], end + pad)) for i, (start, end) in enumerate(groups)]
+
+
+# --------------------------------------------------------------------------
+# Which clips to keep
+# --------------------------------------------------------------------------
+
+
+def clip_problem(samples: np.ndarray, rate: int, text: str, settings: Settings) -> tuple[str, str] | None:
+    """(reason, detail) of a clip that is not kept, or None: too short or long, clipped, too quiet, no
+    transcript, an implausible number of characters per second, a transcript over the text limit."""
+    seconds = len(samples) / rate
+    if seconds < settings.min_seconds:
+        return "too_short", f"{seconds:.2f} s, under --min-seconds {settings.min_seconds:g}"
+    if seconds > settings.max_seconds:
+        return "too_long", f"{seconds:.2f} s, over --max-seconds {settings.max_seconds:g}"
+    clipped = float(np.mean(np.abs(samples) >= FULL_SCALE))
+    if clipped > CLIPPED_FRACTION:
+        return "clipped", f"{100 * clipped:.2f}% of its samples at full scale"
+    rms = 20 * np.log10(max(float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))), 1e-10))
+    if rms < MIN_RMS_DBFS:
+        return "too_quiet", f"RMS {rms:.1f} dBFS, under {MIN_RMS_DBFS:g}"
+    characters = sum(character.isalnum() for character in text)
+    if not characters:
+        return "empty_transcript", "the ASR heard no word"
+    if not MIN_CHARS_PER_SECOND <= characters / seconds <= MAX_CHARS_PER_SECOND:
+        return "implausible_rate", (f"{characters / seconds:.1f} characters per second, outside "
+                                    f"{MIN_CHARS_PER_SECOND:g}-{MAX_CHARS_PER_SECOND:g} ({text!r})")
+    if len(text) > data.LIMITS.max_text_chars:
+        return "text_too_long", f"{len(text)} characters, over {data.LIMITS.max_text_chars}"
+    return None
+
+
+# --------------------------------------------------------------------------
+# One recording, and many
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Segmenter:
+    """The VAD, the transcriber and where clips go: what every recording of a run shares."""
+
+    out: Path
+    settings: Settings
+    vad: object
+    asr: metrics.Transcriber
+
+    def recording(self, path: Path, speaker: str) -> tuple[list[dict], list[Rejection]]:
+        """The kept rows (clip paths relative to the output folder, which may move) and the rejections of one recording."""
+        try:
+            samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as error:
+            return [], [Rejection(str(path), None, None, "unreadable_audio", files.first_line(error))]
+        mono = samples.mean(axis=1)
+        try:
+            at_vad_rate = data.to_model_rate(mono, rate, VAD_RATE, str(path))
+        except data.AudioError as error:
+            return [], [Rejection(str(path), None, None, "bad_audio", str(error))]
+        spans = speech_spans(at_vad_rate, self.vad, self.settings.max_seconds - 2 * EDGE_PAD_SECONDS)
+        rows, rejections = [], []
+        for index, (start, end) in enumerate(plan_clips(spans, len(mono) / rate, self.settings.max_seconds)):
+            clip = samples[round(start * rate): round(end * rate)]
+            text = self.asr.transcribe(clip.mean(axis=1), rate, self.settings.language) if len(clip) else ""
+            text = " ".join(text.split())
+            problem = clip_problem(clip.mean(axis=1), rate, text, self.settings)
+            if problem:
+                rejections.append(Rejection(str(path), round(start, 3), round(end, 3), *problem))
+                continue
+            clip_id = f"{speaker}/{path.stem}/{index:04d}"
+            audio = importers.ClipFiles(self.out / "clips" / speaker).from_samples(clip_id, clip, rate)
+            row = {"id": clip_id, "audio": str(audio.relative_to(self.out)), "text": text, "speaker": speaker,
+                   "source": str(path), "start": round(start, 3), "end": round(end, 3)}
+            rows.append(dict(row, language=self.settings.language) if self.settings.language else row)
+        return rows, rejections
+
+
+def recordings(inputs: list[str]) -> list[Path]:
+    """The audio files named, and those inside the folders named, in order, each once."""
+    found: dict[Path, None] = {}
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found.update(dict.fromkeys(sorted(p for p in path.rglob("*") if p.suffix.lower() in importers.AUDIO_SUFFIXES)))
+        elif path.is_file():
+            found[path] = None
+        else:
+            raise FileNotFoundError(f"no such recording or folder: {path}")
+    return [path.resolve() for path in found]
+
+
+def done_record(out: Path, recording: Path) -> Path:
+    """Where a finished recording's rows and rejections are kept; named by its path, size and modification time,
+    so a recording changed since is segmented again."""
+    stat = recording.stat()
+    key = hashlib.sha256(f"{recording}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    return out / "done" / f"{key}.json"
+
+
+@dataclass
+class SegmentResult:
+    rows: list[dict]
+    rejections: list[Rejection]
+    redone: int  # recordings segmented by this run
+    reused: int  # recordings an earlier run had finished
+
+    def summary(self) -> str:
+        counts = dict(Counter(rejection.reason for rejection in self.rejections).most_common())
+        return manifest.reconcile(len(self.rows) + len(self.rejections), len(self.rows), counts)
+
+
+def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics.Transcriber | None = None,
+            progress: bool = False) -> SegmentResult:
+    """Segment every recording of `inputs` into `out` (see the module's docstring), skipping those an earlier
+    run with the same settings finished; writes the manifest and the report of all of them."""
+    settings.check()
+    out = Path(out)
+    paths = recordings(inputs)
+    _check_settings(out, settings)
+    segmenter = None
+    rows, rejections, redone = [], [], 0
+    for path in tqdm(paths, desc="recordings", disable=not progress):
+        record = done_record(out, path)
+        if not record.is_file():
+            segmenter = segmenter or _segmenter(out, settings, asr)
+            speaker = path.parent.name if settings.speaker_from == "folder" else path.stem
+            found, rejected = segmenter.recording(path, speaker)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            files.write_text(record, json.dumps({"rows": found, "rejections": [asdict(r) for r in rejected]}, ensure_ascii=False))
+            redone += 1
+        finished = json.loads(record.read_text(encoding="utf-8"))
+        rows += finished["rows"]
+        rejections += [Rejection(**rejection) for rejection in finished["rejections"]]
+    _write_outputs(out, rows, rejections)
+    return SegmentResult(rows, rejections, redone, len(paths) - redone)
+
+
+def _segmenter(out: Path, settings: Settings, asr: metrics.Transcriber | None) -> Segmenter:
+    from silero_vad import load_silero_vad
+
+    asr = asr or metrics.transcriber(None if settings.asr == "pocketsphinx-en-us" else settings.asr)
+    if not asr.supports(settings.language):
+        raise ValueError(f"{asr.name} does not transcribe language {settings.language!r}: give --language en, "
+                         "or a Whisper directory with --asr-model")
+    return Segmenter(out, settings, load_silero_vad(), asr)
+
+
+def _check_settings(out: Path, settings: Settings) -> None:
+    """Record the settings of a new output folder; refuse other settings for one already begun."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != asdict(settings):
+            changed = ", ".join(f"{name} {recorded.get(name)!r} (now {value!r})" for name, value in asdict(settings).items()
+                                if recorded.get(name) != value)
+            raise ValueError(f"{out} was segmented with {changed}: use the same settings to resume, or another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_text(path, json.dumps(asdict(settings), indent=2))
+
+
+def _write_outputs(out: Path, rows: list[dict], rejections: list[Rejection]) -> None:
+    """The manifest (clip paths relative to it) and the report."""
+    files.write_text(out / "manifest.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    files.write_text(out / "report.jsonl", "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejections))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        language = manifest.canonical_language(args.language) if args.language else None
+        settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from)
+        result = segment(args.inputs, args.out, settings, progress=True)
+    except commands.EXPECTED as error:
+        return commands.fail(error)
+    commands.list_first([f"{r.recording} {r.start}-{r.end} s: {r.reason}: {r.detail}" for r in result.rejections])
+    out = Path(args.out)
+    print(f"recordings: {result.redone} segmented, {result.reused} already done\n"
+          f"report: {out / 'report.jsonl'}\n{result.summary()}\n"
+          f"next: python prepare.py --manifest {out / 'manifest.jsonl'} --out cache/{out.name}")
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="segment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("inputs", nargs="+", help="recordings, or folders searched for them")
+    add("--out", required=True, help="output folder: clips/, manifest.jsonl, report.jsonl, done/ (run again to resume)")
+    add("--min-seconds", type=float, default=Settings.min_seconds, help=f"shortest clip kept [{Settings.min_seconds:g}]")
+    add("--max-seconds", type=float, default=Settings.max_seconds, help=f"longest clip [{Settings.max_seconds:g}]")
+    add("--language", help="the recordings' language (any BCP 47 spelling; stored canonical); pocketsphinx needs en [none]")
+    add("--asr-model", help="local Whisper directory for the transcripts [pocketsphinx en-us: English only]")
+    add("--speaker-from", choices=("folder", "file"), default="folder",
+        help="the speaker id is the recording's folder name, or its file name [folder]")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Tests of importers.py: each format written by the test itself from the shared voice prompts (lhotse and
+datasets through their own APIs), its good rows kept with speaker and language, every unusable entry counted
+by reason and listed, audio that is no file of its own written out once and equal to its source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import importers
+import manifest
+from conftest import VOICE_PROMPTS
+
+PROMPTS = ("en_woman", "en_man", "vex")
+
+
+def text_of(name: str) -> str:
+    return (VOICE_PROMPTS / f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+def imported(fmt, source, out, **options):
+    result = importers.run_import(fmt, source, out, importers.Options(**options))
+    report = [json.loads(line) for line in importers.report_path(out).read_text(encoding="utf-8").splitlines()]
+    assert [(item["id"], item["reason"]) for item in report] == [(item.id, item.reason) for item in result.unusable]
+    # The manifest is one that validation reads: every row passes the checks that need no audio, its clip is there.
+    assert [row["id"] for row in manifest.rows_before_audio(out)] == [row["id"] for row in result.rows]
+    for row in result.rows:
+        assert sf.info(str(out.parent / row["audio"])).frames > 0
+    return result
+
+
+def test_ljspeech(tmp_path):
+    corpus = tmp_path / "LJSpeech-1.1"
+    (corpus / "wavs").mkdir(parents=True)
+    for name in PROMPTS:
+        shutil.copy(VOICE_PROMPTS / f"{name}.wav", corpus / "wavs" / f"{name}.wav")
+    lines = [f"{name}|RAW {name}|{text_of(name)}".encode() for name in PROMPTS]
+    lines += [b"vex|again|A second row with the id vex.", b"only-one-field", b"gone|raw|No such wav.",
+              b"en_man|raw|   ", b"bad\xff|raw|Not UTF-8.", b"two|Two fields work too: id and text."]
+    (corpus / "wavs" / "two.wav").write_bytes((VOICE_PROMPTS / "vex.wav").read_bytes())
+    (corpus / "metadata.csv").write_bytes(b"\n".join(lines) + b"\n")
+
+    result = imported("ljspeech", corpus, tmp_path / "out" / "lj.jsonl", language="EN")
+    assert [(row["id"], row["speaker"], row["language"]) for row in result.rows] == [
+        ("en_woman", "LJSpeech-1.1", "en"), ("en_man", "LJSpeech-1.1", "en"), ("vex", "LJSpeech-1.1", "en"),
+        ("two", "LJSpeech-1.1", "en")]
+    assert result.rows[0]["text"] == text_of("en_woman") and result.rows[0]["audio"] == "../LJSpeech-1.1/wavs/en_woman.wav"
+    assert result.summary() == ("rows read 9 = kept 4 + rejected 5 (duplicate_id 1, bad_line 1, missing_audio 1, "
+                                "empty_text 1, non_utf8 1)")
+    assert result.unusable[1].where == f"{corpus / 'metadata.csv'}:5"
+
+
+def test_speaker_folders(tmp_path):
+    corpus = tmp_path / "voices"
+    for speaker, names in (("alice", ("en_woman", "vex")), ("bob", ("en_man",))):
+        (corpus / speaker / "session1").mkdir(parents=True)
+        for index, name in enumerate(names):
+            audio = corpus / speaker / ("session1" if index else "") / f"{name}.wav"
+            shutil.copy(VOICE_PROMPTS / f"{name}.wav", audio)
+            audio.with_suffix(".lab" if index else ".txt").write_text(text_of(name) + "\n", encoding="utf-8")
+    sf.write(corpus / "bob" / "flac-clip.flac", sf.read(VOICE_PROMPTS / "vex.wav")[0], 44100)
+    (corpus / "bob" / "flac-clip.txt").write_text("A flac clip.", encoding="utf-8")
+    shutil.copy(VOICE_PROMPTS / "vex.wav", corpus / "bob" / "untranscribed.wav")
+    (corpus / "bob" / "orphan.txt").write_text("A transcript without its clip.", encoding="utf-8")
+    shutil.copy(VOICE_PROMPTS / "vex.wav", corpus / "bob" / "blank.wav")
+    (corpus / "bob" / "blank.txt").write_text("  \n", encoding="utf-8")
+    shutil.copy(VOICE_PROMPTS / "vex.wav", corpus / "bob" / "latin1.wav")
+    (corpus / "bob" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+
+    result = imported("folders", corpus, tmp_path / "voices.jsonl", language="en-us")
+    assert [(row["id"], row["speaker"], row["language"]) for row in result.rows] == [
+        ("alice/en_woman", "alice", "en-US"), ("alice/session1/vex", "alice", "en-US"),
+        ("bob/en_man", "bob", "en-US"), ("bob/flac-clip", "bob", "en-US")]
+    assert {item.id: item.reason for item in result.unusable} == {
+        "bob/blank": "empty_text", "bob/latin1": "non_utf8", "bob/orphan": "missing_audio",
+        "bob/untranscribed": "missing_transcript"}
+
+
+def test_kaldi_segments_become_clips_equal_to_their_part_of_the_recording(tmp_path):
+    data_dir = tmp_path / "data" / "train"
+    data_dir.mkdir(parents=True)
+    (data_dir / "wav.scp").write_text(f"rec1 {VOICE_PROMPTS / 'en_man.wav'}\nrec2 {VOICE_PROMPTS / 'en_woman.wav'}\n"
+                                      "rec3 sph2pipe -f wav rec3.sph |\nrec4 missing.wav\n")
+    (data_dir / "segments").write_text("u1 rec1 0.50 2.25\nu2 rec1 3.00 5.00\nu3 rec2 1.00 2.00\nu4 rec3 0 1\n"
+                                       "u5 rec4 0 1\nu6 rec9 0 1\nu7 rec2 100.0 101.0\n")
+    (data_dir / "text").write_text("u1 maintaining your ability\nu2 to learn\nu3 the device\nu4 x\nu5 y\nu6 z\nu7 w\n"
+                                   "u8 text with no segment\n")
+    (data_dir / "utt2spk").write_text("u1 man\nu2 man\nu4 s\nu5 s\nu6 s\nu7 woman\n")  # u3 has no speaker
+    (data_dir / "utt2lang").write_text("u1 en\nu2 en-gb\n")
+
+    out = tmp_path / "kaldi.jsonl"
+    result = imported("kaldi", data_dir, out, language="en")
+    assert [(row["id"], row["speaker"], row["language"]) for row in result.rows] == [("u1", "man", "en"), ("u2", "man", "en-GB")]
+    assert {item.id: item.reason for item in result.unusable} == {
+        "u3": "missing_speaker", "u4": "pipe_command", "u5": "missing_audio", "u6": "missing_audio",
+        "u7": "bad_segment", "u8": "missing_audio"}
+    whole, rate = sf.read(VOICE_PROMPTS / "en_man.wav", dtype="float32")
+    clip, clip_rate = sf.read(out.parent / result.rows[0]["audio"], dtype="float32")
+    assert clip_rate == rate and np.array_equal(clip, whole[round(0.5 * rate): round(2.25 * rate)])
+    again = importers.run_import("kaldi", data_dir, out, importers.Options(language="en"))
+    assert (result.clips.written, again.clips.written, again.clips.reused) == (2, 0, 2), "segments are written once"
+
+
+@pytest.fixture(scope="module")
+def hf_table():
+    """Columns of a small speech dataset: audio stored as the files' bytes, one row with no text, one with no audio."""
+    names = list(PROMPTS) + ["en_man"]
+    audio = [{"bytes": (VOICE_PROMPTS / f"{name}.wav").read_bytes(), "path": f"{name}.wav"} for name in names]
+    audio[3] = None
+    texts = [text_of(name) for name in names[:3]] + ["Gone."]
+    texts[2] = None
+    return {"id": ["a", "b", "c", "d"], "audio": audio, "text": texts, "speaker_id": ["w", "m", "w", "m"],
+            "locale": ["en_us", "en", "en", "EN"], "gender": ["f", "m", "f", "m"]}
+
+
+@pytest.mark.parametrize("stored", ["save_to_disk", "parquet"])
+def test_hugging_face_datasets_have_their_audio_written_out_once(hf_table, tmp_path, stored, capsys):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(hf_table).cast_column("audio", datasets.Audio())
+    if stored == "save_to_disk":
+        datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(tmp_path / "ds"))
+        source, split = tmp_path / "ds", "train"
+    else:
+        (tmp_path / "ds").mkdir()
+        dataset.to_parquet(str(tmp_path / "ds" / "train-00000.parquet"))
+        source, split = tmp_path / "ds" / "train-00000.parquet", None
+
+    out = tmp_path / "out" / "hf.jsonl"
+    result = imported("hf", source, out, split=split)
+    assert "not kept: gender" in capsys.readouterr().out
+    assert [(row["id"], row["speaker"], row["language"]) for row in result.rows] == [("a", "w", "en-US"), ("b", "m", "en")]
+    assert {item.id: item.reason for item in result.unusable} == {"c": "missing_transcript", "d": "missing_audio"}
+    assert (out.parent / result.rows[0]["audio"]).read_bytes() == (VOICE_PROMPTS / "en_woman.wav").read_bytes()
+    again = importers.run_import("hf", source, out, importers.Options(split=split))
+    assert (result.clips.written, again.clips.written) == (3, 0), "stored audio is written once"
+
+
+def test_a_dataset_with_several_splits_needs_split(hf_table, tmp_path, capsys):
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(hf_table).cast_column("audio", datasets.Audio())
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(tmp_path / "ds"))
+    capsys.readouterr()
+    assert importers.main(["hf", str(tmp_path / "ds"), "--out", str(tmp_path / "hf.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'ds'} has splits train, test: choose one with --split"
+
+
+def test_lhotse_cuts_that_are_parts_of_recordings_become_clips(tmp_path):
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    man, woman = (Recording.from_file(str(VOICE_PROMPTS / f"{name}.wav"), recording_id=name) for name in ("en_man", "en_woman"))
+    whole = man.to_cut().with_id("whole")
+    whole.supervisions = [SupervisionSegment("s1", "en_man", 0, man.duration, text=text_of("en_man"), speaker="m", language="en")]
+    part = woman.to_cut().truncate(offset=1.0, duration=2.5).with_id("part")
+    part.supervisions = [SupervisionSegment("s2", "en_woman", 1.0, 1.2, text="The device", speaker="w"),
+                         SupervisionSegment("s3", "en_woman", 2.3, 1.0, text="would work", speaker="w")]
+    two = woman.to_cut().truncate(offset=0.0, duration=2.0).with_id("two-speakers")
+    two.supervisions = [SupervisionSegment("s4", "en_woman", 0, 1, text="a", speaker="w"),
+                        SupervisionSegment("s5", "en_woman", 1, 1, text="b", speaker="x")]
+    silent = woman.to_cut().truncate(offset=3.0, duration=1.0).with_id("no-supervision")
+    silent.supervisions = []
+    CutSet.from_cuts([whole, part, two, silent]).to_file(str(tmp_path / "cuts.jsonl.gz"))
+
+    out = tmp_path / "out" / "cuts.jsonl"
+    result = imported("lhotse", tmp_path / "cuts.jsonl.gz", out, language="en")
+    assert [(row["id"], row["text"], row["speaker"], row["language"]) for row in result.rows] == [
+        ("whole", text_of("en_man"), "m", "en"), ("part", "The device would work", "w", "en")]
+    assert (out.parent / result.rows[0]["audio"]).resolve() == (VOICE_PROMPTS / "en_man.wav").resolve()
+    samples, rate = sf.read(VOICE_PROMPTS / "en_woman.wav", dtype="float32")
+    clip, clip_rate = sf.read(out.parent / result.rows[1]["audio"], dtype="float32")
+    assert clip_rate == rate and np.abs(clip - samples[rate: rate + round(2.5 * rate)]).max() < 1e-6
+    assert {item.id: item.reason for item in result.unusable} == {
+        "two-speakers": "several_speakers", "no-supervision": "missing_transcript"}
+
+
+def test_the_command_prints_the_counts_and_what_the_format_drops(tmp_path, capsys):
+    corpus = tmp_path / "LJ"
+    (corpus / "wavs").mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "vex.wav", corpus / "wavs" / "vex.wav")
+    (corpus / "metadata.csv").write_text(f"vex|raw|{text_of('vex')}\nmissing|raw|Gone.\n", encoding="utf-8")
+    assert importers.main(["ljspeech", str(corpus), "--out", str(tmp_path / "lj.jsonl"), "--speaker", "vex"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped by this format: the raw transcript" in out
+    assert "rows read 2 = kept 1 + rejected 1 (missing_audio 1); " in out
+    assert f"next: python prepare.py --manifest {tmp_path / 'lj.jsonl'}" in out
+    assert importers.main(["kaldi", str(tmp_path / "nowhere"), "--out", str(tmp_path / "k.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such source: {tmp_path / 'nowhere'}"

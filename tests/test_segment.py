@@ -1,0 +1,172 @@
+"""Tests of segment.py on a long recording the test makes: shared voice prompts joined by pauses of known position
+and length. The cuts lie in the pauses, no clip crosses a join, pocketsphinx's transcripts of the English clips
+score under a measured WER, every filter counts its rejections, and a stopped run resumes without redoing the
+recordings it finished."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+import manifest
+import metrics
+import segment
+from conftest import VOICE_PROMPTS
+
+RATE = 24000
+# (prompt, pause after it in seconds): pauses of several lengths, as between a podcast's sentences
+JOINED = (("en_woman", 1.0), ("en_man", 1.4), ("vex", 0.0))
+# A cut may fall this far outside the inserted pause: into the prompts' own leading or trailing silence.
+CUT_BOUND = 0.15
+# Measured on these clips (pocketsphinx 5.1.1, en-us): en_woman 0.12, en_man 0.07 (vex, a cartoon voice: 0.83).
+WER_BOUND = 0.2
+
+
+def true_spans():
+    """(start, end, prompt) of each prompt in the joined recording, in seconds."""
+    spans, position = [], 0.0
+    for name, pause in JOINED:
+        seconds = round(sf.info(str(VOICE_PROMPTS / f"{name}.wav")).duration * RATE) / RATE
+        spans.append((position, position + seconds, name))
+        position += seconds + pause
+    return spans
+
+
+@pytest.fixture(scope="module")
+def joined(tmp_path_factory):
+    """`alice/long.wav` (about 22 s at 24 kHz), segmented into `out` with pocketsphinx; returns (out, result)."""
+    folder = tmp_path_factory.mktemp("recordings")
+    parts = []
+    for name, pause in JOINED:
+        samples, rate = sf.read(VOICE_PROMPTS / f"{name}.wav", dtype="float32")
+        parts += [librosa.resample(samples, orig_sr=rate, target_sr=RATE) if rate != RATE else samples,
+                  np.zeros(round(pause * RATE), dtype=np.float32)]
+    (folder / "alice").mkdir()
+    sf.write(folder / "alice" / "long.wav", np.concatenate(parts), RATE)
+    out = folder / "out"
+    return folder, out, segment.segment([str(folder / "alice")], out, segment.Settings(1.0, 10.0, "en"))
+
+
+def cut_errors(clips: list[tuple[float, float]]) -> list[float]:
+    """For each cut (the middle of the gap between two clips), its distance to the inserted pause it should lie
+    in; 0 inside it."""
+    pauses = [(left[1], right[0]) for left, right in zip(true_spans(), true_spans()[1:])]
+    cuts = [(left[1] + right[0]) / 2 for left, right in zip(clips, clips[1:])]
+    return [min(max(start - cut, cut - end, 0.0) for start, end in pauses) for cut in cuts]
+
+
+def test_every_cut_lies_in_a_pause_and_no_clip_crosses_a_join(joined):
+    _, _, result = joined
+    clips = [(row["start"], row["end"]) for row in result.rows]
+    assert len(clips) == len(JOINED), result.rows
+    for (start, end), (true_start, true_end, name) in zip(clips, true_spans()):
+        assert true_start - CUT_BOUND <= start < end <= true_end + CUT_BOUND, (name, start, end)
+    errors = cut_errors(clips)
+    assert len(errors) == len(JOINED) - 1 and max(errors) <= CUT_BOUND, errors
+
+
+def test_pocketsphinx_transcripts_of_the_english_clips_are_under_the_measured_wer(joined):
+    _, _, result = joined
+    for row, (name, _) in zip(result.rows, JOINED):
+        if name == "vex":
+            continue
+        truth = (VOICE_PROMPTS / f"{name}.txt").read_text(encoding="utf-8")
+        assert metrics.error_rate(truth, row["text"], "en") < WER_BOUND, (name, row["text"])
+
+
+def test_the_manifest_is_one_prepare_takes_as_it_is(joined):
+    _, out, result = joined
+    rows = manifest.rows_before_audio(out / "manifest.jsonl")
+    assert [row["id"] for row in rows] == [f"alice/long/{index:04d}" for index in range(len(JOINED))]
+    assert {row["speaker"] for row in rows} == {"alice"} and {row["language"] for row in rows} == {"en"}
+    for row, kept in zip(rows, result.rows):
+        samples, rate = sf.read(row["audio"], dtype="float32")
+        assert rate == RATE and len(samples) == round(kept["end"] * RATE) - round(kept["start"] * RATE)
+    assert (out / "report.jsonl").read_text() == ""
+
+
+def test_a_stopped_run_resumes_without_redoing_finished_recordings(joined, tmp_path):
+    folder, out, first = joined
+    resumed_out = tmp_path / "out"
+    shutil.copytree(out, resumed_out)
+    (folder / "bob").mkdir(exist_ok=True)
+    shutil.copy(VOICE_PROMPTS / "en_man.wav", folder / "bob" / "talk.wav")
+
+    class StoppedOnce(metrics.PocketsphinxTranscriber):
+        """pocketsphinx, interrupted the first time it is asked for a transcript (as Ctrl-C would)."""
+        calls, stop = 0, True
+
+        def transcribe(self, waveform, rate, language="en"):
+            StoppedOnce.calls += 1
+            if StoppedOnce.stop:
+                StoppedOnce.stop = False
+                raise KeyboardInterrupt
+            return super().transcribe(waveform, rate, language)
+
+    inputs = [str(folder / "alice"), str(folder / "bob")]
+    with pytest.raises(KeyboardInterrupt):
+        segment.segment(inputs, resumed_out, segment.Settings(1.0, 10.0, "en"), asr=StoppedOnce())
+    resumed = segment.segment(inputs, resumed_out, segment.Settings(1.0, 10.0, "en"), asr=StoppedOnce())
+    assert (resumed.redone, resumed.reused) == (1, 1)
+    assert StoppedOnce.calls == 2, "only bob's one clip was transcribed: alice's recording was not redone"
+    assert resumed.rows[: len(first.rows)] == first.rows and resumed.rows[-1]["speaker"] == "bob"
+    lines = (resumed_out / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines][-1] == "bob/talk/0000"
+
+
+def test_other_settings_for_a_begun_output_are_refused(joined, capsys):
+    folder, out, _ = joined
+    assert segment.main([str(folder / "alice"), "--out", str(out), "--language", "EN", "--max-seconds", "12"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {out} was segmented with max_seconds 10.0 (now 12.0): "
+                                               "use the same settings to resume, or another --out")
+
+
+def test_clips_are_planned_at_pauses_within_max_seconds():
+    spans = [(0.5, 2.0), (2.3, 4.0), (6.0, 9.5), (9.8, 10.0), (20.0, 31.0)]
+    clips = segment.plan_clips(spans, duration=40.0, max_seconds=6.0, pad=0.1)
+    # 0.5-4.0 merge (3.7 s with pads); 6.0-10.0 merge; a stretch longer than the limit stays whole (silero splits those).
+    assert clips == [(0.4, 4.1), (5.9, 10.1), (19.9, 31.1)]
+    assert segment.plan_clips([(1.0, 2.0), (2.1, 3.0)], duration=3.05, max_seconds=9, pad=0.2) == [(0.8, 3.05)]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("short", "too_short"), ("long", "too_long"), ("clipped", "clipped"), ("quiet", "too_quiet"),
+    ("no words", "empty_transcript"), ("too few words", "implausible_rate"), ("too many words", "implausible_rate"),
+    ("fine", None)])
+def test_each_filter_names_its_reason(case, expected):
+    rate = 16000
+    speech = 0.3 * np.sin(2 * np.pi * 220 * np.arange(3 * rate) / rate).astype(np.float32)
+    samples, text = {
+        "short": (speech[: rate // 2], "hello"),
+        "long": (np.tile(speech, 5), "hello " * 40),
+        "clipped": (np.clip(speech * 10, -1, 1), "a few words that fit three seconds"),
+        "quiet": (speech * 1e-3, "a few words that fit three seconds"),
+        "no words": (speech, " ... "),
+        "too few words": (speech, "hi"),
+        "too many words": (speech, "word " * 30),
+        "fine": (speech, "a few words that fit three seconds"),
+    }[case]
+    problem = segment.clip_problem(samples, rate, text, segment.Settings(1.0, 10.0))
+    assert (problem[0] if problem else None) == expected, problem
+
+
+def test_a_whisper_directory_transcribes_what_pocketsphinx_cannot(tmp_path, capsys):
+    from test_metrics import _tiny_whisper_directory
+
+    (tmp_path / "whisper").mkdir()
+    _tiny_whisper_directory(tmp_path / "whisper")
+    (tmp_path / "rec" / "zaid").mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "vex.wav", tmp_path / "rec" / "zaid" / "one.wav")
+    assert segment.main([str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--language", "ar"]) == 2
+    assert "pocketsphinx-en-us does not transcribe language 'ar'" in capsys.readouterr().err
+    result = segment.segment([str(tmp_path / "rec")], tmp_path / "out-whisper",
+                             segment.Settings(1.0, 10.0, "ar", asr=str(tmp_path / "whisper")))
+    # A random Whisper says random things: each clip is kept with its words or rejected under a filter's reason.
+    assert len(result.rows) + len(result.rejections) >= 1
+    assert {r.reason for r in result.rejections} <= {"empty_transcript", "implausible_rate"}
+    assert all(row["language"] == "ar" and row["speaker"] == "zaid" for row in result.rows)
