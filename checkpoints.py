@@ -439,7 +439,7 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     state = read_checkpoint_state(path)
-    trained = TrainConfig(**{name: value for name, value in state["config"].items() if name in DEFAULTS})
+    trained = _config_of(state)
     bundle = model_utils.load_bundle(trained.model, trained.audio_tokenizer, seed=trained.seed, device=device)
     model = training.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
     weights = _sharded_weights(path, model) if path.is_dir() else state["model"]
@@ -448,6 +448,21 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
         raise ValueError(f"{path} lacks trained parameters of {trained.model} ({trained.scope}), e.g. {sorted(missing)[:3]}")
     model.load_state_dict(weights, strict=False)
     return model_utils.Bundle(_merged(model, trained).eval(), bundle.tokenizer, bundle.audio_tokenizer), trained
+
+
+def trained_config(path: Path) -> TrainConfig:
+    """The settings a checkpoint was trained with, read without its weights or its SHA-256 check (cheap)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        return _config_of(read_checkpoint_state(path, verify=False))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _config_of(state: dict) -> TrainConfig:
+    return TrainConfig(**{name: value for name, value in state["config"].items() if name in DEFAULTS})
 
 
 def _sharded_weights(path: Path, model) -> dict:

@@ -307,21 +307,27 @@ def describe_layout(layout: data.PromptLayout) -> str:
 
 
 def resolve_layout(
-    model: str, ref_in_system: bool | None = None, scene: str | None = None, override: bool = False
+    model: str, ref_in_system: bool | None = None, scene: str | None = None, override: bool = False,
+    recorded: data.RecordedLayout | None = None,
 ) -> data.PromptLayout:
-    """The layout to prompt `model` with: the one its export recorded (`prompt_layout.json`), else the flags'.
+    """The layout to prompt `model` with: the one it was trained with, else the flags'.
 
-    `ref_in_system` and `scene` are explicit choices, None where not given
-    (a scene of '' asks for none). One that contradicts the record is an
-    error unless `override`, then a warning. A record in use is announced in
-    one line; a record of another text normalisation than this code's is
-    warned about, since the old one cannot be reproduced.
+    The trained layout is `recorded` when given (a checkpoint's, from its
+    config; `model` then names the checkpoint), else the one the export
+    recorded (`prompt_layout.json`). `ref_in_system` and `scene` are
+    explicit choices, None where not given (a scene of '' asks for none).
+    One that contradicts the record is an error unless `override`, then a
+    warning. A record in use is announced in one line; a record of another
+    text normalisation than this code's is warned about, since the old one
+    cannot be reproduced.
     """
     wanted_scene = None if scene is None else (scene.strip() or None)
-    recorded = data.read_prompt_layout(model) if Path(model).is_dir() else None
+    path = f"{model}'s training settings" if recorded else Path(model) / data.PROMPT_LAYOUT_FILE
+    if recorded is None and Path(model).is_dir():
+        recorded = data.read_prompt_layout(model)
     if recorded is None:
         return data.PromptLayout(bool(ref_in_system), wanted_scene)
-    trained, path = recorded.layout, Path(model) / data.PROMPT_LAYOUT_FILE
+    trained = recorded.layout
     conflicts = []
     if ref_in_system is not None and ref_in_system != trained.ref_in_system:
         conflicts.append("--ref-in-system" if ref_in_system else "--no-ref-in-system")

@@ -1,8 +1,10 @@
 """The inference command line: clone a voice, measure clones of a manifest (--eval), prove parity (--parity).
 
-Clone a voice (tiny preset by default, a real model with --model/--audio-tokenizer):
+Clone a voice (the newest export under runs/, else the tiny preset; a real model with
+--model/--audio-tokenizer, a training checkpoint with --checkpoint):
 
     python infer.py --ref-audio R.wav --ref-text "what R says" --text "new words" --out out.wav
+    python infer.py --checkpoint runs/NAME/checkpoints/best.pt --text "new words"
 
 Prove that training and inference build the same thing:
 
@@ -24,12 +26,14 @@ import json
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import soundfile as sf
 import torch
 
 import batched_generation
+import checkpoints
 import collate
 import data
 import eval_dir
@@ -62,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="model directory, or a preset: tiny, tiny-whisper "
                        "[the newest runs/*/export of train.py, else tiny]")
+    model.add_argument("--checkpoint", metavar="CKPT", help="clone with a train.py checkpoint instead of --model "
+                       "(RUN/checkpoints/best.pt, step_N.pt, or a .dcp folder): its weights on the model its settings name, "
+                       "LoRA merged, prompted in the layout it was trained with; its content is checked against its SHA-256")
     model.add_argument("--audio-tokenizer", help="audio tokenizer directory (config.json + model.pth); required with a model directory")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device [cuda if present, else cpu]")
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -195,8 +202,33 @@ def static_kv_cache(kv_cache: str, device: str, batch_size: int) -> bool:
 
 
 def _load(args: argparse.Namespace) -> model_utils.Bundle:
-    return model_utils.load_bundle(args.model, args.audio_tokenizer, seed=args.seed, device=args.device,
-                                   dtype=resolve_dtype(args.dtype, args.device))
+    dtype = resolve_dtype(args.dtype, args.device)
+    if args.checkpoint:
+        bundle, _ = checkpoints.model_from_checkpoint(Path(args.checkpoint), args.device)
+        return model_utils.Bundle(bundle.model.to(dtype), bundle.tokenizer, bundle.audio_tokenizer)
+    return model_utils.load_bundle(args.model, args.audio_tokenizer, seed=args.seed, device=args.device, dtype=dtype)
+
+
+def choose_model(args: argparse.Namespace) -> None:
+    """Fill in --model where neither it nor --checkpoint is given, saying which model that is and why."""
+    if args.checkpoint:
+        if args.model or args.audio_tokenizer:
+            raise ValueError("--checkpoint brings its own model and audio tokenizer (named in its settings); "
+                             "leave --model and --audio-tokenizer out")
+        return
+    if args.model is not None:
+        return
+    if args.parity:
+        args.model = model_utils.TINY_PRESET
+        return
+    export = model_utils.newest_export()
+    if export is None:
+        args.model = model_utils.TINY_PRESET
+        print("model: tiny (the random tiny preset: no export under runs/ yet; --model or --checkpoint chooses one)")
+        return
+    args.model = export
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(export).stat().st_mtime))
+    print(f"model: {export} (the newest export under runs/, written {written}; --model or --checkpoint chooses another)")
 
 
 def _kv_cache(args: argparse.Namespace, bundle: model_utils.Bundle) -> generation.StaticCacheBuckets | None:
@@ -216,7 +248,9 @@ def run_parity_cli(args: argparse.Namespace) -> int:
         scene = args.scene or None
     else:
         layout = layout_from_args(args)
-        layouts, scene = [(args.model, layout.ref_in_system)], layout.scene
+        layouts, scene = [(args.checkpoint or args.model, layout.ref_in_system)], layout.scene
+    if args.checkpoint:
+        return parity.run_and_report(layouts, scene, checks, lambda _: _load(args))
     return parity.run_and_report(layouts, scene, checks, lambda model_name: _load(replace_namespace(args, model=model_name)))
 
 
@@ -225,8 +259,13 @@ def replace_namespace(args: argparse.Namespace, **changes) -> argparse.Namespace
 
 
 def layout_from_args(args: argparse.Namespace) -> data.PromptLayout:
-    """`generation.resolve_layout` from infer.py's flags: --model, --ref-in-system, --scene, --layout-override."""
-    return generation.resolve_layout(args.model, args.ref_in_system, args.scene, args.layout_override)
+    """`generation.resolve_layout` from infer.py's flags: --model or --checkpoint (whose settings give the layout
+    it was trained with), --ref-in-system, --scene, --layout-override."""
+    if not args.checkpoint:
+        return generation.resolve_layout(args.model, args.ref_in_system, args.scene, args.layout_override)
+    trained = checkpoints.trained_config(Path(args.checkpoint))
+    recorded = data.RecordedLayout(data.PromptLayout(trained.ref_in_system), data.normalization_version())
+    return generation.resolve_layout(args.checkpoint, args.ref_in_system, args.scene, args.layout_override, recorded)
 
 
 def sampling_from_args(args: argparse.Namespace) -> generation.Sampling:
@@ -274,6 +313,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict:
     """What makes two --eval runs comparable, recorded in DIR/run.json: a --resume with other values is refused."""
     return {"list": str(Path(args.eval).resolve()), "list_sha256": score_cache.file_digest(args.eval), "model": args.model,
+            "checkpoint": args.checkpoint,
             "audio_tokenizer": args.audio_tokenizer, "dtype": str(resolve_dtype(args.dtype, args.device)),
             "device": torch.device(args.device).type, "sampling": vars(sampling_from_args(args)), "scene": layout.scene,
             "ref_in_system": layout.ref_in_system, "force_audio": args.force_audio, "language": args.language,
@@ -292,10 +332,8 @@ def interrupted_message(args: argparse.Namespace, argv: list[str], error: evalua
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.model is None:
-        args.model = model_utils.TINY_PRESET if args.parity else (model_utils.newest_export() or model_utils.TINY_PRESET)
-        print(f"model: {args.model}")
     try:
+        choose_model(args)
         if args.parity:
             return run_parity_cli(args)
         return run_eval_cli(args) if args.eval else run_clone_cli(args)

@@ -271,6 +271,19 @@ def test_export_from_writes_a_checkpoints_export_beside_the_runs(patient_run, ca
     assert data.read_prompt_layout(export) is not None
 
 
+def test_infer_clones_with_a_checkpoint_exactly_as_with_its_export(patient_run, tmp_path, capsys):
+    """The run stopped by --patience exported best.pt's weights, so both commands must write the same clip."""
+    best, reference = patient_run / "checkpoints" / "best.pt", str(DEMO_DIR / "en_female_0.flac")
+    common = ["--ref-audio", reference, "--ref-text", "ref", "--text", "Hello there.", "--greedy", "--max-seconds", "0.4"]
+    assert infer.main(["--checkpoint", str(best), *common, "--out", str(tmp_path / "from_checkpoint.wav")]) == 0
+    assert f"from {best}'s training settings" in capsys.readouterr().out
+    assert infer.main(["--model", str(patient_run / "export"), *common, "--out", str(tmp_path / "from_export.wav")]) == 0
+    from_checkpoint, from_export = (sf.read(tmp_path / f"{name}.wav")[0] for name in ("from_checkpoint", "from_export"))
+    assert len(from_checkpoint) > 0 and np.array_equal(from_checkpoint, from_export)
+    assert infer.main(["--checkpoint", str(best), "--model", "tiny", *common]) == 2
+    assert "leave --model and --audio-tokenizer out" in capsys.readouterr().err
+
+
 def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated(judge):
     pairs = [manifest.Pair("ar_male_1", "ref.wav", "ref", "target.wav", "text")]
 
