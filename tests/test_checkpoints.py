@@ -28,9 +28,6 @@ from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, run_main
 from parallel import World
 
 
-
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny):
     """The code cache of two paired rows on two demo clips, each the other's reference (encoded once, for every run)."""
