@@ -599,7 +599,6 @@ def sample_lengths(
     return lengths
 
 
-
 # Overlap between a training and a validation set ---------------------------
 
 

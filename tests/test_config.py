@@ -12,9 +12,6 @@ import config
 from conftest import QUICK_FLAGS, error_lines, run_main
 
 
-
-
-
 @pytest.mark.parametrize("flag, value, message", [
     ("--save-every", "0", "--save-every must be at least 1, not 0"),
     ("--log-every", "0", "--log-every must be at least 1, not 0"),

@@ -217,8 +217,6 @@ def test_the_whole_model_compiles_with_the_eager_loss_breaking_where_sizes_depen
     torch.testing.assert_close(whole["compiled"][0], whole["eager"][0], rtol=0, atol=0)
 
 
-
-
 # --------------------------------------------------------------------------
 # The forgetting guard: KL(base || adapted), the base being the adapters disabled
 # --------------------------------------------------------------------------
