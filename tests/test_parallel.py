@@ -55,8 +55,10 @@ def val_manifest(tmp_path_factory, short_rows):
 
 
 def _train_args(out_dir, cache, run_name: str, *extra: str) -> list[str]:
-    """One sample per process and micro-batch: 2 processes see what 1 process sees with --grad-accum 2."""
-    return [str(ROOT / "train.py"), "--cache", str(cache), "--val-manifest", "", "--out-dir", str(out_dir),
+    """One sample per process and micro-batch: 2 processes see what 1 process sees with --grad-accum 2. No
+    validation unless `extra` names a set."""
+    validation = [] if "--val-manifest" in extra else ["--val-manifest", ""]
+    return [str(ROOT / "train.py"), "--cache", str(cache), *validation, "--out-dir", str(out_dir),
             "--run-name", run_name, "--max-steps", str(STEPS), "--batch-size", "1", "--warmup-steps", "2",
             "--device", "cpu", "--parallel", "fsdp", *extra]
 
