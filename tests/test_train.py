@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import signal
@@ -198,7 +199,7 @@ def test_processes_agree_to_stop_at_a_logged_step_without_a_collective_of_their_
     one, two = train.World(), train.World(rank=0, size=2)
     assert stop.agreed(None, one)
     assert not stop.agreed(None, two), "not on a step that does not log"
-    logged = training.StepValues({}, 0.0, 0.0, 0.0, {}, 0.0, False, stop=True)
+    logged = training.StepValues({}, 0.0, 0.0, 0.0, {}, 0.0, False, kl=math.nan, stop=True)
     assert stop.agreed(logged, two) and not stop.agreed(dataclasses.replace(logged, stop=False), two)
 
 
