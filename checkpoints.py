@@ -391,7 +391,7 @@ def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, save
 
 def export_model(model, config: TrainConfig, bundle: model_utils.Bundle, world: World, out: Path) -> Path:
     """The final model in `HiggsAudioModel.from_pretrained` format (LoRA merged), with its text tokenizer
-    and its audio tokenizer (`audio_tokenizer/`, or a pointer to it), so `infer.py` and the package's
+    and a pointer to its audio tokenizer (`audio_tokenizer.json`), so `infer.py` and the package's
     `HiggsAudioServeEngine` load it (the engine prompts in the trained layout through `generation.align_serve_engine`),
     and `prompt_layout.json`. Every process takes part in gathering the weights; process 0 writes."""
     full = get_model_state_dict(model, options=FULL_STATE)
@@ -410,10 +410,7 @@ def write_export(model, tokenizer, config: TrainConfig, out: Path) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         data.write_prompt_layout(folder, data.PromptLayout(ref_in_system=config.ref_in_system))
-        if config.model in model_utils.PRESETS and config.audio_tokenizer is None:
-            model_utils.save_tiny_audio_tokenizer(folder / "audio_tokenizer", seed=config.seed)
-        else:
-            (folder / "audio_tokenizer.json").write_text(json.dumps({"audio_tokenizer": config.audio_tokenizer}))
+        model_utils.write_audio_tokenizer_pointer(folder, config.audio_tokenizer, config.model, config.seed)
     return out
 
 

@@ -300,13 +300,16 @@ def save_tiny_audio_tokenizer(path: Path, seed: int = 0) -> None:
     )
 
 
-def load_audio_tokenizer(name_or_dir: str, device: str = "cpu") -> HiggsAudioTokenizer:
-    """Load an audio tokenizer from a local directory (`config.json` + `model.pth`), or the hub.
+def load_audio_tokenizer(name_or_dir: str, device: str = "cpu", seed: int = 0) -> HiggsAudioTokenizer:
+    """Load an audio tokenizer from a local directory (`config.json` + `model.pth`), or the hub; a preset name
+    (`tiny`, `tiny-whisper`) builds the tiny audio tokenizer of `seed`.
 
     Offline, the HuBERT teacher is built from `semantic_teacher/config.json`
     beside the weights when present, else from HuBERT-base's configuration,
     and its weights must come from `model.pth`: a missing key is an error.
     """
+    if name_or_dir in PRESETS:
+        return build_tiny_audio_tokenizer(seed, device)
     if not os.path.isdir(name_or_dir):
         if os.path.exists(name_or_dir) or name_or_dir.startswith((".", "/")):
             raise FileNotFoundError(f"audio tokenizer directory not found: {name_or_dir}")
@@ -361,7 +364,7 @@ def load_bundle(
         return Bundle(higgs.to(device=device, dtype=dtype), tokenizer, audio)
     if not os.path.isdir(model) and (os.path.exists(model) or model.startswith((".", "/"))):
         raise FileNotFoundError(f"model directory not found: {model}")
-    audio_tokenizer = audio_tokenizer or exported_audio_tokenizer(model)
+    audio_tokenizer, seed = (audio_tokenizer, seed) if audio_tokenizer else exported_audio_tokenizer(model)
     if audio_tokenizer is None:
         raise ValueError("a model directory needs --audio-tokenizer DIR (e.g. bosonai/higgs-audio-v2-tokenizer)")
     changed = files.digest_problem(Path(model)) if os.path.isdir(model) else None
@@ -370,17 +373,30 @@ def load_bundle(
     higgs = HiggsAudioModel.from_pretrained(model, torch_dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
     special_token_ids(tokenizer)
-    return Bundle(higgs, tokenizer, load_audio_tokenizer(audio_tokenizer, device))
+    return Bundle(higgs, tokenizer, load_audio_tokenizer(audio_tokenizer, device, seed))
 
 
-def exported_audio_tokenizer(model_dir: str) -> str | None:
-    """The audio tokenizer a `train.py` export names: its `audio_tokenizer/` folder or `audio_tokenizer.json`."""
+AUDIO_TOKENIZER_POINTER = "audio_tokenizer.json"
+
+
+def write_audio_tokenizer_pointer(model_dir: Path, audio_tokenizer: str | None, model: str, seed: int) -> None:
+    """Name, beside an export, the audio tokenizer it was trained with: a directory or hub id, or for a preset
+    model the tiny audio tokenizer and its seed (rebuilt from them when loaded: its 424 MB of random weights
+    are not written into every export)."""
+    pointer = {"audio_tokenizer": audio_tokenizer} if audio_tokenizer else {"audio_tokenizer": model, "seed": seed}
+    (Path(model_dir) / AUDIO_TOKENIZER_POINTER).write_text(json.dumps(pointer))
+
+
+def exported_audio_tokenizer(model_dir: str) -> tuple[str | None, int]:
+    """The audio tokenizer a `train.py` export names (None if none) and the seed of a tiny one: its
+    `audio_tokenizer.json`, or the `audio_tokenizer/` folder that exports before it held."""
     path = Path(model_dir)
+    if (path / AUDIO_TOKENIZER_POINTER).is_file():
+        pointer = json.loads((path / AUDIO_TOKENIZER_POINTER).read_text())
+        return pointer["audio_tokenizer"], pointer.get("seed", 0)
     if (path / "audio_tokenizer").is_dir():
-        return str(path / "audio_tokenizer")
-    if (path / "audio_tokenizer.json").is_file():
-        return json.loads((path / "audio_tokenizer.json").read_text())["audio_tokenizer"]
-    return None
+        return str(path / "audio_tokenizer"), 0
+    return None, 0
 
 
 def newest_export(runs_dir: str = "runs") -> str | None:

@@ -83,12 +83,26 @@ def export(tmp_path_factory, tiny):
     return checkpoints.export_model(tiny.model, config.TrainConfig(ref_in_system=True, device="cpu"), tiny, World(), out)
 
 
-@pytest.fixture(scope="module")  # per module: align_serve_engine replaces its collator
-def engine(export):
-    teacher = HubertConfig.from_pretrained(export / "audio_tokenizer" / "semantic_teacher")
+@pytest.fixture(scope="session")
+def tiny_audio_tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny audio tokenizer of seed 0 as a directory, for the package's serve engine, which loads one by path
+    (an export of the tiny preset only points to it)."""
+    folder = tmp_path_factory.mktemp("tiny_audio_tokenizer")
+    model_utils.save_tiny_audio_tokenizer(folder, seed=0)
+    return folder
+
+
+def serve_engine(export, audio_tokenizer_dir) -> HiggsAudioServeEngine:
+    """The package's serve engine on an export, offline (the teacher's configuration from the tokenizer's folder)."""
+    teacher = HubertConfig.from_pretrained(audio_tokenizer_dir / "semantic_teacher")
     with model_utils._offline_semantic_teacher(teacher):
-        return HiggsAudioServeEngine(str(export), str(export / "audio_tokenizer"), device="cpu",
-                                     torch_dtype=torch.float32, kv_cache_lengths=[512])
+        return HiggsAudioServeEngine(str(export), str(audio_tokenizer_dir), device="cpu", torch_dtype=torch.float32,
+                                     kv_cache_lengths=[512])
+
+
+@pytest.fixture(scope="module")  # per module: align_serve_engine replaces its collator
+def engine(export, tiny_audio_tokenizer_dir):
+    return serve_engine(export, tiny_audio_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

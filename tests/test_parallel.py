@@ -106,6 +106,9 @@ def test_two_nodes_on_localhost_match_one_process_with_the_same_global_batch(tmp
         assert all(abs(one[s] - two[s]) <= tolerance * abs(one[s]) for s in one), (tag, one, two)
     shards = tmp_path / "nodes" / "checkpoints" / f"step_{STEPS:08d}.dcp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", checkpoints.TRAIN_STATE} <= {path.name for path in shards.iterdir()}
+    exported = model_utils.load_bundle(str(tmp_path / "nodes" / "export")).model.state_dict()
+    reference = model_utils.load_bundle(str(one_process / "export")).model.state_dict()
+    assert all(torch.allclose(exported[name], reference[name], atol=1e-5) for name in reference)
 
 
 @pytest.fixture(scope="module")

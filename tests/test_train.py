@@ -15,9 +15,7 @@ import time
 
 import pytest
 import torch
-from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import HubertConfig
 
 import checkpoints
 import data
@@ -26,7 +24,7 @@ import model_utils
 import prepare
 import train
 import training
-from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, train_config
+from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, serve_engine, train_config
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +68,14 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, small_ma
     assert len(logged(straight)) == 5
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, small_manifest, parallel):
-    """Each of 2 processes takes 1 sample per step; 1 process accumulates 2 micro-batches of 1."""
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, small_manifest):
+    """Each of 2 DDP processes takes 1 sample per step; 1 process accumulates 2 micro-batches of 1 (FSDP2:
+    tests/test_parallel.py, across two launchers)."""
     common = ["--train-manifest", str(small_manifest), "--val-manifest", "", "--out-dir", str(tmp_path), "--max-steps", "3",
               "--batch-size", "1", "--device", "cpu", "--precision", "fp32"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py")]
     runs = {
-        "two": torchrun + common + ["--run-name", "two", "--parallel", parallel],
+        "two": torchrun + common + ["--run-name", "two", "--parallel", "ddp"],
         "one": [sys.executable, str(ROOT / "train.py")] + common + ["--run-name", "one", "--grad-accum", "2"],
     }
     for command in runs.values():
@@ -128,12 +126,9 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, small_manifest):
     assert state["step"] >= 0 and state["model"] and state["optimizer"]["state"] is not None
 
 
-def test_export_loads_in_the_serve_engine(trained_run):
+def test_export_loads_in_the_serve_engine(trained_run, tiny_audio_tokenizer_dir):
     export = trained_run / "export"
-    teacher = HubertConfig.from_pretrained(export / "audio_tokenizer" / "semantic_teacher")
-    with model_utils._offline_semantic_teacher(teacher):
-        engine = HiggsAudioServeEngine(str(export), str(export / "audio_tokenizer"), device="cpu", torch_dtype=torch.float32,
-                                       kv_cache_lengths=[512])
+    engine = serve_engine(export, tiny_audio_tokenizer_dir)
     ours = model_utils.load_bundle(str(export)).model.state_dict()
     assert all(torch.equal(ours[name], value) for name, value in engine.model.state_dict().items())
 
@@ -147,7 +142,9 @@ def test_infer_without_arguments_uses_the_newest_export(trained_run, tmp_path, m
     monkeypatch.chdir(trained_run.parent.parent)
     out = tmp_path / "clone.wav"
     assert infer.main(["--out", str(out), "--max-seconds", "0.5"]) == 0
-    assert f"model: runs/{trained_run.name}/export" in capsys.readouterr().out
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
+    assert line.startswith(f"model: runs/{trained_run.name}/export (the newest export under runs/, written ")
+    assert line.endswith("; --model or --checkpoint chooses another)")
     assert out.is_file()
 
 
