@@ -273,12 +273,11 @@ def test_a_save_that_fails_once_is_retried_and_the_run_goes_on(stopped, tmp_path
 def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run" / "export"
 
-    def disk_full(path, seed):
-        pathlib.Path(path).mkdir(parents=True)
-        (pathlib.Path(path) / "model.pth").write_bytes(b"PK\x03\x04 half")
+    def disk_full(folder, *args):  # the last file of the export, after the weights
+        (pathlib.Path(folder) / model_utils.AUDIO_TOKENIZER_POINTER).write_text('{"audio_tok')
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(model_utils, "save_tiny_audio_tokenizer", disk_full)
+    monkeypatch.setattr(model_utils, "write_audio_tokenizer_pointer", disk_full)
     with pytest.raises(files.WriteError, match=f"^cannot write {out}: No space left on device$"):
         checkpoints.export_model(tiny.model, config.TrainConfig(device="cpu"), tiny, World(), out)
     assert list(out.parent.iterdir()) == [] and model_utils.newest_export(str(tmp_path)) is None
