@@ -179,8 +179,7 @@ def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes: a clip's identity whatever its path (the cache's keys, train/val overlap)."""
     if not Path(path).is_file():
         raise AudioError(f"{path}: no such audio file")
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+    return files.sha256(path)
 
 
 def encode_clip(audio_tokenizer, waveform: np.ndarray) -> torch.Tensor:

@@ -127,7 +127,8 @@ DIGESTS = "sha256.json"  # in a folder: every other file's SHA-256, by its path 
 SIDECAR_SUFFIX = ".sha256"  # beside a single file: its SHA-256
 
 
-def sha256(path: Path) -> str:
+def sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, hex."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 

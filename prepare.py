@@ -211,8 +211,7 @@ def verify_shard(entry_file: Path) -> int:
     shard = read_shard(entry_file)
     codes_file = entry_file.with_suffix(".npy")
     try:
-        with codes_file.open("rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        digest = files.sha256(codes_file)
     except OSError as error:
         raise CacheError(f"{codes_file}: unreadable shard codes ({error.strerror}){_REPAIR}") from None
     if digest != shard["codes_sha256"]:

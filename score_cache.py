@@ -25,12 +25,6 @@ import files
 DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "higgs-clone" / "target-scores"
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 class TargetScores:
     """Target-clip scores by (target content, reference content, language, scorer); counts its hits and misses."""
 
@@ -65,5 +59,5 @@ class TargetScores:
         status = os.stat(path)
         stamp = (str(Path(path).resolve()), status.st_size, status.st_mtime_ns)
         if stamp not in self._digests:
-            self._digests[stamp] = file_digest(path)
+            self._digests[stamp] = files.sha256(path)
         return self._digests[stamp]
