@@ -393,7 +393,7 @@ def _token_rejections(
     if max_tokens is None:
         return {}
     longest = {speaker: sorted(group, key=lambda row: -row["frames"])[:2]
-               for speaker, group in _speaker_clips((row for _, row in standing), references_only=True).items()}
+               for speaker, group in _speaker_clips(row for _, row in standing).items()}
     late = {}
     for number, row in standing:
         if "ref_audio" in row:
@@ -421,22 +421,16 @@ def _sample_tokens(
 
 
 def _lone_speaker_rejections(standing: list[tuple[int, dict]]) -> dict[int, RowRejected]:
-    """Speaker rows with no other clip of their speaker that can serve as reference; rejecting one may leave a
-    clip that cannot refer (a target only) without a reference, so this repeats until none is left."""
-    rejected: dict[int, RowRejected] = {}
-    while True:
-        remaining = [(number, row) for number, row in standing if number not in rejected]
-        references = _speaker_clips((row for _, row in remaining), references_only=True)
-        lone = {
-            number: RowRejected("lone_speaker", f"speaker {row['speaker']!r} has no other clip of "
-                                                f"{data.LIMITS.reference_range()} to serve as reference")
-            for number, row in remaining
-            if "ref_audio" not in row
-            and not any(_clip_identity(other) != _clip_identity(row) for other in references.get(row["speaker"], []))
-        }
-        if not lone:
-            return rejected
-        rejected.update(lone)
+    """Speaker rows whose speaker has fewer than two distinct clips that can serve as reference: the one such
+    clip has no other to refer to, and once it is rejected the clips that cannot refer (targets only) have none
+    left either."""
+    references = _speaker_clips(row for _, row in standing)
+    return {
+        number: RowRejected("lone_speaker", f"speaker {row['speaker']!r} has no other clip of "
+                                            f"{data.LIMITS.reference_range()} to serve as reference")
+        for number, row in standing
+        if "ref_audio" not in row and len(references.get(row["speaker"], [])) < 2
+    }
 
 
 # Training pairs -----------------------------------------------------------
@@ -465,11 +459,12 @@ def can_refer(row: dict) -> bool:
     return data.LIMITS.reference_fits(row["seconds"])
 
 
-def _speaker_clips(rows: Iterable[dict], references_only: bool = False) -> dict[str, list[dict]]:
-    """Speaker-grouped rows by speaker, one row per distinct clip; only clips that `can_refer` if `references_only`."""
+def _speaker_clips(rows: Iterable[dict]) -> dict[str, list[dict]]:
+    """The clips that can serve as reference (`can_refer`) of speaker-grouped rows, by speaker, one row per
+    distinct clip."""
     groups: dict[str, dict[str, dict]] = {}
     for row in rows:
-        if "ref_audio" not in row and (not references_only or can_refer(row)):
+        if "ref_audio" not in row and can_refer(row):
             groups.setdefault(row["speaker"], {}).setdefault(_clip_identity(row), row)
     return {speaker: list(clips.values()) for speaker, clips in groups.items()}
 
@@ -484,7 +479,7 @@ def training_pairs(rows: list[dict], seed: int, epoch: int) -> tuple[list[Pair],
     lone speaker left.
     """
     rng = random.Random(seed * 100_003 + epoch)
-    groups = _speaker_clips(rows, references_only=True)
+    groups = _speaker_clips(rows)
     position = {(speaker, _clip_identity(row)): i for speaker, group in groups.items() for i, row in enumerate(group)}
     pairs, lonely = [], []
     for row in rows:
