@@ -38,6 +38,7 @@ import collate
 import data
 import eval_dir
 import evaluate
+import files
 import generation
 import manifest
 import metrics
@@ -249,8 +250,6 @@ def run_parity_cli(args: argparse.Namespace) -> int:
     else:
         layout = layout_from_args(args)
         layouts, scene = [(args.checkpoint or args.model, layout.ref_in_system)], layout.scene
-    if args.checkpoint:
-        return parity.run_and_report(layouts, scene, checks, lambda _: _load(args))
     return parity.run_and_report(layouts, scene, checks, lambda model_name: _load(replace_namespace(args, model=model_name)))
 
 
@@ -312,7 +311,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
 def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict:
     """What makes two --eval runs comparable, recorded in DIR/run.json: a --resume with other values is refused."""
-    return {"list": str(Path(args.eval).resolve()), "list_sha256": score_cache.file_digest(args.eval), "model": args.model,
+    return {"list": str(Path(args.eval).resolve()), "list_sha256": files.sha256(args.eval), "model": args.model,
             "checkpoint": args.checkpoint,
             "audio_tokenizer": args.audio_tokenizer, "dtype": str(resolve_dtype(args.dtype, args.device)),
             "device": torch.device(args.device).type, "sampling": vars(sampling_from_args(args)), "scene": layout.scene,
