@@ -47,7 +47,7 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 LOOP_KEYS = ("step", "position", "best_loss", "config")
 CHECKPOINT_KEYS = {"model", "optimizer", "rng", *LOOP_KEYS}
 # Kept since checkpoints began carrying them; an older checkpoint resumes without them.
-LATER_LOOP_KEYS = ("stale_evals", "eval_settings", "data", "guard_first")
+LATER_LOOP_KEYS = ("stale_evals", "eval_settings", "guard_first")
 
 # --------------------------------------------------------------------------
 # Checkpoints (atomic, last K and best kept, weights_only-loadable)
@@ -366,11 +366,7 @@ def _choose_intact(run_dir: Path, say) -> Path | Exception:
 
 def set_aside(path: Path) -> Path:
     """Rename a damaged checkpoint (and its digest) to `*.corrupt`, kept for a look, out of the listing."""
-    corrupt = path.with_name(path.name + ".corrupt")
-    os.replace(path, corrupt)
-    if files.sidecar_of(path).is_file():
-        os.replace(files.sidecar_of(path), files.sidecar_of(corrupt))
-    return corrupt
+    return files.move_with_digest(path, path.with_name(path.name + ".corrupt"))
 
 
 def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, saved: dict | None) -> None:
@@ -511,9 +507,5 @@ def retire_best(run_dir: Path, step: int) -> Path | None:
     """Move best.pt (or best.dcp) aside as `best-until-step-N`, so that a new best can start without losing it."""
     for best in (run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / f"best{SHARDED_SUFFIX}"):
         if best.exists():
-            kept = best.with_name(f"best-until-step-{step}{best.suffix}")
-            os.replace(best, kept)
-            if files.sidecar_of(best).is_file():
-                os.replace(files.sidecar_of(best), files.sidecar_of(kept))
-            return kept
+            return files.move_with_digest(best, best.with_name(f"best-until-step-{step}{best.suffix}"))
     return None

@@ -144,6 +144,14 @@ def sidecar_of(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def move_with_digest(path: Path, target: Path) -> Path:
+    """Rename a file or folder to `target`, with its `.sha256` sidecar where it has one."""
+    os.replace(path, target)
+    if sidecar_of(path).is_file():
+        os.replace(sidecar_of(path), sidecar_of(target))
+    return target
+
+
 def write_folder_digests(folder: Path, digests: dict[str, str] | None = None) -> None:
     """`folder/sha256.json` with the SHA-256 of every file in `folder` (relative names), or the given ones
     (files hashed where they were written, e.g. by each process of a sharded checkpoint)."""

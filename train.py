@@ -202,6 +202,7 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
     run = Run(config, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               evaluate.eval_settings(config, validations), evaluate.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
+    saved = None  # its memory-mapped tensors are not needed any more (a pruned checkpoint's space is freed)
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
     evaluate.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
@@ -222,8 +223,9 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopSta
     """The loop's state from `checkpoint`, once the data matches the checkpoint's. A best score measured with
     other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts."""
     checkpoints.check_data(saved, run.fingerprints, run.config.allow_data_change, checkpoint, run.say)
-    state = LoopState.restored(checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world))
-    measured_with = saved.get("eval_settings", run.eval_settings)
+    loop_state = checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world)
+    state = LoopState.restored(loop_state)
+    measured_with = loop_state.get("eval_settings", run.eval_settings)
     if measured_with != run.eval_settings:
         changed = ", ".join(name for name in run.eval_settings if measured_with.get(name) != run.eval_settings[name])
         kept = checkpoints.retire_best(run.dir, state.step) if run.plan.world.main else None
@@ -232,7 +234,7 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopSta
                 + (f"; the old one is kept as {kept}" if kept else "")
                 + ("; relative --guard bounds are measured from this resume's first evaluation" if run.guards.needs_first() else ""))
     else:
-        run.guards.first = dict(saved.get("guard_first", {}))
+        run.guards.first = dict(loop_state.get("guard_first", {}))
     run.say(f"resumed from {checkpoint} at step {state.step}")
     return state
 
@@ -479,6 +481,7 @@ class StopRequested:
 
 def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> Path:
     config, plan = run.config, run.plan
+    best = state.best.value(selection(config)[0])
     if state.step < plan.max_steps or run.guards.stop:  # a breach at the last step exports the best, not the last
         path = run.save(model, optimizer, state)
         if state.best.out_of_patience(config.patience):
@@ -491,7 +494,6 @@ def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> P
             run.say(f"stopped at step {state.step}; checkpoint {path}; continue with: {run.resume_command()}")
     else:
         export = checkpoints.export_model(model, config, run.bundle, plan.world, run.dir / "export")
-        best = state.best.value(selection(config)[0])
         run.say(f"done: {state.step} steps, final train loss {train_loss:.3f}"
                 + (f", best {config.best_by} {best:.3f}" if math.isfinite(best) else "")
                 + f"\nTensorBoard: tensorboard --logdir {config.out_dir}\n"
@@ -500,7 +502,6 @@ def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> P
     if run.writer:
         hparams = {k: " ".join(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()
                    if isinstance(v, (int, float, str, bool, tuple))}
-        best = state.best.value(selection(config)[0])
         run.writer.add_hparams(hparams, {"hparam/train_loss": train_loss, f"hparam/best_{config.best_by}": best},
                                run_name="hparams")
         run.writer.close()
