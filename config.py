@@ -466,10 +466,15 @@ def parse_set(text: str, option: str) -> DataSet:
     return DataSet(match["name"], weight, match["path"])
 
 
+def _training_flag(config: TrainConfig) -> tuple[str, tuple[str, ...]]:
+    """The flag the training sets come from and its values: --cache if given, else --train-manifest."""
+    return ("--cache", config.cache) if config.cache else ("--train-manifest", config.train_manifest)
+
+
 def training_sets(config: TrainConfig) -> list[DataSet]:
     """The training sets, named, with weights summing to 1: the --cache ones if any, else the --train-manifest ones
     (a lone unnamed set is `ONE_TRAINING_SET`)."""
-    option, texts = ("--cache", config.cache) if config.cache else ("--train-manifest", config.train_manifest)
+    option, texts = _training_flag(config)
     sets = [parse_set(text, option) for text in texts]
     if len(sets) == 1:
         return [DataSet(sets[0].name or ONE_TRAINING_SET, 1.0, sets[0].path)]
@@ -484,7 +489,7 @@ def validation_sets(config: TrainConfig) -> list[DataSet]:
 
 def sets_problem(config: TrainConfig) -> str | None:
     """Why the training or validation sets cannot work as given, in one line; None when they can."""
-    option, texts = ("--cache", config.cache) if config.cache else ("--train-manifest", config.train_manifest)
+    option, texts = _training_flag(config)
     for name, values in ((option, texts), ("--val-manifest", config.val_manifest)):
         if "" in values:
             return f"{name} '' (none) cannot be given with other sets"
