@@ -208,9 +208,6 @@ def step_once(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, s
 # Memory plan: the step on fake tensors, data-dependent answers replayed from a proxy
 # --------------------------------------------------------------------------
 
-_BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
-
-
 class RealIndexData(TorchDispatchMode):
     """Under `FakeTensorMode`, keeps the batch's index data real: ids, masks, positions, labels.
 
@@ -239,7 +236,7 @@ class RealIndexData(TorchDispatchMode):
                 with unset_fake_temporarily():
                     return func(*args, **kwargs)
             return result
-        if func in _BOOL_INDEXED:
+        if func in syncs.BOOLEAN_INDEXED:
             args = (args[0], _positions(args[1]), *args[2:])
         if func is aten._local_scalar_dense.default and args[0].dtype == torch.bool and args[0].dim() == 0:
             return False
