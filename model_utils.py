@@ -404,15 +404,14 @@ def newest_export(runs_dir: str = "runs") -> str | None:
 
     `train.py` writes an export into `export.tmp-XXXX` and renames it into
     place once whole; an `export` that is not whole (cut short while written
-    in place, or damaged since) is skipped with a note naming it."""
-    exports = []
-    for path in Path(runs_dir).glob("*/export"):
+    in place, or damaged since) is skipped with a note naming it. Exports
+    are checked newest first, so older ones are never read."""
+    for path in sorted(Path(runs_dir).glob("*/export"), key=lambda path: path.stat().st_mtime, reverse=True):
         problem = export_problem(path)
-        if problem:
-            print(f"note: skipping {path}: {problem}", file=sys.stderr)
-        else:
-            exports.append(path)
-    return str(max(exports, key=lambda path: path.stat().st_mtime)) if exports else None
+        if not problem:
+            return str(path)
+        print(f"note: skipping {path}: {problem}", file=sys.stderr)
+    return None
 
 
 def export_problem(path: Path) -> str | None:
