@@ -196,10 +196,11 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def static_kv_cache(kv_cache: str, device: str, batch_size: int) -> bool:
-    """`--kv-cache`: whether batch-1 generation uses the serve engine's static buckets (auto: on CUDA)."""
-    if kv_cache == "auto":
-        return torch.device(device).type == "cuda" and batch_size == 1
-    return kv_cache == "static"
+    """`--kv-cache`: whether batch-1 generation uses the serve engine's static buckets (auto: on CUDA). Batches
+    always run our loop on the dynamic cache, so for them no buckets are built or graphs captured."""
+    if batch_size > 1:
+        return False
+    return torch.device(device).type == "cuda" if kv_cache == "auto" else kv_cache == "static"
 
 
 def _load(args: argparse.Namespace) -> model_utils.Bundle:
