@@ -414,7 +414,7 @@ def _matching_frames(codes: torch.Tensor, target: torch.Tensor) -> int:
 def check_batched_generation(bundle, case: ParityCase, tolerance: ParityTolerance) -> CheckResult:
     """Greedy codes of B prompts generated together = each prompt's codes from the package's batch-1 `generate`.
 
-    The prompts differ in length: the case's reference cut to 1, 3/4, 1/2, 1/3...
+    The prompts differ in length: the case's reference cut to 1, 2/3, 1/2, 2/5...
     of its frames, and its text to as many fractions of its words, so rows are
     padded differently and may end at different steps.
     """
