@@ -177,15 +177,16 @@ class Segmenter:
         spans = speech_spans(at_vad_rate, self.vad, self.settings.max_seconds - 2 * EDGE_PAD_SECONDS)
         rows, rejections = [], []
         for index, (start, end) in enumerate(plan_clips(spans, len(mono) / rate, self.settings.max_seconds)):
-            clip = samples[round(start * rate): round(end * rate)]
-            text = self.asr.transcribe(clip.mean(axis=1), rate, self.settings.language) if len(clip) else ""
+            span = slice(round(start * rate), round(end * rate))
+            clip = mono[span]
+            text = self.asr.transcribe(clip, rate, self.settings.language) if len(clip) else ""
             text = " ".join(text.split())
-            problem = clip_problem(clip.mean(axis=1), rate, text, self.settings)
+            problem = clip_problem(clip, rate, text, self.settings)
             if problem:
                 rejections.append(Rejection(str(path), round(start, 3), round(end, 3), *problem))
                 continue
             clip_id = f"{speaker}/{path.stem}/{index:04d}"
-            audio = importers.ClipFiles(self.out / "clips" / speaker).from_samples(clip_id, clip, rate)
+            audio = importers.ClipFiles(self.out / "clips" / speaker).from_samples(clip_id, samples[span], rate)
             row = {"id": clip_id, "audio": str(audio.relative_to(self.out)), "text": text, "speaker": speaker,
                    "source": str(path), "start": round(start, 3), "end": round(end, 3)}
             rows.append(dict(row, language=self.settings.language) if self.settings.language else row)
