@@ -74,38 +74,36 @@ class Options:
 
 
 class ClipFiles:
-    """Audio that is no file of its own, written once into `folder` (a file already there is whole: it was
-    written through `files.atomic_file`, so a re-run reuses it)."""
+    """Audio that is no file of its own, written once into `folder`. A file is named by its clip's id and
+    content, so a re-run reuses a file already there (whole: it was written through `files.atomic_file`) only
+    when the clip is unchanged; a clip whose source changed under the same id gets a new file."""
 
     def __init__(self, folder: Path):
         self.folder, self.written, self.reused = folder, 0, 0
 
-    def path(self, clip_id: str, suffix: str) -> Path:
-        # Ids may hold any character; the digest keeps ids that differ only there apart.
+    def path(self, clip_id: str, payload: bytes, suffix: str) -> Path:
+        # Ids may hold any character; the digest keeps ids that differ only there apart, and contents too.
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", clip_id)[:80]
-        return self.folder / f"{safe}-{hashlib.sha1(clip_id.encode()).hexdigest()[:8]}{suffix}"
+        digest = hashlib.sha1(clip_id.encode() + b"\0" + payload).hexdigest()[:12]
+        return self.folder / f"{safe}-{digest}{suffix}"
 
     def from_bytes(self, clip_id: str, payload: bytes, suffix: str) -> Path:
         """An encoded audio file (WAV, FLAC, ...) as it is, without decoding it."""
-        return self._write(self.path(clip_id, suffix), lambda handle: handle.write(payload))
-
-    def from_samples(self, clip_id: str, samples: np.ndarray, rate: int) -> Path:
-        """Samples (frames, channels) as 24-bit FLAC: lossless for 16- and 24-bit sources."""
-        def write(handle):
-            buffer = io.BytesIO()
-            sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_24")
-            handle.write(buffer.getvalue())
-        return self._write(self.path(clip_id, ".flac"), write)
-
-    def _write(self, path: Path, write) -> Path:
+        path = self.path(clip_id, payload, suffix)
         if path.is_file():
             self.reused += 1
             return path
         self.folder.mkdir(parents=True, exist_ok=True)
         with files.atomic_file(path) as handle:
-            write(handle)
+            handle.write(payload)
         self.written += 1
         return path
+
+    def from_samples(self, clip_id: str, samples: np.ndarray, rate: int) -> Path:
+        """Samples (frames, channels) as 24-bit FLAC: lossless for 16- and 24-bit sources."""
+        buffer = io.BytesIO()
+        sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_24")
+        return self.from_bytes(clip_id, buffer.getvalue(), ".flac")
 
 
 def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speaker: str | None,

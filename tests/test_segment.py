@@ -119,6 +119,22 @@ def test_a_stopped_run_resumes_without_redoing_finished_recordings(joined, tmp_p
     assert [json.loads(line)["id"] for line in lines][-1] == "bob/talk/0000"
 
 
+def test_a_recording_changed_since_gets_clips_of_its_new_audio(tmp_path):
+    """The clip ids stay (speaker/stem/index), but a clip of the replaced recording is not the old clip's file."""
+    recording = tmp_path / "in" / "carol" / "talk.wav"
+    recording.parent.mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "en_man.wav", recording)
+    settings, out = segment.Settings(1.0, 10.0, "en"), tmp_path / "out"
+    first = segment.segment([str(recording)], out, settings)
+    shutil.copy(VOICE_PROMPTS / "en_woman.wav", recording)
+    again = segment.segment([str(recording)], out, settings)
+    assert (again.redone, again.rows[0]["id"]) == (1, first.rows[0]["id"])
+    new_clip, _ = sf.read(out / again.rows[0]["audio"], dtype="float32")
+    source, rate = sf.read(recording, dtype="float32")
+    start = round(again.rows[0]["start"] * rate)
+    assert np.allclose(new_clip, source[start: start + len(new_clip)], atol=1e-6)
+
+
 def test_other_settings_for_a_begun_output_are_refused(joined, capsys):
     folder, out, _ = joined
     assert segment.main([str(folder / "alice"), "--out", str(out), "--language", "EN", "--max-seconds", "12"]) == 2
