@@ -624,14 +624,15 @@ def overlap(train_rows: list[dict], val_rows: list[dict]) -> Overlap:
     """Speakers (same id) and clips (same file content) that a validation set shares with a training set."""
     train_speakers = {row["speaker"] for row in train_rows if row.get("speaker")}
     speakers = sorted({row["speaker"] for row in val_rows if row.get("speaker") in train_speakers})
-    train_clips = {content for row in train_rows for content in _contents(row)}
-    clip_rows = [row["id"] for row in val_rows if not train_clips.isdisjoint(_contents(row))]
+    file_digests: dict[str, str] = {}  # a reference that many paired rows share is read once
+    train_clips = {content for row in train_rows for content in _contents(row, file_digests)}
+    clip_rows = [row["id"] for row in val_rows if not train_clips.isdisjoint(_contents(row, file_digests))]
     return Overlap(speakers, clip_rows)
 
 
-def _contents(row: dict) -> list[str]:
-    """Content digests of a row's clips: from its cache keys (a file digest and the tokenizer's), else the files;
-    a missing file has none."""
+def _contents(row: dict, file_digests: dict[str, str]) -> list[str]:
+    """Content digests of a row's clips: from its cache keys (a file digest and the tokenizer's), else the files
+    (digests kept in `file_digests` by path); a missing file has none."""
     digests = []
     for key in ("ref_audio", "audio"):
         if key in row:
@@ -639,7 +640,9 @@ def _contents(row: dict) -> list[str]:
             if cached:
                 digests.append(cached.split("-")[0])
             elif Path(row[key]).is_file():
-                digests.append(data.file_digest(row[key])[:32])
+                if row[key] not in file_digests:
+                    file_digests[row[key]] = data.file_digest(row[key])[:32]
+                digests.append(file_digests[row[key]])
     return digests
 
 
