@@ -467,8 +467,7 @@ def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, filter
 def share_of(manifest_path: str | Path, filters: manifest.Filters, world: World) -> list[str]:
     """This process's clips: the distinct clips of the rows that pass the checks needing no audio, dealt largest
     file first to the process with the fewest bytes so far, so that each encodes about as much audio."""
-    paths = sorted({row[key] for row in manifest.rows_before_audio(manifest_path, filters)
-                    for key in ("ref_audio", "audio") if key in row})
+    paths = {row[key] for row in manifest.rows_before_audio(manifest_path, filters) for key in ("ref_audio", "audio") if key in row}
     sizes = {path: os.path.getsize(path) if os.path.isfile(path) else 0 for path in paths}
     loads, mine = [0] * world.size, []
     for path in sorted(paths, key=lambda path: (-sizes[path], path)):
