@@ -253,9 +253,10 @@ class Job:
 
 def clone_many(bundle: model_utils.Bundle, jobs: list[Job], sampling: generation.Sampling, layout,
                force_audio: bool = True, batch_size: int = 1,
-               kv_cache: generation.StaticCacheBuckets | None = None) -> Iterator[generation.Clone | RuntimeError]:
-    """Each job's clip, in order, `batch_size` prompts per decoding step; a job that yields no clip is its
-    RuntimeError (yielded, not raised, so one bad row never ends a run). Batch 1 is the package's own `generate`."""
+               kv_cache: generation.StaticCacheBuckets | None = None) -> Iterator[generation.Clone]:
+    """Each job's clip, in order, `batch_size` prompts per decoding step; a job that yields no clip is a `Clone`
+    holding its RuntimeError's message (yielded, not raised, so one bad row never ends a run). Batch 1 is the
+    package's own `generate`."""
     if batch_size > 1 and not force_audio:
         raise ValueError("--batch-size > 1 forces <|audio_out_bos|>; --no-force-audio runs with --batch-size 1")
     for start in range(0, len(jobs), batch_size):
@@ -271,8 +272,8 @@ def clone_many(bundle: model_utils.Bundle, jobs: list[Job], sampling: generation
             yield _attempt(lambda: generation.clip_from_stream(bundle, stream))
 
 
-def _attempt(make) -> generation.Clone | RuntimeError:
+def _attempt(make) -> generation.Clone:
     try:
         return make()
     except RuntimeError as error:
-        return error
+        return generation.Clone(None, error=str(error))

@@ -69,8 +69,7 @@ class CloneSettings:
 # --------------------------------------------------------------------------
 
 
-def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, clone: generation.Clone | RuntimeError,
-              rate: int) -> dict:
+def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, clone: generation.Clone, rate: int) -> dict:
     """The row's record: the clone's scores and the real target's (none for a list line without one). A clone
     that failed is a record with its error and no generated values, never a dropped row."""
     embedding = judge.reference_embedding(pair.ref_audio, lambda: data.load_audio(pair.ref_audio, rate), rate)
@@ -79,15 +78,15 @@ def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, c
     if pair.audio:
         target = judge.score_target(pair.audio, lambda: data.load_audio(pair.audio, rate), rate, pair.ref_audio,
                                     embedding, pair.text, language)
-    if isinstance(clone, RuntimeError):
-        return metrics.row_record(pair.id, language, pair.text, None, None, target, str(clone))
+    if clone.error is not None:
+        return metrics.row_record(pair.id, language, pair.text, None, None, target, clone.error)
     scores = judge.score_clip(clone.waveform, rate, embedding, pair.text, language)
     return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target)
 
 
 def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Callable[[str], torch.Tensor],
-              settings: CloneSettings) -> Iterator[tuple[manifest.Pair, generation.Clone | RuntimeError]]:
-    """Each pair with its clone (or the error that stopped it), `settings.batch_size` per decoding step; each
+              settings: CloneSettings) -> Iterator[tuple[manifest.Pair, generation.Clone]]:
+    """Each pair with its clone (a failed one carries its error), `settings.batch_size` per decoding step; each
     reference's codes from `codes` (which encodes a file once, or reads a cache)."""
     rate = bundle.audio_tokenizer.sampling_rate
     needs_waveform = settings.layout.ref_in_system and collate.uses_whisper(bundle.model.config)
@@ -268,7 +267,7 @@ def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.Eva
     generating, started = 0.0, time.perf_counter()
     try:
         for pair, clone in clones_of(bundle, [pair for _, pair in todo], codes, settings):
-            if not isinstance(clone, RuntimeError):
+            if clone.error is None:
                 out.write_wav(out.wav(index_of[pair.id], pair.id), clone.waveform, rate)
             generating += time.perf_counter() - started
             worker.submit(pair, languages[pair.id], clone)
@@ -532,7 +531,7 @@ def log_generations(writer, step: int, model, validation: Validation, config: Tr
     records = []
     for pair, clone in made:
         records.append(score_row(clones.judge, pair, clones.languages[pair.id], clone, rate))
-        if isinstance(clone, RuntimeError):
+        if clone.error is not None:
             continue
         generated = clone.waveform
         writer.add_audio(f"generated/{pair.id}", torch.from_numpy(generated)[None], step, sample_rate=rate)

@@ -193,10 +193,12 @@ def encode_reference(bundle: model_utils.Bundle, audio_path: str, text: str, ref
 
 @dataclass
 class Clone:
-    """A generated clip, and whether the model ended it itself (rather than the length limit)."""
+    """A generated clip, and whether the model ended it itself (rather than the length limit); or a clone that
+    yielded no clip: its `error`, the reason, and no waveform (a list of clones goes on past one that failed)."""
 
-    waveform: np.ndarray
-    stopped: bool
+    waveform: np.ndarray | None
+    stopped: bool = False
+    error: str | None = None
 
 
 def build_prompt(bundle: model_utils.Bundle, reference: Reference, text: str, scene: str | None = None,

@@ -288,8 +288,8 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     clips = batched_generation.clone_many(bundle, jobs, sampling_from_args(args), layout, args.force_audio, args.batch_size,
                                           _kv_cache(args, bundle))
     for text, target, clip in zip(texts, targets, clips):
-        if isinstance(clip, RuntimeError):
-            raise clip
+        if clip.error is not None:
+            raise RuntimeError(clip.error)
         target.parent.mkdir(parents=True, exist_ok=True)
         sf.write(target, clip.waveform, rate)
         print(f"wrote {target} ({len(clip.waveform) / rate:.2f} s at {rate} Hz): {text}")

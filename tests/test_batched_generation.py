@@ -1,5 +1,6 @@
 """Batched generation (batched_generation.py): B prompts per decoding step give, row by row, the codes the package's
-batch-1 `generate` gives each prompt alone; what it cannot prove is refused."""
+batch-1 `generate` gives each prompt alone; what it cannot prove is refused; a job that yields no clip is a clone
+carrying its error."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ def test_what_is_not_proven_is_refused(tiny, parity_case):
     config.use_delay_pattern = False
     assert "delay pattern" in batched_generation.unsupported(config)
     assert batched_generation.unsupported(tiny.model.config) is None
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_job_that_yields_no_clip_is_a_clone_carrying_its_error(tiny, parity_case, batch_size):
+    job = batched_generation.Job(generation.Reference("hi", parity_case.ref_codes, None, 24000), "Hello.")
+    no_frame = generation.Sampling(greedy=True, max_seconds=0.01)  # under one frame: the stream ends with none
+    clones = list(batched_generation.clone_many(tiny, [job] * batch_size, no_frame, data.PromptLayout(), batch_size=batch_size))
+    assert clones == [generation.Clone(None, False, "the model ended the clip before producing any frame")] * batch_size

@@ -201,6 +201,15 @@ def test_clones_are_deterministic_with_a_seed(clips, tiny, judge):
     assert evaluate.score_row(judge, pair, "en", first, 24000) == evaluate.score_row(judge, pair, "en", second, 24000)
 
 
+def test_a_clone_that_yields_no_clip_is_a_row_with_its_error_and_no_values(clips, tiny, judge):
+    pair = manifest.Pair("en_female_1", clips["en_female_0"]["audio"], "ref", clips["en_female_1"]["audio"], "Hello.")
+    settings = evaluate.CloneSettings(generation.Sampling(greedy=True, max_seconds=0.01), data.PromptLayout())  # no frame fits
+    [(_, clone)] = evaluate.clones_of(tiny, [pair], prepare.EncodedClips(tiny.audio_tokenizer), settings)
+    record = evaluate.score_row(judge, pair, "en", clone, 24000)
+    assert record["error"] == "the model ended the clip before producing any frame"
+    assert record["sim"] is None and record["stopped"] is None and record["target_sim"] is not None
+
+
 # --------------------------------------------------------------------------
 # In the training loop
 # --------------------------------------------------------------------------
