@@ -33,7 +33,6 @@ import soundfile as sf
 import torch
 
 import batched_generation
-import checkpoints
 import collate
 import data
 import eval_dir
@@ -206,6 +205,8 @@ def static_kv_cache(kv_cache: str, device: str, batch_size: int) -> bool:
 def _load(args: argparse.Namespace) -> model_utils.Bundle:
     dtype = resolve_dtype(args.dtype, args.device)
     if args.checkpoint:
+        import checkpoints  # the training stack (LoRA, its settings), loaded only for a checkpoint
+
         bundle, _ = checkpoints.model_from_checkpoint(Path(args.checkpoint), args.device)
         return model_utils.Bundle(bundle.model.to(dtype), bundle.tokenizer, bundle.audio_tokenizer)
     return model_utils.load_bundle(args.model, args.audio_tokenizer, seed=args.seed, device=args.device, dtype=dtype)
@@ -263,6 +264,8 @@ def layout_from_args(args: argparse.Namespace) -> data.PromptLayout:
     it was trained with), --ref-in-system, --scene, --layout-override."""
     if not args.checkpoint:
         return generation.resolve_layout(args.model, args.ref_in_system, args.scene, args.layout_override)
+    import checkpoints  # the training stack (its settings), loaded only for a checkpoint
+
     trained = checkpoints.trained_config(Path(args.checkpoint))
     recorded = data.RecordedLayout(data.PromptLayout(trained.ref_in_system), data.normalization_version())
     return generation.resolve_layout(args.checkpoint, args.ref_in_system, args.scene, args.layout_override, recorded)

@@ -9,10 +9,11 @@ the loop, the finish. Each capability it calls is a module of its own:
 settings in `config.py`, the data mixture, its order and prefetch in
 `loader.py`, the model preparation and the one training step (with its
 forgetting guard) in `training.py`, processes and DDP/FSDP2 in `parallel.py`,
-checkpoints and the export in `checkpoints.py`, validation sets, guards and
-best-checkpoint selection in `evaluate.py`. Samples come from
-`data.build_sample` (the one builder inference uses too), batches from
-`collate.build_collator`, the loss from `model_utils.compute_loss`.
+checkpoints and the export in `checkpoints.py`, the held-out sets' losses
+and judged clones, guards and best-checkpoint selection in `heldout.py`.
+Samples come from `data.build_sample` (the one builder inference uses too),
+batches from `collate.build_collator`, the loss from
+`model_utils.compute_loss`.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from tqdm import tqdm
 import checkpoints
 import collate
 import data
-import evaluate
 import files
+import heldout
 import loader
 import manifest
 import model_utils
@@ -93,7 +94,7 @@ class LoopState:
 
     step: int = 0
     position: loader.DataPosition = field(default_factory=loader.DataPosition)
-    best: evaluate.Best = field(default_factory=evaluate.Best)
+    best: heldout.Best = field(default_factory=heldout.Best)
 
     def saved(self, config: TrainConfig) -> dict:
         return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score,
@@ -101,7 +102,7 @@ class LoopState:
 
     @classmethod
     def restored(cls, saved: dict) -> LoopState:
-        best = evaluate.Best(saved["best_loss"], saved.get("stale_evals", 0))
+        best = heldout.Best(saved["best_loss"], saved.get("stale_evals", 0))
         return cls(saved["step"], loader.DataPosition.restored(saved["position"]), best)
 
 
@@ -113,10 +114,10 @@ class Run:
     plan: RunPlan
     dir: Path
     bundle: model_utils.Bundle
-    validations: list[evaluate.Validation]
+    validations: list[heldout.Validation]
     fingerprints: dict[str, str]  # the data's content (`loader.data_fingerprint`), which a resume must match
-    eval_settings: dict  # what a best score is measured with (`evaluate.eval_settings`)
-    guards: evaluate.Guards
+    eval_settings: dict  # what a best score is measured with (`heldout.eval_settings`)
+    guards: heldout.Guards
     writer: SummaryWriter | None = None
     stop: StopRequested | None = None
 
@@ -178,7 +179,7 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
     bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=device)
     sets = loader.training_sets(config, bundle, world, run_dir)
     builder = sets[0].builder
-    validations = evaluate.load_validation(config, bundle, builder.codes, world, device, run_dir)
+    validations = heldout.load_validation(config, bundle, builder.codes, world, device, run_dir)
     if len(validations) > 1 and "@" not in config.best_by:
         say(f"--best-by {config.best_by} is the first validation set's, {validations[0].name} (METRIC@SET names another)")
     loader.report_overlap([row for each in sets for row in each.rows], [row for each in validations for row in each.rows],
@@ -200,12 +201,12 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
 
     optimizer = training.build_optimizer(model, config, device)
     run = Run(config, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
-              evaluate.eval_settings(config, validations), evaluate.Guards(guard_rules(config), config.guard_action))
+              heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
     saved = None  # its memory-mapped tensors are not needed any more (a pruned checkpoint's space is freed)
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
-    evaluate.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
+    heldout.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
     if validations and config.eval_every and run.guards.needs_first():
         evaluate_first(model, state, run)
     run.stop = StopRequested()
@@ -229,7 +230,7 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopSta
     if measured_with != run.eval_settings:
         changed = ", ".join(name for name in run.eval_settings if measured_with.get(name) != run.eval_settings[name])
         kept = checkpoints.retire_best(run.dir, state.step) if run.plan.world.main else None
-        state.best = evaluate.Best()
+        state.best = heldout.Best()
         run.say(f"--resume: the evaluation changed ({changed}), so earlier scores are not comparable: a new best starts"
                 + (f"; the old one is kept as {kept}" if kept else "")
                 + ("; relative --guard bounds are measured from this resume's first evaluation" if run.guards.needs_first() else ""))
@@ -239,7 +240,7 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopSta
     return state
 
 
-def data_fingerprints(sets: list[loader.TrainingSet], validations: list[evaluate.Validation]) -> dict[str, str]:
+def data_fingerprints(sets: list[loader.TrainingSet], validations: list[heldout.Validation]) -> dict[str, str]:
     """Each training and validation set's content fingerprint, which a resume must match: `train` and `val` for
     a lone (unnamed) set, as before mixtures, else `train:NAME` and `val:NAME`."""
     fingerprints = {"train" if len(sets) == 1 else f"train:{each.name}": loader.data_fingerprint(each.rows, each.builder.codes)
@@ -322,12 +323,12 @@ def evaluate_and_select(model, optimizer, state: LoopState, run: Run) -> None:
     process 0 alone makes, can be survived: one process's failure elsewhere leaves the others in a collective)."""
     model.eval()
     try:
-        scores = evaluate.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
+        scores = heldout.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
                                            run.writer, state.step)
     except Exception as error:
         if run.plan.world.distributed:
             raise
-        evaluate.report_failure(run.writer, state.step, "the evaluation failed", error)
+        heldout.report_failure(run.writer, state.step, "the evaluation failed", error)
         scores = None
     if scores is not None and state.best.update(guarded_score(scores, state.step, run)):
         run.save(model, optimizer, state, name="best.pt")
@@ -336,20 +337,20 @@ def evaluate_and_select(model, optimizer, state: LoopState, run: Run) -> None:
 
 def guarded_score(scores: dict, step: int, run: Run) -> float:
     """The --best-by score of an evaluation, or inf (never a new best) when it breaks a --guard, which is said."""
-    breaches = run.guards.judge(scores)
+    breaches = run.guards.breaches(scores)
     for line in breaches:
         run.say(f"step {step}: {line}")
     if run.writer and run.guards.rules:
         run.writer.add_scalar("guard/breaches", len(breaches), step)
     metric, name = selection(run.config)
-    return math.inf if breaches else evaluate.selection_score(metric, *scores[name])
+    return math.inf if breaches else heldout.selection_score(metric, *scores[name])
 
 
 def evaluate_first(model, state: LoopState, run: Run) -> None:
     """The evaluation before the first step, from which relative --guard bounds are measured (logged at step
     0; no candidate for best.pt)."""
     model.eval()
-    run.guards.record_first(evaluate.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
+    run.guards.record_first(heldout.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
                                                       run.writer, state.step))
     run.say("--guard bounds measured from: " + ", ".join(f"{text} {value:.4f}" for text, value in run.guards.first.items()))
     model.train()
@@ -429,7 +430,7 @@ def log_step(run: Run, state: LoopState, values: training.StepValues, lr: float,
     writer.add_scalar("train/grad_norm", values.grad_norm, step)
     for name, value in throughput.items():
         writer.add_scalar(f"train/{name}", value, step)
-    evaluate.log_values(writer, "accuracy", values.accuracy, step)
+    heldout.log_values(writer, "accuracy", values.accuracy, step)
     if torch.cuda.is_available():
         writer.add_scalar("train/gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30, step)
 

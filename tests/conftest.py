@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny preset is built once per session, real speech comes from ../shared; a tiny export,
-its serve engine and clips beyond the reference limits serve the generation tests and the command line's."""
+its serve engine and clips beyond the reference limits serve the generation tests and the command line's, and
+demo clips cut to one second the judging tests."""
 
 from __future__ import annotations
 
@@ -180,5 +181,23 @@ def short_manifest(tmp_path_factory, small_manifest):
         row["audio"] = str(folder / f"{row['id']}.wav")
         sf.write(row["audio"], waveform[: int(1.05 * rate)], rate)
     path = folder / "short.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_clips(tmp_path_factory) -> dict[str, dict]:
+    """Demo rows whose clips are cut to their first second (to keep encoding and ASR quick), by id."""
+    folder = tmp_path_factory.mktemp("one_second")
+    rows = {}
+    for row in map(json.loads, (DEMO_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()):
+        waveform = data.load_audio(DEMO_DIR / row["audio"], 24000)[:24000]
+        path = folder / f"{row['id']}.wav"
+        sf.write(path, waveform, 24000)
+        rows[row["id"]] = {**row, "audio": str(path)}
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -35,7 +35,7 @@ def _prepared(tiny, **settings) -> tuple[torch.nn.Module, config.TrainConfig]:
 
 def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity_case):
     """The bf16 path on the CPU: LoRA, autocast bf16, frozen weights in bf16, text logits at labels, three
-    AdamW steps as train.py takes them, then a generation under autocast (evaluate.log_generations' path)."""
+    AdamW steps as train.py takes them, then a generation under autocast (heldout.log_generations' path)."""
     losses = {}
     for precision in ("fp32", "bf16"):
         model, settings = _prepared(tiny, scope="lora", precision=precision, lora_rank=4, lr=1e-3, grad_clip=0.0)
