@@ -1,5 +1,6 @@
 """The repo's shape: modules that import one another without a cycle, a loop readable in one sitting, short
-functions, and the one sample builder that training and inference share."""
+functions, the one sample builder that training and inference share, `--eval` without the training stack, and
+a core that imports none of the tools around it."""
 
 from __future__ import annotations
 
@@ -75,3 +76,64 @@ def test_one_sample_builder_serves_training_and_inference():
     assert defined == ["data"]
     for user in ("manifest", "generation", "parity"):  # training's samples (via manifest.pair_to_sample) and inference's
         assert "data.build_sample(" in MODULES[user].read_text(encoding="utf-8"), user
+
+
+def _imported_on_import(path: Path) -> set[str]:
+    """Our modules that importing `path` imports: its statements outside function bodies (a function's own
+    imports run only when it is called)."""
+    names = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                names.add(child.module.split(".")[0])
+            visit(child)
+
+    visit(_tree(path))
+    return names & set(MODULES)
+
+
+def _closure(module: str, imported) -> set[str]:
+    """The modules `module` reaches through `imported` (a module's path -> the names it imports), itself left out."""
+    reached, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(imported(MODULES[name]))
+    return reached - {module}
+
+
+TRAINING_STACK = {"train", "training", "loader", "config", "checkpoints", "heldout", "prepare", "parallel"}
+# prepare.py owns the codes of clips, encoded in memory or read from a prepared cache, and --eval reads its
+# references' codes through it; prepare imports parallel for its multi-process command. Both stay reachable
+# from --eval until the reading of codes and that command are modules of their own.
+READ_BY_EVAL = {"prepare", "parallel"}
+
+
+def test_eval_runs_without_the_training_stack():
+    """`evaluate` reaches no module of the training loop through any of its imports, those inside functions
+    too: all of it is `--eval`. `import infer` reaches none through the imports it runs on import; an import
+    inside one of its functions is left out, as it runs only in the mode that calls it (`checkpoints`, the
+    training stack, only for `--checkpoint`)."""
+    assert not _closure("evaluate", _imported) & (TRAINING_STACK - READ_BY_EVAL)
+    assert not _closure("infer", _imported_on_import) & (TRAINING_STACK - READ_BY_EVAL)
+    assert _closure("evaluate", _imported) & TRAINING_STACK == READ_BY_EVAL, "the exemption names what is read"
+    assert {"evaluate", "metrics"} <= _closure("infer", _imported_on_import), "the check follows infer's imports"
+
+
+CORE = {"train", "training", "loader", "data", "collate", "model_utils", "manifest", "prepare", "generation",
+        "batched_generation", "checkpoints", "config", "parallel", "files", "heldout", "evaluate", "infer", "parity", "metrics"}
+
+
+def test_core_modules_import_no_tool_and_evaluate_only_where_clones_are_judged():
+    """The tools around the core (the benchmark, the segmenter, the importers) are never imported by it, and
+    `evaluate` only by the modules that judge clones with it: infer.py (`--eval`), heldout.py and train.py."""
+    for module in sorted(CORE):
+        imported = _imported(MODULES[module])
+        assert not imported & {"bench", "segment", "importers"}, module
+        assert "evaluate" not in imported or module in {"train", "heldout", "infer"}, module
