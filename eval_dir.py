@@ -90,11 +90,22 @@ def _results(path: Path) -> list[str]:
 def _check_same_run(path: Path, run: dict) -> None:
     if not path.is_file():
         raise EvalDirError(f"--resume: {path.parent} holds no --eval run (no {RUN_FILE}); give another --out")
-    recorded = json.loads(path.read_text(encoding="utf-8"))
-    changed = sorted(key for key in set(recorded) | set(run) if recorded.get(key) != run.get(key))
+    changed = differences(json.loads(path.read_text(encoding="utf-8")), run)
     if changed:
-        raise EvalDirError(f"--resume: {path.parent} holds a run with other {', '.join(changed)} (see {path}); "
+        raise EvalDirError(f"--resume: {path.parent} holds a run with other {'; '.join(changed)} (see {path}); "
                            "resume it with the same flags, or give another --out")
+
+
+def differences(recorded: dict, run: dict, prefix: str = "") -> list[str]:
+    """Each field that differs, named down to the leaf of a group (`sampling.seed 0 -> 1`), sorted."""
+    changed = []
+    for key in sorted(set(recorded) | set(run)):
+        old, new = recorded.get(key), run.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key} {json.dumps(old, ensure_ascii=False)} -> {json.dumps(new, ensure_ascii=False)}")
+    return changed
 
 
 def read_rows(path: Path) -> list[dict]:

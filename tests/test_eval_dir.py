@@ -44,7 +44,7 @@ def test_a_run_that_made_nothing_is_taken_over_and_another_run_is_not_resumed(tm
     eval_dir.EvalDir(tmp_path / "eval", RUN, resume=False)  # a start that failed before any clip
     out = eval_dir.EvalDir(tmp_path / "eval", {**RUN, "model": "other"}, resume=False)
     out.append(_record("a", 0.5))
-    with pytest.raises(eval_dir.EvalDirError, match="holds a run with other model"):
+    with pytest.raises(eval_dir.EvalDirError, match='holds a run with other model "other" -> null'):
         eval_dir.EvalDir(tmp_path / "eval", RUN, resume=True)
     assert [row["id"] for row in eval_dir.EvalDir(tmp_path / "eval", {**RUN, "model": "other"}, resume=True).done()] == ["a"]
 
@@ -57,3 +57,10 @@ def test_a_line_cut_short_by_a_crash_is_left_out_with_a_note(tmp_path, capsys):
     rows.write_text(rows.read_text()[:-20])
     assert [row["id"] for row in out.done()] == ["a"]
     assert "cut short" in capsys.readouterr().err
+
+
+def test_a_resume_with_other_sampling_names_each_differing_field_of_the_group(tmp_path):
+    out = eval_dir.EvalDir(tmp_path / "eval", {**RUN, "sampling": {"seed": 0, "temperature": 1.0}}, resume=False)
+    out.append(_record("a", 0.5))
+    with pytest.raises(eval_dir.EvalDirError, match=r"other sampling\.seed 0 -> 1 \(see "):
+        eval_dir.EvalDir(tmp_path / "eval", {**RUN, "sampling": {"seed": 1, "temperature": 1.0}}, resume=True)
