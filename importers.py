@@ -200,6 +200,14 @@ def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | U
         yield Unusable(f"{source / 'text'}: {utterance}", utterance, "missing_audio", "in text, not in wav.scp or segments")
 
 
+KALDI_FILES = ("wav.scp", "text", "utt2spk", "segments", "utt2lang")
+
+
+def _kaldi_path(source: Path, location: str) -> Path:
+    """A wav.scp file name: absolute, or relative to the data directory."""
+    return Path(location) if os.path.isabs(location) else source / location
+
+
 def _kaldi_table(path: Path) -> dict[str, str]:
     """A Kaldi table: the first field of each line -> the rest."""
     if not path.is_file():
@@ -219,7 +227,7 @@ def _kaldi_audio(source: Path, location: str | None, utterance: str, segments: d
         return Unusable("", utterance, "missing_audio", "its recording is not in wav.scp")
     if location.endswith("|"):
         return Unusable("", utterance, "pipe_command", f"wav.scp runs a command ({location}); write its output to a file")
-    path = Path(location) if os.path.isabs(location) else source / location
+    path = _kaldi_path(source, location)
     if segments is None:
         return path
     _, start, end = segments[utterance].split()
@@ -392,6 +400,7 @@ def run_import(fmt: str, source: str | Path, out: str | Path, options: Options =
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"no such source: {source}")
+    refuse_overwriting_inputs(fmt, source, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clips = ClipFiles(out.parent / "clips")
     rows, unusable, seen, started = [], [], set(), time.perf_counter()
@@ -410,6 +419,36 @@ def run_import(fmt: str, source: str | Path, out: str | Path, options: Options =
 
 def report_path(out: Path) -> Path:
     return out.with_name(out.stem + ".report.jsonl")
+
+
+def refuse_overwriting_inputs(fmt: str, source: Path, out: Path) -> None:
+    """Refuse an `out` (or its report) that is, or links to, a file the import reads: the manifest and report
+    replace their files whole, so such an import would destroy its own source. Audio is refused by its suffix,
+    which also covers recordings read without being named in advance (a lhotse cut's)."""
+    inputs = input_files(fmt, source)
+    for path, name in ((out, f"--out {out}"), (report_path(out), f"--out {out}: its report {report_path(out)}")):
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            raise ValueError(f"{name} is named as audio ({path.suffix}), which imports read: the manifest is JSONL, "
+                             "write it elsewhere")
+        if path.resolve() in inputs:
+            raise ValueError(f"{name} is {path.resolve()}, a file this import reads: write the manifest elsewhere")
+
+
+def input_files(fmt: str, source: Path) -> set[Path]:
+    """The files, resolved, that an import of `source` reads besides its audio: the source file itself, else the
+    format's files in the source folder (a Kaldi directory's recordings included)."""
+    if source.is_file():
+        return {source.resolve()}
+    if fmt == "ljspeech":
+        found = [source / "metadata.csv"]
+    elif fmt == "kaldi":
+        found = [source / name for name in KALDI_FILES]
+        if found[0].is_file():
+            found += [_kaldi_path(source, location) for location in _kaldi_table(found[0]).values()]
+    else:
+        suffixes = AUDIO_SUFFIXES + TRANSCRIPT_SUFFIXES if fmt == "folders" else (".parquet", ".arrow", ".json")
+        found = [path for path in source.rglob("*") if path.suffix.lower() in suffixes]
+    return {path.resolve() for path in found}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,3 +190,30 @@ def test_the_command_prints_the_counts_and_what_the_format_drops(tmp_path, capsy
     assert f"next: python prepare.py --manifest {tmp_path / 'lj.jsonl'}" in out
     assert importers.main(["kaldi", str(tmp_path / "nowhere"), "--out", str(tmp_path / "k.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"error: no such source: {tmp_path / 'nowhere'}"
+
+
+def lj_corpus(folder, rows=("vex",)):
+    """An LJSpeech folder of the given voice prompts."""
+    (folder / "wavs").mkdir(parents=True)
+    for name in rows:
+        shutil.copy(VOICE_PROMPTS / f"{name}.wav", folder / "wavs" / f"{name}.wav")
+    (folder / "metadata.csv").write_text("".join(f"{name}|raw|{text_of(name)}\n" for name in rows), encoding="utf-8")
+    return folder
+
+
+def test_an_out_that_is_a_file_the_import_reads_is_refused_before_anything_is_written(tmp_path, capsys):
+    corpus = lj_corpus(tmp_path / "LJ")
+    (tmp_path / "link.csv").symlink_to(corpus / "metadata.csv")
+    voices = tmp_path / "voices" / "alice"
+    voices.mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "vex.wav", voices / "a.wav")
+    (voices / "a.txt").write_text("A transcript.", encoding="utf-8")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for fmt, source, out in (("ljspeech", corpus, corpus / "metadata.csv"), ("ljspeech", corpus / "metadata.csv", tmp_path / "link.csv"),
+                             ("ljspeech", corpus, corpus / "wavs" / ".." / "wavs" / "vex.wav"),
+                             ("folders", tmp_path / "voices", voices / "a.txt")):
+        assert importers.main([fmt, str(source), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is ") and err.count("\n") == 1, err
+        assert "a file this import reads" in err or "named as audio (.wav)" in err, err
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before, "nothing was written"
