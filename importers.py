@@ -155,22 +155,35 @@ def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict 
 
 
 def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
-    """A folder per speaker, each clip (at any depth in it) beside a transcript of the same stem (`.txt` or `.lab`)."""
+    """A folder per speaker, each clip (at any depth in it) beside a transcript of the same stem (`.txt` or `.lab`);
+    a clip at the top of the source, in no speaker folder, is `--speaker`'s (unusable without it)."""
     for speaker_dir in sorted(path for path in source.iterdir() if path.is_dir()):
         found = sorted(path for path in speaker_dir.rglob("*") if path.is_file())
-        stems = {path.with_suffix("") for path in found if path.suffix.lower() in AUDIO_SUFFIXES}
-        for path in found:
-            clip_id = f"{speaker_dir.name}/{path.relative_to(speaker_dir).with_suffix('')}"
-            if path.suffix.lower() in AUDIO_SUFFIXES:
-                transcript = next((path.with_suffix(s) for s in TRANSCRIPT_SUFFIXES if path.with_suffix(s).is_file()), None)
-                try:
-                    text = transcript.read_text(encoding="utf-8-sig") if transcript else None
-                except UnicodeDecodeError as error:
-                    yield Unusable(str(transcript), clip_id, "non_utf8", f"byte {error.start} is not UTF-8")
-                    continue
-                yield entry(str(path), clip_id, path, text, speaker_dir.name, options.language)
-            elif path.suffix.lower() in TRANSCRIPT_SUFFIXES and path.with_suffix("") not in stems:
-                yield Unusable(str(path), clip_id, "missing_audio", f"a transcript without a clip of stem {path.stem}")
+        yield from _folder_clips(speaker_dir, found, speaker_dir.name, f"{speaker_dir.name}/", options.language)
+    top = sorted(path for path in source.iterdir() if path.is_file())
+    yield from _folder_clips(source, top, options.speaker, "", options.language)
+
+
+def _folder_clips(folder: Path, found: list[Path], speaker: str | None, prefix: str,
+                  language: str | None) -> Iterator[dict | Unusable]:
+    """The entries of the clips and transcripts `found` in `folder`, ids `PREFIX/path/in/folder/STEM`."""
+    stems = {path.with_suffix("") for path in found if path.suffix.lower() in AUDIO_SUFFIXES}
+    for path in found:
+        clip_id = f"{prefix}{path.relative_to(folder).with_suffix('')}"
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            if speaker is None:
+                yield Unusable(str(path), clip_id, "no_speaker_folder", f"a clip at the top of {folder}, in no speaker "
+                               "folder: move it into a folder named by its speaker, or name its speaker with --speaker")
+                continue
+            transcript = next((path.with_suffix(s) for s in TRANSCRIPT_SUFFIXES if path.with_suffix(s).is_file()), None)
+            try:
+                text = transcript.read_text(encoding="utf-8-sig") if transcript else None
+            except UnicodeDecodeError as error:
+                yield Unusable(str(transcript), clip_id, "non_utf8", f"byte {error.start} is not UTF-8")
+                continue
+            yield entry(str(path), clip_id, path, text, speaker, language)
+        elif path.suffix.lower() in TRANSCRIPT_SUFFIXES and path.with_suffix("") not in stems:
+            yield Unusable(str(path), clip_id, "missing_audio", f"a transcript without a clip of stem {path.stem}")
 
 
 def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
@@ -475,7 +488,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("source", help="the source: a folder, or its main file (metadata.csv, cuts.jsonl.gz, a parquet file)")
     add("--out", required=True, help="the manifest to write (JSONL); clips written out go to clips/ beside it")
     add("--language", help="language of rows whose source says none (any BCP 47 spelling; stored canonical) [none]")
-    add("--speaker", help="speaker of rows whose source names none (LJSpeech: one speaker) [ljspeech: the folder's name]")
+    add("--speaker", help="speaker of rows whose source names none (LJSpeech: one speaker; folders: the clips in no "
+        "speaker folder) [ljspeech: the folder's name; folders: none, such clips are unusable]")
     add("--split", help="hf: the split of a dataset with several [its only one]")
     for role, names in DATASET_COLUMNS.items():
         add(f"--{role}-column", help=f"hf: the {role} column [the first of {', '.join(names)}]")

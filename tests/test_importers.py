@@ -217,3 +217,22 @@ def test_an_out_that_is_a_file_the_import_reads_is_refused_before_anything_is_wr
         assert err.startswith(f"error: --out {out} is ") and err.count("\n") == 1, err
         assert "a file this import reads" in err or "named as audio (.wav)" in err, err
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before, "nothing was written"
+
+
+def test_clips_at_the_top_of_a_speaker_folder_source_are_counted_or_take_speaker(tmp_path):
+    corpus = tmp_path / "voices"
+    (corpus / "alice").mkdir(parents=True)
+    for audio, name in ((corpus / "alice" / "a.wav", "vex"), (corpus / "top.wav", "en_man")):
+        shutil.copy(VOICE_PROMPTS / f"{name}.wav", audio)
+        audio.with_suffix(".txt").write_text(text_of(name), encoding="utf-8")
+    (corpus / "lonely.txt").write_text("A transcript without its clip.", encoding="utf-8")
+    (corpus / "notes.md").write_text("Not audio, not a transcript.", encoding="utf-8")
+
+    result = imported("folders", corpus, tmp_path / "out" / "voices.jsonl")
+    assert [row["id"] for row in result.rows] == ["alice/a"]
+    assert [(item.where, item.reason) for item in result.unusable] == [
+        (str(corpus / "lonely.txt"), "missing_audio"), (str(corpus / "top.wav"), "no_speaker_folder")]
+    assert "--speaker" in result.unusable[1].detail
+    assert result.summary() == "rows read 3 = kept 1 + rejected 2 (missing_audio 1, no_speaker_folder 1)"
+    named = imported("folders", corpus, tmp_path / "out" / "named.jsonl", speaker="narrator")
+    assert [(row["id"], row["speaker"]) for row in named.rows] == [("alice/a", "alice"), ("top", "narrator")]
