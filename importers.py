@@ -350,9 +350,7 @@ def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[di
     """A lhotse CutSet (`cuts.jsonl.gz`), read with lhotse: a cut that is a whole one-file recording keeps its
     file, any other (part of a recording, several channels or files) is written out as a clip; its
     supervisions give the text (joined in time order), the one speaker and the language."""
-    from lhotse import CutSet
-
-    for index, cut in enumerate(CutSet.from_file(source)):
+    for index, cut in enumerate(_read_cuts(source)):
         where = f"{source} cut {index}"
         supervisions = sorted(cut.supervisions, key=lambda supervision: supervision.start)
         speakers = {supervision.speaker for supervision in supervisions}
@@ -371,6 +369,18 @@ def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[di
         speaker = next(iter(speakers), None) or options.speaker
         language = next((s.language for s in supervisions if s.language), None) or options.language
         yield entry(where, cut.id, audio, text, speaker, language)
+
+
+def _read_cuts(source: Path) -> Iterator:
+    """The cuts of a CutSet file; a damaged one (truncated, not gzip, not JSON lines of cuts) is one error naming it."""
+    from lhotse import CutSet
+
+    try:
+        yield from CutSet.from_file(source)
+    # gzip's EOFError (truncated) and BadGzipFile (an OSError), json's ValueError, and lhotse's TypeError or
+    # KeyError for a JSON line that is no cut.
+    except (EOFError, OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{source}: not a whole CutSet file ({files.first_line(error)})") from None
 
 
 def _whole_recording_file(cut) -> Path | None:

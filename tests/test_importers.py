@@ -4,6 +4,7 @@ by reason and listed, audio that is no file of its own written out once and equa
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 
@@ -236,3 +237,24 @@ def test_clips_at_the_top_of_a_speaker_folder_source_are_counted_or_take_speaker
     assert result.summary() == "rows read 3 = kept 1 + rejected 2 (missing_audio 1, no_speaker_folder 1)"
     named = imported("folders", corpus, tmp_path / "out" / "named.jsonl", speaker="narrator")
     assert [(row["id"], row["speaker"]) for row in named.rows] == [("alice/a", "alice"), ("top", "narrator")]
+
+
+def test_a_damaged_cut_set_is_one_line_naming_it(tmp_path, capsys):
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    recording = Recording.from_file(str(VOICE_PROMPTS / "en_man.wav"), recording_id="en_man")
+    cuts = []
+    for index in range(200):
+        cut = recording.to_cut().truncate(offset=index * 0.01, duration=1.0).with_id(f"cut-{index:03d}")
+        cut.supervisions = [SupervisionSegment(f"s{index}", "en_man", index * 0.01, 1.0, text=f"words {index}", speaker="m")]
+        cuts.append(cut)
+    CutSet.from_cuts(cuts).to_file(str(tmp_path / "cuts.jsonl.gz"))
+    whole = (tmp_path / "cuts.jsonl.gz").read_bytes()
+    damaged = {"truncated": whole[: len(whole) // 2], "not gzip": b"not a gzip file\n",
+               "bad JSON": gzip.compress(b'{"id": "a", \n')}
+    for name, payload in damaged.items():
+        source = tmp_path / f"{name.replace(' ', '-')}.jsonl.gz"
+        source.write_bytes(payload)
+        assert importers.main(["lhotse", str(source), "--out", str(tmp_path / "out.jsonl")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {source}: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
