@@ -13,8 +13,8 @@ Each importer turns its source into speaker-grouped rows (`id`, `audio`,
 ones by reason as prepare counts its rejections, and lists each in
 `OUT.report.jsonl`. Audio that is no file of its own (a Kaldi segment, a
 lhotse cut of a longer recording, audio stored inside a Hugging Face dataset)
-is written once, as a file in `clips/` beside the manifest; a re-run reuses
-it. What a format carries that a manifest has no place for is named in
+is written once, as a file in `clips/` beside the manifest, for a row that is
+kept (never for an entry rejected); a re-run reuses it. What a format carries that a manifest has no place for is named in
 `DROPPED` and printed. The clips themselves are checked by `prepare.py`.
 """
 
@@ -29,8 +29,9 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,19 @@ class Unusable:
     id: str | None
     reason: str
     detail: str
+
+
+# A row's audio: a file, or a clip still to be written (a `ClipFiles` call), which `run_import` writes only for a
+# row it keeps, so that no clip is left behind for an entry rejected later (its text, its id taken).
+Audio = Path | Callable[[], Path]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A source entry that makes a row: where it is, and the row's fields (its `audio` an `Audio`)."""
+
+    where: str
+    fields: dict
 
 
 @dataclass(frozen=True)
@@ -106,10 +120,10 @@ class ClipFiles:
         return self.from_bytes(clip_id, buffer.getvalue(), ".flac")
 
 
-def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speaker: str | None,
-          language: str | None) -> dict | Unusable:
+def entry(where: str, clip_id: str, audio: Audio | None, text: str | None, speaker: str | None,
+          language: str | None) -> Row | Unusable:
     """A row, or why the source entry makes none: no audio file, no transcript, no speaker, no known language."""
-    if audio is None or not audio.is_file():
+    if audio is None or (isinstance(audio, Path) and not audio.is_file()):
         return Unusable(where, clip_id, "missing_audio", f"no audio file {audio}" if audio else "no audio")
     if text is None:
         return Unusable(where, clip_id, "missing_transcript", f"no transcript for {audio}")
@@ -117,13 +131,13 @@ def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speake
         return Unusable(where, clip_id, "empty_text", "the transcript is empty")
     if not speaker:
         return Unusable(where, clip_id, "missing_speaker", "no speaker id")
-    row = {"id": clip_id, "audio": str(audio), "text": " ".join(text.split()), "speaker": speaker}
+    row = {"id": clip_id, "audio": audio, "text": " ".join(text.split()), "speaker": speaker}
     if language:
         try:
             row["language"] = manifest.canonical_language(language)
         except ValueError as error:
             return Unusable(where, clip_id, "bad_language", str(error))
-    return row
+    return Row(where, row)
 
 
 # --------------------------------------------------------------------------
@@ -131,7 +145,7 @@ def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speake
 # --------------------------------------------------------------------------
 
 
-def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """LJSpeech: `metadata.csv` (`id|raw transcript|normalised transcript`, no quoting) beside `wavs/ID.wav`; one
     speaker, `--speaker` or the folder's name."""
     table = source / "metadata.csv" if source.is_dir() else source
@@ -154,7 +168,7 @@ def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict 
             yield entry(where, clip_id, table.parent / "wavs" / f"{clip_id}.wav", fields[-1], speaker, options.language)
 
 
-def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A folder per speaker, each clip (at any depth in it) beside a transcript of the same stem (`.txt` or `.lab`);
     a clip at the top of the source, in no speaker folder, is `--speaker`'s (unusable without it)."""
     for speaker_dir in sorted(path for path in source.iterdir() if path.is_dir()):
@@ -165,7 +179,7 @@ def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict |
 
 
 def _folder_clips(folder: Path, found: list[Path], speaker: str | None, prefix: str,
-                  language: str | None) -> Iterator[dict | Unusable]:
+                  language: str | None) -> Iterator[Row | Unusable]:
     """The entries of the clips and transcripts `found` in `folder`, ids `PREFIX/path/in/folder/STEM`."""
     stems = {path.with_suffix("") for path in found if path.suffix.lower() in AUDIO_SUFFIXES}
     for path in found:
@@ -186,7 +200,7 @@ def _folder_clips(folder: Path, found: list[Path], speaker: str | None, prefix: 
             yield Unusable(str(path), clip_id, "missing_audio", f"a transcript without a clip of stem {path.stem}")
 
 
-def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A Kaldi data directory: `wav.scp` (recording -> file), `text`, `utt2spk`, and where present `segments`
     (utterance -> recording, start, end: each segment is written out as a clip) and `utt2lang`."""
     recordings = _kaldi_table(source / "wav.scp")
@@ -197,7 +211,7 @@ def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | U
     for utterance in utterances:
         where = f"{source / ('segments' if segments else 'wav.scp')}: {utterance}"
         recording = segments[utterance].split()[0] if segments else utterance
-        # Checked before a segment is cut, so that no clip is written for an utterance that makes no row.
+        # Checked before a segment is read: an utterance that makes no row costs no read of its recording.
         for table, name, reason in ((texts, "text", "missing_transcript"), (speakers, "utt2spk", "missing_speaker")):
             if utterance not in table:
                 yield Unusable(where, utterance, reason, f"not in {name}")
@@ -234,8 +248,8 @@ def _kaldi_table(path: Path) -> dict[str, str]:
 
 
 def _kaldi_audio(source: Path, location: str | None, utterance: str, segments: dict | None,
-                 clips: ClipFiles) -> Path | Unusable:
-    """The audio file of an utterance: its wav.scp file, or its segment of one written out."""
+                 clips: ClipFiles) -> Audio | Unusable:
+    """The audio file of an utterance: its wav.scp file, or its segment of one, to be written out."""
     if location is None:
         return Unusable("", utterance, "missing_audio", "its recording is not in wav.scp")
     if location.endswith("|"):
@@ -255,10 +269,10 @@ def _kaldi_audio(source: Path, location: str | None, utterance: str, segments: d
             samples = recording.read(last - first, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         return Unusable("", utterance, "missing_audio" if not path.is_file() else "unreadable_audio", f"{path}: {error}")
-    return clips.from_samples(utterance, samples, rate)
+    return partial(clips.from_samples, utterance, samples, rate)
 
 
-def huggingface(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def huggingface(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A Hugging Face dataset: a `save_to_disk` folder, or parquet or arrow files (a file or a folder of them).
     Audio stored in it is written out once; columns are found by their usual names unless given."""
     import datasets
@@ -329,24 +343,24 @@ def _dataset_columns(dataset, given: dict[str, str]) -> dict[str, str]:
     return columns
 
 
-def _dataset_audio(value, clip_id: str, source: Path, clips: ClipFiles) -> Path | Unusable:
-    """A dataset's audio cell as a file: its stored bytes written out, its samples written as FLAC, or the file
-    it names (relative to the dataset)."""
+def _dataset_audio(value, clip_id: str, source: Path, clips: ClipFiles) -> Audio | Unusable:
+    """A dataset's audio cell as a file: its stored bytes to be written out, its samples to be written as FLAC, or
+    the file it names (relative to the dataset)."""
     if not isinstance(value, dict):
         return Unusable("", clip_id, "missing_audio", f"the audio cell holds a {type(value).__name__}")
     name = value.get("path") or ""
     if value.get("bytes"):
         suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in AUDIO_SUFFIXES else ".wav"
-        return clips.from_bytes(clip_id, value["bytes"], suffix)
+        return partial(clips.from_bytes, clip_id, value["bytes"], suffix)
     if value.get("array") is not None and value.get("sampling_rate"):
-        return clips.from_samples(clip_id, np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
+        return partial(clips.from_samples, clip_id, np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
     for path in (Path(name), (source if source.is_dir() else source.parent) / name):
         if name and path.is_file():
             return path
     return Unusable("", clip_id, "missing_audio", f"no stored audio and no file {name!r}")
 
 
-def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A lhotse CutSet (`cuts.jsonl.gz`), read with lhotse: a cut that is a whole one-file recording keeps its
     file, any other (part of a recording, several channels or files) is written out as a clip; its
     supervisions give the text (joined in time order), the one speaker and the language."""
@@ -361,7 +375,7 @@ def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[di
             yield Unusable(where, cut.id, "missing_audio", "the cut has no recording")
             continue
         try:
-            audio = _whole_recording_file(cut) or clips.from_samples(cut.id, cut.load_audio().T, cut.sampling_rate)
+            audio = _whole_recording_file(cut) or partial(clips.from_samples, cut.id, cut.load_audio().T, cut.sampling_rate)
         except Exception as error:  # lhotse raises whatever its audio backend raises
             yield Unusable(where, cut.id, "unreadable_audio", files.first_line(error))
             continue
@@ -428,13 +442,15 @@ def run_import(fmt: str, source: str | Path, out: str | Path, options: Options =
     clips = ClipFiles(out.parent / "clips")
     rows, unusable, seen, started = [], [], set(), time.perf_counter()
     for item in IMPORTERS[fmt](source, options, clips):
-        if isinstance(item, dict) and item["id"] in seen:
-            item = Unusable(item["audio"], item["id"], "duplicate_id", f"id {item['id']!r} is taken by an earlier row")
+        if isinstance(item, Row) and item.fields["id"] in seen:
+            item = Unusable(item.where, item.fields["id"], "duplicate_id", f"id {item.fields['id']!r} is taken by an earlier row")
         if isinstance(item, Unusable):
             unusable.append(item)
             continue
-        seen.add(item["id"])
-        rows.append(dict(item, audio=os.path.relpath(item["audio"], out.parent)))
+        seen.add(item.fields["id"])
+        audio = item.fields["audio"]
+        audio = audio if isinstance(audio, Path) else audio()  # the row is kept: its clip is written now
+        rows.append(dict(item.fields, audio=os.path.relpath(audio, out.parent)))
     files.write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     files.write_text(report_path(out), "".join(json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in unusable))
     return ImportResult(out, rows, unusable, clips, time.perf_counter() - started)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_hugging_face_datasets_have_their_audio_written_out_once(hf_table, tmp_p
     assert {item.id: item.reason for item in result.unusable} == {"c": "missing_transcript", "d": "missing_audio"}
     assert (out.parent / result.rows[0]["audio"]).read_bytes() == (VOICE_PROMPTS / "en_woman.wav").read_bytes()
     again = importers.run_import("hf", source, out, importers.Options(split=split))
-    assert (result.clips.written, again.clips.written) == (3, 0), "stored audio is written once"
+    assert (result.clips.written, again.clips.written) == (2, 0), "stored audio is written once, for the kept rows"
 
 
 def test_a_dataset_with_several_splits_needs_split(hf_table, tmp_path, capsys):
@@ -258,3 +259,27 @@ def test_a_damaged_cut_set_is_one_line_naming_it(tmp_path, capsys):
         assert importers.main(["lhotse", str(source), "--out", str(tmp_path / "out.jsonl")]) == 2, name
         err = capsys.readouterr().err
         assert err.startswith(f"error: {source}: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+
+
+def test_clips_are_written_only_for_rows_that_are_kept(hf_table, tmp_path):
+    import datasets
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    table = {column: values + values[:1] for column, values in hf_table.items()}  # a fifth row: a again, its id taken
+    table["audio"][4] = {"bytes": (VOICE_PROMPTS / "vex.wav").read_bytes(), "path": "vex.wav"}
+    datasets.Dataset.from_dict(table).cast_column("audio", datasets.Audio()).to_parquet(str(tmp_path / "train.parquet"))
+    result = imported("hf", tmp_path / "train.parquet", tmp_path / "hf" / "hf.jsonl")
+    assert {item.id: item.reason for item in result.unusable} == {"c": "missing_transcript", "d": "missing_audio", "a": "duplicate_id"}
+    assert sorted(path.name for path in (tmp_path / "hf" / "clips").iterdir()) == sorted(Path(row["audio"]).name for row in result.rows)
+    assert result.clips.written == len(result.rows) == 2
+
+    woman = Recording.from_file(str(VOICE_PROMPTS / "en_woman.wav"), recording_id="en_woman")
+    cuts = []
+    for index, (text, language) in enumerate((("The device", "en"), (None, "en"), ("A tongue unheard of", "xx"))):
+        cut = woman.to_cut().truncate(offset=index, duration=1.0).with_id(f"cut{index}")
+        cut.supervisions = [SupervisionSegment(f"s{index}", "en_woman", index, 1.0, text=text, speaker="w", language=language)]
+        cuts.append(cut)
+    CutSet.from_cuts(cuts).to_file(str(tmp_path / "cuts.jsonl.gz"))
+    result = imported("lhotse", tmp_path / "cuts.jsonl.gz", tmp_path / "lhotse" / "cuts.jsonl")
+    assert {item.id: item.reason for item in result.unusable} == {"cut1": "empty_text", "cut2": "bad_language"}
+    assert [path.name for path in (tmp_path / "lhotse" / "clips").iterdir()] == [Path(result.rows[0]["audio"]).name]
