@@ -502,8 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dropped by this format: {DROPPED[args.format]}\n"
           f"clips written to {result.clips.folder}: {result.clips.written} (and {result.clips.reused} already there)\n"
           f"report: {report_path(result.manifest)}\n"
-          f"{result.summary()}; {len(result.rows) / max(result.seconds, 1e-9):.0f} rows/s\n"
-          f"next: python prepare.py --manifest {result.manifest} --out cache/{result.manifest.stem}")
+          f"{result.summary()}; {len(result.rows) / max(result.seconds, 1e-9):.0f} rows/s")
+    if not result.rows:  # nothing to prepare: an error, and no next command
+        return commands.fail(ValueError(f"nothing usable found in {args.source}: no row kept; "
+                                        f"report: {report_path(result.manifest)}"))
+    print(f"next: python prepare.py --manifest {result.manifest} --out cache/{result.manifest.stem}")
     return 0
 
 

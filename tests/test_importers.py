@@ -283,3 +283,14 @@ def test_clips_are_written_only_for_rows_that_are_kept(hf_table, tmp_path):
     result = imported("lhotse", tmp_path / "cuts.jsonl.gz", tmp_path / "lhotse" / "cuts.jsonl")
     assert {item.id: item.reason for item in result.unusable} == {"cut1": "empty_text", "cut2": "bad_language"}
     assert [path.name for path in (tmp_path / "lhotse" / "clips").iterdir()] == [Path(result.rows[0]["audio"]).name]
+
+
+def test_a_source_with_no_usable_row_is_an_error_and_prints_no_next_command(tmp_path, capsys):
+    corpus, out = lj_corpus(tmp_path / "LJ", rows=()), tmp_path / "lj.jsonl"
+    for metadata, counts in (("", "rows read 0 = kept 0 + rejected 0"),
+                             ("gone|raw|No such wav.\n", "rows read 1 = kept 0 + rejected 1 (missing_audio 1)")):
+        (corpus / "metadata.csv").write_text(metadata, encoding="utf-8")
+        assert importers.main(["ljspeech", str(corpus), "--out", str(out)]) == 2
+        printed = capsys.readouterr()
+        assert counts in printed.out and "next:" not in printed.out
+        assert printed.err == f"error: nothing usable found in {corpus}: no row kept; report: {importers.report_path(out)}\n"
