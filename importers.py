@@ -34,10 +34,14 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
+
 import numpy as np
 import soundfile as sf
 
-import commands
 import files
 import manifest
 
@@ -498,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_import(args.format, args.source, args.out, Options(language, args.speaker, args.split, columns))
     except commands.EXPECTED as error:
         return commands.fail(error)
+    except KeyboardInterrupt:
+        return commands.interrupted(f"no manifest written; the clips written so far (in {Path(args.out).parent / 'clips'}) "
+                                    "are reused when the same command runs again")
     commands.list_first([f"{item.where} ({item.id or 'no id'}): {item.reason}: {item.detail}" for item in result.unusable])
     print(f"dropped by this format: {DROPPED[args.format]}\n"
           f"clips written to {result.clips.folder}: {result.clips.written} (and {result.clips.reused} already there)\n"
@@ -526,4 +533,5 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())

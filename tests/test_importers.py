@@ -7,6 +7,10 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import soundfile as sf
 
 import importers
 import manifest
-from conftest import VOICE_PROMPTS
+from conftest import ROOT, VOICE_PROMPTS
 
 PROMPTS = ("en_woman", "en_man", "vex")
 
@@ -294,3 +298,24 @@ def test_a_source_with_no_usable_row_is_an_error_and_prints_no_next_command(tmp_
         printed = capsys.readouterr()
         assert counts in printed.out and "next:" not in printed.out
         assert printed.err == f"error: nothing usable found in {corpus}: no row kept; report: {importers.report_path(out)}\n"
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_writes_no_manifest(tmp_path):
+    data_dir, out = tmp_path / "kaldi", tmp_path / "out" / "kaldi.jsonl"
+    data_dir.mkdir()
+    utterances = [f"u{index:04d}" for index in range(2000)]  # minutes of clips to write: Ctrl-C comes mid-way
+    (data_dir / "wav.scp").write_text(f"rec {VOICE_PROMPTS / 'en_man.wav'}\n")
+    (data_dir / "segments").write_text("".join(f"{u} rec {i % 600 / 100:.2f} {i % 600 / 100 + 1:.2f}\n" for i, u in enumerate(utterances)))
+    (data_dir / "text").write_text("".join(f"{u} some words\n" for u in utterances))
+    (data_dir / "utt2spk").write_text("".join(f"{u} man\n" for u in utterances))
+    command = [sys.executable, str(ROOT / "importers.py"), "kaldi", str(data_dir), "--out", str(out)]
+    for started in (lambda: out.with_name("clips").is_dir() and any(out.with_name("clips").iterdir()),  # writing clips
+                    lambda: time.time() > launched + 1.5):  # while the modules load (torch: several seconds)
+        process, launched = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.time()
+        while not started() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 130 and "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("interrupted: ") and not out.exists(), err
+    assert not list(out.parent.rglob("*.tmp-*")), "no half-written clip is left"
