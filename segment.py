@@ -175,6 +175,8 @@ class Segmenter:
         except data.AudioError as error:
             return [], [Rejection(str(path), None, None, "bad_audio", str(error))]
         spans = speech_spans(at_vad_rate, self.vad, self.settings.max_seconds - 2 * EDGE_PAD_SECONDS)
+        if not spans:  # reported, so that a recording that yields nothing is never silently counted as done
+            return [], [Rejection(str(path), None, None, "no_speech", f"the VAD found no speech in its {len(mono) / rate:.1f} s")]
         rows, rejections = [], []
         for index, (start, end) in enumerate(plan_clips(spans, len(mono) / rate, self.settings.max_seconds)):
             span = slice(round(start * rate), round(end * rate))

@@ -186,3 +186,15 @@ def test_a_whisper_directory_transcribes_what_pocketsphinx_cannot(tmp_path, caps
     assert len(result.rows) + len(result.rejections) >= 1
     assert {r.reason for r in result.rejections} <= {"empty_transcript", "implausible_rate"}
     assert all(row["language"] == "ar" and row["speaker"] == "zaid" for row in result.rows)
+
+
+def test_a_recording_with_no_speech_is_a_reported_rejection(tmp_path):
+    recording = tmp_path / "in" / "dan" / "noise.wav"
+    recording.parent.mkdir(parents=True)
+    sf.write(recording, 0.1 * np.random.default_rng(0).standard_normal(5 * RATE).astype(np.float32), RATE)
+    result = segment.segment([str(recording.parent)], tmp_path / "out", segment.Settings(1.0, 10.0, "en"))
+    assert result.rows == [] and [(r.recording, r.start, r.end, r.reason) for r in result.rejections] == [
+        (str(recording), None, None, "no_speech")]
+    assert [json.loads(line)["reason"] for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()] == ["no_speech"]
+    assert result.summary() == "rows read 1 = kept 0 + rejected 1 (no_speech 1)"
+
