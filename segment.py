@@ -87,6 +87,10 @@ class Rejection:
     reason: str
     detail: str
 
+    def where(self) -> str:
+        """The recording, with the clip's span in it for a rejected clip."""
+        return self.recording if self.start is None else f"{self.recording} {self.start}-{self.end} s"
+
 
 # --------------------------------------------------------------------------
 # Where to cut
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         result = segment(args.inputs, args.out, settings, progress=True)
     except commands.EXPECTED as error:
         return commands.fail(error)
-    commands.list_first([f"{r.recording} {r.start}-{r.end} s: {r.reason}: {r.detail}" for r in result.rejections])
+    commands.list_first([f"{r.where()}: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
     print(f"recordings: {result.redone} segmented, {result.reused} already done\n"
           f"report: {out / 'report.jsonl'}\n{result.summary()}\n"

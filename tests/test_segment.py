@@ -198,3 +198,11 @@ def test_a_recording_with_no_speech_is_a_reported_rejection(tmp_path):
     assert [json.loads(line)["reason"] for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()] == ["no_speech"]
     assert result.summary() == "rows read 1 = kept 0 + rejected 1 (no_speech 1)"
 
+
+def test_a_rejection_of_a_whole_recording_is_listed_without_a_time_span(tmp_path, capsys):
+    recording = tmp_path / "in" / "erin" / "broken.wav"
+    recording.parent.mkdir(parents=True)
+    recording.write_bytes(b"RIFF but not a wave file at all")
+    segment.main([str(recording), "--out", str(tmp_path / "out"), "--language", "en"])
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "unreadable_audio" in line]
+    assert len(listed) == 1 and listed[0].startswith(f"  {recording}: unreadable_audio: ") and "None" not in listed[0], listed
