@@ -18,7 +18,8 @@ per second. The speaker is the recording's folder or file name.
 `OUT/manifest.jsonl` the speaker-grouped rows that `prepare.py` takes as they
 are, `OUT/report.jsonl` every rejection. Each finished recording is recorded
 in `OUT/done/`, so a run stopped in any way is run again with the same
-command and redoes only the recordings it had not finished.
+command and redoes only the recordings it had not finished; a recording
+changed since is segmented again, and the clips of its old version removed.
 """
 
 from __future__ import annotations
@@ -242,9 +243,9 @@ def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics
     paths = recordings(inputs)
     _check_settings(out, settings)
     segmenter = None
-    rows, rejections, redone = [], [], 0
+    rows, rejections, redone, records = [], [], 0, {}
     for path in tqdm(paths, desc="recordings", disable=not progress):
-        record = done_record(out, path)
+        record = records[str(path)] = done_record(out, path)
         if not record.is_file():
             segmenter = segmenter or _segmenter(out, settings, asr)
             speaker = path.parent.name if settings.speaker_from == "folder" else path.stem
@@ -256,6 +257,7 @@ def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics
         rows += finished["rows"]
         rejections += [Rejection(**rejection) for rejection in finished["rejections"]]
     _write_outputs(out, rows, rejections)
+    _remove_replaced(out, records, rows)
     return SegmentResult(rows, rejections, redone, len(paths) - redone)
 
 
@@ -281,6 +283,23 @@ def _check_settings(out: Path, settings: Settings) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     files.write_text(path, json.dumps(asdict(settings), indent=2))
+
+
+def _remove_replaced(out: Path, current: dict[str, Path], rows: list[dict]) -> None:
+    """Remove the done records that this run's recordings had before they changed, and the clips those records
+    list that no row uses now: the segmenter wrote them for that recording, whose manifest rows no longer name
+    them. Nothing else in `out` is touched (a record of a recording not in this run stays, with its clips)."""
+    used = {row["audio"] for row in rows}
+    for record in sorted((out / "done").glob("*.json")):
+        if record in current.values():
+            continue
+        finished = json.loads(record.read_text(encoding="utf-8"))
+        entries = [row["source"] for row in finished["rows"]] + [r["recording"] for r in finished["rejections"]]
+        if entries and entries[0] in current:
+            for row in finished["rows"]:
+                if row["audio"] not in used:
+                    (out / row["audio"]).unlink(missing_ok=True)
+            record.unlink()  # last: a run stopped before this removes the clips next time
 
 
 def _write_outputs(out: Path, rows: list[dict], rejections: list[Rejection]) -> None:

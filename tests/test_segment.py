@@ -206,3 +206,18 @@ def test_a_rejection_of_a_whole_recording_is_listed_without_a_time_span(tmp_path
     segment.main([str(recording), "--out", str(tmp_path / "out"), "--language", "en"])
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "unreadable_audio" in line]
     assert len(listed) == 1 and listed[0].startswith(f"  {recording}: unreadable_audio: ") and "None" not in listed[0], listed
+
+
+def test_a_changed_recording_leaves_none_of_its_old_clips(tmp_path):
+    folder, out, settings = tmp_path / "in" / "carol", tmp_path / "out", segment.Settings(1.0, 10.0, "en")
+    folder.mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "en_man.wav", folder / "talk.wav")
+    shutil.copy(VOICE_PROMPTS / "en_woman.wav", folder / "other.wav")
+    first = segment.segment([str(folder)], out, settings)
+    (out / "clips" / "carol" / "notes.txt").write_text("not the segmenter's")
+    shutil.copy(VOICE_PROMPTS / "en_woman.wav", folder / "talk.wav")
+    again = segment.segment([str(folder)], out, settings)
+    assert (again.redone, again.reused) == (1, 1) and {row["source"] for row in first.rows} == {str(folder / "talk.wav"), str(folder / "other.wav")}
+    left = sorted(str(path.relative_to(out)) for path in (out / "clips").rglob("*") if path.is_file())
+    assert left == sorted([row["audio"] for row in again.rows] + ["clips/carol/notes.txt"]), "talk's old clips are removed, nothing else"
+    assert len(list((out / "done").iterdir())) == 2, "one record per recording: talk's old one is removed with its clips"
