@@ -241,6 +241,9 @@ def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics
     settings.check()
     out = Path(out)
     paths = recordings(inputs)
+    if not paths:  # refused before the output folder is made
+        kinds = ", ".join(suffix[1:].upper() for suffix in importers.AUDIO_SUFFIXES)
+        raise ValueError(f"nothing usable found in {', '.join(inputs)}: no recording ({kinds})")
     _check_settings(out, settings)
     segmenter = None
     rows, rejections, redone, records = [], [], 0, {}
@@ -319,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.list_first([f"{r.where()}: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
     print(f"recordings: {result.redone} segmented, {result.reused} already done\n"
-          f"report: {out / 'report.jsonl'}\n{result.summary()}\n"
-          f"next: python prepare.py --manifest {out / 'manifest.jsonl'} --out cache/{out.name}")
+          f"report: {out / 'report.jsonl'}\n{result.summary()}")
+    if not result.rows:  # nothing to prepare: an error, and no next command
+        return commands.fail(ValueError(f"nothing usable found in {', '.join(args.inputs)}: no clip kept; "
+                                        f"report: {out / 'report.jsonl'}"))
+    print(f"next: python prepare.py --manifest {out / 'manifest.jsonl'} --out cache/{out.name}")
     return 0
 
 

@@ -221,3 +221,19 @@ def test_a_changed_recording_leaves_none_of_its_old_clips(tmp_path):
     left = sorted(str(path.relative_to(out)) for path in (out / "clips").rglob("*") if path.is_file())
     assert left == sorted([row["audio"] for row in again.rows] + ["clips/carol/notes.txt"]), "talk's old clips are removed, nothing else"
     assert len(list((out / "done").iterdir())) == 2, "one record per recording: talk's old one is removed with its clips"
+
+
+def test_no_recording_or_no_clip_kept_is_an_error_and_prints_no_next_command(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert segment.main([str(tmp_path / "empty"), "--out", str(out), "--language", "en"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err == f"error: nothing usable found in {tmp_path / 'empty'}: no recording (WAV, FLAC, OGG, MP3)\n"
+    assert "next:" not in printed.out and not out.exists(), "refused before the output folder is made"
+    noise = tmp_path / "noise" / "dan" / "noise.wav"
+    noise.parent.mkdir(parents=True)
+    sf.write(noise, 0.1 * np.random.default_rng(0).standard_normal(5 * RATE).astype(np.float32), RATE)
+    assert segment.main([str(noise.parent), "--out", str(out), "--language", "en"]) == 2
+    printed = capsys.readouterr()
+    assert "rows read 1 = kept 0 + rejected 1 (no_speech 1)" in printed.out and "next:" not in printed.out
+    assert printed.err.endswith(f"error: nothing usable found in {noise.parent}: no clip kept; report: {out / 'report.jsonl'}\n")
