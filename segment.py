@@ -32,12 +32,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
+
 import numpy as np
 import soundfile as sf
 import torch
 from tqdm import tqdm
 
-import commands
 import data
 import files
 import importers
@@ -319,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         result = segment(args.inputs, args.out, settings, progress=True)
     except commands.EXPECTED as error:
         return commands.fail(error)
+    except KeyboardInterrupt:
+        return commands.interrupted(f"each recording finished so far is kept in {Path(args.out) / 'done'}; "
+                                    "run the same command again to segment the rest")
     commands.list_first([f"{r.where()}: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
     print(f"recordings: {result.redone} segmented, {result.reused} already done\n"
@@ -345,4 +352,5 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())

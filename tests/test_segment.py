@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import librosa
 import numpy as np
@@ -16,7 +20,7 @@ import soundfile as sf
 import manifest
 import metrics
 import segment
-from conftest import VOICE_PROMPTS
+from conftest import ROOT, VOICE_PROMPTS
 
 RATE = 24000
 # (prompt, pause after it in seconds): pauses of several lengths, as between a podcast's sentences
@@ -237,3 +241,25 @@ def test_no_recording_or_no_clip_kept_is_an_error_and_prints_no_next_command(tmp
     printed = capsys.readouterr()
     assert "rows read 1 = kept 0 + rejected 1 (no_speech 1)" in printed.out and "next:" not in printed.out
     assert printed.err.endswith(f"error: nothing usable found in {noise.parent}: no clip kept; report: {out / 'report.jsonl'}\n")
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path):
+    """A real Ctrl-C (SIGINT to the command) while it transcribes a long recording, after a short one finished."""
+    (tmp_path / "in" / "bob").mkdir(parents=True)
+    (tmp_path / "in" / "carol").mkdir()
+    shutil.copy(VOICE_PROMPTS / "en_man.wav", tmp_path / "in" / "bob" / "short.wav")
+    speech = [sf.read(VOICE_PROMPTS / f"{name}.wav", dtype="float32")[0] for name in ("en_woman", "en_man")]
+    pause = np.zeros(RATE, dtype=np.float32)
+    sf.write(tmp_path / "in" / "carol" / "long.wav", np.concatenate([part for clip in speech for part in (clip, pause)]), RATE)
+    inputs, out = [str(tmp_path / "in" / "bob"), str(tmp_path / "in" / "carol")], tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(ROOT / "segment.py"), *inputs, "--out", str(out), "--language", "en"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not list((out / "done").glob("*.json")):  # the short recording is done
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert last.startswith("interrupted: ") and "the same command" in last, last
+    resumed = segment.segment(inputs, out, segment.Settings(1.0, 30.0, "en"))
+    assert (resumed.redone, resumed.reused) == (1, 1) and {row["speaker"] for row in resumed.rows} == {"bob", "carol"}
