@@ -515,6 +515,10 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    try:
+        _check_inputs(args)
+    except commands.EXPECTED as error:
+        return commands.fail(error)
     world, device = parallel.start_processes(args.device)
     try:
         result = _run(args, world, device)
@@ -525,6 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     if result is not None:
         _print_result(result, args.out)
     return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The manifests exist: checked before a model loads or the cache folder is made, so that a mistyped path
+    leaves nothing behind."""
+    for path in filter(None, (args.manifest, args.val_manifest)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such manifest: {path}")
 
 
 def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
