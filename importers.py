@@ -14,8 +14,9 @@ ones by reason as prepare counts its rejections, and lists each in
 `OUT.report.jsonl`. Audio that is no file of its own (a Kaldi segment, a
 lhotse cut of a longer recording, audio stored inside a Hugging Face dataset)
 is written once, as a file in `clips/` beside the manifest, for a row that is
-kept (never for an entry rejected); a re-run reuses it. What a format carries that a manifest has no place for is named in
-`DROPPED` and printed. The clips themselves are checked by `prepare.py`.
+kept (never for an entry rejected); a re-run reuses it. What a format carries
+that a manifest has no place for is named in `DROPPED` and printed. The clips
+themselves are checked by `prepare.py`.
 """
 
 from __future__ import annotations
@@ -437,7 +438,8 @@ class ImportResult:
 
 def run_import(fmt: str, source: str | Path, out: str | Path, options: Options = Options()) -> ImportResult:
     """Import `source` in format `fmt` into the manifest `out` (audio paths relative to it), the unusable entries
-    listed in `OUT.report.jsonl` (written, empty or not, so that an old report never stays)."""
+    listed in `OUT.report.jsonl` (written, empty or not, so that an old report never stays); an `out` that is a
+    file the import reads is refused before anything is written."""
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"no such source: {source}")
@@ -447,7 +449,8 @@ def run_import(fmt: str, source: str | Path, out: str | Path, options: Options =
     rows, unusable, seen, started = [], [], set(), time.perf_counter()
     for item in IMPORTERS[fmt](source, options, clips):
         if isinstance(item, Row) and item.fields["id"] in seen:
-            item = Unusable(item.where, item.fields["id"], "duplicate_id", f"id {item.fields['id']!r} is taken by an earlier row")
+            clip_id = item.fields["id"]
+            item = Unusable(item.where, clip_id, "duplicate_id", f"id {clip_id!r} is taken by an earlier row")
         if isinstance(item, Unusable):
             unusable.append(item)
             continue
@@ -488,7 +491,7 @@ def input_files(fmt: str, source: Path) -> set[Path]:
         found = [source / name for name in KALDI_FILES]
         if found[0].is_file():
             found += [_kaldi_path(source, location) for location in _kaldi_table(found[0]).values()]
-    else:
+    else:  # folders: its clips and transcripts; hf: a save_to_disk folder's or parquet or arrow files
         suffixes = AUDIO_SUFFIXES + TRANSCRIPT_SUFFIXES if fmt == "folders" else (".parquet", ".arrow", ".json")
         found = [path for path in source.rglob("*") if path.suffix.lower() in suffixes]
     return {path.resolve() for path in found}

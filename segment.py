@@ -241,7 +241,8 @@ class SegmentResult:
 def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics.Transcriber | None = None,
             progress: bool = False) -> SegmentResult:
     """Segment every recording of `inputs` into `out` (see the module's docstring), skipping those an earlier
-    run with the same settings finished; writes the manifest and the report of all of them."""
+    run with the same settings finished; writes the manifest and the report of all of them, then removes the
+    clips of the recordings' versions from before they changed."""
     settings.check()
     out = Path(out)
     paths = recordings(inputs)
@@ -296,9 +297,9 @@ def _remove_replaced(out: Path, current: dict[str, Path], rows: list[dict]) -> N
     """Remove the done records that this run's recordings had before they changed, and the clips those records
     list that no row uses now: the segmenter wrote them for that recording, whose manifest rows no longer name
     them. Nothing else in `out` is touched (a record of a recording not in this run stays, with its clips)."""
-    used = {row["audio"] for row in rows}
+    used, kept = {row["audio"] for row in rows}, set(current.values())
     for record in sorted((out / "done").glob("*.json")):
-        if record in current.values():
+        if record in kept:
             continue
         finished = json.loads(record.read_text(encoding="utf-8"))
         entries = [row["source"] for row in finished["rows"]] + [r["recording"] for r in finished["rejections"]]
