@@ -1,8 +1,10 @@
 """How the data commands (prepare.py, importers.py, segment.py) report: an expected failure as one `error:` line
-and exit status 2, and the first rejections listed with a count of the rest."""
+and exit status 2, Ctrl-C as one `interrupted:` line and exit status 130, and the first rejections listed with
+a count of the rest."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 # Bad input, a refused lock (RuntimeError), a file the disk refused (files.WriteError, a RuntimeError), a missing
@@ -25,3 +27,26 @@ def list_first(lines: list[str], shown: int = 5) -> None:
         print(f"  {line}")
     if len(lines) > shown:
         print(f"  ... {len(lines) - shown} more")
+
+
+def interrupted(message: str) -> int:
+    """Print `interrupted: MESSAGE` (what is kept, what to run) and return 130, 128 + SIGINT."""
+    print(f"interrupted: {message}", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
+def quiet_ctrl_c_while_loading() -> None:
+    """Until `loaded()`, Ctrl-C ends the command at once with one line and status 130, not a traceback from inside
+    an import (torch takes seconds to load). A SIGINT ignored by whoever started us (nohup) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+
+def _interrupted_while_loading(_signum, _frame) -> None:
+    raise SystemExit(interrupted("while loading, before reading any input: nothing was written"))
+
+
+def loaded() -> None:
+    """Ctrl-C raises KeyboardInterrupt again, which the command's `main` turns into its own line."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

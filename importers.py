@@ -13,9 +13,10 @@ Each importer turns its source into speaker-grouped rows (`id`, `audio`,
 ones by reason as prepare counts its rejections, and lists each in
 `OUT.report.jsonl`. Audio that is no file of its own (a Kaldi segment, a
 lhotse cut of a longer recording, audio stored inside a Hugging Face dataset)
-is written once, as a file in `clips/` beside the manifest; a re-run reuses
-it. What a format carries that a manifest has no place for is named in
-`DROPPED` and printed. The clips themselves are checked by `prepare.py`.
+is written once, as a file in `clips/` beside the manifest, for a row that is
+kept (never for an entry rejected); a re-run reuses it. What a format carries
+that a manifest has no place for is named in `DROPPED` and printed. The clips
+themselves are checked by `prepare.py`.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
 
 import numpy as np
 import soundfile as sf
 
-import commands
 import files
 import manifest
 
@@ -61,6 +67,19 @@ class Unusable:
     id: str | None
     reason: str
     detail: str
+
+
+# A row's audio: a file, or a clip still to be written (a `ClipFiles` call), which `run_import` writes only for a
+# row it keeps, so that no clip is left behind for an entry rejected later (its text, its id taken).
+Audio = Path | Callable[[], Path]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A source entry that makes a row: where it is, and the row's fields (its `audio` an `Audio`)."""
+
+    where: str
+    fields: dict
 
 
 @dataclass(frozen=True)
@@ -106,10 +125,10 @@ class ClipFiles:
         return self.from_bytes(clip_id, buffer.getvalue(), ".flac")
 
 
-def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speaker: str | None,
-          language: str | None) -> dict | Unusable:
+def entry(where: str, clip_id: str, audio: Audio | None, text: str | None, speaker: str | None,
+          language: str | None) -> Row | Unusable:
     """A row, or why the source entry makes none: no audio file, no transcript, no speaker, no known language."""
-    if audio is None or not audio.is_file():
+    if audio is None or (isinstance(audio, Path) and not audio.is_file()):
         return Unusable(where, clip_id, "missing_audio", f"no audio file {audio}" if audio else "no audio")
     if text is None:
         return Unusable(where, clip_id, "missing_transcript", f"no transcript for {audio}")
@@ -117,13 +136,13 @@ def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speake
         return Unusable(where, clip_id, "empty_text", "the transcript is empty")
     if not speaker:
         return Unusable(where, clip_id, "missing_speaker", "no speaker id")
-    row = {"id": clip_id, "audio": str(audio), "text": " ".join(text.split()), "speaker": speaker}
+    row = {"id": clip_id, "audio": audio, "text": " ".join(text.split()), "speaker": speaker}
     if language:
         try:
             row["language"] = manifest.canonical_language(language)
         except ValueError as error:
             return Unusable(where, clip_id, "bad_language", str(error))
-    return row
+    return Row(where, row)
 
 
 # --------------------------------------------------------------------------
@@ -131,7 +150,7 @@ def entry(where: str, clip_id: str, audio: Path | None, text: str | None, speake
 # --------------------------------------------------------------------------
 
 
-def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """LJSpeech: `metadata.csv` (`id|raw transcript|normalised transcript`, no quoting) beside `wavs/ID.wav`; one
     speaker, `--speaker` or the folder's name."""
     table = source / "metadata.csv" if source.is_dir() else source
@@ -154,26 +173,39 @@ def ljspeech(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict 
             yield entry(where, clip_id, table.parent / "wavs" / f"{clip_id}.wav", fields[-1], speaker, options.language)
 
 
-def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
-    """A folder per speaker, each clip (at any depth in it) beside a transcript of the same stem (`.txt` or `.lab`)."""
+def folders(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
+    """A folder per speaker, each clip (at any depth in it) beside a transcript of the same stem (`.txt` or `.lab`);
+    a clip at the top of the source, in no speaker folder, is `--speaker`'s (unusable without it)."""
     for speaker_dir in sorted(path for path in source.iterdir() if path.is_dir()):
         found = sorted(path for path in speaker_dir.rglob("*") if path.is_file())
-        stems = {path.with_suffix("") for path in found if path.suffix.lower() in AUDIO_SUFFIXES}
-        for path in found:
-            clip_id = f"{speaker_dir.name}/{path.relative_to(speaker_dir).with_suffix('')}"
-            if path.suffix.lower() in AUDIO_SUFFIXES:
-                transcript = next((path.with_suffix(s) for s in TRANSCRIPT_SUFFIXES if path.with_suffix(s).is_file()), None)
-                try:
-                    text = transcript.read_text(encoding="utf-8-sig") if transcript else None
-                except UnicodeDecodeError as error:
-                    yield Unusable(str(transcript), clip_id, "non_utf8", f"byte {error.start} is not UTF-8")
-                    continue
-                yield entry(str(path), clip_id, path, text, speaker_dir.name, options.language)
-            elif path.suffix.lower() in TRANSCRIPT_SUFFIXES and path.with_suffix("") not in stems:
-                yield Unusable(str(path), clip_id, "missing_audio", f"a transcript without a clip of stem {path.stem}")
+        yield from _folder_clips(speaker_dir, found, speaker_dir.name, f"{speaker_dir.name}/", options.language)
+    top = sorted(path for path in source.iterdir() if path.is_file())
+    yield from _folder_clips(source, top, options.speaker, "", options.language)
 
 
-def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def _folder_clips(folder: Path, found: list[Path], speaker: str | None, prefix: str,
+                  language: str | None) -> Iterator[Row | Unusable]:
+    """The entries of the clips and transcripts `found` in `folder`, ids `PREFIX/path/in/folder/STEM`."""
+    stems = {path.with_suffix("") for path in found if path.suffix.lower() in AUDIO_SUFFIXES}
+    for path in found:
+        clip_id = f"{prefix}{path.relative_to(folder).with_suffix('')}"
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            if speaker is None:
+                yield Unusable(str(path), clip_id, "no_speaker_folder", f"a clip at the top of {folder}, in no speaker "
+                               "folder: move it into a folder named by its speaker, or name its speaker with --speaker")
+                continue
+            transcript = next((path.with_suffix(s) for s in TRANSCRIPT_SUFFIXES if path.with_suffix(s).is_file()), None)
+            try:
+                text = transcript.read_text(encoding="utf-8-sig") if transcript else None
+            except UnicodeDecodeError as error:
+                yield Unusable(str(transcript), clip_id, "non_utf8", f"byte {error.start} is not UTF-8")
+                continue
+            yield entry(str(path), clip_id, path, text, speaker, language)
+        elif path.suffix.lower() in TRANSCRIPT_SUFFIXES and path.with_suffix("") not in stems:
+            yield Unusable(str(path), clip_id, "missing_audio", f"a transcript without a clip of stem {path.stem}")
+
+
+def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A Kaldi data directory: `wav.scp` (recording -> file), `text`, `utt2spk`, and where present `segments`
     (utterance -> recording, start, end: each segment is written out as a clip) and `utt2lang`."""
     recordings = _kaldi_table(source / "wav.scp")
@@ -184,7 +216,7 @@ def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | U
     for utterance in utterances:
         where = f"{source / ('segments' if segments else 'wav.scp')}: {utterance}"
         recording = segments[utterance].split()[0] if segments else utterance
-        # Checked before a segment is cut, so that no clip is written for an utterance that makes no row.
+        # Checked before a segment is read: an utterance that makes no row costs no read of its recording.
         for table, name, reason in ((texts, "text", "missing_transcript"), (speakers, "utt2spk", "missing_speaker")):
             if utterance not in table:
                 yield Unusable(where, utterance, reason, f"not in {name}")
@@ -200,6 +232,14 @@ def kaldi(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | U
         yield Unusable(f"{source / 'text'}: {utterance}", utterance, "missing_audio", "in text, not in wav.scp or segments")
 
 
+KALDI_FILES = ("wav.scp", "text", "utt2spk", "segments", "utt2lang")
+
+
+def _kaldi_path(source: Path, location: str) -> Path:
+    """A wav.scp file name: absolute, or relative to the data directory."""
+    return Path(location) if os.path.isabs(location) else source / location
+
+
 def _kaldi_table(path: Path) -> dict[str, str]:
     """A Kaldi table: the first field of each line -> the rest."""
     if not path.is_file():
@@ -213,13 +253,13 @@ def _kaldi_table(path: Path) -> dict[str, str]:
 
 
 def _kaldi_audio(source: Path, location: str | None, utterance: str, segments: dict | None,
-                 clips: ClipFiles) -> Path | Unusable:
-    """The audio file of an utterance: its wav.scp file, or its segment of one written out."""
+                 clips: ClipFiles) -> Audio | Unusable:
+    """The audio file of an utterance: its wav.scp file, or its segment of one, to be written out."""
     if location is None:
         return Unusable("", utterance, "missing_audio", "its recording is not in wav.scp")
     if location.endswith("|"):
         return Unusable("", utterance, "pipe_command", f"wav.scp runs a command ({location}); write its output to a file")
-    path = Path(location) if os.path.isabs(location) else source / location
+    path = _kaldi_path(source, location)
     if segments is None:
         return path
     _, start, end = segments[utterance].split()
@@ -234,10 +274,10 @@ def _kaldi_audio(source: Path, location: str | None, utterance: str, segments: d
             samples = recording.read(last - first, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         return Unusable("", utterance, "missing_audio" if not path.is_file() else "unreadable_audio", f"{path}: {error}")
-    return clips.from_samples(utterance, samples, rate)
+    return partial(clips.from_samples, utterance, samples, rate)
 
 
-def huggingface(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def huggingface(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A Hugging Face dataset: a `save_to_disk` folder, or parquet or arrow files (a file or a folder of them).
     Audio stored in it is written out once; columns are found by their usual names unless given."""
     import datasets
@@ -308,30 +348,28 @@ def _dataset_columns(dataset, given: dict[str, str]) -> dict[str, str]:
     return columns
 
 
-def _dataset_audio(value, clip_id: str, source: Path, clips: ClipFiles) -> Path | Unusable:
-    """A dataset's audio cell as a file: its stored bytes written out, its samples written as FLAC, or the file
-    it names (relative to the dataset)."""
+def _dataset_audio(value, clip_id: str, source: Path, clips: ClipFiles) -> Audio | Unusable:
+    """A dataset's audio cell as a file: its stored bytes to be written out, its samples to be written as FLAC, or
+    the file it names (relative to the dataset)."""
     if not isinstance(value, dict):
         return Unusable("", clip_id, "missing_audio", f"the audio cell holds a {type(value).__name__}")
     name = value.get("path") or ""
     if value.get("bytes"):
         suffix = Path(name).suffix.lower() if Path(name).suffix.lower() in AUDIO_SUFFIXES else ".wav"
-        return clips.from_bytes(clip_id, value["bytes"], suffix)
+        return partial(clips.from_bytes, clip_id, value["bytes"], suffix)
     if value.get("array") is not None and value.get("sampling_rate"):
-        return clips.from_samples(clip_id, np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
+        return partial(clips.from_samples, clip_id, np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
     for path in (Path(name), (source if source.is_dir() else source.parent) / name):
         if name and path.is_file():
             return path
     return Unusable("", clip_id, "missing_audio", f"no stored audio and no file {name!r}")
 
 
-def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[dict | Unusable]:
+def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[Row | Unusable]:
     """A lhotse CutSet (`cuts.jsonl.gz`), read with lhotse: a cut that is a whole one-file recording keeps its
     file, any other (part of a recording, several channels or files) is written out as a clip; its
     supervisions give the text (joined in time order), the one speaker and the language."""
-    from lhotse import CutSet
-
-    for index, cut in enumerate(CutSet.from_file(source)):
+    for index, cut in enumerate(_read_cuts(source)):
         where = f"{source} cut {index}"
         supervisions = sorted(cut.supervisions, key=lambda supervision: supervision.start)
         speakers = {supervision.speaker for supervision in supervisions}
@@ -342,7 +380,7 @@ def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[di
             yield Unusable(where, cut.id, "missing_audio", "the cut has no recording")
             continue
         try:
-            audio = _whole_recording_file(cut) or clips.from_samples(cut.id, cut.load_audio().T, cut.sampling_rate)
+            audio = _whole_recording_file(cut) or partial(clips.from_samples, cut.id, cut.load_audio().T, cut.sampling_rate)
         except Exception as error:  # lhotse raises whatever its audio backend raises
             yield Unusable(where, cut.id, "unreadable_audio", files.first_line(error))
             continue
@@ -350,6 +388,18 @@ def lhotse_cuts(source: Path, options: Options, clips: ClipFiles) -> Iterator[di
         speaker = next(iter(speakers), None) or options.speaker
         language = next((s.language for s in supervisions if s.language), None) or options.language
         yield entry(where, cut.id, audio, text, speaker, language)
+
+
+def _read_cuts(source: Path) -> Iterator:
+    """The cuts of a CutSet file; a damaged one (truncated, not gzip, not JSON lines of cuts) is one error naming it."""
+    from lhotse import CutSet
+
+    try:
+        yield from CutSet.from_file(source)
+    # gzip's EOFError (truncated) and BadGzipFile (an OSError), json's ValueError, and lhotse's TypeError or
+    # KeyError for a JSON line that is no cut.
+    except (EOFError, OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{source}: not a whole CutSet file ({files.first_line(error)})") from None
 
 
 def _whole_recording_file(cut) -> Path | None:
@@ -388,21 +438,26 @@ class ImportResult:
 
 def run_import(fmt: str, source: str | Path, out: str | Path, options: Options = Options()) -> ImportResult:
     """Import `source` in format `fmt` into the manifest `out` (audio paths relative to it), the unusable entries
-    listed in `OUT.report.jsonl` (written, empty or not, so that an old report never stays)."""
+    listed in `OUT.report.jsonl` (written, empty or not, so that an old report never stays); an `out` that is a
+    file the import reads is refused before anything is written."""
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"no such source: {source}")
+    refuse_overwriting_inputs(fmt, source, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clips = ClipFiles(out.parent / "clips")
     rows, unusable, seen, started = [], [], set(), time.perf_counter()
     for item in IMPORTERS[fmt](source, options, clips):
-        if isinstance(item, dict) and item["id"] in seen:
-            item = Unusable(item["audio"], item["id"], "duplicate_id", f"id {item['id']!r} is taken by an earlier row")
+        if isinstance(item, Row) and item.fields["id"] in seen:
+            clip_id = item.fields["id"]
+            item = Unusable(item.where, clip_id, "duplicate_id", f"id {clip_id!r} is taken by an earlier row")
         if isinstance(item, Unusable):
             unusable.append(item)
             continue
-        seen.add(item["id"])
-        rows.append(dict(item, audio=os.path.relpath(item["audio"], out.parent)))
+        seen.add(item.fields["id"])
+        audio = item.fields["audio"]
+        audio = audio if isinstance(audio, Path) else audio()  # the row is kept: its clip is written now
+        rows.append(dict(item.fields, audio=os.path.relpath(audio, out.parent)))
     files.write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     files.write_text(report_path(out), "".join(json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in unusable))
     return ImportResult(out, rows, unusable, clips, time.perf_counter() - started)
@@ -410,6 +465,36 @@ def run_import(fmt: str, source: str | Path, out: str | Path, options: Options =
 
 def report_path(out: Path) -> Path:
     return out.with_name(out.stem + ".report.jsonl")
+
+
+def refuse_overwriting_inputs(fmt: str, source: Path, out: Path) -> None:
+    """Refuse an `out` (or its report) that is, or links to, a file the import reads: the manifest and report
+    replace their files whole, so such an import would destroy its own source. Audio is refused by its suffix,
+    which also covers recordings read without being named in advance (a lhotse cut's)."""
+    inputs = input_files(fmt, source)
+    for path, name in ((out, f"--out {out}"), (report_path(out), f"--out {out}: its report {report_path(out)}")):
+        if path.suffix.lower() in AUDIO_SUFFIXES:
+            raise ValueError(f"{name} is named as audio ({path.suffix}), which imports read: the manifest is JSONL, "
+                             "write it elsewhere")
+        if path.resolve() in inputs:
+            raise ValueError(f"{name} is {path.resolve()}, a file this import reads: write the manifest elsewhere")
+
+
+def input_files(fmt: str, source: Path) -> set[Path]:
+    """The files, resolved, that an import of `source` reads besides its audio: the source file itself, else the
+    format's files in the source folder (a Kaldi directory's recordings included)."""
+    if source.is_file():
+        return {source.resolve()}
+    if fmt == "ljspeech":
+        found = [source / "metadata.csv"]
+    elif fmt == "kaldi":
+        found = [source / name for name in KALDI_FILES]
+        if found[0].is_file():
+            found += [_kaldi_path(source, location) for location in _kaldi_table(found[0]).values()]
+    else:  # folders: its clips and transcripts; hf: a save_to_disk folder's or parquet or arrow files
+        suffixes = AUDIO_SUFFIXES + TRANSCRIPT_SUFFIXES if fmt == "folders" else (".parquet", ".arrow", ".json")
+        found = [path for path in source.rglob("*") if path.suffix.lower() in suffixes]
+    return {path.resolve() for path in found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,12 +505,18 @@ def main(argv: list[str] | None = None) -> int:
         result = run_import(args.format, args.source, args.out, Options(language, args.speaker, args.split, columns))
     except commands.EXPECTED as error:
         return commands.fail(error)
+    except KeyboardInterrupt:
+        return commands.interrupted(f"no manifest written; the clips written so far (in {Path(args.out).parent / 'clips'}) "
+                                    "are reused when the same command runs again")
     commands.list_first([f"{item.where} ({item.id or 'no id'}): {item.reason}: {item.detail}" for item in result.unusable])
     print(f"dropped by this format: {DROPPED[args.format]}\n"
           f"clips written to {result.clips.folder}: {result.clips.written} (and {result.clips.reused} already there)\n"
           f"report: {report_path(result.manifest)}\n"
-          f"{result.summary()}; {len(result.rows) / max(result.seconds, 1e-9):.0f} rows/s\n"
-          f"next: python prepare.py --manifest {result.manifest} --out cache/{result.manifest.stem}")
+          f"{result.summary()}; {len(result.rows) / max(result.seconds, 1e-9):.0f} rows/s")
+    if not result.rows:  # nothing to prepare: an error, and no next command
+        return commands.fail(ValueError(f"nothing usable found in {args.source}: no row kept; "
+                                        f"report: {report_path(result.manifest)}"))
+    print(f"next: python prepare.py --manifest {result.manifest} --out cache/{result.manifest.stem}")
     return 0
 
 
@@ -436,7 +527,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("source", help="the source: a folder, or its main file (metadata.csv, cuts.jsonl.gz, a parquet file)")
     add("--out", required=True, help="the manifest to write (JSONL); clips written out go to clips/ beside it")
     add("--language", help="language of rows whose source says none (any BCP 47 spelling; stored canonical) [none]")
-    add("--speaker", help="speaker of rows whose source names none (LJSpeech: one speaker) [ljspeech: the folder's name]")
+    add("--speaker", help="speaker of rows whose source names none (LJSpeech: one speaker; folders: the clips in no "
+        "speaker folder) [ljspeech: the folder's name; folders: none, such clips are unusable]")
     add("--split", help="hf: the split of a dataset with several [its only one]")
     for role, names in DATASET_COLUMNS.items():
         add(f"--{role}-column", help=f"hf: the {role} column [the first of {', '.join(names)}]")
@@ -444,4 +536,5 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())

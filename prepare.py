@@ -515,6 +515,10 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    try:
+        _check_inputs(args)
+    except commands.EXPECTED as error:
+        return commands.fail(error)
     world, device = parallel.start_processes(args.device)
     try:
         result = _run(args, world, device)
@@ -524,7 +528,21 @@ def main(argv: list[str] | None = None) -> int:
         parallel.stop_processes(world)
     if result is not None:
         _print_result(result, args.out)
+        if not result.validation.kept:  # nothing to train on: an error, and no next command
+            return commands.fail(ValueError(f"nothing usable found in {args.manifest}: no row kept; "
+                                            f"report: {Path(args.out) / 'report.jsonl'}"))
     return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The manifests exist and the training one holds a row: checked before a model loads or the cache folder
+    is made, so that a mistyped path or an empty manifest leaves nothing behind."""
+    for path in filter(None, (args.manifest, args.val_manifest)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such manifest: {path}")
+    with open(args.manifest, "rb") as lines:
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"nothing usable found in {args.manifest}: it holds no row")
 
 
 def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
@@ -545,7 +563,7 @@ def _print_result(result: PrepareResult, out: str) -> None:
     print(f"report: {Path(out) / 'report.jsonl'}\n"
           f"clips: {result.encoded} encoded, {result.reused} already in the cache"
           + (f" ({result.repaired} damaged shard(s) deleted and their clips encoded again)" if result.repaired else "")
-          + f"; train with --cache {out}\n"
+          + (f"; train with --cache {out}" if validation.kept else "") + "\n"
           f"{validation.summary()}")
 
 

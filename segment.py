@@ -18,7 +18,8 @@ per second. The speaker is the recording's folder or file name.
 `OUT/manifest.jsonl` the speaker-grouped rows that `prepare.py` takes as they
 are, `OUT/report.jsonl` every rejection. Each finished recording is recorded
 in `OUT/done/`, so a run stopped in any way is run again with the same
-command and redoes only the recordings it had not finished.
+command and redoes only the recordings it had not finished; a recording
+changed since is segmented again, and the clips of its old version removed.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
+
 import numpy as np
 import soundfile as sf
 import torch
 from tqdm import tqdm
 
-import commands
 import data
 import files
 import importers
@@ -86,6 +91,10 @@ class Rejection:
     end: float | None
     reason: str
     detail: str
+
+    def where(self) -> str:
+        """The recording, with the clip's span in it for a rejected clip."""
+        return self.recording if self.start is None else f"{self.recording} {self.start}-{self.end} s"
 
 
 # --------------------------------------------------------------------------
@@ -175,6 +184,8 @@ class Segmenter:
         except data.AudioError as error:
             return [], [Rejection(str(path), None, None, "bad_audio", str(error))]
         spans = speech_spans(at_vad_rate, self.vad, self.settings.max_seconds - 2 * EDGE_PAD_SECONDS)
+        if not spans:  # reported, so that a recording that yields nothing is never silently counted as done
+            return [], [Rejection(str(path), None, None, "no_speech", f"the VAD found no speech in its {len(mono) / rate:.1f} s")]
         rows, rejections = [], []
         for index, (start, end) in enumerate(plan_clips(spans, len(mono) / rate, self.settings.max_seconds)):
             span = slice(round(start * rate), round(end * rate))
@@ -230,15 +241,19 @@ class SegmentResult:
 def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics.Transcriber | None = None,
             progress: bool = False) -> SegmentResult:
     """Segment every recording of `inputs` into `out` (see the module's docstring), skipping those an earlier
-    run with the same settings finished; writes the manifest and the report of all of them."""
+    run with the same settings finished; writes the manifest and the report of all of them, then removes the
+    clips of the recordings' versions from before they changed."""
     settings.check()
     out = Path(out)
     paths = recordings(inputs)
+    if not paths:  # refused before the output folder is made
+        kinds = ", ".join(suffix[1:].upper() for suffix in importers.AUDIO_SUFFIXES)
+        raise ValueError(f"nothing usable found in {', '.join(inputs)}: no recording ({kinds})")
     _check_settings(out, settings)
     segmenter = None
-    rows, rejections, redone = [], [], 0
+    rows, rejections, redone, records = [], [], 0, {}
     for path in tqdm(paths, desc="recordings", disable=not progress):
-        record = done_record(out, path)
+        record = records[str(path)] = done_record(out, path)
         if not record.is_file():
             segmenter = segmenter or _segmenter(out, settings, asr)
             speaker = path.parent.name if settings.speaker_from == "folder" else path.stem
@@ -250,6 +265,7 @@ def segment(inputs: list[str], out: str | Path, settings: Settings, asr: metrics
         rows += finished["rows"]
         rejections += [Rejection(**rejection) for rejection in finished["rejections"]]
     _write_outputs(out, rows, rejections)
+    _remove_replaced(out, records, rows)
     return SegmentResult(rows, rejections, redone, len(paths) - redone)
 
 
@@ -277,6 +293,23 @@ def _check_settings(out: Path, settings: Settings) -> None:
     files.write_text(path, json.dumps(asdict(settings), indent=2))
 
 
+def _remove_replaced(out: Path, current: dict[str, Path], rows: list[dict]) -> None:
+    """Remove the done records that this run's recordings had before they changed, and the clips those records
+    list that no row uses now: the segmenter wrote them for that recording, whose manifest rows no longer name
+    them. Nothing else in `out` is touched (a record of a recording not in this run stays, with its clips)."""
+    used, kept = {row["audio"] for row in rows}, set(current.values())
+    for record in sorted((out / "done").glob("*.json")):
+        if record in kept:
+            continue
+        finished = json.loads(record.read_text(encoding="utf-8"))
+        entries = [row["source"] for row in finished["rows"]] + [r["recording"] for r in finished["rejections"]]
+        if entries and entries[0] in current:
+            for row in finished["rows"]:
+                if row["audio"] not in used:
+                    (out / row["audio"]).unlink(missing_ok=True)
+            record.unlink()  # last: a run stopped before this removes the clips next time
+
+
 def _write_outputs(out: Path, rows: list[dict], rejections: list[Rejection]) -> None:
     """The manifest (clip paths relative to it) and the report."""
     files.write_text(out / "manifest.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -291,11 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         result = segment(args.inputs, args.out, settings, progress=True)
     except commands.EXPECTED as error:
         return commands.fail(error)
-    commands.list_first([f"{r.recording} {r.start}-{r.end} s: {r.reason}: {r.detail}" for r in result.rejections])
+    except KeyboardInterrupt:
+        return commands.interrupted(f"each recording finished so far is kept in {Path(args.out) / 'done'}; "
+                                    "run the same command again to segment the rest")
+    commands.list_first([f"{r.where()}: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
     print(f"recordings: {result.redone} segmented, {result.reused} already done\n"
-          f"report: {out / 'report.jsonl'}\n{result.summary()}\n"
-          f"next: python prepare.py --manifest {out / 'manifest.jsonl'} --out cache/{out.name}")
+          f"report: {out / 'report.jsonl'}\n{result.summary()}")
+    if not result.rows:  # nothing to prepare: an error, and no next command
+        return commands.fail(ValueError(f"nothing usable found in {', '.join(args.inputs)}: no clip kept; "
+                                        f"report: {out / 'report.jsonl'}"))
+    print(f"next: python prepare.py --manifest {out / 'manifest.jsonl'} --out cache/{out.name}")
     return 0
 
 
@@ -314,4 +353,5 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())

@@ -4,8 +4,14 @@ by reason and listed, audio that is no file of its own written out once and equa
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +19,7 @@ import soundfile as sf
 
 import importers
 import manifest
-from conftest import VOICE_PROMPTS
+from conftest import ROOT, VOICE_PROMPTS
 
 PROMPTS = ("en_woman", "en_man", "vex")
 
@@ -137,7 +143,7 @@ def test_hugging_face_datasets_have_their_audio_written_out_once(hf_table, tmp_p
     assert {item.id: item.reason for item in result.unusable} == {"c": "missing_transcript", "d": "missing_audio"}
     assert (out.parent / result.rows[0]["audio"]).read_bytes() == (VOICE_PROMPTS / "en_woman.wav").read_bytes()
     again = importers.run_import("hf", source, out, importers.Options(split=split))
-    assert (result.clips.written, again.clips.written) == (3, 0), "stored audio is written once"
+    assert (result.clips.written, again.clips.written) == (2, 0), "stored audio is written once, for the kept rows"
 
 
 def test_a_dataset_with_several_splits_needs_split(hf_table, tmp_path, capsys):
@@ -190,3 +196,126 @@ def test_the_command_prints_the_counts_and_what_the_format_drops(tmp_path, capsy
     assert f"next: python prepare.py --manifest {tmp_path / 'lj.jsonl'}" in out
     assert importers.main(["kaldi", str(tmp_path / "nowhere"), "--out", str(tmp_path / "k.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"error: no such source: {tmp_path / 'nowhere'}"
+
+
+def lj_corpus(folder, rows=("vex",)):
+    """An LJSpeech folder of the given voice prompts."""
+    (folder / "wavs").mkdir(parents=True)
+    for name in rows:
+        shutil.copy(VOICE_PROMPTS / f"{name}.wav", folder / "wavs" / f"{name}.wav")
+    (folder / "metadata.csv").write_text("".join(f"{name}|raw|{text_of(name)}\n" for name in rows), encoding="utf-8")
+    return folder
+
+
+def test_an_out_that_is_a_file_the_import_reads_is_refused_before_anything_is_written(tmp_path, capsys):
+    corpus = lj_corpus(tmp_path / "LJ")
+    (tmp_path / "link.csv").symlink_to(corpus / "metadata.csv")
+    voices = tmp_path / "voices" / "alice"
+    voices.mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "vex.wav", voices / "a.wav")
+    (voices / "a.txt").write_text("A transcript.", encoding="utf-8")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for fmt, source, out in (("ljspeech", corpus, corpus / "metadata.csv"), ("ljspeech", corpus / "metadata.csv", tmp_path / "link.csv"),
+                             ("ljspeech", corpus, corpus / "wavs" / ".." / "wavs" / "vex.wav"),
+                             ("folders", tmp_path / "voices", voices / "a.txt")):
+        assert importers.main([fmt, str(source), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out} is ") and err.count("\n") == 1, err
+        assert "a file this import reads" in err or "named as audio (.wav)" in err, err
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before, "nothing was written"
+
+
+def test_clips_at_the_top_of_a_speaker_folder_source_are_counted_or_take_speaker(tmp_path):
+    corpus = tmp_path / "voices"
+    (corpus / "alice").mkdir(parents=True)
+    for audio, name in ((corpus / "alice" / "a.wav", "vex"), (corpus / "top.wav", "en_man")):
+        shutil.copy(VOICE_PROMPTS / f"{name}.wav", audio)
+        audio.with_suffix(".txt").write_text(text_of(name), encoding="utf-8")
+    (corpus / "lonely.txt").write_text("A transcript without its clip.", encoding="utf-8")
+    (corpus / "notes.md").write_text("Not audio, not a transcript.", encoding="utf-8")
+
+    result = imported("folders", corpus, tmp_path / "out" / "voices.jsonl")
+    assert [row["id"] for row in result.rows] == ["alice/a"]
+    assert [(item.where, item.reason) for item in result.unusable] == [
+        (str(corpus / "lonely.txt"), "missing_audio"), (str(corpus / "top.wav"), "no_speaker_folder")]
+    assert "--speaker" in result.unusable[1].detail
+    assert result.summary() == "rows read 3 = kept 1 + rejected 2 (missing_audio 1, no_speaker_folder 1)"
+    named = imported("folders", corpus, tmp_path / "out" / "named.jsonl", speaker="narrator")
+    assert [(row["id"], row["speaker"]) for row in named.rows] == [("alice/a", "alice"), ("top", "narrator")]
+
+
+def test_a_damaged_cut_set_is_one_line_naming_it(tmp_path, capsys):
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    recording = Recording.from_file(str(VOICE_PROMPTS / "en_man.wav"), recording_id="en_man")
+    cuts = []
+    for index in range(200):
+        cut = recording.to_cut().truncate(offset=index * 0.01, duration=1.0).with_id(f"cut-{index:03d}")
+        cut.supervisions = [SupervisionSegment(f"s{index}", "en_man", index * 0.01, 1.0, text=f"words {index}", speaker="m")]
+        cuts.append(cut)
+    CutSet.from_cuts(cuts).to_file(str(tmp_path / "cuts.jsonl.gz"))
+    whole = (tmp_path / "cuts.jsonl.gz").read_bytes()
+    damaged = {"truncated": whole[: len(whole) // 2], "not gzip": b"not a gzip file\n",
+               "bad JSON": gzip.compress(b'{"id": "a", \n')}
+    for name, payload in damaged.items():
+        source = tmp_path / f"{name.replace(' ', '-')}.jsonl.gz"
+        source.write_bytes(payload)
+        assert importers.main(["lhotse", str(source), "--out", str(tmp_path / "out.jsonl")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {source}: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+
+
+def test_clips_are_written_only_for_rows_that_are_kept(hf_table, tmp_path):
+    import datasets
+    from lhotse import CutSet, Recording, SupervisionSegment
+
+    table = {column: values + values[:1] for column, values in hf_table.items()}  # a fifth row: a again, its id taken
+    table["audio"][4] = {"bytes": (VOICE_PROMPTS / "vex.wav").read_bytes(), "path": "vex.wav"}
+    datasets.Dataset.from_dict(table).cast_column("audio", datasets.Audio()).to_parquet(str(tmp_path / "train.parquet"))
+    result = imported("hf", tmp_path / "train.parquet", tmp_path / "hf" / "hf.jsonl")
+    assert {item.id: item.reason for item in result.unusable} == {"c": "missing_transcript", "d": "missing_audio", "a": "duplicate_id"}
+    assert sorted(path.name for path in (tmp_path / "hf" / "clips").iterdir()) == sorted(Path(row["audio"]).name for row in result.rows)
+    assert result.clips.written == len(result.rows) == 2
+
+    woman = Recording.from_file(str(VOICE_PROMPTS / "en_woman.wav"), recording_id="en_woman")
+    cuts = []
+    for index, (text, language) in enumerate((("The device", "en"), (None, "en"), ("A tongue unheard of", "xx"))):
+        cut = woman.to_cut().truncate(offset=index, duration=1.0).with_id(f"cut{index}")
+        cut.supervisions = [SupervisionSegment(f"s{index}", "en_woman", index, 1.0, text=text, speaker="w", language=language)]
+        cuts.append(cut)
+    CutSet.from_cuts(cuts).to_file(str(tmp_path / "cuts.jsonl.gz"))
+    result = imported("lhotse", tmp_path / "cuts.jsonl.gz", tmp_path / "lhotse" / "cuts.jsonl")
+    assert {item.id: item.reason for item in result.unusable} == {"cut1": "empty_text", "cut2": "bad_language"}
+    assert [path.name for path in (tmp_path / "lhotse" / "clips").iterdir()] == [Path(result.rows[0]["audio"]).name]
+
+
+def test_a_source_with_no_usable_row_is_an_error_and_prints_no_next_command(tmp_path, capsys):
+    corpus, out = lj_corpus(tmp_path / "LJ", rows=()), tmp_path / "lj.jsonl"
+    for metadata, counts in (("", "rows read 0 = kept 0 + rejected 0"),
+                             ("gone|raw|No such wav.\n", "rows read 1 = kept 0 + rejected 1 (missing_audio 1)")):
+        (corpus / "metadata.csv").write_text(metadata, encoding="utf-8")
+        assert importers.main(["ljspeech", str(corpus), "--out", str(out)]) == 2
+        printed = capsys.readouterr()
+        assert counts in printed.out and "next:" not in printed.out
+        assert printed.err == f"error: nothing usable found in {corpus}: no row kept; report: {importers.report_path(out)}\n"
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_writes_no_manifest(tmp_path):
+    data_dir, out = tmp_path / "kaldi", tmp_path / "out" / "kaldi.jsonl"
+    data_dir.mkdir()
+    utterances = [f"u{index:04d}" for index in range(2000)]  # minutes of clips to write: Ctrl-C comes mid-way
+    (data_dir / "wav.scp").write_text(f"rec {VOICE_PROMPTS / 'en_man.wav'}\n")
+    (data_dir / "segments").write_text("".join(f"{u} rec {i % 600 / 100:.2f} {i % 600 / 100 + 1:.2f}\n" for i, u in enumerate(utterances)))
+    (data_dir / "text").write_text("".join(f"{u} some words\n" for u in utterances))
+    (data_dir / "utt2spk").write_text("".join(f"{u} man\n" for u in utterances))
+    command = [sys.executable, str(ROOT / "importers.py"), "kaldi", str(data_dir), "--out", str(out)]
+    for started in (lambda: out.with_name("clips").is_dir() and any(out.with_name("clips").iterdir()),  # writing clips
+                    lambda: time.time() > launched + 1.5):  # while the modules load (torch: several seconds)
+        process, launched = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.time()
+        while not started() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 130 and "Traceback" not in err and err.count("\n") == 1, err
+        assert err.startswith("interrupted: ") and not out.exists(), err
+    assert not list(out.parent.rglob("*.tmp-*")), "no half-written clip is left"

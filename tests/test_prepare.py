@@ -424,3 +424,31 @@ def test_two_gloo_processes_make_the_cache_one_makes_and_resume_after_one_is_kil
     assert summary["encoded"] == 4 - len(committed), "the resumed run encodes only what the killed one had not"
     assert _cache_contents(cache) == _cache_contents(tmp_path / "one")
     assert "rows read 6 = kept 4 + rejected 2 (missing_audio 1, too_short 1)" in output
+
+
+# --------------------------------------------------------------------------
+# Inputs checked before anything is made, and nothing usable (issue 25)
+# --------------------------------------------------------------------------
+
+
+def test_a_missing_manifest_is_refused_before_the_cache_folder_is_made(clips, tmp_path, capsys):
+    _, manifest_path = clips
+    for args, missing in ((["--manifest", str(tmp_path / "missing.jsonl")], tmp_path / "missing.jsonl"),
+                          (["--manifest", str(manifest_path), "--val-manifest", str(tmp_path / "nope.jsonl")], tmp_path / "nope.jsonl")):
+        assert prepare.main(args + ["--out", str(tmp_path / "cache")]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: no such manifest: {missing}"
+        assert not (tmp_path / "cache").exists()
+
+
+def test_a_manifest_with_no_usable_row_is_an_error_and_prints_no_next_command(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    assert prepare.main(["--manifest", str(empty), "--out", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: nothing usable found in {empty}: it holds no row"
+    assert not (tmp_path / "cache").exists()
+    rejected = write_manifest(tmp_path / "rejected.jsonl", [row("a", str(tmp_path / "missing.wav"), speaker="s")])
+    assert prepare.main(["--manifest", str(rejected), "--out", str(tmp_path / "cache")]) == 2
+    printed = capsys.readouterr()
+    assert "rows read 1 = kept 0 + rejected 1 (missing_audio 1)" in printed.out and "train with" not in printed.out
+    assert printed.err.strip().splitlines()[-1] == (f"error: nothing usable found in {rejected}: no row kept; "
+                                                    f"report: {tmp_path / 'cache' / 'report.jsonl'}")

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import librosa
 import numpy as np
@@ -16,7 +20,7 @@ import soundfile as sf
 import manifest
 import metrics
 import segment
-from conftest import VOICE_PROMPTS
+from conftest import ROOT, VOICE_PROMPTS
 
 RATE = 24000
 # (prompt, pause after it in seconds): pauses of several lengths, as between a podcast's sentences
@@ -186,3 +190,76 @@ def test_a_whisper_directory_transcribes_what_pocketsphinx_cannot(tmp_path, caps
     assert len(result.rows) + len(result.rejections) >= 1
     assert {r.reason for r in result.rejections} <= {"empty_transcript", "implausible_rate"}
     assert all(row["language"] == "ar" and row["speaker"] == "zaid" for row in result.rows)
+
+
+def test_a_recording_with_no_speech_is_a_reported_rejection(tmp_path):
+    recording = tmp_path / "in" / "dan" / "noise.wav"
+    recording.parent.mkdir(parents=True)
+    sf.write(recording, 0.1 * np.random.default_rng(0).standard_normal(5 * RATE).astype(np.float32), RATE)
+    result = segment.segment([str(recording.parent)], tmp_path / "out", segment.Settings(1.0, 10.0, "en"))
+    assert result.rows == [] and [(r.recording, r.start, r.end, r.reason) for r in result.rejections] == [
+        (str(recording), None, None, "no_speech")]
+    assert [json.loads(line)["reason"] for line in (tmp_path / "out" / "report.jsonl").read_text().splitlines()] == ["no_speech"]
+    assert result.summary() == "rows read 1 = kept 0 + rejected 1 (no_speech 1)"
+
+
+def test_a_rejection_of_a_whole_recording_is_listed_without_a_time_span(tmp_path, capsys):
+    recording = tmp_path / "in" / "erin" / "broken.wav"
+    recording.parent.mkdir(parents=True)
+    recording.write_bytes(b"RIFF but not a wave file at all")
+    segment.main([str(recording), "--out", str(tmp_path / "out"), "--language", "en"])
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "unreadable_audio" in line]
+    assert len(listed) == 1 and listed[0].startswith(f"  {recording}: unreadable_audio: ") and "None" not in listed[0], listed
+
+
+def test_a_changed_recording_leaves_none_of_its_old_clips(tmp_path):
+    folder, out, settings = tmp_path / "in" / "carol", tmp_path / "out", segment.Settings(1.0, 10.0, "en")
+    folder.mkdir(parents=True)
+    shutil.copy(VOICE_PROMPTS / "en_man.wav", folder / "talk.wav")
+    shutil.copy(VOICE_PROMPTS / "en_woman.wav", folder / "other.wav")
+    first = segment.segment([str(folder)], out, settings)
+    (out / "clips" / "carol" / "notes.txt").write_text("not the segmenter's")
+    shutil.copy(VOICE_PROMPTS / "en_woman.wav", folder / "talk.wav")
+    again = segment.segment([str(folder)], out, settings)
+    assert (again.redone, again.reused) == (1, 1) and {row["source"] for row in first.rows} == {str(folder / "talk.wav"), str(folder / "other.wav")}
+    left = sorted(str(path.relative_to(out)) for path in (out / "clips").rglob("*") if path.is_file())
+    assert left == sorted([row["audio"] for row in again.rows] + ["clips/carol/notes.txt"]), "talk's old clips are removed, nothing else"
+    assert len(list((out / "done").iterdir())) == 2, "one record per recording: talk's old one is removed with its clips"
+
+
+def test_no_recording_or_no_clip_kept_is_an_error_and_prints_no_next_command(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert segment.main([str(tmp_path / "empty"), "--out", str(out), "--language", "en"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err == f"error: nothing usable found in {tmp_path / 'empty'}: no recording (WAV, FLAC, OGG, MP3)\n"
+    assert "next:" not in printed.out and not out.exists(), "refused before the output folder is made"
+    noise = tmp_path / "noise" / "dan" / "noise.wav"
+    noise.parent.mkdir(parents=True)
+    sf.write(noise, 0.1 * np.random.default_rng(0).standard_normal(5 * RATE).astype(np.float32), RATE)
+    assert segment.main([str(noise.parent), "--out", str(out), "--language", "en"]) == 2
+    printed = capsys.readouterr()
+    assert "rows read 1 = kept 0 + rejected 1 (no_speech 1)" in printed.out and "next:" not in printed.out
+    assert printed.err.endswith(f"error: nothing usable found in {noise.parent}: no clip kept; report: {out / 'report.jsonl'}\n")
+
+
+def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path):
+    """A real Ctrl-C (SIGINT to the command) while it transcribes a long recording, after a short one finished."""
+    (tmp_path / "in" / "bob").mkdir(parents=True)
+    (tmp_path / "in" / "carol").mkdir()
+    shutil.copy(VOICE_PROMPTS / "en_man.wav", tmp_path / "in" / "bob" / "short.wav")
+    speech = [sf.read(VOICE_PROMPTS / f"{name}.wav", dtype="float32")[0] for name in ("en_woman", "en_man")]
+    pause = np.zeros(RATE, dtype=np.float32)
+    sf.write(tmp_path / "in" / "carol" / "long.wav", np.concatenate([part for clip in speech for part in (clip, pause)]), RATE)
+    inputs, out = [str(tmp_path / "in" / "bob"), str(tmp_path / "in" / "carol")], tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(ROOT / "segment.py"), *inputs, "--out", str(out), "--language", "en"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not list((out / "done").glob("*.json")):  # the short recording is done
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert last.startswith("interrupted: ") and "the same command" in last, last
+    resumed = segment.segment(inputs, out, segment.Settings(1.0, 30.0, "en"))
+    assert (resumed.redone, resumed.reused) == (1, 1) and {row["speaker"] for row in resumed.rows} == {"bob", "carol"}
