@@ -1,9 +1,13 @@
-"""The benchmark scripts: the step benchmark's loop gives train.py's losses and its GPU check runs on the CPU;
-the sync benchmark finds only the package's syncs in the step."""
+"""The benchmark scripts: each prints its help without running anything or needing data; the step benchmark's
+loop gives train.py's losses and its GPU check runs on the CPU; the sync benchmark finds only the package's
+syncs in the step."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -21,10 +25,61 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import step_benchmark  # noqa: E402
 import sync_benchmark  # noqa: E402
 
+# The command-line scripts: every file that runs as `python FILE` (data.py's is the old spelling of prepare.py).
+SCRIPTS = sorted(path for path in [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+                 if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8") and path.name != "data.py")
+READING_VOICE_PROMPTS = [path.stem for path in SCRIPTS if "voice_prompts.add_flag(" in path.read_text(encoding="utf-8")]
+
 
 @pytest.fixture(scope="module")
 def tiny_config():
     return memory_plan.model_config("tiny")
+
+
+def test_every_script_prints_its_help_without_running_anything(tmp_path):
+    """`python SCRIPT --help` for every script, in an empty folder that stays empty, with no GPU visible. One
+    process runs them all, each as `__main__` from its file (a process each, each importing torch and the
+    package afresh, took minutes on 2 shared cores)."""
+    environment = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *map(str, SCRIPTS)], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    helped = json.loads(done.stdout.splitlines()[-1])
+    assert len(helped) == len(SCRIPTS) >= 17 and str(ROOT / "memory_plan.py") in helped
+    for path, (status, out) in helped.items():
+        assert status == 0 and out.startswith("usage: "), f"{path}: exit status {status}, printed {out[:300]!r}"
+    assert not any(tmp_path.iterdir()), "--help wrote nothing"
+
+
+# Runs each script given as `python SCRIPT --help` would (its folder first on the path, `__name__` "__main__"),
+# and prints {script: [exit status, what it printed]} as one JSON line.
+HELP_OF_EACH = """
+import contextlib, io, json, os, runpy, sys
+helped = {}
+for path in sys.argv[1:]:
+    sys.argv, printed, search_path = [path, "--help"], io.StringIO(), list(sys.path)
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(path, run_name="__main__")
+        status = "returned without exiting"
+    except SystemExit as stop:
+        status = stop.code
+    sys.path[:] = search_path
+    helped[path] = [status, printed.getvalue()]
+print(json.dumps(helped))
+"""
+
+
+@pytest.mark.parametrize("script", READING_VOICE_PROMPTS)
+def test_a_missing_voice_prompts_folder_is_one_error_line_naming_it_and_the_flag(script, tmp_path, capsys):
+    missing = tmp_path / "voice_prompts"
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).main(["--voice-prompts", str(missing)])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1
+    assert str(missing) in error and "--voice-prompts DIR" in error
+    assert len(READING_VOICE_PROMPTS) == 5
 
 
 def test_the_benchmarked_loop_gives_train_py_s_losses_for_the_same_batches(tmp_path, small_manifest, tiny, tiny_config):
