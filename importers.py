@@ -413,7 +413,7 @@ def report_path(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = _parse_args(argv)
     columns = tuple((role, getattr(args, f"{role}_column")) for role in DATASET_COLUMNS if getattr(args, f"{role}_column"))
     try:
         language = manifest.canonical_language(args.language) if args.language else None
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="importers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("format", choices=list(IMPORTERS), help="the source's format")

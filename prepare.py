@@ -514,7 +514,7 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = _parse_args(argv)
     world, device = parallel.start_processes(args.device)
     try:
         result = _run(args, world, device)
@@ -549,7 +549,7 @@ def _print_result(result: PrepareResult, out: str) -> None:
           f"{validation.summary()}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="prepare.py", description="Validate a manifest and cache its audio codes.")
     add = parser.add_argument
     add("--manifest", required=True, help="JSONL manifest (speaker-grouped or paired rows)")

@@ -284,7 +284,7 @@ def _write_outputs(out: Path, rows: list[dict], rejections: list[Rejection]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = _parse_args(argv)
     try:
         language = manifest.canonical_language(args.language) if args.language else None
         settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from)
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="segment.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("inputs", nargs="+", help="recordings, or folders searched for them")

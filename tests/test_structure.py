@@ -1,5 +1,5 @@
 """The repo's shape: modules that import one another without a cycle, a loop readable in one sitting, short
-functions, the one sample builder that training and inference share, and usage lines that parse."""
+functions, and the one sample builder that training and inference share."""
 
 from __future__ import annotations
 
@@ -76,14 +76,6 @@ def test_train_py_reads_in_one_sitting_and_no_function_is_long():
     assert not long, long
 
 
-def test_one_sample_builder_serves_training_and_inference():
-    defined = [module for module, path in MODULES.items()
-               if any(name == "build_sample" for name, _ in _functions(path))]
-    assert defined == ["data"]
-    for user in ("manifest", "generation", "parity"):  # training's samples (via manifest.pair_to_sample) and inference's
-        assert "data.build_sample(" in MODULES[user].read_text(encoding="utf-8"), user
-
-
 # A command line in a docstring: `python FILE ...`, or `torchrun [its flags] FILE ...`.
 COMMAND = re.compile(r"^(?:python|torchrun\s.*?)\s(\S+\.py)(?:\s|$)")
 
@@ -123,14 +115,16 @@ def _command(line: str) -> tuple[str, list[str]]:
 
 
 def _parse_error(script: str, argv: list[str]) -> str | None:
-    """Why `script`'s own argument parser refuses `argv`, or None; parsing only, nothing is run or opened."""
+    """Why `script`'s own argument parser refuses `argv`, or None; parsing only, nothing is run or opened. The
+    parser is the script's `build_parser()`, else its `parse_args(argv)` (or `_parse_args`); train.py's is config's."""
     if script == "train.py":
         parse = config.build_parser().parse_args  # train.py's flags are config's
     else:
         folder = str((ROOT / script).parent)  # a benchmark imports its neighbours, as when run from its folder
         sys.path[:0] = [] if folder in sys.path else [folder]
         module = importlib.import_module(Path(script).stem)
-        parse = module.build_parser().parse_args if hasattr(module, "build_parser") else module.parse_args
+        parse = (module.build_parser().parse_args if hasattr(module, "build_parser")
+                 else getattr(module, "parse_args", None) or module._parse_args)  # importers, prepare, segment: private
     refused = io.StringIO()
     try:
         with contextlib.redirect_stderr(refused):
@@ -154,3 +148,12 @@ def test_every_usage_line_of_a_module_docstring_parses():
             if error:
                 refused.append(f"{path.relative_to(ROOT)}: {line}\n    {error}")
     assert checked >= 30 and not refused, "\n".join(refused)
+
+
+def test_one_sample_builder_serves_training_and_inference():
+    defined = [module for module, path in MODULES.items()
+               if any(name == "build_sample" for name, _ in _functions(path))]
+    assert defined == ["data"]
+    for user in ("manifest", "generation", "parity"):  # training's samples (via manifest.pair_to_sample) and inference's
+        assert "data.build_sample(" in MODULES[user].read_text(encoding="utf-8"), user
+
