@@ -156,4 +156,3 @@ def test_one_sample_builder_serves_training_and_inference():
     assert defined == ["data"]
     for user in ("manifest", "generation", "parity"):  # training's samples (via manifest.pair_to_sample) and inference's
         assert "data.build_sample(" in MODULES[user].read_text(encoding="utf-8"), user
-
