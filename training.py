@@ -4,8 +4,8 @@
     optimizer = build_optimizer(model, config, device)
     stats = train_step(model, optimizer, micro_batches, config, world, device, lr_at(step, config, max_steps))
 
-`train_step` is the one optimizer step that `train.py`, `memory_plan.py`, the
-benchmarks and the tests run: forward, loss and backward over the step's micro-batches (DDP's
+`train_step` is the one optimizer step that `train.py`, `bench.py` and the
+tests run: forward, loss and backward over the step's micro-batches (DDP's
 gradient all-reduce only on the last), gradient clipping and the AdamW
 update, skipped when a loss is not finite. With `--kl-weight` the loss adds
 the forgetting guard, `forgetting_kl`: the KL from the base (the same LoRA
