@@ -79,7 +79,8 @@ _TINY_BPE_CORPUS = (
 
 @dataclass
 class TinyDims:
-    """Sizes of the tiny preset; small enough for a CPU test, same layout as the release."""
+    """Sizes of a model of the released layout: by default the tiny preset's, small enough for a CPU test
+    (`memory_plan` gives the release's own and a mid-size model's)."""
 
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -136,11 +137,34 @@ def special_token_ids(tokenizer) -> dict[str, int]:
 
 
 def tiny_model_config(tokenizer, whisper: bool = False, dims: TinyDims = TinyDims()) -> HiggsAudioConfig:
-    """A small `HiggsAudioConfig` with the released layout; every flag set, no default relied on."""
+    """A small `HiggsAudioConfig` with the released layout, the ids of `tokenizer`'s special tokens, and a small
+    Whisper tower (built with `whisper` only)."""
     ids = special_token_ids(tokenizer)
+    encoder_config = dict(
+        num_mel_bins=128,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        d_model=32,
+        max_source_positions=1500,
+        pad_token_id=ids[PAD_TOKEN],
+    )
+    return layout_config(ids, len(tokenizer), dims, whisper=whisper, encoder_config=encoder_config)
+
+
+def layout_config(ids: dict[str, int], vocab_size: int, dims: TinyDims, whisper: bool = False,
+                  encoder_config: dict | None = None, **text_options) -> HiggsAudioConfig:
+    """A `HiggsAudioConfig` with the released layout at `dims`: a Llama text model, the dual FFN on every layer,
+    the delay pattern; every flag set, no default relied on.
+
+    `ids` maps the special tokens of `special_token_ids` to their ids;
+    `encoder_config` is the Whisper tower's, built with `whisper` only (None:
+    the package's default); `text_options` set more of the Llama config (the
+    release's RoPE) or replace its values here.
+    """
     text_config = dict(
         model_type="llama",
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=dims.hidden_size,
         intermediate_size=dims.intermediate_size,
         num_hidden_layers=dims.num_layers,
@@ -151,17 +175,8 @@ def tiny_model_config(tokenizer, whisper: bool = False, dims: TinyDims = TinyDim
         tie_word_embeddings=False,
         pad_token_id=ids[PAD_TOKEN],
     )
-    encoder_config = dict(
-        num_mel_bins=128,
-        encoder_layers=1,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        d_model=32,
-        max_source_positions=1500,
-        pad_token_id=ids[PAD_TOKEN],
-    )
     config = HiggsAudioConfig(
-        text_config=text_config,
+        text_config={**text_config, **text_options},
         audio_encoder_config=encoder_config,
         audio_adapter_type="dual_ffn_fast_forward",
         audio_ffn_hidden_size=dims.hidden_size,

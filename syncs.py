@@ -28,6 +28,7 @@ the layers.
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from collections import Counter
@@ -42,6 +43,8 @@ import model_utils
 
 THIS_FILE = Path(__file__).resolve()
 ROOT = THIS_FILE.parent
+# Resolved, as every frame's file name is before it is compared: a virtual environment reached through a symbolic
+# link runs torch by the link's path.
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 aten = torch.ops.aten
 
@@ -216,7 +219,7 @@ def _python_inside_engine(frames: traceback.StackSummary) -> list[traceback.Fram
     """The frames outside torch that run inside the autograd engine: those after the call that entered it
     (`.backward()`), or, on the engine's own thread (CUDA backward), all of them."""
     entry = max((index for index, frame in enumerate(frames)
-                 if frame.name == "_engine_run_backward" and frame.filename.startswith(TORCH_DIR)), default=-1)
+                 if frame.name == "_engine_run_backward" and _resolved(frame.filename).startswith(TORCH_DIR)), default=-1)
     inside = list(frames)[entry + 1:]
     return inside if any(not _in_torch(frame) for frame in inside) else []
 
@@ -239,13 +242,23 @@ def _owner(frames) -> tuple[str, str]:
 
 
 def _in_torch(frame: traceback.FrameSummary) -> bool:
-    return frame.filename.startswith(TORCH_DIR) or frame.filename.startswith("<") or Path(frame.filename).resolve() == THIS_FILE
+    """Torch's own code, code with no file, or this counter."""
+    if frame.filename.startswith("<"):
+        return True
+    resolved = _resolved(frame.filename)
+    return resolved.startswith(TORCH_DIR) or resolved == str(THIS_FILE)
 
 
 def _source(frame: traceback.FrameSummary) -> str:
     """OURS for a file of this repository (its tests included; not a virtual environment inside it)."""
-    path = Path(frame.filename).resolve()
+    path = Path(_resolved(frame.filename))
     return OURS if ROOT in path.parents and "site-packages" not in path.parts else PACKAGE
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(filename: str) -> str:
+    """The file's path with symbolic links resolved, once per file: a step looks at thousands of frames."""
+    return str(Path(filename).resolve())
 
 
 def _parse_frames(formatted: list[str]) -> list[traceback.FrameSummary]:

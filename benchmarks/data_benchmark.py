@@ -209,8 +209,9 @@ def benchmark_data_wait(cache: str, steps: int) -> None:
         print(f"  --prefetch {depth}: {100 * wait:5.2f}% of the step waiting for data, {tokens:,.0f} tokens/s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=50, help="epochs of samples read from the cache [50]")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="token budget per batch [8192]")
     parser.add_argument("--samples", type=int, default=20000, help="samples in the synthetic length mix [20000]")
@@ -218,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="synthetic rows whose epoch is planned [100000 1000000]")
     parser.add_argument("--steps", type=int, default=40, help="training steps of the data-wait runs [40]")
     parser.add_argument("--verify-mb", type=int, default=256, help="MB of shard codes checked against their checksum [256]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     bundle = model_utils.load_bundle(model_utils.TINY_PRESET)
     with tempfile.TemporaryDirectory() as cache:

@@ -4,10 +4,11 @@
     python benchmarks/eval_benchmark.py --repo /tmp/start     # another checkout (e.g. `git archive START`)
     python benchmarks/eval_benchmark.py -- --batch-size 3     # extra infer.py flags after --
     python benchmarks/eval_benchmark.py --codes-cache         # references read from a prepared cache
+    python benchmarks/eval_benchmark.py --voice-prompts DIR   # the shared voice prompts elsewhere
 
-The manifest pairs three English recordings of ../shared/data/voice_prompts
-(each row clones one speaker's text from another's voice) and is scored with
-the offline default judge (resemblyzer, pocketsphinx). The breakdown wraps
+The manifest pairs three English recordings of the shared voice prompts
+(../shared/data/voice_prompts; each row clones one speaker's text from
+another's voice) and is scored with the offline default judge (resemblyzer, pocketsphinx). The breakdown wraps
 the functions that do the work, in whichever thread calls them, and adds up
 their wall time; a function that runs inside another (encoding inside
 validation) is counted in both, and work in the scoring thread overlaps
@@ -31,7 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-VOICE_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "voice_prompts"
+import voice_prompts
+
 # (reference, target): each row speaks the target's text in the reference's voice.
 ROWS = (("en_woman", "en_man"), ("chadwick", "belinda"), ("en_man", "vex"))
 # (label, module, attribute path): what the breakdown times, where it exists in the checkout.
@@ -50,26 +52,26 @@ TIMED = (
 )
 
 
-def write_manifest(folder: Path) -> Path:
+def write_manifest(folder: Path, prompts: Path) -> Path:
     lines = []
     for reference, target in ROWS:
         lines.append(json.dumps({
-            "id": f"{target}_as_{reference}", "ref_audio": str(VOICE_PROMPTS / f"{reference}.wav"),
-            "ref_text": (VOICE_PROMPTS / f"{reference}.txt").read_text(encoding="utf-8").strip(),
-            "audio": str(VOICE_PROMPTS / f"{target}.wav"),
-            "text": (VOICE_PROMPTS / f"{target}.txt").read_text(encoding="utf-8").strip(), "language": "en",
+            "id": f"{target}_as_{reference}", "ref_audio": str(prompts / f"{reference}.wav"),
+            "ref_text": (prompts / f"{reference}.txt").read_text(encoding="utf-8").strip(),
+            "audio": str(prompts / f"{target}.wav"),
+            "text": (prompts / f"{target}.txt").read_text(encoding="utf-8").strip(), "language": "en",
         }))
     path = folder / "three.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
-def prepare_references(folder: Path) -> str:
+def prepare_references(folder: Path, prompts: Path) -> str:
     """A code cache of the manifest's references (`python prepare.py` on them), as a user prepares a held-out set once."""
     import prepare
 
-    lines = [json.dumps({"id": reference, "audio": str(VOICE_PROMPTS / f"{reference}.wav"), "speaker": "all",
-                         "text": (VOICE_PROMPTS / f"{reference}.txt").read_text(encoding="utf-8").strip()})
+    lines = [json.dumps({"id": reference, "audio": str(prompts / f"{reference}.wav"), "speaker": "all",
+                         "text": (prompts / f"{reference}.txt").read_text(encoding="utf-8").strip()})
              for reference in sorted({reference for reference, _ in ROWS})]
     (folder / "references.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     started = time.perf_counter()
@@ -124,14 +126,21 @@ def wrap_timed(totals: dict[str, float], counts: dict[str, int]) -> list[str]:
     return wrapped
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eval_benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent), help="checkout to measure [this one]")
     parser.add_argument("--runs", type=int, default=2, help="eval runs, each into a fresh directory [2]")
     parser.add_argument("--codes-cache", action="store_true",
                         help="prepare the references' codes first (timed apart) and pass --codes-cache")
     parser.add_argument("extra", nargs="*", help="more infer.py flags (after --)")
-    args = parser.parse_args()
+    voice_prompts.add_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = voice_prompts.folder(args)
     sys.path.insert(0, args.repo)
     import infer
 
@@ -139,11 +148,11 @@ def main() -> int:
     counts: dict[str, int] = defaultdict(int)
     wrapped = wrap_timed(totals, counts)
     with tempfile.TemporaryDirectory() as folder:
-        manifest = write_manifest(Path(folder))
+        manifest = write_manifest(Path(folder), prompts)
         cache = Path(folder) / "score-cache"
         extra = list(args.extra)
         if args.codes_cache:
-            extra += ["--codes-cache", prepare_references(Path(folder))]
+            extra += ["--codes-cache", prepare_references(Path(folder), prompts)]
         for run in range(1, args.runs + 1):
             totals.clear()
             counts.clear()

@@ -12,12 +12,12 @@ term the guard adds), evaluated without dropout.
 
 Cost: the step time of `training.train_step` with and without the guard's
 base pass on this CPU (the tiny preset on the demo's Arabic micro-batch, and
-the 164M-parameter mid-size model of `bench.mid_config` at 2048 tokens;
+the 164M-parameter mid-size model of `memory_plan.mid_config` at 2048 tokens;
 LoRA, fp32; the median of --time-steps steps after one untimed, the two
 models taking turns step by step so that a drifting load slows both), and the
 planned peak memory of a step of the released layout (LoRA, bf16, fused
 AdamW, --plan-tokens tokens, with and without activation checkpointing;
-`bench.plan_step`, fake tensors, no GPU).
+`memory_plan.plan_step`, fake tensors, no GPU).
 
 Shares: --draws draws of `loader.next_set` for a three-set mixture, each
 set's share against its weight, and the largest gap between a set's count
@@ -45,10 +45,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import bench  # noqa: E402
 import collate  # noqa: E402
 import loader  # noqa: E402
 import manifest  # noqa: E402
+import memory_plan  # noqa: E402
 import model_utils  # noqa: E402
 import prepare  # noqa: E402
 import training  # noqa: E402
@@ -131,13 +131,13 @@ def alternating_step_seconds(models: dict[float, torch.nn.Module], batch, settin
 
 def step_time(bundle: model_utils.Bundle, batches: dict[str, list], count: int) -> None:
     print(f"\n== cost: step time on this CPU (LoRA, fp32; median of {count} steps, with and without taking turns) ==")
-    settings = {weight: bench.bench_config(scope="lora", precision="fp32", kl_weight=weight, warmup_steps=0)
+    settings = {weight: memory_plan.step_settings(scope="lora", precision="fp32", kl_weight=weight, warmup_steps=0)
                 for weight in (0.0, 1.0)}
     tiny = {weight: lora_model(bundle.model, settings[weight]) for weight in settings}
-    mid_config = bench.mid_config()
-    mid = {weight: bench.build_training_model(mid_config, settings[weight]) for weight in settings}
+    mid_config = memory_plan.mid_config()
+    mid = {weight: memory_plan.build_training_model(mid_config, settings[weight]) for weight in settings}
     for name, models, batch in (("tiny preset, 3 Arabic pairs", tiny, batches["ar"][0]),
-                                ("mid 164M, 2048 tokens", mid, bench.synthetic_batch(mid_config, 2048)[0])):
+                                ("mid 164M, 2048 tokens", mid, memory_plan.synthetic_batch(mid_config, 2048)[0])):
         seconds = alternating_step_seconds(models, batch, settings, count)
         print(f"{name}: {seconds[0.0]:.3f} s without the guard, {seconds[1.0]:.3f} s with it "
               f"(x{seconds[1.0] / seconds[0.0]:.2f})")
@@ -146,8 +146,8 @@ def step_time(bundle: model_utils.Bundle, batches: dict[str, list], count: int) 
 def planned_memory(tokens: int) -> None:
     print(f"\n== cost: planned peak memory, released layout, LoRA, bf16, {tokens} tokens (GiB) ==")
     for checkpointing in (False, True):
-        plain = bench.bench_config(scope="lora", grad_checkpoint=checkpointing)
-        peaks = {weight: bench.plan_step(bench.released_config(), replace(plain, kl_weight=weight), tokens).peak_gib
+        plain = memory_plan.step_settings(scope="lora", grad_checkpoint=checkpointing)
+        peaks = {weight: memory_plan.plan_step(memory_plan.released_config(), replace(plain, kl_weight=weight), tokens).peak_gib
                  for weight in (0.0, 1.0)}
         print(f"grad_checkpoint {'on ' if checkpointing else 'off'}: {peaks[0.0]:.2f} without the guard, {peaks[1.0]:.2f} "
               f"with it (+{peaks[1.0] - peaks[0.0]:.2f}, +{100 * (peaks[1.0] / peaks[0.0] - 1):.1f}%)")
@@ -174,15 +174,20 @@ def draw_shares(draws: int) -> None:
     print(f"200 random mixtures of 2-6 sets, 2000 draws each: largest gap over every prefix {worst:.3f} micro-batches")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetting_benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help=f"what to measure [{' '.join(PARTS)}]")
     parser.add_argument("--steps", type=int, default=30, help="adaptation steps per --kl-weight [30]")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 10.0, 100.0], help="[0 1 10 100]")
     parser.add_argument("--time-steps", type=int, default=8, help="timed steps per case [8]")
     parser.add_argument("--plan-tokens", type=int, default=4096, help="micro-batch of the memory plan [4096]")
     parser.add_argument("--draws", type=int, default=10000, help="[10000]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if "shares" in args.parts:
         draw_shares(args.draws)
     if {"effect", "time"} & set(args.parts):

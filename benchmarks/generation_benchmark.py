@@ -1,10 +1,10 @@
 """Clips per second of generation for batch sizes 1, 4 and 8, on the tiny preset and the released width.
 
     python benchmarks/generation_benchmark.py                     # both models, B = 1, 4, 8
-    python benchmarks/generation_benchmark.py --models tiny --clips 16 --seconds 2
+    python benchmarks/generation_benchmark.py --models tiny --clips 16 --seconds 2 [--voice-prompts DIR]
 
 Each model clones the same `--clips` prompts (references of 1 to 2 s of random
-codes, the texts of ../shared/data/voice_prompts) greedily, `--seconds` of
+codes, the texts of the shared voice prompts, ../shared/data/voice_prompts) greedily, `--seconds` of
 audio at most, in batches of B: B = 1 runs the package's `generate` (what
 `--batch-size 1` runs) and, for the overhead of our loop, `generate_batch`
 with one row; B > 1 runs `generate_batch`. The package's `generate` also
@@ -33,25 +33,22 @@ import batched_generation  # noqa: E402
 import collate  # noqa: E402
 import data  # noqa: E402
 import generation  # noqa: E402
+import memory_plan  # noqa: E402
 import model_utils  # noqa: E402
-
-VOICE_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "voice_prompts"
-RELEASED_VOCAB = 128256
+import voice_prompts  # noqa: E402
 
 
 def build(model: str, layers: int) -> model_utils.Bundle:
     tokenizer = model_utils.build_tiny_text_tokenizer()
     if model == "tiny":
         return model_utils.Bundle(model_utils.build_tiny_model(tokenizer), tokenizer, None)
-    dims = model_utils.TinyDims(hidden_size=3072, intermediate_size=8192, num_layers=layers, num_heads=24, num_kv_heads=8)
-    config = model_utils.tiny_model_config(tokenizer, dims=dims)
-    config.text_config.vocab_size = RELEASED_VOCAB  # the released text head; the tiny tokenizer's ids lie below it
+    config = model_utils.tiny_model_config(tokenizer, dims=memory_plan.released_dims(layers))
+    config.text_config.vocab_size = memory_plan.RELEASED_VOCAB  # the released text head; the tiny tokenizer's ids lie below it
     torch.manual_seed(0)
     return model_utils.Bundle(HiggsAudioModel(config).eval(), tokenizer, None)
 
 
-def prompts(bundle: model_utils.Bundle, count: int) -> list:
-    texts = sorted(path.read_text(encoding="utf-8").strip() for path in VOICE_PROMPTS.glob("*.txt"))
+def prompts(bundle: model_utils.Bundle, count: int, texts: list[str]) -> list:
     generator = torch.Generator().manual_seed(0)
     made = []
     for index in range(count):
@@ -85,18 +82,28 @@ def batched(bundle: model_utils.Bundle, samples: list, sampling: generation.Samp
     return frames
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="generation_benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,released", help="tiny and/or released [tiny,released]")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the released width [2]")
     parser.add_argument("--clips", type=int, default=8, help="prompts cloned per measurement [8]")
     parser.add_argument("--seconds", type=float, default=1.0, help="longest clip [1]")
-    args = parser.parse_args()
+    voice_prompts.add_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    texts = sorted(path.read_text(encoding="utf-8").strip() for path in voice_prompts.folder(args).glob("*.txt"))
+    if not texts:
+        print(f"error: no transcripts (NAME.txt) in {args.voice_prompts}: give --voice-prompts DIR", file=sys.stderr)
+        return 2
     sampling = generation.Sampling(greedy=True, seed=0, max_seconds=args.seconds)
     print(f"torch threads {torch.get_num_threads()}; {args.clips} clips of at most {args.seconds:g} s, greedy, fp32, CPU")
     for model in args.models.split(","):
         bundle = build(model, args.layers)
-        samples = prompts(bundle, args.clips)
+        samples = prompts(bundle, args.clips, texts)
         parameters = sum(p.numel() for p in bundle.model.parameters()) / 1e6
         name = model if model == "tiny" else f"released width, {args.layers} layers"
         print(f"\n{name} ({parameters:.0f}M parameters)")

@@ -1,14 +1,15 @@
 """How well the offline clone-quality metrics work on real speech, and what they cost.
 
-    python benchmarks/metrics_benchmark.py
+    python benchmarks/metrics_benchmark.py [--voice-prompts DIR]
 
-Prints, on ../shared/data/voice_prompts: speaker similarity of two halves of
+Prints, on the shared voice prompts (../shared/data/voice_prompts): speaker similarity of two halves of
 one recording vs halves of two speakers (and of noise), the offline ASR's WER
 on each English prompt, and the metrics' time per clip on this CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 import time
@@ -21,19 +22,19 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import metrics  # noqa: E402
+import voice_prompts  # noqa: E402
 
-PROMPTS = ROOT.parent / "shared" / "data" / "voice_prompts"
 SPEAKERS = ("en_man", "en_woman", "belinda", "chadwick", "vex", "shrek_donkey_es", "zh_man_sichuan")
 ENGLISH = ("en_man", "en_woman", "belinda", "chadwick", "vex")
 RATE = 24000
 
 
-def main() -> None:
+def measure(prompts: Path) -> None:
     started = time.time()
     judge = metrics.build_judge()
     print(f"loading the speaker encoder and ASR: {time.time() - started:.2f} s")
-    clips = {name: data.load_audio(PROMPTS / f"{name}.wav", RATE) for name in SPEAKERS}
-    texts = {name: (PROMPTS / f"{name}.txt").read_text(encoding="utf-8") for name in SPEAKERS}
+    clips = {name: data.load_audio(prompts / f"{name}.wav", RATE) for name in SPEAKERS}
+    texts = {name: (prompts / f"{name}.txt").read_text(encoding="utf-8") for name in SPEAKERS}
     judge.encoder.embed(clips["vex"][:RATE], RATE)  # the first LSTM call pays one-time setup
 
     halves, embed_seconds, audio_seconds = {}, 0.0, 0.0
@@ -81,5 +82,17 @@ def main() -> None:
     print(f"\nall metrics of one clip (SIM + ASR + WER + timing): {per_clip:.2f} s per clip of {mean_seconds:.1f} s on average")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metrics_benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    voice_prompts.add_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    measure(voice_prompts.folder(build_parser().parse_args(argv)))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,10 @@
 """Your data, measured: importer rows/s, the segmenter's cuts and WER, prepare's clips/s in 1 and 2 processes.
 
     python benchmarks/your_data_benchmark.py [--rows 2000] [--clips 24] [--skip importers,segment,prepare,flows]
+                                             [--voice-prompts DIR]
 
-* importers: a corpus of `--rows` rows in each format, written here from the shared voice prompts (hard links,
+* importers: a corpus of `--rows` rows in each format, written here from the shared voice prompts
+  (`--voice-prompts`, ../shared/data/voice_prompts by default; hard links,
   so they cost no disk), imported and timed; the formats whose audio is no file of its own (Kaldi segments,
   Hugging Face stored audio, lhotse parts of recordings) write a clip per row, which is timed too;
 * segment: the five English voice prompts joined by pauses of known position (0.8-1.6 s), segmented with
@@ -41,13 +43,13 @@ import importers  # noqa: E402
 import metrics  # noqa: E402
 import model_utils  # noqa: E402
 import segment  # noqa: E402
+import voice_prompts  # noqa: E402
 
-VOICE_PROMPTS = ROOT.parent / "shared" / "data" / "voice_prompts"
 ENGLISH = ("en_woman", "en_man", "vex", "belinda", "chadwick")
 
 
-def text_of(name: str) -> str:
-    return (VOICE_PROMPTS / f"{name}.txt").read_text(encoding="utf-8").strip()
+def text_of(prompts: Path, name: str) -> str:
+    return (prompts / f"{name}.txt").read_text(encoding="utf-8").strip()
 
 
 # --------------------------------------------------------------------------
@@ -55,45 +57,45 @@ def text_of(name: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def write_sources(folder: Path, rows: int) -> dict[str, Path]:
+def write_sources(folder: Path, rows: int, prompts: Path) -> dict[str, Path]:
     """One source of `rows` rows per format, two speakers; audio files are hard links to the five English voice
     prompts in turn, Kaldi segments and lhotse parts start at 0-4 s of one recording."""
     lj = folder / "lj"
     (lj / "wavs").mkdir(parents=True)
     for index in range(rows):
-        os.link(VOICE_PROMPTS / f"{ENGLISH[index % 5]}.wav", lj / "wavs" / f"u{index}.wav")
-    (lj / "metadata.csv").write_text("".join(f"u{i}|raw|{text_of(ENGLISH[i % 5])}\n" for i in range(rows)), encoding="utf-8")
+        os.link(prompts / f"{ENGLISH[index % 5]}.wav", lj / "wavs" / f"u{index}.wav")
+    (lj / "metadata.csv").write_text("".join(f"u{i}|raw|{text_of(prompts, ENGLISH[i % 5])}\n" for i in range(rows)), encoding="utf-8")
     voices = folder / "voices"
     for index in range(rows):
         speaker = voices / f"s{index % 2}"
         speaker.mkdir(parents=True, exist_ok=True)
-        os.link(VOICE_PROMPTS / f"{ENGLISH[index % 5]}.wav", speaker / f"u{index}.wav")
-        (speaker / f"u{index}.txt").write_text(text_of(ENGLISH[index % 5]), encoding="utf-8")
+        os.link(prompts / f"{ENGLISH[index % 5]}.wav", speaker / f"u{index}.wav")
+        (speaker / f"u{index}.txt").write_text(text_of(prompts, ENGLISH[index % 5]), encoding="utf-8")
     kaldi = folder / "kaldi"
     kaldi.mkdir()
-    (kaldi / "wav.scp").write_text(f"rec {VOICE_PROMPTS / 'belinda.wav'}\n")
+    (kaldi / "wav.scp").write_text(f"rec {prompts / 'belinda.wav'}\n")
     (kaldi / "segments").write_text("".join(f"u{i} rec {i % 5}.0 {i % 5 + 1.2}\n" for i in range(rows)))
-    (kaldi / "text").write_text("".join(f"u{i} {text_of('belinda')}\n" for i in range(rows)))
+    (kaldi / "text").write_text("".join(f"u{i} {text_of(prompts, 'belinda')}\n" for i in range(rows)))
     (kaldi / "utt2spk").write_text("".join(f"u{i} s{i % 2}\n" for i in range(rows)))
-    return {"ljspeech": lj, "folders": voices, "kaldi": kaldi, "hf": write_dataset(folder, rows),
-            "lhotse": write_cuts(folder, rows)}
+    return {"ljspeech": lj, "folders": voices, "kaldi": kaldi, "hf": write_dataset(folder, rows, prompts),
+            "lhotse": write_cuts(folder, rows, prompts)}
 
 
-def write_dataset(folder: Path, rows: int) -> Path:
+def write_dataset(folder: Path, rows: int, prompts: Path) -> Path:
     import datasets
 
-    payloads = [(VOICE_PROMPTS / f"{name}.wav").read_bytes() for name in ENGLISH]
+    payloads = [(prompts / f"{name}.wav").read_bytes() for name in ENGLISH]
     table = {"id": [f"u{i}" for i in range(rows)], "audio": [{"bytes": payloads[i % 5], "path": "x.wav"} for i in range(rows)],
-             "text": [text_of(ENGLISH[i % 5]) for i in range(rows)], "speaker_id": [f"s{i % 2}" for i in range(rows)]}
+             "text": [text_of(prompts, ENGLISH[i % 5]) for i in range(rows)], "speaker_id": [f"s{i % 2}" for i in range(rows)]}
     datasets.Dataset.from_dict(table).cast_column("audio", datasets.Audio()).save_to_disk(str(folder / "hf"))
     return folder / "hf"
 
 
-def write_cuts(folder: Path, rows: int) -> Path:
+def write_cuts(folder: Path, rows: int, prompts: Path) -> Path:
     """Half the cuts whole recordings (their file kept), half parts of one (written out)."""
     from lhotse import CutSet, Recording, SupervisionSegment
 
-    recording = Recording.from_file(str(VOICE_PROMPTS / "en_man.wav"), recording_id="en_man")
+    recording = Recording.from_file(str(prompts / "en_man.wav"), recording_id="en_man")
     cuts = []
     for index in range(rows):
         cut = (recording.to_cut() if index % 2 else recording.to_cut().truncate(offset=index % 5, duration=1.5)).with_id(f"c{index}")
@@ -103,10 +105,10 @@ def write_cuts(folder: Path, rows: int) -> Path:
     return folder / "cuts.jsonl.gz"
 
 
-def bench_importers(rows: int) -> None:
+def bench_importers(rows: int, prompts: Path) -> None:
     print(f"importers, {rows} rows each (rows/s over the whole import: parsing, checks, clips written, manifest)")
     with tempfile.TemporaryDirectory() as folder:
-        sources = write_sources(Path(folder), rows)
+        sources = write_sources(Path(folder), rows, prompts)
         for fmt, source in sources.items():
             started = time.perf_counter()
             result = importers.run_import(fmt, source, Path(folder) / "out" / f"{fmt}.jsonl")
@@ -120,11 +122,11 @@ def bench_importers(rows: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def write_joined(folder: Path) -> tuple[list[tuple[float, float]], float]:
+def write_joined(folder: Path, prompts: Path) -> tuple[list[tuple[float, float]], float]:
     """`folder/joined/long.wav`: the English prompts joined by pauses of 0.8-1.6 s; each prompt's span and the length."""
     parts, spans, position = [], [], 0.0
     for name, pause in zip(ENGLISH, (0.8, 1.6, 1.0, 1.2, 0.0)):
-        samples, rate = sf.read(VOICE_PROMPTS / f"{name}.wav", dtype="float32")
+        samples, rate = sf.read(prompts / f"{name}.wav", dtype="float32")
         samples = librosa.resample(samples, orig_sr=rate, target_sr=24000) if rate != 24000 else samples
         spans.append((position, position + len(samples) / 24000))
         parts += [samples, np.zeros(round(pause * 24000), dtype=np.float32)]
@@ -134,9 +136,9 @@ def write_joined(folder: Path) -> tuple[list[tuple[float, float]], float]:
     return spans, position
 
 
-def bench_segment() -> None:
+def bench_segment(prompts: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        spans, position = write_joined(Path(folder))
+        spans, position = write_joined(Path(folder), prompts)
         started = time.perf_counter()
         result = segment.segment([str(Path(folder) / "joined")], Path(folder) / "out", segment.Settings(1.0, 11.0, "en"))
         seconds = time.perf_counter() - started
@@ -151,7 +153,7 @@ def bench_segment() -> None:
           f"from the pause's middle: mean {1000 * np.mean(from_middle):.0f} ms, max {1000 * max(from_middle):.0f} ms")
     words = errors = 0.0
     for row, name in zip(result.rows, ENGLISH):
-        truth = text_of(name)
+        truth = text_of(prompts, name)
         wer = metrics.error_rate(truth, row["text"], "en")
         count = len(metrics.normalize_for_scoring(truth).split())
         words, errors = words + count, errors + wer * count
@@ -191,10 +193,10 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
     return time.perf_counter() - started, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def encode_rate(audio_tokenizer, seconds: float = 6.0) -> float:
+def encode_rate(audio_tokenizer, prompts: Path, seconds: float = 6.0) -> float:
     """Seconds of audio one process encodes per CPU second (the best of three encodes of a `seconds`-long clip):
     its rate on a core of its own, whatever else the machine runs."""
-    samples = data.load_audio(VOICE_PROMPTS / "en_woman.wav", audio_tokenizer.sampling_rate)
+    samples = data.load_audio(prompts / "en_woman.wav", audio_tokenizer.sampling_rate)
     clip = np.resize(samples, round(seconds * audio_tokenizer.sampling_rate))
     best = min(_time(lambda: data.encode_clip(audio_tokenizer, clip)) for _ in range(3))
     return seconds / best
@@ -217,7 +219,7 @@ def hubert_base_tokenizer():
     return tokenizer.eval()
 
 
-def bench_prepare(count: int) -> None:
+def bench_prepare(count: int, prompts: Path) -> None:
     """1 and 2 processes, each run twice on one cache: the second run encodes nothing, so the difference is the
     encoding. The cores are shared with other jobs, so CPU seconds (which contention does not inflate) measure
     the work, and wall seconds what this machine gave. torchrun gives each process one OpenMP thread; the single
@@ -242,7 +244,7 @@ def bench_prepare(count: int) -> None:
         print(f"  load average (1, 5, 15 min) at the end: {', '.join(f'{load:.1f}' for load in os.getloadavg())}")
     efficiency = cpu_per_clip[1] / cpu_per_clip[2]
     torch.set_num_threads(1)  # one thread per process, as under torchrun
-    tiny, base = encode_rate(model_utils.build_tiny_audio_tokenizer()), encode_rate(hubert_base_tokenizer())
+    tiny, base = encode_rate(model_utils.build_tiny_audio_tokenizer(), prompts), encode_rate(hubert_base_tokenizer(), prompts)
     print(f"  2 processes spend {100 / efficiency:.0f}% of one process's CPU per clip: {100 * min(1.0, efficiency):.0f}% "
           "scaling efficiency with a core per process")
     print(f"  one process, one thread, encodes {tiny:.2f} s of audio per CPU-s (tiny teacher), {base:.2f} (HuBERT-base teacher)")
@@ -251,13 +253,13 @@ def bench_prepare(count: int) -> None:
           f"scaling: {hours:,.0f} h (a CPU core's rate per process; a GPU's rate was not measured here)")
 
 
-def bench_flows() -> None:
+def bench_flows(prompts: Path) -> None:
     """Each kind of source to a training run in three commands (tiny preset, CPU, 5 training steps), timed."""
     print("three commands per source (tiny preset, CPU): import or segment, prepare, train 5 steps; seconds each")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        sources = write_sources(folder, rows=5)
-        write_joined(folder)
+        sources = write_sources(folder, 5, prompts)
+        write_joined(folder, prompts)
         first = {fmt: [sys.executable, "importers.py", fmt, str(source), "--out", f"{folder}/out/{fmt}.jsonl", "--language", "en"]
                  for fmt, source in sources.items()}
         first["segment"] = [sys.executable, "segment.py", str(folder / "joined"), "--out", f"{folder}/out/segment",
@@ -273,22 +275,30 @@ def bench_flows() -> None:
             print(f"  {kind:<9} {kept} rows kept: {seconds[0]:5.1f} s, {seconds[1]:5.1f} s, {seconds[2]:5.1f} s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="your_data_benchmark.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000, help="rows per importer source [2000]")
     parser.add_argument("--clips", type=int, default=24, help="clips prepared [24]")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: importers, segment, prepare, flows")
-    args = parser.parse_args()
+    voice_prompts.add_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = voice_prompts.folder(args)
     skip = set(args.skip.split(","))
     if "importers" not in skip:
-        bench_importers(args.rows)
+        bench_importers(args.rows, prompts)
     if "segment" not in skip:
-        bench_segment()
+        bench_segment(prompts)
     if "prepare" not in skip:
-        bench_prepare(args.clips)
+        bench_prepare(args.clips, prompts)
     if "flows" not in skip:
-        bench_flows()
+        bench_flows(prompts)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,8 +5,15 @@ a core that imports none of the tools around it."""
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
+import io
+import re
+import shlex
+import sys
 from pathlib import Path
 
+import config
 from conftest import ROOT
 
 MODULES = {path.stem: path for path in ROOT.glob("*.py")}
@@ -68,6 +75,80 @@ def test_train_py_reads_in_one_sitting_and_no_function_is_long():
     assert dict(_functions(ROOT / "train.py"))["loop"] <= 150
     long = [f"{path.name}:{name} ({lines} lines)" for path in MODULES.values() for name, lines in _functions(path) if lines > 80]
     assert not long, long
+
+
+# A command line in a docstring: `python FILE ...`, or `torchrun [its flags] FILE ...`.
+COMMAND = re.compile(r"^(?:python|torchrun\s.*?)\s(\S+\.py)(?:\s|$)")
+
+
+def _usage_lines(path: Path) -> list[str]:
+    """The command lines of `path`'s module docstring, each joined with the indented `[...]` lines that go on
+    with it."""
+    lines: list[str] = []
+    going_on = False
+    for line in (ast.get_docstring(_tree(path), clean=False) or "").splitlines():
+        text = line.strip()
+        if COMMAND.match(text):
+            lines.append(text)
+        elif going_on and text.startswith("["):
+            lines[-1] += " " + text
+        going_on = bool(COMMAND.match(text)) or (going_on and text.startswith("["))
+    return lines
+
+
+def _command(line: str) -> tuple[str, list[str]]:
+    """The script and the arguments of a usage line, its metasyntax read: `# comment` dropped, `[--flag ...]`
+    as if given, `[placeholder]` and `...` left out."""
+    script = COMMAND.match(line).group(1)
+    words = shlex.split(line, comments=True)
+    argv, group = [], None
+    for word in words[words.index(script) + 1:]:
+        if group is None and word.startswith("["):
+            group = []
+        if group is None:
+            argv += [] if word == "..." else [word]
+            continue
+        group.append(word.strip("[]"))
+        if word.endswith("]"):
+            argv += group if group[0].startswith("-") else []
+            group = None
+    return script, argv
+
+
+def _parse_error(script: str, argv: list[str]) -> str | None:
+    """Why `script`'s own argument parser refuses `argv`, or None; parsing only, nothing is run or opened. The
+    parser is the script's `build_parser()`, else its `parse_args(argv)` (or `_parse_args`); train.py's is config's."""
+    if script == "train.py":
+        parse = config.build_parser().parse_args  # train.py's flags are config's
+    else:
+        folder = str((ROOT / script).parent)  # a benchmark imports its neighbours, as when run from its folder
+        sys.path[:0] = [] if folder in sys.path else [folder]
+        module = importlib.import_module(Path(script).stem)
+        parse = (module.build_parser().parse_args if hasattr(module, "build_parser")
+                 else getattr(module, "parse_args", None) or module._parse_args)  # importers, prepare, segment: private
+    refused = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused):
+            parse(argv)
+    except (SystemExit, config.ConfigError) as error:
+        return refused.getvalue().strip().splitlines()[-1] if refused.getvalue().strip() else str(error)
+    return None
+
+
+def test_every_usage_line_of_a_module_docstring_parses():
+    """Each `python FILE ...` line at the top of a module or a benchmark, read by FILE's parser."""
+    assert _command("python memory_plan.py plan --tokens 4096 [--kl-weight 1] [filters] ...  # a comment") == (
+        "memory_plan.py", ["plan", "--tokens", "4096", "--kl-weight", "1"])
+    assert _parse_error("memory_plan.py", ["run", "--preset", "tiny", "--compile"]), "bench.py's old usage line is refused"
+    checked, refused = 0, []
+    for path in sorted([*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        for line in _usage_lines(path):
+            script, argv = _command(line)
+            error = _parse_error(script, argv)
+            checked += 1
+            if error:
+                refused.append(f"{path.relative_to(ROOT)}: {line}\n    {error}")
+    assert checked >= 30 and not refused, "\n".join(refused)
 
 
 def test_one_sample_builder_serves_training_and_inference():

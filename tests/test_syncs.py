@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import types
+from traceback import FrameSummary
 
 import torch
+from boson_multimodal.model.higgs_audio import modeling_higgs_audio
 
 import collate
 import model_utils
@@ -64,3 +66,18 @@ def test_a_package_function_our_code_calls_itself_is_ours(tiny, batches):
         model_utils.merged_text_labels(tiny.model, inputs)
     assert counter.syncs and {sync.owner for sync in counter.syncs} == {syncs.OURS}
     assert all("merge_input_ids_with_audio_features" in sync.where for sync in counter.syncs)
+
+
+def test_torch_reached_through_a_symbolic_link_is_torch(tmp_path):
+    """A checkout whose virtual environment is a symbolic link to one elsewhere runs torch's files by the link's
+    path, while `TORCH_DIR` is resolved: torch's frames are still torch's, so the package's sync under torch's
+    module call is the package's, and the frames inside the autograd engine start after its entry."""
+    linked = tmp_path / "venv-torch"
+    linked.symlink_to(syncs.TORCH_DIR, target_is_directory=True)
+    ours = FrameSummary(__file__, 1, "test", lookup_line=False)
+    module_call = FrameSummary(str(linked / "nn" / "modules" / "module.py"), 1, "_call_impl", lookup_line=False)
+    layer = FrameSummary(modeling_higgs_audio.__file__, 699, "forward", lookup_line=False)
+    read = FrameSummary(str(linked / "_tensor.py"), 1, "__bool__", lookup_line=False)
+    assert syncs._owner([ours, module_call, layer, read]) == (syncs.PACKAGE, "modeling_higgs_audio.py:699 forward")
+    engine = FrameSummary(str(linked / "autograd" / "graph.py"), 1, "_engine_run_backward", lookup_line=False)
+    assert syncs._python_inside_engine([ours, engine, module_call, layer, read]) == [module_call, layer, read]

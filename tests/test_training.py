@@ -159,7 +159,8 @@ def test_8bit_adamw_skips_a_non_finite_step_leaving_its_state_alone(tiny, batche
 
 
 def test_8bit_adamw_losses_stay_close_to_fp32_adamw(tiny, batches):
-    """Five steps on one batch (the 200-step figures are in docs/memory-and-speed.md: bench.py adamw8bit)."""
+    """Five steps on one batch (the 200-step figures are in docs/memory-and-speed.md:
+    benchmarks/adamw8bit_benchmark.py)."""
     losses = {}
     for optimizer in ("adamw", "adamw8bit"):
         model, settings = _prepared(tiny, scope="full", optimizer=optimizer)
@@ -198,8 +199,9 @@ def _compiled_step(tiny, batch, scope: str, backend: str) -> dict:
 
 def test_each_compiled_layer_is_one_graph_with_the_eager_loss_and_gradients(tiny, batches):
     """The layers share their code, so dynamo's graphs of one layer serve all: 1, where the package's boolean
-    masks broke each layer into 5 before (bench.py graphs counts both). aot_eager traces the forward and
-    backward graphs as inductor does (inductor itself: tests/test_train.py and bench.py graphs)."""
+    masks broke each layer into 5 before (benchmarks/compile_benchmark.py graphs counts both). aot_eager traces
+    the forward and backward graphs as inductor does (inductor itself: tests/test_train.py and
+    benchmarks/compile_benchmark.py graphs)."""
     after = _compiled_step(tiny, batches[1], "layers", "aot_eager")
     assert (after["graphs"], after["breaks"]) == (1, 0)
     (loss, grads), (reference, reference_grads) = after["compiled"], after["eager"]
