@@ -223,7 +223,7 @@ def choose_model(args: argparse.Namespace) -> None:
     if args.parity:
         args.model = model_utils.TINY_PRESET
         return
-    export = model_utils.newest_export()
+    export = checkpoints.newest_export()
     if export is None:
         args.model = model_utils.TINY_PRESET
         print("model: tiny (the random tiny preset: no export under runs/ yet; --model or --checkpoint chooses one)")
