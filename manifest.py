@@ -416,7 +416,8 @@ def _sample_tokens(
     def blank(count: int) -> torch.Tensor:
         return torch.zeros(num_codebooks, count, dtype=torch.long)
 
-    sample = data.build_sample(tokenizer, ref_text, blank(ref_frames), text, target_codes=blank(frames), scene=scene)
+    sample = data.build_sample(tokenizer, ref_text, blank(ref_frames), text, target_codes=blank(frames),
+                               layout=data.PromptLayout(scene=scene))
     return collate.sample_tokens(sample, num_codebooks)
 
 
@@ -511,7 +512,7 @@ def pair_to_sample(
     waveform = data.load_audio(pair.ref_audio, rate) if whisper and ref_in_system else None
     return data.build_sample(
         tokenizer, pair.ref_text, codes(pair.ref_audio), pair.text, target_codes=codes(pair.audio),
-        scene=pair.scene, ref_in_system=ref_in_system, ref_waveform=waveform, sample_rate=rate,
+        layout=data.PromptLayout(ref_in_system, pair.scene), ref_waveform=waveform, sample_rate=rate,
     )
 
 
@@ -560,7 +561,7 @@ def add_text_token_counts(rows: list[dict], tokenizer) -> str:
 def template_tokens(tokenizer, scene: str | None, ref_in_system: bool, num_codebooks: int, delay_pattern: bool = True) -> int:
     """Positions of a training sample besides its texts' tokens and its clips' frames, from a probe sample."""
     probe = torch.zeros(num_codebooks, 1, dtype=torch.long)
-    sample = data.build_sample(tokenizer, "a", probe, "a", target_codes=probe, scene=scene, ref_in_system=ref_in_system)
+    sample = data.build_sample(tokenizer, "a", probe, "a", target_codes=probe, layout=data.PromptLayout(ref_in_system, scene))
     text, reference = count_text_tokens(tokenizer, [data.normalize_text("a"), "a"])
     return collate.sample_tokens(sample, num_codebooks, delay_pattern) - text - (0 if ref_in_system else reference) - 2
 
