@@ -325,6 +325,18 @@ class PreparedCodes:
         return codes
 
 
+@dataclass(frozen=True)
+class Options:
+    """What the command line chooses for a prepare besides the manifest, the cache and the tokenizers."""
+
+    filters: manifest.Filters = manifest.Filters()  # which rows are kept
+    strict: bool = False  # stop at the first bad row
+    batch_size: int = 64  # clips per committed shard
+    progress: bool = False  # progress bars
+    val_manifest: str | Path | None = None  # a validation manifest whose shared speakers and clips are reported
+    strict_overlap: bool = False  # with `val_manifest`: refuse what it shares (`manifest.OverlapError`)
+
+
 @dataclass
 class PrepareResult:
     validation: manifest.ValidationResult
@@ -334,19 +346,8 @@ class PrepareResult:
     overlap: str | None = None  # the train/val overlap line, with a validation manifest
 
 
-def prepare(
-    manifest_path: str | Path,
-    cache_dir: str | Path,
-    audio_tokenizer,
-    tokenizer=None,
-    filters: manifest.Filters = manifest.Filters(),
-    strict: bool = False,
-    batch_size: int = 64,
-    progress: bool = False,
-    val_manifest: str | Path | None = None,
-    strict_overlap: bool = False,
-    world: World = World(),
-) -> PrepareResult | None:
+def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, tokenizer=None,
+            options: Options = Options(), world: World = World()) -> PrepareResult | None:
     """Validate a manifest and cache the codes of every kept clip (the layout is above).
 
     What was encoded before an error, a `strict` stop or Ctrl-C is committed,
@@ -355,28 +356,29 @@ def prepare(
     previous finished prepare, if any. With the text `tokenizer`, each kept
     row carries its text token counts (`add_text_token_counts`), so training
     plans token-budget batches without building samples. A second prepare of
-    the same cache while one runs is a `CacheLocked` error. With
-    `val_manifest`, the speakers and clips it shares with the kept rows are
-    reported (`manifest.check_overlap`), and refused with `strict_overlap`
-    before the cache's manifest is written. Under torchrun (`world`) each
-    process first encodes its share (`encode_share`); process 0 then does the
-    rest and returns the result, the others None.
+    the same cache while one runs is a `CacheLocked` error. With a
+    `val_manifest` in `options`, the speakers and clips it shares with the
+    kept rows are reported (`manifest.check_overlap`), and refused with
+    `strict_overlap` before the cache's manifest is written. Under torchrun
+    (`world`) each process first encodes its share (`encode_share`); process
+    0 then does the rest and returns the result, the others None.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     with held_by_main(cache, world):
-        shared = encode_share(manifest_path, cache, audio_tokenizer, filters, batch_size, world, progress) \
-            if world.distributed else Share()
+        shared = encode_share(manifest_path, cache, audio_tokenizer, options, world) if world.distributed else Share()
         if not world.main:
             return None
-        writer = CacheWriter(cache, audio_tokenizer, batch_size, clean=not world.distributed)
+        writer = CacheWriter(cache, audio_tokenizer, options.batch_size, clean=not world.distributed)
         try:
-            result = manifest.validate_manifest(manifest_path, writer, tokenizer, filters, strict, progress)
+            result = manifest.validate_manifest(manifest_path, writer, tokenizer, options.filters, options.strict,
+                                                options.progress)
         finally:
             writer.flush()
         overlap = None
-        if val_manifest:
-            overlap = manifest.check_overlap(result.kept, manifest.rows_before_audio(val_manifest), strict_overlap)
+        if options.val_manifest:
+            val_rows = manifest.rows_before_audio(options.val_manifest)
+            overlap = manifest.check_overlap(result.kept, val_rows, options.strict_overlap)
         # Clips the processes encoded are found in the cache here: they count as encoded, not reused.
         encoded = writer.encoded + shared.encoded
         reused, repaired = writer.reused + writer.encoded - encoded, writer.repaired + shared.repaired
@@ -438,20 +440,20 @@ def held_by_main(cache: Path, world: World):
         yield
 
 
-def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, filters: manifest.Filters, batch_size: int,
-                 world: World, progress: bool) -> Share:
+def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, options: Options, world: World) -> Share:
     """This process's share of the manifest's clips (`share_of`), encoded into shards of its own; the counts of all.
 
     A clip that cannot be loaded is left to the validation on process 0,
     which counts it under its reason. Any other error on any process is a
     RuntimeError on every process, naming it.
     """
-    writer = CacheWriter(cache, audio_tokenizer, batch_size) if world.main else None
+    writer = CacheWriter(cache, audio_tokenizer, options.batch_size) if world.main else None
     parallel.wait_for_all(world)  # process 0 has cleaned the cache
-    writer = writer or CacheWriter(cache, audio_tokenizer, batch_size, clean=False)
+    writer = writer or CacheWriter(cache, audio_tokenizer, options.batch_size, clean=False)
     error = None
     try:
-        for path in tqdm(share_of(manifest_path, filters, world), desc="encode (process 0's share)", disable=not (progress and world.main)):
+        mine = share_of(manifest_path, options.filters, world)
+        for path in tqdm(mine, desc="encode (process 0's share)", disable=not (options.progress and world.main)):
             with contextlib.suppress(data.AudioError):
                 writer.clip(path)
         writer.flush()
@@ -533,8 +535,9 @@ def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult |
     tokenizer = _text_tokenizer(args.model)
     languages = tuple(manifest.canonical_language(tag) for tag in args.language)
     filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, languages, args.max_text_chars)
-    return prepare(args.manifest, args.out, audio_tokenizer, tokenizer, filters, args.strict, args.batch_size,
-                   progress=world.main, val_manifest=args.val_manifest, strict_overlap=args.strict_overlap, world=world)
+    options = Options(filters, strict=args.strict, batch_size=args.batch_size, progress=world.main,
+                      val_manifest=args.val_manifest, strict_overlap=args.strict_overlap)
+    return prepare(args.manifest, args.out, audio_tokenizer, tokenizer, options, world)
 
 
 def _print_result(result: PrepareResult, out: str) -> None:
