@@ -99,6 +99,26 @@ class Clip:
     key: str | None = None  # its entry in a prepared cache
 
 
+# A clip's key in a prepared cache is `CONTENT-TOKENIZER`: the first 32 hex digits of its file's SHA-256 (one clip
+# whatever its path) and the first 16 of the audio tokenizer's digest (`prepare.audio_tokenizer_id`: another
+# tokenizer's codes never match). `prepare.CacheWriter` keys clips by it; `overlap` compares clips by its content.
+
+
+def clip_content(path: str | Path) -> str:
+    """A clip's content: the first 32 hex digits of its file's SHA-256."""
+    return data.file_digest(path)[:32]
+
+
+def cache_key(path: str | Path, audio_tokenizer_id: str) -> str:
+    """The key of a clip's codes, made by the audio tokenizer of `audio_tokenizer_id`, in a prepared cache."""
+    return f"{clip_content(path)}-{audio_tokenizer_id[:16]}"
+
+
+def content_of_cache_key(key: str) -> str:
+    """The `clip_content` a `cache_key` holds."""
+    return key.partition("-")[0]
+
+
 class ClipSource(Protocol):
     """Where validation gets clips: `prepare.EncodedClips` (codes in memory) or `prepare.CacheWriter` (codes into a cache)."""
 
@@ -639,10 +659,10 @@ def _contents(row: dict, file_digests: dict[str, str]) -> list[str]:
         if key in row:
             cached = row.get(f"{key}_key")
             if cached:
-                digests.append(cached.split("-")[0])
+                digests.append(content_of_cache_key(cached))
             elif Path(row[key]).is_file():
                 if row[key] not in file_digests:
-                    file_digests[row[key]] = data.file_digest(row[key])[:32]
+                    file_digests[row[key]] = clip_content(row[key])
                 digests.append(file_digests[row[key]])
     return digests
 

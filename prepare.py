@@ -139,7 +139,7 @@ class CacheWriter:
 
     def clip(self, path: str) -> manifest.Clip:
         if path not in self.clips:
-            key = f"{data.file_digest(path)[:32]}-{self.tokenizer_id[:16]}"
+            key = manifest.cache_key(path, self.tokenizer_id)
             entry = self.index.get(key) or (self.pending[key][1] if key in self.pending else None)
             if entry is None:
                 entry = self._encode(path, key)
