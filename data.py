@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import runpy
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -443,11 +441,3 @@ def _reference_waveform(waveform, sample_rate: int | None, ref_in_system: bool):
     waveform = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
     return waveform, torch.zeros(1, dtype=torch.long), torch.tensor([float(sample_rate)])
 
-
-if __name__ == "__main__":
-    # `python data.py prepare ...` is the prepare command's spelling before it moved to prepare.py.
-    if sys.argv[1:2] != ["prepare"]:
-        print("usage: python prepare.py --manifest M --out CACHE ... (or python data.py prepare ...)", file=sys.stderr)
-        sys.exit(2)
-    sys.argv = [str(Path(__file__).with_name("prepare.py")), *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -9,7 +9,6 @@ its command line is
     python prepare.py --manifest M --out CACHE [--audio-tokenizer DIR] [--model DIR] [filters]
     torchrun --nproc-per-node 8 prepare.py --manifest M --out CACHE ...     # one process per GPU, or machines
 
-(`python data.py prepare ...`, its spelling before it moved here, still runs it).
 Under torchrun each process encodes its share of the clips into shards of its
 own, then process 0 validates the manifest as one process does, every clip
 now in the cache, and writes the cache's manifest, report and summary: the

@@ -309,8 +309,7 @@ def test_a_read_only_output_directory_is_one_error_line(clips, tmp_path):
     _, manifest = clips
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    # The command's spelling before it moved to prepare.py, which data.py forwards.
-    prepare_command = [sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(manifest), "--out", str(read_only / "cache")]
+    prepare_command = [sys.executable, str(ROOT / "prepare.py"), "--manifest", str(manifest), "--out", str(read_only / "cache")]
     if os.geteuid() == 0:  # root writes through permissions: mount a read-only file system there instead
         command = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "{read_only}" && exec "$@"', "sh"] + prepare_command
     else:
