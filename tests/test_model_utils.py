@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioDualFFNDecoderLayer
 
-import collate
 import model_utils
 
 
