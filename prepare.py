@@ -518,17 +518,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     world, device = parallel.start_processes(args.device)
     try:
-        result = _run(args, world, device)
-    except commands.EXPECTED as error:
-        return commands.fail(error)
+        return commands.run(lambda: _prepare_and_report(args, world, device))
     finally:
         parallel.stop_processes(world)
+
+
+def _prepare_and_report(args: argparse.Namespace, world: World, device: str) -> int:
+    result = _prepare(args, world, device)
     if result is not None:
         _print_result(result, args.out)
     return 0
 
 
-def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
+def _prepare(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
     audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, device) if args.audio_tokenizer
                        else model_utils.build_tiny_audio_tokenizer(args.seed, device))
     tokenizer = _text_tokenizer(args.model)
