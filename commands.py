@@ -1,15 +1,34 @@
-"""How the data commands (prepare.py, importers.py, segment.py) report: an expected failure as one `error:` line
-and exit status 2, Ctrl-C as one `interrupted:` line and exit status 130, and the first rejections listed with
-a count of the rest."""
+"""How every command line (train.py, infer.py, prepare.py, importers.py, segment.py) ends: `run` gives its exit
+status, with an expected failure as one `error:` line and status 2, and an interruption reported as the command
+says (the data commands: one `interrupted:` line and status 130, also while the modules load); the data commands
+also list their first rejections with a count of the rest (`list_first`)."""
 
 from __future__ import annotations
 
 import signal
 import sys
+from typing import Callable
 
 # Bad input, a refused lock (RuntimeError), a file the disk refused (files.WriteError, a RuntimeError), a missing
 # or unreadable path (OSError).
 EXPECTED = (ValueError, RuntimeError, OSError)
+
+
+def run(command: Callable[[], int], interrupted: Callable[[KeyboardInterrupt], int] | None = None) -> int:
+    """`command`'s exit status, or 2 once it failed as expected (`EXPECTED`, said in one line by `fail`).
+
+    A Ctrl-C (or a signal a command raises as a KeyboardInterrupt) is
+    `interrupted`'s to say, which gives the status (128 + the signal's
+    number); without it, Python reports it as it does (status 130).
+    """
+    try:
+        return command()
+    except KeyboardInterrupt as interruption:
+        if interrupted is None:
+            raise
+        return interrupted(interruption)
+    except EXPECTED as error:
+        return fail(error)
 
 
 def fail(error: BaseException) -> int:

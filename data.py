@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import runpy
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,8 +362,7 @@ def build_sample(
     ref_codes: torch.Tensor,
     text: str,
     target_codes: torch.Tensor | None = None,
-    scene: str | None = None,
-    ref_in_system: bool = False,
+    layout: PromptLayout = PromptLayout(),
     ref_waveform: np.ndarray | torch.Tensor | None = None,
     sample_rate: int | None = None,
 ) -> ChatMLDatasetSample:
@@ -376,12 +373,11 @@ def build_sample(
     the final assistant turn holds the target clip and is the only labelled
     turn (`start_index` points at it, so the reference clip is never a
     target); without, the prompt ends with the assistant header where
-    generation starts. `ref_in_system` puts the reference in the system
-    message (as `<|AUDIO|>`, no transcript turn); pass `ref_waveform` at
-    `sample_rate` there when the model uses Whisper features.
+    generation starts. `layout.ref_in_system` puts the reference in the
+    system message (as `<|AUDIO|>`, no transcript turn); pass `ref_waveform`
+    at `sample_rate` there when the model uses Whisper features.
     """
-    ref_text, text = prompt_texts(ref_text, text, scene, ref_in_system)
-    layout = PromptLayout(ref_in_system=ref_in_system, scene=scene)
+    ref_text, text = prompt_texts(ref_text, text, layout)
     messages = build_messages(ref_text, text, layout)
     clips = [_check_codes(ref_codes, "reference")]
     if target_codes is None:
@@ -395,7 +391,7 @@ def build_sample(
         label_ids = torch.tensor(label_ids, dtype=torch.long)
 
     starts = torch.tensor([0] + [clip.shape[1] for clip in clips[:-1]], dtype=torch.long).cumsum(0)
-    waveform, waveform_start, rates = _reference_waveform(ref_waveform, sample_rate, ref_in_system)
+    waveform, waveform_start, rates = _reference_waveform(ref_waveform, sample_rate, layout.ref_in_system)
     return ChatMLDatasetSample(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
         label_ids=label_ids,
@@ -408,7 +404,7 @@ def build_sample(
     )
 
 
-def prompt_texts(ref_text: str | None, text: str, scene: str | None, ref_in_system: bool) -> tuple[str | None, str]:
+def prompt_texts(ref_text: str | None, text: str, layout: PromptLayout) -> tuple[str | None, str]:
     """The reference transcript (stripped) and the text to speak (normalised) as a prompt holds them, checked:
     something to speak, a transcript unless the reference is in the system message, no spelled control token."""
     text = normalize_text(text)
@@ -416,11 +412,11 @@ def prompt_texts(ref_text: str | None, text: str, scene: str | None, ref_in_syst
         raise ValueError("the text to speak is empty")
     if not is_speakable(text):
         raise ValueError(f"the text to speak has no letter or digit once normalised ({text!r})")
-    if not ref_in_system:
+    if not layout.ref_in_system:
         ref_text = (ref_text or "").strip()
         if not ref_text:
             raise ValueError("the reference transcript is empty")
-    for name, value in (("text", text), ("reference transcript", ref_text or ""), ("scene", scene or "")):
+    for name, value in (("text", text), ("reference transcript", ref_text or ""), ("scene", layout.scene or "")):
         control = CONTROL_TOKEN.search(value)
         if control:
             raise ValueError(f"the {name} contains the control token {control.group()}, which would become a real one")
@@ -445,11 +441,3 @@ def _reference_waveform(waveform, sample_rate: int | None, ref_in_system: bool):
     waveform = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
     return waveform, torch.zeros(1, dtype=torch.long), torch.tensor([float(sample_rate)])
 
-
-if __name__ == "__main__":
-    # `python data.py prepare ...` is the prepare command's spelling before it moved to prepare.py.
-    if sys.argv[1:2] != ["prepare"]:
-        print("usage: python prepare.py --manifest M --out CACHE ... (or python data.py prepare ...)", file=sys.stderr)
-        sys.exit(2)
-    sys.argv = [str(Path(__file__).with_name("prepare.py")), *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")

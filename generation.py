@@ -205,7 +205,7 @@ def build_prompt(bundle: model_utils.Bundle, reference: Reference, text: str, sc
                  ref_in_system: bool = False) -> ChatMLDatasetSample:
     """The generation prompt for `text` in the reference's voice, by the one sample builder."""
     return data.build_sample(
-        bundle.tokenizer, reference.text, reference.codes, text, scene=scene, ref_in_system=ref_in_system,
+        bundle.tokenizer, reference.text, reference.codes, text, layout=data.PromptLayout(ref_in_system, scene),
         ref_waveform=reference.waveform, sample_rate=reference.sample_rate,
     )
 
@@ -383,7 +383,7 @@ def serve_engine_sample(
     one recorded beside the engine's model.
     """
     layout = layout or resolve_layout(engine.model_name_or_path)
-    ref_text, text = data.prompt_texts(ref_text, text, layout.scene, layout.ref_in_system)
+    ref_text, text = data.prompt_texts(ref_text, text, layout)
     reference = AudioContent(audio_url=str(ref_audio))
     return ChatMLSample(messages=[_with_audio(message, reference) for message in data.build_messages(ref_text, text, layout)])
 

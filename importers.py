@@ -499,15 +499,14 @@ def input_files(fmt: str, source: Path) -> set[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    kept = f"no manifest written; the clips written so far (in {Path(args.out).parent / 'clips'}) are reused when the same command runs again"
+    return commands.run(lambda: _import_and_report(args), lambda _: commands.interrupted(kept))
+
+
+def _import_and_report(args: argparse.Namespace) -> int:
     columns = tuple((role, getattr(args, f"{role}_column")) for role in DATASET_COLUMNS if getattr(args, f"{role}_column"))
-    try:
-        language = manifest.canonical_language(args.language) if args.language else None
-        result = run_import(args.format, args.source, args.out, Options(language, args.speaker, args.split, columns))
-    except commands.EXPECTED as error:
-        return commands.fail(error)
-    except KeyboardInterrupt:
-        return commands.interrupted(f"no manifest written; the clips written so far (in {Path(args.out).parent / 'clips'}) "
-                                    "are reused when the same command runs again")
+    language = manifest.canonical_language(args.language) if args.language else None
+    result = run_import(args.format, args.source, args.out, Options(language, args.speaker, args.split, columns))
     commands.list_first([f"{item.where} ({item.id or 'no id'}): {item.reason}: {item.detail}" for item in result.unusable])
     print(f"dropped by this format: {DROPPED[args.format]}\n"
           f"clips written to {result.clips.folder}: {result.clips.written} (and {result.clips.reused} already there)\n"

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,13 +34,12 @@ import soundfile as sf
 import torch
 
 import batched_generation
-import collate
+import commands
 import data
 import eval_dir
 import evaluate
 import files
 import generation
-import manifest
 import metrics
 import model_utils
 import parity
@@ -224,7 +224,7 @@ def choose_model(args: argparse.Namespace) -> None:
     if args.parity:
         args.model = model_utils.TINY_PRESET
         return
-    export = model_utils.newest_export()
+    export = checkpoints.newest_export()
     if export is None:
         args.model = model_utils.TINY_PRESET
         print("model: tiny (the random tiny preset: no export under runs/ yet; --model or --checkpoint chooses one)")
@@ -323,32 +323,37 @@ def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict
             "asr_model": args.asr_model, "speaker_model": args.speaker_model}
 
 
-def interrupted_message(args: argparse.Namespace, argv: list[str], error: evaluate.EvalInterrupted | None) -> str:
-    """The one line Ctrl-C prints: what was kept and, for --eval, the command that continues."""
-    if error is None:
-        return "interrupted"
-    command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
-    return (f"interrupted: {error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
-            f"{error.out / 'wavs'}; continue with: {command}")
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done (--parity: 1 when a check fails), 2 an error (one line), 130 interrupted by Ctrl-C (one
+    line: what was kept and, for --eval, the command that continues)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    return commands.run(lambda: run_command(args, argv), interrupted=lambda _: report_interrupted(args, argv, None))
+
+
+def run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """What the flags ask for: --parity, --eval or a clone."""
+    choose_model(args)
+    if args.parity:
+        return run_parity_cli(args)
+    if not args.eval:
+        return run_clone_cli(args)
     try:
-        choose_model(args)
-        if args.parity:
-            return run_parity_cli(args)
-        return run_eval_cli(args) if args.eval else run_clone_cli(args)
-    except evaluate.EvalInterrupted as error:
-        print(interrupted_message(args, argv, error), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(interrupted_message(args, argv, None), file=sys.stderr)
-        return 130
-    except (data.AudioError, manifest.ManifestError, collate.SampleError, FileNotFoundError, ValueError, OSError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return run_eval_cli(args)
+    except evaluate.EvalInterrupted as error:  # the Ctrl-C of --eval, with what it kept
+        return report_interrupted(args, argv, error)
+
+
+def report_interrupted(args: argparse.Namespace, argv: list[str], error: evaluate.EvalInterrupted | None) -> int:
+    """The one line Ctrl-C prints, what was kept and, for --eval, the command that continues; the status 130."""
+    if error is None:
+        line = "interrupted"
+    else:
+        command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
+        line = (f"interrupted: {error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
+                f"{error.out / 'wavs'}; continue with: {command}")
+    print(line, file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

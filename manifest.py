@@ -99,6 +99,26 @@ class Clip:
     key: str | None = None  # its entry in a prepared cache
 
 
+# A clip's key in a prepared cache is `CONTENT-TOKENIZER`: the first 32 hex digits of its file's SHA-256 (one clip
+# whatever its path) and the first 16 of the audio tokenizer's digest (`prepare.audio_tokenizer_id`: another
+# tokenizer's codes never match). `prepare.CacheWriter` keys clips by it; `overlap` compares clips by its content.
+
+
+def clip_content(path: str | Path) -> str:
+    """A clip's content: the first 32 hex digits of its file's SHA-256."""
+    return data.file_digest(path)[:32]
+
+
+def cache_key(path: str | Path, audio_tokenizer_id: str) -> str:
+    """The key of a clip's codes, made by the audio tokenizer of `audio_tokenizer_id`, in a prepared cache."""
+    return f"{clip_content(path)}-{audio_tokenizer_id[:16]}"
+
+
+def content_of_cache_key(key: str) -> str:
+    """The `clip_content` a `cache_key` holds."""
+    return key.partition("-")[0]
+
+
 class ClipSource(Protocol):
     """Where validation gets clips: `prepare.EncodedClips` (codes in memory) or `prepare.CacheWriter` (codes into a cache)."""
 
@@ -416,7 +436,8 @@ def _sample_tokens(
     def blank(count: int) -> torch.Tensor:
         return torch.zeros(num_codebooks, count, dtype=torch.long)
 
-    sample = data.build_sample(tokenizer, ref_text, blank(ref_frames), text, target_codes=blank(frames), scene=scene)
+    sample = data.build_sample(tokenizer, ref_text, blank(ref_frames), text, target_codes=blank(frames),
+                               layout=data.PromptLayout(scene=scene))
     return collate.sample_tokens(sample, num_codebooks)
 
 
@@ -511,7 +532,7 @@ def pair_to_sample(
     waveform = data.load_audio(pair.ref_audio, rate) if whisper and ref_in_system else None
     return data.build_sample(
         tokenizer, pair.ref_text, codes(pair.ref_audio), pair.text, target_codes=codes(pair.audio),
-        scene=pair.scene, ref_in_system=ref_in_system, ref_waveform=waveform, sample_rate=rate,
+        layout=data.PromptLayout(ref_in_system, pair.scene), ref_waveform=waveform, sample_rate=rate,
     )
 
 
@@ -560,7 +581,7 @@ def add_text_token_counts(rows: list[dict], tokenizer) -> str:
 def template_tokens(tokenizer, scene: str | None, ref_in_system: bool, num_codebooks: int, delay_pattern: bool = True) -> int:
     """Positions of a training sample besides its texts' tokens and its clips' frames, from a probe sample."""
     probe = torch.zeros(num_codebooks, 1, dtype=torch.long)
-    sample = data.build_sample(tokenizer, "a", probe, "a", target_codes=probe, scene=scene, ref_in_system=ref_in_system)
+    sample = data.build_sample(tokenizer, "a", probe, "a", target_codes=probe, layout=data.PromptLayout(ref_in_system, scene))
     text, reference = count_text_tokens(tokenizer, [data.normalize_text("a"), "a"])
     return collate.sample_tokens(sample, num_codebooks, delay_pattern) - text - (0 if ref_in_system else reference) - 2
 
@@ -638,10 +659,10 @@ def _contents(row: dict, file_digests: dict[str, str]) -> list[str]:
         if key in row:
             cached = row.get(f"{key}_key")
             if cached:
-                digests.append(cached.split("-")[0])
+                digests.append(content_of_cache_key(cached))
             elif Path(row[key]).is_file():
                 if row[key] not in file_digests:
-                    file_digests[row[key]] = data.file_digest(row[key])[:32]
+                    file_digests[row[key]] = clip_content(row[key])
                 digests.append(file_digests[row[key]])
     return digests
 

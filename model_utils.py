@@ -1,16 +1,23 @@
 """Builds and loads models, and computes the training loss.
 
-Three things live here:
+Four things live here:
 
 * loading the released Higgs Audio v2 pieces (model, text tokenizer, audio
-  tokenizer) from local directories, or from the hub where a network exists;
+  tokenizer) from local directories, or from the hub where a network exists,
+  into a `Bundle`; a `train.py` export names the audio tokenizer it was
+  trained with in `audio_tokenizer.json`, written and read here;
 * the **tiny preset**: a small random model, text tokenizer and audio
   tokenizer built offline and deterministically from a seed out of the
   package's real classes, laid out like the release (dual-FFN on every layer,
   8 codebooks of 1024, delay pattern, no Whisper; optionally with a Whisper
   tower), so that every test and the demo run on a CPU with no hub;
 * the loss: shifted text cross-entropy plus per-codebook shifted audio
-  cross-entropy (the package's forward computes no loss at all).
+  cross-entropy (the package's forward computes no loss at all);
+* reaching the `HiggsAudioModel` and its decoder layers inside a peft wrapper.
+
+Finding a run's newest whole export is `checkpoints.py`'s; what training
+changes in the model (text logits only at labels, frozen weights in bf16) is
+`training.py`'s.
 """
 
 from __future__ import annotations
@@ -18,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -414,53 +419,6 @@ def exported_audio_tokenizer(model_dir: str) -> tuple[str | None, int]:
     return None, 0
 
 
-def newest_export(runs_dir: str = "runs") -> str | None:
-    """The most recently written whole `runs/*/export` model, if any.
-
-    `train.py` writes an export into `export.tmp-XXXX` and renames it into
-    place once whole; an `export` that is not whole (cut short while written
-    in place, or damaged since) is skipped with a note naming it. Exports
-    are checked newest first, so older ones are never read."""
-    for path in sorted(Path(runs_dir).glob("*/export"), key=lambda path: path.stat().st_mtime, reverse=True):
-        problem = export_problem(path)
-        if not problem:
-            return str(path)
-        print(f"note: skipping {path}: {problem}", file=sys.stderr)
-    return None
-
-
-def export_problem(path: Path) -> str | None:
-    """What makes an export directory not whole: no `config.json`, a weights file cut short (a safetensors
-    file shorter than its header says, a torch zip file without its closing directory); None if whole."""
-    if not (path / "config.json").is_file():
-        return "no config.json"
-    changed = files.digest_problem(path)
-    if changed:
-        return changed
-    for weights in sorted(path.rglob("*.safetensors")):
-        if not _safetensors_whole(weights):
-            return f"{weights.relative_to(path)} is truncated"
-    for weights in sorted(path.rglob("*.pth")):
-        if not zipfile.is_zipfile(weights):
-            return f"{weights.relative_to(path)} is truncated"
-    return None
-
-
-def _safetensors_whole(path: Path) -> bool:
-    """A safetensors file is an 8-byte header size, a JSON header, then the tensors up to the last end offset."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return False
-        size = int.from_bytes(head, "little")
-        try:
-            header = json.loads(handle.read(size))
-        except ValueError:
-            return False
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    return path.stat().st_size == 8 + size + end
-
-
 # --------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------
@@ -483,7 +441,7 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
 
     Text: `logits[:, :-1]` predicts `expanded_labels[:, 1:]` (the model
     returns labels aligned to its inputs, unshifted); logits of shape (N,
-    vocab) come from `text_logits_at_labels` and hold the N labelled
+    vocab) come from `training.text_logits_at_labels` and hold the N labelled
     positions only, in row-major order. Audio: `audio_logits[:-1, k]`
     predicts `label_audio_ids[k, 1:]`; shifting across clip boundaries is
     safe because each clip's first label column is -100. The total is the sum
@@ -495,7 +453,7 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
     """
     logits = outputs.logits.float()
     shifted = outputs.expanded_labels[:, 1:]
-    if logits.dim() == 2:  # `text_logits_at_labels`: its row count is known on the host
+    if logits.dim() == 2:  # `training.text_logits_at_labels`: its row count is known on the host
         text_labels = shifted.reshape(-1).index_select(0, labelled_positions(outputs.expanded_labels, logits.shape[0]))
     else:
         logits, text_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1)
@@ -538,7 +496,7 @@ def labelled_positions(expanded_labels: torch.Tensor, count: int) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------
-# Memory: text logits only where a text label is, frozen weights in bf16
+# The HiggsAudioModel inside a peft wrapper
 # --------------------------------------------------------------------------
 
 
@@ -550,112 +508,3 @@ def higgs_model(model: torch.nn.Module) -> HiggsAudioModel:
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a `HiggsAudioModel`, inside a peft wrapper or not."""
     return higgs_model(model).layers
-
-
-def merged_text_labels(model: HiggsAudioModel, inputs: dict) -> torch.Tensor:
-    """The text labels of the merged text-and-audio sequence, by a second run of the package's merge.
-
-    Only `--debug-checks` and the tests use it, to check the labels the
-    model's own merge returned: the package's `merge_input_ids_with_audio_features`
-    runs on 1-wide zero embeddings (a few kilobytes), with the arguments the
-    training forward gives it (no cache: 8-position rounding, left padding for
-    a batch of one).
-    """
-    from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
-
-    input_ids = inputs["input_ids"]
-    width = lambda ids: ids.shape[-1] if ids is not None else 0  # noqa: E731
-    zeros = lambda n: torch.zeros(n, 1, device=input_ids.device)  # noqa: E731
-    audio_in = zeros(width(inputs.get("audio_in_ids"))) if model.config.encode_audio_in_tokens else None
-    merged = merge_input_ids_with_audio_features(
-        None, None, audio_in, inputs.get("audio_in_ids_start"), zeros(width(inputs.get("audio_out_ids"))),
-        inputs.get("audio_out_ids_start"), model.audio_in_token_idx, model.audio_out_token_idx,
-        zeros(input_ids.numel()).view(*input_ids.shape, 1), input_ids, inputs["attention_mask"], inputs["label_ids"],
-        pad_token_id=model.padding_idx, round_to=8, left_padding=input_ids.shape[0] == 1,
-    )
-    return merged[2]
-
-
-TEXT_LABEL_COUNT = "text_label_count"  # the keyword a training forward passes `collate.text_label_count` by
-
-
-def text_logits_at_labels(model: torch.nn.Module, check: bool = False) -> None:
-    """Make the training forward compute text logits only at positions whose next token is a text label.
-
-    The package's head computes 128,256-way logits at every position of the
-    merged sequence (about 4 GiB in fp32 for 8,192 positions), while a
-    voice-cloning sample has about 3 text labels. In a forward with
-    `label_ids`, the text head passes the final hidden states through, and a
-    forward hook on the model takes the labelled rows out of them, at the
-    positions of the labels the model's own merge returned
-    (`expanded_labels`: one merge, the model's), and applies the head there:
-    `outputs.logits` is (N, vocab), which `compute_loss` pairs with the labels
-    in the same row-major order. N is the keyword `text_label_count`, counted
-    on the host from the CPU batch (`collate.text_label_count`), so that no
-    size comes back from the device; a forward that does not give it
-    (validation losses, tests) has N counted on the device, one host sync.
-    A forward without `label_ids` (generation, validation prompts) keeps the
-    full head, so inference is unchanged. Parameter names are untouched, so
-    checkpoints and exports are as before. `check` (`--debug-checks`) runs
-    the package's merge a second time and compares labels and count, each
-    forward: host syncs, for debugging only.
-    """
-    higgs = higgs_model(model)
-    if not higgs.config.skip_audio_tower:
-        raise ValueError("--text-logits labelled needs a model without a Whisper tower (the released model has none); use --text-logits all")
-    head = higgs.audio_decoder_proj.text_lm_head
-    full_forward = head.forward
-    state: dict = {"deferred": False, "count": None}
-
-    def take_count(_module, args, kwargs):
-        count = kwargs.pop(TEXT_LABEL_COUNT, None)
-        state["deferred"], state["count"] = kwargs.get("label_ids") is not None, count
-        return args, kwargs
-
-    def pass_hidden_states(hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states if state["deferred"] else full_forward(hidden_states)
-
-    def logits_at_labels(_module, _args, kwargs, outputs):
-        if not state["deferred"]:
-            return outputs
-        state["deferred"] = False
-        labels, hidden = outputs.expanded_labels, outputs.logits
-        count = state["count"] if state["count"] is not None else int((labels[:, 1:] != IGNORE_INDEX).sum())
-        if check:
-            _check_labelled_positions(higgs, kwargs, labels, count)
-        flat = labelled_positions(labels, count)
-        width = labels.shape[1] - 1  # positions of the shifted grid per row; the hidden states have one more
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat // width * labels.shape[1] + flat % width)
-        outputs.logits = full_forward(rows)
-        return outputs
-
-    higgs.register_forward_pre_hook(take_count, with_kwargs=True)
-    higgs.register_forward_hook(logits_at_labels, with_kwargs=True)
-    head.forward = pass_hidden_states
-
-
-def _check_labelled_positions(higgs: HiggsAudioModel, inputs: dict, labels: torch.Tensor, count: int) -> None:
-    """`--debug-checks`: the model merged the labels a second merge gives, and `count` is their number."""
-    if not torch.equal(merged_text_labels(higgs, inputs), labels):
-        raise RuntimeError("text logits at labels: the model merged its labels differently from merged_text_labels")
-    labelled = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    if labelled != count:
-        raise RuntimeError(f"text logits at labels: {TEXT_LABEL_COUNT} {count}, but the merged labels hold {labelled}")
-
-
-def frozen_linear_weights_to_bf16(model: torch.nn.Module) -> int:
-    """Hold the frozen weights of linear layers in bf16; returns how many parameters were cast.
-
-    Under bf16 autocast a linear layer casts its fp32 weight to bf16 (round to
-    nearest even) at every use, so a frozen linear weight stored in bf16 gives
-    bit-identical results at half the memory; trained parameters keep their
-    fp32 master copy. Norms and embeddings stay fp32: autocast does not cast
-    them, so there bf16 would change the numerics (and the package merges
-    text and audio embeddings in one buffer of one dtype).
-    """
-    cast = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
-            module.weight.data = module.weight.data.to(torch.bfloat16)
-            cast += module.weight.numel()
-    return cast

@@ -58,17 +58,22 @@ class ParityCase:
     scene: str | None = None
     ref_in_system: bool = False
 
+    @property
+    def layout(self) -> data.PromptLayout:
+        """The case's layout, as `data.build_sample` takes it."""
+        return data.PromptLayout(self.ref_in_system, self.scene)
+
 
 def _training_sample(tokenizer, case: ParityCase):
     return data.build_sample(
-        tokenizer, case.ref_text, case.ref_codes, case.text, target_codes=case.target_codes, scene=case.scene,
-        ref_in_system=case.ref_in_system, ref_waveform=case.ref_waveform, sample_rate=case.sample_rate,
+        tokenizer, case.ref_text, case.ref_codes, case.text, target_codes=case.target_codes, layout=case.layout,
+        ref_waveform=case.ref_waveform, sample_rate=case.sample_rate,
     )
 
 
 def _inference_prompt(tokenizer, case: ParityCase):
     return data.build_sample(
-        tokenizer, case.ref_text, case.ref_codes, case.text, scene=case.scene, ref_in_system=case.ref_in_system,
+        tokenizer, case.ref_text, case.ref_codes, case.text, layout=case.layout,
         ref_waveform=case.ref_waveform, sample_rate=case.sample_rate,
     )
 
@@ -445,8 +450,8 @@ def _prompts_of_different_lengths(bundle, case: ParityCase, count: int) -> list:
         frames = max(1, int(case.ref_codes.shape[1] * keep))
         waveform = None if case.ref_waveform is None else case.ref_waveform[: frames * case.sample_rate // generation.FRAMES_PER_SECOND]
         text = " ".join(words[: max(1, round(len(words) * keep))])
-        prompts.append(data.build_sample(bundle.tokenizer, case.ref_text, case.ref_codes[:, :frames], text, scene=case.scene,
-                                         ref_in_system=case.ref_in_system, ref_waveform=waveform, sample_rate=case.sample_rate))
+        prompts.append(data.build_sample(bundle.tokenizer, case.ref_text, case.ref_codes[:, :frames], text, layout=case.layout,
+                                         ref_waveform=waveform, sample_rate=case.sample_rate))
     return prompts
 
 

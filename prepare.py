@@ -9,7 +9,6 @@ its command line is
     python prepare.py --manifest M --out CACHE [--audio-tokenizer DIR] [--model DIR] [filters]
     torchrun --nproc-per-node 8 prepare.py --manifest M --out CACHE ...     # one process per GPU, or machines
 
-(`python data.py prepare ...`, its spelling before it moved here, still runs it).
 Under torchrun each process encodes its share of the clips into shards of its
 own, then process 0 validates the manifest as one process does, every clip
 now in the cache, and writes the cache's manifest, report and summary: the
@@ -139,7 +138,7 @@ class CacheWriter:
 
     def clip(self, path: str) -> manifest.Clip:
         if path not in self.clips:
-            key = f"{data.file_digest(path)[:32]}-{self.tokenizer_id[:16]}"
+            key = manifest.cache_key(path, self.tokenizer_id)
             entry = self.index.get(key) or (self.pending[key][1] if key in self.pending else None)
             if entry is None:
                 entry = self._encode(path, key)
@@ -325,6 +324,18 @@ class PreparedCodes:
         return codes
 
 
+@dataclass(frozen=True)
+class Options:
+    """What the command line chooses for a prepare besides the manifest, the cache and the tokenizers."""
+
+    filters: manifest.Filters = manifest.Filters()  # which rows are kept
+    strict: bool = False  # stop at the first bad row
+    batch_size: int = 64  # clips per committed shard
+    progress: bool = False  # progress bars
+    val_manifest: str | Path | None = None  # a validation manifest whose shared speakers and clips are reported
+    strict_overlap: bool = False  # with `val_manifest`: refuse what it shares (`manifest.OverlapError`)
+
+
 @dataclass
 class PrepareResult:
     validation: manifest.ValidationResult
@@ -334,19 +345,8 @@ class PrepareResult:
     overlap: str | None = None  # the train/val overlap line, with a validation manifest
 
 
-def prepare(
-    manifest_path: str | Path,
-    cache_dir: str | Path,
-    audio_tokenizer,
-    tokenizer=None,
-    filters: manifest.Filters = manifest.Filters(),
-    strict: bool = False,
-    batch_size: int = 64,
-    progress: bool = False,
-    val_manifest: str | Path | None = None,
-    strict_overlap: bool = False,
-    world: World = World(),
-) -> PrepareResult | None:
+def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, tokenizer=None,
+            options: Options = Options(), world: World = World()) -> PrepareResult | None:
     """Validate a manifest and cache the codes of every kept clip (the layout is above).
 
     What was encoded before an error, a `strict` stop or Ctrl-C is committed,
@@ -355,28 +355,29 @@ def prepare(
     previous finished prepare, if any. With the text `tokenizer`, each kept
     row carries its text token counts (`add_text_token_counts`), so training
     plans token-budget batches without building samples. A second prepare of
-    the same cache while one runs is a `CacheLocked` error. With
-    `val_manifest`, the speakers and clips it shares with the kept rows are
-    reported (`manifest.check_overlap`), and refused with `strict_overlap`
-    before the cache's manifest is written. Under torchrun (`world`) each
-    process first encodes its share (`encode_share`); process 0 then does the
-    rest and returns the result, the others None.
+    the same cache while one runs is a `CacheLocked` error. With a
+    `val_manifest` in `options`, the speakers and clips it shares with the
+    kept rows are reported (`manifest.check_overlap`), and refused with
+    `strict_overlap` before the cache's manifest is written. Under torchrun
+    (`world`) each process first encodes its share (`encode_share`); process
+    0 then does the rest and returns the result, the others None.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     with held_by_main(cache, world):
-        shared = encode_share(manifest_path, cache, audio_tokenizer, filters, batch_size, world, progress) \
-            if world.distributed else Share()
+        shared = encode_share(manifest_path, cache, audio_tokenizer, options, world) if world.distributed else Share()
         if not world.main:
             return None
-        writer = CacheWriter(cache, audio_tokenizer, batch_size, clean=not world.distributed)
+        writer = CacheWriter(cache, audio_tokenizer, options.batch_size, clean=not world.distributed)
         try:
-            result = manifest.validate_manifest(manifest_path, writer, tokenizer, filters, strict, progress)
+            result = manifest.validate_manifest(manifest_path, writer, tokenizer, options.filters, options.strict,
+                                                options.progress)
         finally:
             writer.flush()
         overlap = None
-        if val_manifest:
-            overlap = manifest.check_overlap(result.kept, manifest.rows_before_audio(val_manifest), strict_overlap)
+        if options.val_manifest:
+            val_rows = manifest.rows_before_audio(options.val_manifest)
+            overlap = manifest.check_overlap(result.kept, val_rows, options.strict_overlap)
         # Clips the processes encoded are found in the cache here: they count as encoded, not reused.
         encoded = writer.encoded + shared.encoded
         reused, repaired = writer.reused + writer.encoded - encoded, writer.repaired + shared.repaired
@@ -438,20 +439,20 @@ def held_by_main(cache: Path, world: World):
         yield
 
 
-def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, filters: manifest.Filters, batch_size: int,
-                 world: World, progress: bool) -> Share:
+def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, options: Options, world: World) -> Share:
     """This process's share of the manifest's clips (`share_of`), encoded into shards of its own; the counts of all.
 
     A clip that cannot be loaded is left to the validation on process 0,
     which counts it under its reason. Any other error on any process is a
     RuntimeError on every process, naming it.
     """
-    writer = CacheWriter(cache, audio_tokenizer, batch_size) if world.main else None
+    writer = CacheWriter(cache, audio_tokenizer, options.batch_size) if world.main else None
     parallel.wait_for_all(world)  # process 0 has cleaned the cache
-    writer = writer or CacheWriter(cache, audio_tokenizer, batch_size, clean=False)
+    writer = writer or CacheWriter(cache, audio_tokenizer, options.batch_size, clean=False)
     error = None
     try:
-        for path in tqdm(share_of(manifest_path, filters, world), desc="encode (process 0's share)", disable=not (progress and world.main)):
+        mine = share_of(manifest_path, options.filters, world)
+        for path in tqdm(mine, desc="encode (process 0's share)", disable=not (options.progress and world.main)):
             with contextlib.suppress(data.AudioError):
                 writer.clip(path)
         writer.flush()
@@ -515,17 +516,17 @@ def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        _check_inputs(args)
-    except commands.EXPECTED as error:
-        return commands.fail(error)
+    if (checked := commands.run(lambda: _check_inputs(args))) != 0:
+        return checked
     world, device = parallel.start_processes(args.device)
     try:
-        result = _run(args, world, device)
-    except commands.EXPECTED as error:
-        return commands.fail(error)
+        return commands.run(lambda: _prepare_and_report(args, world, device))
     finally:
         parallel.stop_processes(world)
+
+
+def _prepare_and_report(args: argparse.Namespace, world: World, device: str) -> int:
+    result = _prepare(args, world, device)
     if result is not None:
         _print_result(result, args.out)
         if not result.validation.kept:  # nothing to train on: an error, and no next command
@@ -534,25 +535,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_inputs(args: argparse.Namespace) -> None:
-    """The manifests exist and the training one holds a row: checked before a model loads or the cache folder
-    is made, so that a mistyped path or an empty manifest leaves nothing behind."""
+def _check_inputs(args: argparse.Namespace) -> int:
+    """The manifests exist and the training one holds a row (0), checked before a model loads or the cache
+    folder is made, so that a mistyped path or an empty manifest leaves nothing behind."""
     for path in filter(None, (args.manifest, args.val_manifest)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such manifest: {path}")
     with open(args.manifest, "rb") as lines:
         if not any(line.strip() for line in lines):
             raise ValueError(f"nothing usable found in {args.manifest}: it holds no row")
+    return 0
 
 
-def _run(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
+def _prepare(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
     audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, device) if args.audio_tokenizer
                        else model_utils.build_tiny_audio_tokenizer(args.seed, device))
     tokenizer = _text_tokenizer(args.model)
     languages = tuple(manifest.canonical_language(tag) for tag in args.language)
     filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, languages, args.max_text_chars)
-    return prepare(args.manifest, args.out, audio_tokenizer, tokenizer, filters, args.strict, args.batch_size,
-                   progress=world.main, val_manifest=args.val_manifest, strict_overlap=args.strict_overlap, world=world)
+    options = Options(filters, strict=args.strict, batch_size=args.batch_size, progress=world.main,
+                      val_manifest=args.val_manifest, strict_overlap=args.strict_overlap)
+    return prepare(args.manifest, args.out, audio_tokenizer, tokenizer, options, world)
 
 
 def _print_result(result: PrepareResult, out: str) -> None:

@@ -318,15 +318,15 @@ def _write_outputs(out: Path, rows: list[dict], rejections: list[Rejection]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        language = manifest.canonical_language(args.language) if args.language else None
-        settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from)
-        result = segment(args.inputs, args.out, settings, progress=True)
-    except commands.EXPECTED as error:
-        return commands.fail(error)
-    except KeyboardInterrupt:
-        return commands.interrupted(f"each recording finished so far is kept in {Path(args.out) / 'done'}; "
-                                    "run the same command again to segment the rest")
+    return commands.run(lambda: _segment_and_report(args),
+                        lambda _: commands.interrupted(f"each recording finished so far is kept in {Path(args.out) / 'done'}; "
+                                                       "run the same command again to segment the rest"))
+
+
+def _segment_and_report(args: argparse.Namespace) -> int:
+    language = manifest.canonical_language(args.language) if args.language else None
+    settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from)
+    result = segment(args.inputs, args.out, settings, progress=True)
     commands.list_first([f"{r.where()}: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
     print(f"recordings: {result.redone} segmented, {result.reused} already done\n"

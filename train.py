@@ -48,11 +48,10 @@ from tqdm import tqdm
 
 import checkpoints
 import collate
-import data
+import commands
 import files
 import heldout
 import loader
-import manifest
 import model_utils
 import parallel
 import training
@@ -524,22 +523,22 @@ def export_best(model, optimizer, run: Run) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done (or --stop-after reached), 2 an error (one line), 128 + N stopped by signal N
     (143 SIGTERM, 130 Ctrl-C: resumable from its checkpoint; also a Ctrl-C during start-up)."""
-    try:
+    def train_from_flags() -> int:
         train(parse_config(argv, description=__doc__))
-    except Stopped as stopped:
-        if stopped.message:
-            print(f"error: {stopped.message}", file=sys.stderr)
-        return 128 + stopped.signum
-    except KeyboardInterrupt:
-        print(INTERRUPTED_AT_START, file=sys.stderr)
-        return 128 + signal.SIGINT
-    except OSError as error:
-        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
-        return 2
-    except (data.AudioError, manifest.ManifestError, collate.SampleError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return commands.run(train_from_flags, interrupted=stopped_status)
+
+
+def stopped_status(interruption: KeyboardInterrupt) -> int:
+    """128 + the signal the run stopped on (`Stopped`; its message, if any, said); a Ctrl-C before the run
+    takes the signals over (`StopRequested`) interrupts its start-up, and says so."""
+    if isinstance(interruption, Stopped):
+        if interruption.message:
+            print(f"error: {interruption.message}", file=sys.stderr)
+        return 128 + interruption.signum
+    print(INTERRUPTED_AT_START, file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

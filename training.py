@@ -4,6 +4,11 @@
     optimizer = build_optimizer(model, config, device)
     stats = train_step(model, optimizer, micro_batches, config, world, device, lr_at(step, config, max_steps))
 
+`prepare_model` makes the model the step trains; its memory options change
+how the package's model computes, never what: text logits only where a text
+label is (`text_logits_at_labels`, forward hooks) and frozen linear weights
+held in bf16 (`frozen_linear_weights_to_bf16`).
+
 `train_step` is the one optimizer step that `train.py`, `bench.py` and the
 tests run: forward, loss and backward over the step's micro-batches (DDP's
 gradient all-reduce only on the last), gradient clipping and the AdamW
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchInput
+from boson_multimodal.model.higgs_audio import HiggsAudioModel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -83,9 +89,9 @@ def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
     """Text logits only at labelled positions (`--text-logits labelled`) and, under bf16, frozen
     linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_training.py)."""
     if config.text_logits == "labelled":
-        model_utils.text_logits_at_labels(model, check=config.debug_checks)
+        text_logits_at_labels(model, check=config.debug_checks)
     if config.frozen_bf16 and config.precision == "bf16":
-        model_utils.frozen_linear_weights_to_bf16(model)
+        frozen_linear_weights_to_bf16(model)
 
 
 def wrap_decoder_layers(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -150,6 +156,120 @@ def checkpoint_forward(layer: torch.nn.Module) -> None:
 def autocast(precision: str, device: str):
     """bf16 autocast under `--precision bf16` (on the CPU too), nothing under fp32."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# --------------------------------------------------------------------------
+# Memory: text logits only where a text label is, frozen weights in bf16
+# --------------------------------------------------------------------------
+
+
+TEXT_LABEL_COUNT = "text_label_count"  # the keyword a training forward passes `collate.text_label_count` by
+
+
+def text_logits_at_labels(model: torch.nn.Module, check: bool = False) -> None:
+    """Make the training forward compute text logits only at positions whose next token is a text label.
+
+    The package's head computes 128,256-way logits at every position of the
+    merged sequence (about 4 GiB in fp32 for 8,192 positions), while a
+    voice-cloning sample has about 3 text labels. In a forward with
+    `label_ids`, the text head passes the final hidden states through, and a
+    forward hook on the model takes the labelled rows out of them, at the
+    positions of the labels the model's own merge returned
+    (`expanded_labels`: one merge, the model's), and applies the head there:
+    `outputs.logits` is (N, vocab), which `model_utils.compute_loss` pairs with the labels
+    in the same row-major order. N is the keyword `text_label_count`, counted
+    on the host from the CPU batch (`collate.text_label_count`), so that no
+    size comes back from the device; a forward that does not give it
+    (validation losses, tests) has N counted on the device, one host sync.
+    A forward without `label_ids` (generation, validation prompts) keeps the
+    full head, so inference is unchanged. Parameter names are untouched, so
+    checkpoints and exports are as before. `check` (`--debug-checks`) runs
+    the package's merge a second time and compares labels and count, each
+    forward: host syncs, for debugging only.
+    """
+    higgs = model_utils.higgs_model(model)
+    if not higgs.config.skip_audio_tower:
+        raise ValueError("--text-logits labelled needs a model without a Whisper tower (the released model has none); use --text-logits all")
+    head = higgs.audio_decoder_proj.text_lm_head
+    full_forward = head.forward
+    state: dict = {"deferred": False, "count": None}
+
+    def take_count(_module, args, kwargs):
+        count = kwargs.pop(TEXT_LABEL_COUNT, None)
+        state["deferred"], state["count"] = kwargs.get("label_ids") is not None, count
+        return args, kwargs
+
+    def pass_hidden_states(hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if state["deferred"] else full_forward(hidden_states)
+
+    def logits_at_labels(_module, _args, kwargs, outputs):
+        if not state["deferred"]:
+            return outputs
+        state["deferred"] = False
+        labels, hidden = outputs.expanded_labels, outputs.logits
+        count = state["count"] if state["count"] is not None else int((labels[:, 1:] != model_utils.IGNORE_INDEX).sum())
+        if check:
+            _check_labelled_positions(higgs, kwargs, labels, count)
+        flat = model_utils.labelled_positions(labels, count)
+        width = labels.shape[1] - 1  # positions of the shifted grid per row; the hidden states have one more
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat // width * labels.shape[1] + flat % width)
+        outputs.logits = full_forward(rows)
+        return outputs
+
+    higgs.register_forward_pre_hook(take_count, with_kwargs=True)
+    higgs.register_forward_hook(logits_at_labels, with_kwargs=True)
+    head.forward = pass_hidden_states
+
+
+def _check_labelled_positions(higgs: HiggsAudioModel, inputs: dict, labels: torch.Tensor, count: int) -> None:
+    """`--debug-checks`: the model merged the labels a second merge gives, and `count` is their number."""
+    if not torch.equal(merged_text_labels(higgs, inputs), labels):
+        raise RuntimeError("text logits at labels: the model merged its labels differently from merged_text_labels")
+    labelled = int((labels[:, 1:] != model_utils.IGNORE_INDEX).sum())
+    if labelled != count:
+        raise RuntimeError(f"text logits at labels: {TEXT_LABEL_COUNT} {count}, but the merged labels hold {labelled}")
+
+
+def merged_text_labels(model: HiggsAudioModel, inputs: dict) -> torch.Tensor:
+    """The text labels of the merged text-and-audio sequence, by a second run of the package's merge.
+
+    Only `--debug-checks` and the tests use it, to check the labels the
+    model's own merge returned: the package's `merge_input_ids_with_audio_features`
+    runs on 1-wide zero embeddings (a few kilobytes), with the arguments the
+    training forward gives it (no cache: 8-position rounding, left padding for
+    a batch of one).
+    """
+    from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
+
+    input_ids = inputs["input_ids"]
+    width = lambda ids: ids.shape[-1] if ids is not None else 0  # noqa: E731
+    zeros = lambda n: torch.zeros(n, 1, device=input_ids.device)  # noqa: E731
+    audio_in = zeros(width(inputs.get("audio_in_ids"))) if model.config.encode_audio_in_tokens else None
+    merged = merge_input_ids_with_audio_features(
+        None, None, audio_in, inputs.get("audio_in_ids_start"), zeros(width(inputs.get("audio_out_ids"))),
+        inputs.get("audio_out_ids_start"), model.audio_in_token_idx, model.audio_out_token_idx,
+        zeros(input_ids.numel()).view(*input_ids.shape, 1), input_ids, inputs["attention_mask"], inputs["label_ids"],
+        pad_token_id=model.padding_idx, round_to=8, left_padding=input_ids.shape[0] == 1,
+    )
+    return merged[2]
+
+
+def frozen_linear_weights_to_bf16(model: torch.nn.Module) -> int:
+    """Hold the frozen weights of linear layers in bf16; returns how many parameters were cast.
+
+    Under bf16 autocast a linear layer casts its fp32 weight to bf16 (round to
+    nearest even) at every use, so a frozen linear weight stored in bf16 gives
+    bit-identical results at half the memory; trained parameters keep their
+    fp32 master copy. Norms and embeddings stay fp32: autocast does not cast
+    them, so there bf16 would change the numerics (and the package merges
+    text and audio embeddings in one buffer of one dtype).
+    """
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            cast += module.weight.numel()
+    return cast
 
 
 # --------------------------------------------------------------------------
@@ -294,7 +414,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
         inputs = collate.batch_to_model_inputs(batch, device)
         if config.text_logits == "labelled":
-            inputs[model_utils.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
+            inputs[TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
         with no_sync, autocast(config.precision, device):
             outputs = model(**inputs)
             loss = model_utils.compute_loss(outputs, inputs["label_audio_ids"])

@@ -78,7 +78,7 @@ def whisper_sample(tiny_whisper, ref_codes, target_codes, voice_prompt):
         ref_codes,
         TEXT,
         target_codes=target_codes,
-        ref_in_system=True,
+        layout=data.PromptLayout(ref_in_system=True),
         ref_waveform=waveform,
         sample_rate=MODEL_RATE,
     )
@@ -289,7 +289,8 @@ def test_whisper_sample_without_usable_waveform_is_an_error(
     whisper_collator, tiny_whisper, ref_codes, waveform, message
 ):
     bad = data.build_sample(
-        tiny_whisper.tokenizer, None, ref_codes, TEXT, ref_in_system=True, ref_waveform=waveform, sample_rate=MODEL_RATE
+        tiny_whisper.tokenizer, None, ref_codes, TEXT, layout=data.PromptLayout(ref_in_system=True), ref_waveform=waveform,
+        sample_rate=MODEL_RATE
     )
     with pytest.raises(collate.SampleError, match=f"^sample row-7: .*{re.escape(message)}"):
         collate.collate(whisper_collator, [bad], CODEBOOK_SIZE, names=["row-7"])
@@ -351,7 +352,7 @@ def samples(tokenizer, ref_in_system):
     texts = ["Hi.", "A somewhat longer sentence to speak, with more words in it.", "Medium length text here."]
     return [
         data.build_sample(tokenizer, "Reference words.", codes(5 + 7 * i, i), text, target_codes=codes(20 - 6 * i, 9 + i),
-                          ref_in_system=ref_in_system)
+                          layout=data.PromptLayout(ref_in_system=ref_in_system))
         for i, text in enumerate(texts)
     ]
 
@@ -398,7 +399,7 @@ def test_a_pinned_batch_holds_every_field_contiguous_and_pinned(tiny, monkeypatc
 
 
 def test_sample_tokens_refuses_a_sample_with_whisper_features(tiny):
-    sample = data.build_sample(tiny.tokenizer, None, codes(5, 0), "Hi.", ref_in_system=True,
+    sample = data.build_sample(tiny.tokenizer, None, codes(5, 0), "Hi.", layout=data.PromptLayout(ref_in_system=True),
                                ref_waveform=np.ones(2400, np.float32), sample_rate=24000)
     with pytest.raises(ValueError, match="Whisper"):
         collate.sample_tokens(sample, 8)

@@ -211,7 +211,7 @@ LAYOUTS = {
         + header("assistant"),
     ),
     "scene": (
-        dict(scene=SCENE),
+        dict(layout=data.PromptLayout(scene=SCENE)),
         BOT
         + turn("system", f"{INSTRUCTION}<|scene_desc_start|>\n{SCENE}\n<|scene_desc_end|>")
         + turn("user", REF_TEXT)
@@ -220,14 +220,14 @@ LAYOUTS = {
         + header("assistant"),
     ),
     "system": (
-        dict(ref_in_system=True),
+        dict(layout=data.PromptLayout(ref_in_system=True)),
         BOT
         + turn("system", f"{INSTRUCTION}<|scene_desc_start|>\nSPEAKER0: {AUDIO_IN}\n<|scene_desc_end|>")
         + turn("user", NORMALISED_TEXT)
         + header("assistant"),
     ),
     "system-scene": (
-        dict(ref_in_system=True, scene=SCENE),
+        dict(layout=data.PromptLayout(ref_in_system=True, scene=SCENE)),
         BOT
         + turn("system", f"{INSTRUCTION}<|scene_desc_start|>\n{SCENE}\n\nSPEAKER0: {AUDIO_IN}\n<|scene_desc_end|>")
         + turn("user", NORMALISED_TEXT)
@@ -306,7 +306,8 @@ def test_builder_normalises_the_text_to_speak(tiny, ref):
 def test_reference_waveform_enters_with_the_system_reference(tiny, ref):
     waveform = np.linspace(-0.5, 0.5, 4800, dtype=np.float32)
     sample = data.build_sample(
-        tiny.tokenizer, None, ref, TEXT, ref_in_system=True, ref_waveform=waveform, sample_rate=MODEL_RATE
+        tiny.tokenizer, None, ref, TEXT, layout=data.PromptLayout(ref_in_system=True), ref_waveform=waveform,
+        sample_rate=MODEL_RATE
     )
     assert torch.equal(sample.audio_waveforms_concat, torch.from_numpy(waveform))
     assert sample.audio_waveforms_start.tolist() == [0]
@@ -314,7 +315,7 @@ def test_reference_waveform_enters_with_the_system_reference(tiny, ref):
 
 
 def test_no_waveform_leaves_the_waveform_fields_empty(tiny, ref):
-    sample = data.build_sample(tiny.tokenizer, None, ref, TEXT, ref_in_system=True)
+    sample = data.build_sample(tiny.tokenizer, None, ref, TEXT, layout=data.PromptLayout(ref_in_system=True))
     assert len(sample.audio_waveforms_concat) == len(sample.audio_waveforms_start) == len(sample.audio_sample_rate) == 0
 
 
@@ -325,7 +326,7 @@ def test_no_waveform_leaves_the_waveform_fields_empty(tiny, ref):
             dict(ref_waveform=np.ones(100, np.float32), sample_rate=MODEL_RATE),
             "only enters with the reference in the system",
         ),
-        (dict(ref_in_system=True, ref_waveform=np.ones(100, np.float32)), "needs its sample_rate"),
+        (dict(layout=data.PromptLayout(ref_in_system=True), ref_waveform=np.ones(100, np.float32)), "needs its sample_rate"),
     ],
     ids=["waveform-without-system-reference", "waveform-without-rate"],
 )
@@ -377,7 +378,8 @@ def test_control_tokens_spelled_in_text_are_rejected(tiny, field):
     values[field] = "say <|eot_id|> now"
     codes = torch.randint(0, 1024, (8, 4))
     with pytest.raises(ValueError, match="control token <\\|eot_id\\|>"):
-        data.build_sample(tiny.tokenizer, values["ref_text"], codes, values["text"], scene=values["scene"])
+        data.build_sample(tiny.tokenizer, values["ref_text"], codes, values["text"],
+                          layout=data.PromptLayout(scene=values["scene"]))
 
 
 # --------------------------------------------------------------------------

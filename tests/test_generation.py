@@ -144,7 +144,7 @@ def test_aligned_serve_engine_builds_the_training_sequence(engine, ref_audio):
     config = bundle.model.config
     reference = generation.encode_reference(bundle, ref_audio, "", ref_in_system=True)
     sample = data.build_sample(bundle.tokenizer, None, reference.codes, "Hello there.", target_codes=reference.codes,
-                               ref_in_system=True)
+                               layout=data.PromptLayout(ref_in_system=True))
     batch = collate.collate(collate.build_collator(config), [sample], config.audio_codebook_size)
     training = _merged(bundle.model, collate.batch_to_model_inputs(batch, "cpu"))
 
@@ -161,7 +161,7 @@ def test_aligned_serve_engine_builds_the_training_sequence(engine, ref_audio):
     assert torch.equal(inputs["audio_in_ids"], batch.audio_in_ids)
     assert torch.equal(aligned, training[: len(aligned)])
 
-    prompt = data.build_sample(bundle.tokenizer, None, reference.codes, "Hello there.", ref_in_system=True)
+    prompt = data.build_sample(bundle.tokenizer, None, reference.codes, "Hello there.", layout=data.PromptLayout(ref_in_system=True))
     prompt.input_ids = prompt_ids
     package = _merged(engine.model, collate.batch_to_model_inputs(package_collator([prompt]), "cpu"))
     assert len(package) == len(aligned) - reference.codes.shape[1] - config.audio_num_codebooks - 1

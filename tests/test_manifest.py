@@ -464,3 +464,11 @@ def test_overlap_names_shared_speakers_and_clips_by_content(tmp_path):
     assert manifest.check_overlap(train_rows, [], strict=True).endswith("none (no shared speaker id, no shared clip)")
     with pytest.raises(manifest.OverlapError, match="--strict-overlap refuses it"):
         manifest.check_overlap(train_rows, val_rows, strict=True)
+
+
+def test_a_prepared_row_s_cache_key_compares_with_a_raw_row_s_file_by_content(tmp_path):
+    write_tone(tmp_path / "a.wav", 300)
+    key = manifest.cache_key(tmp_path / "a.wav", "f" * 64)
+    assert manifest.content_of_cache_key(key) == manifest.clip_content(tmp_path / "a.wav")
+    prepared = [row("t1", str(tmp_path / "moved-since.wav"), speaker="alice", audio_key=key)]
+    assert manifest.overlap(prepared, [row("v1", str(tmp_path / "a.wav"), speaker="carol")]).clip_rows == ["v1"]

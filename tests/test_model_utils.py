@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import types
 
 import pytest
@@ -10,10 +9,7 @@ import torch
 import torch.nn.functional as F
 from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioDualFFNDecoderLayer
 
-import collate
-import config
 import model_utils
-import training
 
 
 def test_tiny_model_mirrors_the_released_layout(tiny):
@@ -162,82 +158,9 @@ def test_loss_backpropagates_through_the_tiny_model(tiny, parity_case):
     assert model.layers[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0
 
 
-def _loss_and_grads(model, batch):
-    model.train()
-    loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, "cpu")), batch.label_audio_ids)
-    loss.total.backward()
-    return loss, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("size", [1, 2])
-def test_text_logits_at_labels_keep_the_loss_and_gradients(tiny, batches, size):
-    batch = batches[size - 1]
-    full, full_grads = _loss_and_grads(copy.deepcopy(tiny.model), batch)
-    model = copy.deepcopy(tiny.model)
-    model_utils.text_logits_at_labels(model)
-    outputs = model(**collate.batch_to_model_inputs(batch, "cpu"))
-    assert outputs.logits.shape == (3 * size, tiny.model.config.text_config.vocab_size)
-    selected, grads = _loss_and_grads(model, batch)
-    assert int(selected.text_tokens) == int(full.text_tokens) == 3 * size
-    torch.testing.assert_close(selected.text, full.text, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(selected.total, full.total, rtol=1e-6, atol=1e-6)
-    assert grads.keys() == full_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_labelled_text_logits_take_their_count_from_the_host_and_check_it_on_request(tiny, batches):
-    """The training step's forward: one merge (the model's), the count from the host; `check` (--debug-checks)
-    compares labels and count with a second merge, and a count off by one fails either way."""
-    import collate
-
-    batch = batches[1]
-    inputs = collate.batch_to_model_inputs(batch, "cpu")
-    count = collate.text_label_count(batch, tiny.model.config)
-    reference = model_utils.compute_loss(tiny.model(**inputs), batch.label_audio_ids)
-    models = {}
-    for check in (False, True):
-        models[check] = copy.deepcopy(tiny.model)
-        model_utils.text_logits_at_labels(models[check], check=check)
-        outputs = models[check](**inputs, **{model_utils.TEXT_LABEL_COUNT: count})
-        assert outputs.logits.shape == (count, tiny.model.config.text_config.vocab_size)
-        torch.testing.assert_close(model_utils.compute_loss(outputs, batch.label_audio_ids).total, reference.total,
-                                   rtol=1e-6, atol=1e-6)
-    with pytest.raises(IndexError):
-        models[False](**inputs, **{model_utils.TEXT_LABEL_COUNT: count + 1})
-    with pytest.raises(RuntimeError, match=f"text_label_count {count - 1}, but the merged labels hold {count}"):
-        models[True](**inputs, **{model_utils.TEXT_LABEL_COUNT: count - 1})
-
-
 def test_a_part_without_labels_adds_zero_without_asking_the_host():
     labels = torch.full((1, 4), -100)
     audio_labels = torch.tensor([[-100, -100, -100], [-100, 1, 2]])
     loss = model_utils.compute_loss(_outputs(torch.randn(1, 4, 5, requires_grad=True), torch.randn(3, 2, 9), labels), audio_labels)
     assert float(loss.text) == 0.0 and float(loss.per_codebook[0]) == 0.0 and float(loss.per_codebook[1]) > 0
     assert (int(loss.text_tokens), int(loss.audio_tokens)) == (0, 2)
-
-
-def test_text_logits_at_labels_leave_prompt_forwards_whole(tiny, batches):
-    """Without labels (generation, validation prompts) the head computes every position, as before."""
-    inputs = collate.batch_to_model_inputs(batches[1], "cpu")
-    inputs.pop("label_ids")
-    model = copy.deepcopy(tiny.model)
-    model_utils.text_logits_at_labels(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, tiny.model(**inputs).logits, rtol=0, atol=0)
-
-
-def test_frozen_linear_weights_in_bf16_give_bit_identical_losses_under_autocast(tiny, batches):
-    reference = training.add_lora(copy.deepcopy(tiny.model), config.TrainConfig(lora_rank=4))
-    model = copy.deepcopy(reference)
-    assert model_utils.frozen_linear_weights_to_bf16(model) > 0
-    for module in model.modules():
-        for parameter in module.parameters(recurse=False):
-            frozen_linear = isinstance(module, torch.nn.Linear) and not parameter.requires_grad
-            assert parameter.dtype == (torch.bfloat16 if frozen_linear else torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, expected_grads = _loss_and_grads(reference, batches[1])
-        got, grads = _loss_and_grads(model, batches[1])
-    assert torch.equal(got.total, expected.total) and torch.isfinite(got.total)
-    for name in grads:
-        assert torch.equal(grads[name], expected_grads[name]), name

@@ -40,7 +40,7 @@ def clips(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(clips, tiny, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return cache, prepare.prepare(clips[1], cache, tiny.audio_tokenizer, batch_size=4)
+    return cache, prepare.prepare(clips[1], cache, tiny.audio_tokenizer, options=prepare.Options(batch_size=4))
 
 
 def test_each_clip_is_encoded_once_even_as_reference_and_target_and_under_two_names(prepared):
@@ -89,12 +89,12 @@ def test_a_prepare_stopped_midway_resumes_with_the_clips_it_did_not_encode(clips
     cache = tmp_path / "cache"
 
     with pytest.raises(manifest.ManifestError, match=r"stops.jsonl:4: missing_audio"):
-        prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, strict=True, batch_size=2)
+        prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(strict=True, batch_size=2))
     assert len(prepare.read_index(cache)) == 3  # a full shard of 2 and the 1 flushed at the stop
     with pytest.raises(FileNotFoundError, match="no finished prepare"):
         prepare.read_prepared(cache)
 
-    resumed = prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, batch_size=2)
+    resumed = prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(batch_size=2))
     assert (resumed.encoded, resumed.reused) == (3, 3)
     assert resumed.validation.summary() == "rows read 7 = kept 6 + rejected 1 (missing_audio 1)"
 
@@ -103,7 +103,7 @@ def test_a_strict_stop_leaves_the_previous_finished_prepare_readable(prepared, c
     cache, result = prepared
     manifest_path = write_manifest(tmp_path / "m.jsonl", [row("s0", str(clips[0] / "0.wav")), row("x", "gone.wav")])
     with pytest.raises(manifest.ManifestError, match="m.jsonl:2: missing_audio"):
-        prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, strict=True)
+        prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(strict=True))
     assert prepare.read_prepared(cache).summary == result.validation.summary()
 
 
@@ -309,8 +309,7 @@ def test_a_read_only_output_directory_is_one_error_line(clips, tmp_path):
     _, manifest = clips
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    # The command's spelling before it moved to prepare.py, which data.py forwards.
-    prepare_command = [sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(manifest), "--out", str(read_only / "cache")]
+    prepare_command = [sys.executable, str(ROOT / "prepare.py"), "--manifest", str(manifest), "--out", str(read_only / "cache")]
     if os.geteuid() == 0:  # root writes through permissions: mount a read-only file system there instead
         command = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o ro tmpfs "{read_only}" && exec "$@"', "sh"] + prepare_command
     else:
