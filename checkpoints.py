@@ -8,8 +8,8 @@ plain state (step, data position, best score, config): one file for
 one-process and DDP runs, a `torch.distributed.checkpoint` directory written
 by every process for FSDP runs. Every file is written whole or not at all
 (`files.py`), and a failure to write is one line naming the path. The export
-is the final model as one `from_pretrained` directory; `newest_export` finds
-the newest whole one (infer.py without --model).
+is the final model as one `from_pretrained` directory (read by
+`model_utils.load_bundle`; `model_utils.newest_export` finds the newest whole one).
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -421,58 +419,6 @@ def _trained_layout(config: TrainConfig, device: str = "cpu") -> torch.nn.Module
 
 def _merged(model, config: TrainConfig):
     return model.merge_and_unload() if config.scope == "lora" else model
-
-
-# --------------------------------------------------------------------------
-# Finding an export: the newest whole one, for infer.py without --model
-# --------------------------------------------------------------------------
-
-
-def newest_export(runs_dir: str = "runs") -> str | None:
-    """The most recently written whole `runs/*/export` model, if any.
-
-    `train.py` writes an export into `export.tmp-XXXX` and renames it into
-    place once whole; an `export` that is not whole (cut short while written
-    in place, or damaged since) is skipped with a note naming it. Exports
-    are checked newest first, so older ones are never read."""
-    for path in sorted(Path(runs_dir).glob("*/export"), key=lambda path: path.stat().st_mtime, reverse=True):
-        problem = export_problem(path)
-        if not problem:
-            return str(path)
-        print(f"note: skipping {path}: {problem}", file=sys.stderr)
-    return None
-
-
-def export_problem(path: Path) -> str | None:
-    """What makes an export directory not whole: no `config.json`, a weights file cut short (a safetensors
-    file shorter than its header says, a torch zip file without its closing directory); None if whole."""
-    if not (path / "config.json").is_file():
-        return "no config.json"
-    changed = files.digest_problem(path)
-    if changed:
-        return changed
-    for weights in sorted(path.rglob("*.safetensors")):
-        if not _safetensors_whole(weights):
-            return f"{weights.relative_to(path)} is truncated"
-    for weights in sorted(path.rglob("*.pth")):
-        if not zipfile.is_zipfile(weights):
-            return f"{weights.relative_to(path)} is truncated"
-    return None
-
-
-def _safetensors_whole(path: Path) -> bool:
-    """A safetensors file is an 8-byte header size, a JSON header, then the tensors up to the last end offset."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return False
-        size = int.from_bytes(head, "little")
-        try:
-            header = json.loads(handle.read(size))
-        except ValueError:
-            return False
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    return path.stat().st_size == 8 + size + end
 
 
 # --------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def choose_model(args: argparse.Namespace) -> None:
     if args.parity:
         args.model = model_utils.TINY_PRESET
         return
-    export = checkpoints.newest_export()
+    export = model_utils.newest_export()
     if export is None:
         args.model = model_utils.TINY_PRESET
         print("model: tiny (the random tiny preset: no export under runs/ yet; --model or --checkpoint chooses one)")

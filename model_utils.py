@@ -5,7 +5,9 @@ Four things live here:
 * loading the released Higgs Audio v2 pieces (model, text tokenizer, audio
   tokenizer) from local directories, or from the hub where a network exists,
   into a `Bundle`; a `train.py` export names the audio tokenizer it was
-  trained with in `audio_tokenizer.json`, written and read here;
+  trained with in `audio_tokenizer.json`, written and read here, and
+  `newest_export` finds the newest whole export for `infer.py` (checkpoints.py
+  writes exports, this module reads them);
 * the **tiny preset**: a small random model, text tokenizer and audio
   tokenizer built offline and deterministically from a seed out of the
   package's real classes, laid out like the release (dual-FFN on every layer,
@@ -25,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -508,3 +512,55 @@ def higgs_model(model: torch.nn.Module) -> HiggsAudioModel:
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a `HiggsAudioModel`, inside a peft wrapper or not."""
     return higgs_model(model).layers
+
+
+# --------------------------------------------------------------------------
+# Finding an export: the newest whole one, for infer.py without --model
+# --------------------------------------------------------------------------
+
+
+def newest_export(runs_dir: str = "runs") -> str | None:
+    """The most recently written whole `runs/*/export` model, if any.
+
+    `train.py` writes an export into `export.tmp-XXXX` and renames it into
+    place once whole; an `export` that is not whole (cut short while written
+    in place, or damaged since) is skipped with a note naming it. Exports
+    are checked newest first, so older ones are never read."""
+    for path in sorted(Path(runs_dir).glob("*/export"), key=lambda path: path.stat().st_mtime, reverse=True):
+        problem = export_problem(path)
+        if not problem:
+            return str(path)
+        print(f"note: skipping {path}: {problem}", file=sys.stderr)
+    return None
+
+
+def export_problem(path: Path) -> str | None:
+    """What makes an export directory not whole: no `config.json`, a weights file cut short (a safetensors
+    file shorter than its header says, a torch zip file without its closing directory); None if whole."""
+    if not (path / "config.json").is_file():
+        return "no config.json"
+    changed = files.digest_problem(path)
+    if changed:
+        return changed
+    for weights in sorted(path.rglob("*.safetensors")):
+        if not _safetensors_whole(weights):
+            return f"{weights.relative_to(path)} is truncated"
+    for weights in sorted(path.rglob("*.pth")):
+        if not zipfile.is_zipfile(weights):
+            return f"{weights.relative_to(path)} is truncated"
+    return None
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """A safetensors file is an 8-byte header size, a JSON header, then the tensors up to the last end offset."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return False
+        size = int.from_bytes(head, "little")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError:
+            return False
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + size + end

@@ -11,7 +11,6 @@ import pathlib
 import shlex
 import shutil
 import signal
-import time
 
 import pytest
 import torch
@@ -210,7 +209,7 @@ def test_resume_uses_the_intact_checkpoint_cleans_strays_records_safe_changes_an
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("loss/total")] == [1, 2, 3], "the interrupted attempt's step 2 is purged"
-    assert checkpoints.newest_export(str(run.parent)) == str(run / "export")
+    assert model_utils.newest_export(str(run.parent)) == str(run / "export")
 
 
 # --- checkpoints: pruning by step number, never the one just written ---------------------------------------------
@@ -280,7 +279,7 @@ def test_an_export_cut_short_by_a_full_disk_leaves_nothing_for_infer(tiny, tmp_p
     monkeypatch.setattr(model_utils, "write_audio_tokenizer_pointer", disk_full)
     with pytest.raises(files.WriteError, match=f"^cannot write {out}: No space left on device$"):
         checkpoints.export_model(tiny.model, config.TrainConfig(device="cpu"), tiny, World(), out)
-    assert list(out.parent.iterdir()) == [] and checkpoints.newest_export(str(tmp_path)) is None
+    assert list(out.parent.iterdir()) == [] and model_utils.newest_export(str(tmp_path)) is None
 
 
 def test_cleaning_removes_temporaries_and_puts_back_an_export_whose_replacement_never_arrived(tmp_path):
@@ -294,29 +293,6 @@ def test_cleaning_removes_temporaries_and_puts_back_an_export_whose_replacement_
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["checkpoints", "export"]
     assert (tmp_path / "export" / "config.json").read_text() == "export.old-new"
     assert [entry.name for entry in (tmp_path / "checkpoints").iterdir()] == ["step_00000003.pt"]
-
-
-def test_newest_export_skips_an_export_cut_short(tmp_path, capsys):
-    from safetensors.torch import save_file
-
-    for name in ("old", "new", "newer"):
-        export = tmp_path / name / "export"
-        (export / "audio_tokenizer").mkdir(parents=True)
-        (export / "config.json").write_text("{}")
-        save_file({"weight": torch.zeros(64)}, export / "model.safetensors")
-        torch.save({"weight": torch.zeros(64)}, export / "audio_tokenizer" / "model.pth")
-        time.sleep(0.01)
-    assert checkpoints.newest_export(str(tmp_path)) == str(tmp_path / "newer" / "export")
-    weights = tmp_path / "newer" / "export" / "audio_tokenizer" / "model.pth"
-    weights.write_bytes(weights.read_bytes()[:300])
-    tensors = tmp_path / "new" / "export" / "model.safetensors"
-    tensors.write_bytes(tensors.read_bytes()[:-8])
-    (tmp_path / "newest" / "export.tmp-1234").mkdir(parents=True)
-    (tmp_path / "newest" / "export.tmp-1234" / "config.json").write_text("{}")
-    assert checkpoints.newest_export(str(tmp_path)) == str(tmp_path / "old" / "export")
-    err = capsys.readouterr().err
-    assert f"skipping {tmp_path / 'newer' / 'export'}: audio_tokenizer/model.pth is truncated" in err
-    assert f"skipping {tmp_path / 'new' / 'export'}: model.safetensors is truncated" in err
 
 
 def test_a_read_only_out_dir_is_one_line_naming_it(tmp_path, monkeypatch):
@@ -373,14 +349,14 @@ def test_resume_checks_the_data_and_compares_only_scores_measured_alike(tmp_path
 def test_an_export_whose_weights_changed_is_named_and_skipped(export, tmp_path, capsys):
     copy_of = tmp_path / "runs" / "run" / "export"
     shutil.copytree(export, copy_of)
-    assert checkpoints.newest_export(str(tmp_path / "runs")) == str(copy_of)
+    assert model_utils.newest_export(str(tmp_path / "runs")) == str(copy_of)
     weights = copy_of / "model.safetensors"
     content = bytearray(weights.read_bytes())
     content[-100] ^= 0xFF  # inside the last tensor: a whole, loadable file with other weights
     weights.write_bytes(bytes(content))
     with pytest.raises(ValueError, match="model.safetensors: its bytes differ from the SHA-256 written with it"):
         model_utils.load_bundle(str(copy_of))
-    assert checkpoints.newest_export(str(tmp_path / "runs")) is None
+    assert model_utils.newest_export(str(tmp_path / "runs")) is None
     assert "model.safetensors: its bytes differ" in capsys.readouterr().err
 
 

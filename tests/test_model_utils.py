@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import types
 
 import pytest
@@ -164,3 +165,26 @@ def test_a_part_without_labels_adds_zero_without_asking_the_host():
     loss = model_utils.compute_loss(_outputs(torch.randn(1, 4, 5, requires_grad=True), torch.randn(3, 2, 9), labels), audio_labels)
     assert float(loss.text) == 0.0 and float(loss.per_codebook[0]) == 0.0 and float(loss.per_codebook[1]) > 0
     assert (int(loss.text_tokens), int(loss.audio_tokens)) == (0, 2)
+
+
+def test_newest_export_skips_an_export_cut_short(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    for name in ("old", "new", "newer"):
+        export = tmp_path / name / "export"
+        (export / "audio_tokenizer").mkdir(parents=True)
+        (export / "config.json").write_text("{}")
+        save_file({"weight": torch.zeros(64)}, export / "model.safetensors")
+        torch.save({"weight": torch.zeros(64)}, export / "audio_tokenizer" / "model.pth")
+        time.sleep(0.01)
+    assert model_utils.newest_export(str(tmp_path)) == str(tmp_path / "newer" / "export")
+    weights = tmp_path / "newer" / "export" / "audio_tokenizer" / "model.pth"
+    weights.write_bytes(weights.read_bytes()[:300])
+    tensors = tmp_path / "new" / "export" / "model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-8])
+    (tmp_path / "newest" / "export.tmp-1234").mkdir(parents=True)
+    (tmp_path / "newest" / "export.tmp-1234" / "config.json").write_text("{}")
+    assert model_utils.newest_export(str(tmp_path)) == str(tmp_path / "old" / "export")
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'newer' / 'export'}: audio_tokenizer/model.pth is truncated" in err
+    assert f"skipping {tmp_path / 'new' / 'export'}: model.safetensors is truncated" in err
