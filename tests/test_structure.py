@@ -216,5 +216,5 @@ def test_core_modules_import_no_tool_and_evaluate_only_where_clones_are_judged()
     `evaluate` only by the modules that judge clones with it: infer.py (`--eval`), heldout.py and train.py."""
     for module in sorted(CORE):
         imported = _imported(MODULES[module])
-        assert not imported & {"bench", "segment", "importers"}, module
+        assert not imported & {"memory_plan", "segment", "importers"}, module
         assert "evaluate" not in imported or module in {"train", "heldout", "infer"}, module
