@@ -39,6 +39,10 @@ def _interrupted_while_importing(_signum, _frame):
 
 if __name__ == "__main__":  # a Ctrl-C while torch loads is one line, not a traceback
     signal.signal(signal.SIGINT, _interrupted_while_importing)
+    if {"-h", "--help"} & set(sys.argv[1:]):  # the help needs config.py alone, which imports no torch: no wait for it
+        import config
+
+        config.build_parser(__doc__).parse_args(["--help"])
 
 import numpy as np
 import torch
@@ -55,7 +59,7 @@ import manifest
 import model_utils
 import parallel
 import training
-from config import TrainConfig, as_flags, guard_rules, parse_config, selection
+from config import TrainConfig, as_flags, guard_rules, parse_config, selection, settle_auto
 from parallel import World
 
 
@@ -66,9 +70,10 @@ from parallel import World
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run derives when it starts; the config stays exactly as the user gave it."""
+    """What a run derives when it starts; the config stays as the user gave it, `auto` settled (`settle_auto`)."""
 
     device: str  # this process's device (`cuda:LOCAL_RANK` under torchrun)
+    precision: str  # what --precision (`auto` by default) became on this machine
     world: World
     max_steps: int  # the schedule's length: --max-steps, or --epochs of the first epoch's steps
     last_step: int  # where this invocation stops: the schedule's end, or --stop-after
@@ -79,11 +84,12 @@ class RunPlan:
         if config.epochs:
             steps_per_epoch = max(1, epoch_micro_batches // world.size // config.grad_accum)
             max_steps = math.ceil(config.epochs * steps_per_epoch)
-        return cls(device, world, max_steps, min(max_steps, config.stop_after or max_steps))
+        return cls(device, config.precision, world, max_steps, min(max_steps, config.stop_after or max_steps))
 
     def record(self, run_dir: Path) -> None:
-        """`plan.json`: the derived values beside `config.json`, which holds the flags as given."""
-        values = dict(device=self.device, world_size=self.world.size, max_steps=self.max_steps, last_step=self.last_step)
+        """`plan.json`: the derived values beside `config.json`, which holds the flags as given (`auto` settled)."""
+        values = dict(device=self.device, precision=self.precision, world_size=self.world.size, max_steps=self.max_steps,
+                      last_step=self.last_step)
         files.write_text(run_dir / "plan.json", json.dumps(values, indent=2))
 
 
@@ -109,7 +115,8 @@ class LoopState:
 class Run:
     """What the loop needs besides the model and the data: settings, plan, where it writes, what it watches."""
 
-    config: TrainConfig
+    config: TrainConfig  # as given, `auto` settled: what the run computes with, records and resumes against
+    given: TrainConfig  # as given, `auto` kept: the flags of the printed resume command, alike on every machine
     plan: RunPlan
     dir: Path
     bundle: model_utils.Bundle
@@ -136,7 +143,7 @@ class Run:
 
     def resume_command(self) -> str:
         """The command that continues this run: its flags as given (less --stop-after), its name, --resume."""
-        flags = as_flags(self.config, leave_out=("stop_after", "resume", "run_name", "inspect"))
+        flags = as_flags(self.given, leave_out=("stop_after", "resume", "run_name", "inspect"))
         flags += ["--run-name", self.dir.name, "--resume"]
         launch = f"the same torchrun launch of {self.plan.world.size} processes with train.py" if self.plan.world.distributed \
             else "python train.py"
@@ -156,11 +163,12 @@ def train(config: TrainConfig) -> Path:
     """Run training (or, with --export-from, export a checkpoint); returns the run directory."""
     if config.export_from:
         return export_checkpoint(config.export_from)
-    world, device = parallel.start_processes(config.device)
+    settled = settle_auto(config, torch.cuda.is_available())
+    world, device = parallel.start_processes(settled.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         with contextlib.ExitStack() as on_exit:
-            return _train(config, world, device, on_exit)
+            return _train(settled, config, world, device, on_exit)
     finally:
         for signum, handler in handlers.items():
             if handler is not None:
@@ -168,7 +176,7 @@ def train(config: TrainConfig) -> Path:
         parallel.stop_processes(world)
 
 
-def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.ExitStack) -> Path:
+def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, on_exit: contextlib.ExitStack) -> Path:
     say = print if world.main else (lambda *args, **kwargs: None)
     run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
     resume_from, saved = checkpoints.open_run(run_dir, config, world, say)
@@ -199,7 +207,7 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
         return run_dir
 
     optimizer = training.build_optimizer(model, config, device)
-    run = Run(config, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
+    run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               evaluate.eval_settings(config, validations), evaluate.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
     saved = None  # its memory-mapped tensors are not needed any more (a pruned checkpoint's space is freed)

@@ -18,13 +18,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
+import config
 import data
+import evaluate
 import infer
 import model_utils
 import prepare
 import train
 import training
 from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, serve_engine, train_config
+from parallel import World
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,18 @@ def test_inspect_prints_the_first_batch_and_trains_nothing(tmp_path, small_manif
     assert "(context, not trained)" in out and "(target, trained)" in out
     assert "text labels on 4 of" in out and "-100" not in out
     assert not (tmp_path / "look" / "checkpoints").exists()
+
+
+def test_the_printed_resume_command_is_the_same_on_a_gpu_machine_and_a_cpu_one(tmp_path):
+    given = config.parse_config(["--out-dir", str(tmp_path), "--max-steps", "9"])
+    assert (given.device, given.precision) == ("auto", "auto")
+    commands = set()
+    for cuda in (True, False):
+        settled = config.settle_auto(given, cuda)
+        plan = train.RunPlan(settled.device, settled.precision, World(), 9, 9)
+        run = train.Run(settled, given, plan, tmp_path / "run", None, [], {}, {}, evaluate.Guards([]))
+        commands.add(run.resume_command())
+    assert commands == {f"python train.py --out-dir {tmp_path} --max-steps 9 --run-name run --resume"}
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path, small_manifest):
