@@ -95,20 +95,15 @@ class RunPlan:
 
 @dataclass
 class LoopState:
-    """Where the loop stands: what a checkpoint saves besides tensors, and what a resume restores."""
+    """Where the loop stands: saved in each checkpoint's record (`Run.record`), restored from it on a resume."""
 
     step: int = 0
     position: loader.DataPosition = field(default_factory=loader.DataPosition)
     best: evaluate.Best = field(default_factory=evaluate.Best)
 
-    def saved(self, config: TrainConfig) -> dict:
-        return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score,
-                "stale_evals": self.best.stale, "config": asdict(config)}
-
     @classmethod
-    def restored(cls, saved: dict) -> LoopState:
-        best = evaluate.Best(saved["best_loss"], saved.get("stale_evals", 0))
-        return cls(saved["step"], loader.DataPosition.restored(saved["position"]), best)
+    def restored(cls, record: checkpoints.CheckpointRecord) -> LoopState:
+        return cls(record.step, record.position, evaluate.Best(record.best_score, record.stale_evals))
 
 
 @dataclass
@@ -132,12 +127,17 @@ class Run:
         """FSDP runs write sharded checkpoints (`*.dcp/`), the others one file."""
         return self.plan.world.distributed and self.config.parallel == "fsdp"
 
+    def record(self, state: LoopState) -> checkpoints.CheckpointRecord:
+        """What a checkpoint of this run at `state` holds besides tensors."""
+        return checkpoints.CheckpointRecord(
+            step=state.step, position=state.position, best_score=state.best.score, stale_evals=state.best.stale,
+            config=asdict(self.config), data=self.fingerprints, eval_settings=self.eval_settings,
+            guard_first=dict(self.guards.first))
+
     def save(self, model, optimizer, state: LoopState, name: str | None = None) -> Path:
-        saved = {**state.saved(self.config), "data": self.fingerprints, "eval_settings": self.eval_settings,
-                 "guard_first": self.guards.first}
         try:
-            return checkpoints.save_checkpoint(self.dir, model, optimizer, saved, self.plan.world, self.config.keep_last,
-                                               self.sharded, name)
+            return checkpoints.save_checkpoint(self.dir, model, optimizer, self.record(state), self.plan.world,
+                                               self.config.keep_last, self.sharded, name)
         except checkpoints.SaveFailed as failure:
             raise RuntimeError(f"{failure}; once there is room, continue with: {self.resume_command()}") from None
 
@@ -210,7 +210,6 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               evaluate.eval_settings(config, validations), evaluate.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
-    saved = None  # its memory-mapped tensors are not needed any more (a pruned checkpoint's space is freed)
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
     evaluate.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
@@ -227,13 +226,14 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     return finish(model, optimizer, state, run, train_loss)
 
 
-def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopState:
+def resume(model, optimizer, run: Run, checkpoint: Path, saved: checkpoints.CheckpointRecord) -> LoopState:
     """The loop's state from `checkpoint`, once the data matches the checkpoint's. A best score measured with
-    other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts."""
+    other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts
+    (a checkpoint that predates the record of them counts as measured alike)."""
     checkpoints.check_data(saved, run.fingerprints, run.config.allow_data_change, checkpoint, run.say)
-    loop_state = checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world)
-    state = LoopState.restored(loop_state)
-    measured_with = loop_state.get("eval_settings", run.eval_settings)
+    record = checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world)
+    state = LoopState.restored(record)
+    measured_with = run.eval_settings if record.eval_settings is None else record.eval_settings
     if measured_with != run.eval_settings:
         changed = ", ".join(name for name in run.eval_settings if measured_with.get(name) != run.eval_settings[name])
         kept = checkpoints.retire_best(run.dir, state.step) if run.plan.world.main else None
@@ -242,7 +242,7 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopSta
                 + (f"; the old one is kept as {kept}" if kept else "")
                 + ("; relative --guard bounds are measured from this resume's first evaluation" if run.guards.needs_first() else ""))
     else:
-        run.guards.first = dict(loop_state.get("guard_first", {}))
+        run.guards.first = dict(record.guard_first)
     run.say(f"resumed from {checkpoint} at step {state.step}")
     return state
 
@@ -523,7 +523,7 @@ def export_best(model, optimizer, run: Run) -> str:
     best = run.dir / "checkpoints" / ("best.dcp" if run.sharded else "best.pt")
     if not best.exists():
         return "no evaluation gave a score to keep, so there is no best.pt to export"
-    best_step = checkpoints.load_checkpoint(best, model, optimizer, run.plan.world)["step"]
+    best_step = checkpoints.load_checkpoint(best, model, optimizer, run.plan.world).step
     export = checkpoints.export_model(model, run.config, run.bundle, run.plan.world, run.dir / "export")
     return f"the best, {best.name} of step {best_step}, is exported to {export}\nnext: python infer.py --model {export}"
 
