@@ -24,6 +24,7 @@ import random
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -178,8 +179,11 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, on_exit: contextlib.ExitStack) -> Path:
     say = print if world.main else (lambda *args, **kwargs: None)
-    run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    resume_from, saved = checkpoints.open_run(run_dir, config, world, say)
+    if config.inspect:  # claims no name and touches no run: reports of rejected rows go to a temporary folder
+        run_dir, resume_from, saved = Path(tempfile.mkdtemp(prefix="inspect-")), None, None
+    else:
+        run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        resume_from, saved = checkpoints.open_run(run_dir, config, world, say)
     seed_everything(config.seed)
 
     # model pieces and data: rows whose every problem was counted and reported
