@@ -6,10 +6,13 @@ from the newest intact checkpoint. A checkpoint holds the trained
 parameters, the optimizer state, every process's RNG state and the loop's
 plain state (step, data position, best score, config): one file for
 one-process and DDP runs, a `torch.distributed.checkpoint` directory written
-by every process for FSDP runs. Every file is written whole or not at all
-(`files.py`), and a failure to write is one line naming the path. The export
-is the final model as one `from_pretrained` directory (read by
-`model_utils.load_bundle`; `model_utils.newest_export` finds the newest whole one).
+by every process for FSDP runs. That plain state is one versioned record,
+`CheckpointRecord`, which this module alone writes and reads; a checkpoint
+written before the record had a version still resumes. Every file is written
+whole or not at all (`files.py`), and a failure to write is one line naming
+the path. The export is the final model as one `from_pretrained` directory
+(read by `model_utils.load_bundle`; `model_utils.newest_export` finds the
+newest whole one).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import data
 import files
+import loader
 import model_utils
 import parallel
 import training
@@ -43,12 +48,55 @@ from config import DEFAULTS, TrainConfig, check_resume, config_changes
 from parallel import World
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# The loop's state besides tensors: `best_loss` holds the best selection score (a validation loss, -SIM, a
-# WER...); the key keeps the name checkpoints have always had, so that older ones resume.
-LOOP_KEYS = ("step", "position", "best_loss", "config")
-CHECKPOINT_KEYS = {"model", "optimizer", "rng", *LOOP_KEYS}
-# Kept since checkpoints began carrying them; an older checkpoint resumes without them.
-LATER_LOOP_KEYS = ("stale_evals", "eval_settings", "guard_first")
+TENSOR_KEYS = ("model", "optimizer", "rng")  # beside the record in a one-file checkpoint; "rng" alone in train_state.pt
+
+# --------------------------------------------------------------------------
+# The record: what a checkpoint holds besides tensors, written and read whole
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointRecord:
+    """Where a run stood when a checkpoint was written, and what a resume must match.
+
+    `to_dict` writes it, with its `VERSION`, beside the tensors; `from_dict`
+    reads any version, and the unversioned layout train.py wrote before (whose
+    score was named `best_loss`, and which may lack the fields added later).
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    step: int
+    position: loader.DataPosition
+    # The --best-by selection score of the best evaluation so far, lower is better: a validation loss, -SIM for
+    # `sim`, a WER, or WER - SIM; inf before any evaluation.
+    best_score: float
+    config: dict  # asdict(TrainConfig) of the run; a dict, since an older checkpoint's may hold older spellings
+    stale_evals: int = 0  # evaluations since the best, for --patience
+    data: dict[str, str] | None = None  # the data's content fingerprints (`train.data_fingerprints`); None: not kept then
+    eval_settings: dict | None = None  # what best_score was measured with (`evaluate.eval_settings`); None: not kept then
+    guard_first: dict[str, float] = field(default_factory=dict)  # each relative --guard's first value, by its text
+
+    def to_dict(self) -> dict:
+        return {"version": self.VERSION, "step": self.step, "position": asdict(self.position), "best_score": self.best_score,
+                "stale_evals": self.stale_evals, "config": self.config, "data": self.data,
+                "eval_settings": self.eval_settings, "guard_first": self.guard_first}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> CheckpointRecord:
+        """The record in a checkpoint's state, or a ValueError saying why it holds none."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"not a train.py checkpoint (a {type(saved).__name__}, not a dict)")
+        version = saved.get("version", 0)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise ValueError(f"written by a newer train.py (record version {version}; this one reads up to {cls.VERSION})")
+        score = "best_score" if version else "best_loss"  # unversioned: the name the score had then
+        required = ("step", "position", score, "config")
+        if not all(key in saved for key in required) or not isinstance(saved["config"], dict):
+            raise ValueError(f"not a train.py checkpoint (a dict without {sorted(required)})")
+        return cls(step=saved["step"], position=loader.DataPosition.restored(saved["position"]), best_score=saved[score],
+                   config=saved["config"], stale_evals=saved.get("stale_evals", 0), data=saved.get("data"),
+                   eval_settings=saved.get("eval_settings"), guard_first=dict(saved.get("guard_first", {})))
 
 # --------------------------------------------------------------------------
 # Checkpoints (atomic, last K and best kept, weights_only-loadable)
@@ -75,26 +123,26 @@ def trained_names(model: torch.nn.Module) -> set[str]:
     return {name.removeprefix("module.") for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, world: World, keep_last: int,
+def save_checkpoint(run_dir: Path, model, optimizer, record: CheckpointRecord, world: World, keep_last: int,
                     sharded: bool = False, name: str | None = None) -> Path:
     """`checkpoints/step_N.pt` (or `name`) holding the model's trained parameters, the optimizer state, every
-    process's RNG state and `loop_state` (the `LOOP_KEYS`), written to a temporary file and renamed.
+    process's RNG state and `record`, written to a temporary file and renamed.
 
     Every process takes part in gathering the (possibly sharded) state and
     sends its RNG state; process 0 writes. `sharded` (FSDP runs) writes a
     directory of every process's shards instead (`save_sharded_checkpoint`).
     """
     if sharded:
-        return save_sharded_checkpoint(run_dir, model, optimizer, loop_state, world, keep_last, name)
+        return save_sharded_checkpoint(run_dir, model, optimizer, record, world, keep_last, name)
     folder = run_dir / "checkpoints"
     keep = trained_names(model)
     model_state = {k: v for k, v in get_model_state_dict(model, options=FULL_STATE).items() if k in keep}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
     rngs = parallel.gather_objects(rng_state(), world)
-    path = folder / (name or f"step_{loop_state['step']:08d}.pt")
+    path = folder / (name or f"step_{record.step:08d}.pt")
     failure = None
     if world.main:
-        state = {**loop_state, "model": model_state, "optimizer": optimizer_state, "rng": rngs}
+        state = {**record.to_dict(), "model": model_state, "optimizer": optimizer_state, "rng": rngs}
         failure = _write_twice(lambda: _write_checkpoint_file(path, state))
         if failure is None:
             prune_checkpoints(folder, keep_last, path)
@@ -157,13 +205,13 @@ def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
             files.sidecar_of(old).unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
-    """Restore model, optimizer and this process's RNG state; returns the loop's state (the `LOOP_KEYS`)."""
+def load_checkpoint(path: Path, model, optimizer, world: World) -> CheckpointRecord:
+    """Restore model, optimizer and this process's RNG state; returns the checkpoint's record."""
     with training.update_stance(optimizer, next(model.parameters()).device):
         return _load_checkpoint(path, model, optimizer, world)
 
 
-def _load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, world: World) -> CheckpointRecord:
     if path.is_dir():
         return load_sharded_checkpoint(path, model, optimizer, world)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -173,12 +221,7 @@ def _load_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     _restore_rng(state, path, world)
-    return loop_state_of(state)
-
-
-def loop_state_of(state: dict) -> dict:
-    """The loop's state in a checkpoint's: the `LOOP_KEYS`, and those of `LATER_LOOP_KEYS` it has."""
-    return {key: state[key] for key in (*LOOP_KEYS, *LATER_LOOP_KEYS) if key in state}
+    return CheckpointRecord.from_dict(state)
 
 
 def _restore_rng(state: dict, path: Path, world: World) -> None:
@@ -199,7 +242,7 @@ def sharded_tensors(model, optimizer) -> dict:
             "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def save_sharded_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, world: World, keep_last: int,
+def save_sharded_checkpoint(run_dir: Path, model, optimizer, record: CheckpointRecord, world: World, keep_last: int,
                             name: str | None = None) -> Path:
     """`checkpoints/step_N.dcp/` (`best.dcp/` for `name="best.pt"`): a torch.distributed.checkpoint directory.
 
@@ -207,13 +250,13 @@ def save_sharded_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, w
     state (`__RANK_0.distcp`), so nothing is gathered: for full fine-tuning of
     the released model that is ~69 GB of fp32 weights and AdamW state that no
     longer passes through process 0's memory at every save. Process 0 adds
-    `train_state.pt` (the loop's state and every process's RNG state). All of
+    `train_state.pt` (the record and every process's RNG state). All of
     it is written into `NAME.dcp.tmp/` and renamed once complete, so a
     directory named `*.dcp` is always whole. Across machines, `--out-dir` must
     be a filesystem every node sees.
     """
     folder = run_dir / "checkpoints"
-    path = folder / ((Path(name).stem if name else f"step_{loop_state['step']:08d}") + SHARDED_SUFFIX)
+    path = folder / ((Path(name).stem if name else f"step_{record.step:08d}") + SHARDED_SUFFIX)
     temporary = path.with_name(path.name + ".tmp")
     if world.main:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while saving
@@ -225,7 +268,7 @@ def save_sharded_checkpoint(run_dir: Path, model, optimizer, loop_state: dict, w
     digests = parallel.gather_objects(_own_shard_digests(temporary, world), world)
     if world.main:
         with files.atomic_file(temporary / TRAIN_STATE) as handle:
-            torch.save({**loop_state, "rng": rngs}, handle)
+            torch.save({**record.to_dict(), "rng": rngs}, handle)
         written = {name: digest for shards in digests for name, digest in shards.items()}
         written.update({name: files.sha256(temporary / name) for name in (TRAIN_STATE, ".metadata")})
         files.write_folder_digests(temporary, written)
@@ -254,7 +297,7 @@ def _replace_directory(new: Path, path: Path) -> None:
     files.fsync_directory(path.parent)
 
 
-def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> dict:
+def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> CheckpointRecord:
     """Restore a `save_sharded_checkpoint` directory: each process reads the shards it holds."""
     state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
     if len(state["rng"]) != world.size:
@@ -267,7 +310,7 @@ def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> dict:
     set_model_state_dict(model, tensors["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, tensors["optimizer"])
     _restore_rng(state, path, world)
-    return loop_state_of(state)
+    return CheckpointRecord.from_dict(state)
 
 
 # --------------------------------------------------------------------------
@@ -279,9 +322,9 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in ("config.json", "checkpoints", "tensorboard", "export"))
 
 
-def open_run(run_dir: Path, config: TrainConfig, world: World, say) -> tuple[Path | None, dict | None]:
+def open_run(run_dir: Path, config: TrainConfig, world: World, say) -> tuple[Path | None, CheckpointRecord | None]:
     """A new run claims a name no run holds; a --resume gets the newest intact checkpoint, after stray
-    temporaries are cleaned, and its state (tensors memory-mapped), whose config must match the flags."""
+    temporaries are cleaned, and its record, whose config must match the flags."""
     if not config.resume:
         if holds_a_run(run_dir):
             raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
@@ -292,9 +335,9 @@ def open_run(run_dir: Path, config: TrainConfig, world: World, say) -> tuple[Pat
         stray = clean_temporaries(run_dir)
         if stray:
             say(f"removed what an interrupted write left: {', '.join(str(path) for path in stray)}")
-    path, state = newest_intact_checkpoint(run_dir, world, say)
-    check_resume(state["config"], config, path)
-    return path, state
+    path, record = newest_intact_checkpoint(run_dir, world, say)
+    check_resume(record.config, config, path)
+    return path, record
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
@@ -309,13 +352,13 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     return stray
 
 
-def read_checkpoint_state(path: Path, verify: bool = True) -> dict:
-    """A checkpoint's state with its tensors memory-mapped (read when used), or a ValueError saying what is
-    wrong with the file (bytes changed since written, empty, truncated, not a checkpoint, another program's).
-    `verify` checks the content against the SHA-256 written with it first (about 1.4 GB/s here)."""
-    required, state_file = CHECKPOINT_KEYS, path
+def read_checkpoint(path: Path, verify: bool = True) -> tuple[CheckpointRecord, dict]:
+    """A checkpoint's record and its whole state, tensors memory-mapped (read when used), or a ValueError saying
+    what is wrong with the file (bytes changed since written, empty, truncated, not a checkpoint, another
+    program's). `verify` checks the content against the SHA-256 written with it first (about 1.4 GB/s here)."""
+    tensors, state_file = TENSOR_KEYS, path
     if path.is_dir():  # a sharded checkpoint: its tensors are in the DCP files, the rest in train_state.pt
-        required, state_file = CHECKPOINT_KEYS - {"model", "optimizer"}, path / TRAIN_STATE
+        tensors, state_file = ("rng",), path / TRAIN_STATE
     try:
         if state_file.stat().st_size == 0:
             raise ValueError("empty file")
@@ -327,20 +370,22 @@ def read_checkpoint_state(path: Path, verify: bool = True) -> dict:
         raise
     except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
         raise ValueError(files.first_line(error)) from None
-    if not isinstance(state, dict) or not required <= set(state) or not isinstance(state["config"], dict):
-        raise ValueError(f"not a train.py checkpoint (a {type(state).__name__} without {sorted(required)})")
-    return state
+    record = CheckpointRecord.from_dict(state)
+    missing = [key for key in tensors if key not in state]
+    if missing:
+        raise ValueError(f"not a train.py checkpoint (a dict without {missing})")
+    return record, state
 
 
-def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, dict]:
-    """The newest intact `step_N` checkpoint and its state; damaged newer ones are named and set aside as
+def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, CheckpointRecord]:
+    """The newest intact `step_N` checkpoint and its record; damaged newer ones are named and set aside as
     `*.corrupt`. Process 0 checks the candidates (their content against its SHA-256, then their state) and
     the other processes take its choice, so that no process but one reads a damaged checkpoint whole."""
     chosen = _choose_intact(run_dir, say) if world.main else None
     chosen = parallel.from_main_process(chosen, world)
     if isinstance(chosen, Exception):
         raise chosen
-    return chosen, read_checkpoint_state(chosen, verify=False)
+    return chosen, read_checkpoint(chosen, verify=False)[0]
 
 
 def _choose_intact(run_dir: Path, say) -> Path | Exception:
@@ -351,7 +396,7 @@ def _choose_intact(run_dir: Path, say) -> Path | Exception:
     damaged: list[tuple[Path, str]] = []
     for path in reversed(found):
         try:
-            read_checkpoint_state(path)
+            read_checkpoint(path)
         except ValueError as error:
             damaged.append((path, str(error)))
             continue
@@ -370,12 +415,12 @@ def set_aside(path: Path) -> Path:
     return files.move_with_digest(path, path.with_name(path.name + ".corrupt"))
 
 
-def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, saved: dict | None) -> None:
+def record_config(run_dir: Path, config: TrainConfig, resumed: Path | None, saved: CheckpointRecord | None) -> None:
     """`config.json` holds the configuration in force; a resume appends the fields it changed (old and new
     values) to `resumes.jsonl`, so the earlier configuration is never lost."""
     if resumed is not None:
-        changed = {name: list(change) for name, change in config_changes(saved["config"], config).items() if name != "resume"}
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(resumed), "step": saved["step"], "changed": changed}
+        changed = {name: list(change) for name, change in config_changes(saved.config, config).items() if name != "resume"}
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(resumed), "step": saved.step, "changed": changed}
         with open(run_dir / "resumes.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
     files.write_text(run_dir / "config.json", json.dumps(asdict(config), indent=2))
@@ -432,8 +477,8 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    state = read_checkpoint_state(path)
-    trained = _config_of(state)
+    record, state = read_checkpoint(path)
+    trained = _config_of(record)
     bundle = model_utils.load_bundle(trained.model, trained.audio_tokenizer, seed=trained.seed, device=device)
     model = training.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
     weights = _sharded_weights(path, model) if path.is_dir() else state["model"]
@@ -450,13 +495,13 @@ def trained_config(path: Path) -> TrainConfig:
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     try:
-        return _config_of(read_checkpoint_state(path, verify=False))
+        return _config_of(read_checkpoint(path, verify=False)[0])
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 
 
-def _config_of(state: dict) -> TrainConfig:
-    return TrainConfig(**{name: value for name, value in state["config"].items() if name in DEFAULTS})
+def _config_of(record: CheckpointRecord) -> TrainConfig:
+    return TrainConfig(**{name: value for name, value in record.config.items() if name in DEFAULTS})
 
 
 def _sharded_weights(path: Path, model) -> dict:
@@ -480,14 +525,14 @@ def export_checkpoint(path: Path) -> Path:
 # --------------------------------------------------------------------------
 
 
-def check_data(saved: dict, fingerprints: dict[str, str], allow_change: bool, checkpoint: Path, say) -> None:
+def check_data(saved: CheckpointRecord, fingerprints: dict[str, str], allow_change: bool, checkpoint: Path, say) -> None:
     """Refuse, in one line, a --resume whose training or validation data changed in content since the
     checkpoint (`loader.data_fingerprint`); with --allow-data-change, say so and go on. A checkpoint written
     before fingerprints were kept cannot be checked, and that is said too."""
-    if "data" not in saved:
+    if saved.data is None:
         say(f"note: {checkpoint} predates data fingerprints: the data it was trained on cannot be compared")
         return
-    changed = [name for name, fingerprint in fingerprints.items() if saved["data"].get(name) != fingerprint]
+    changed = [name for name, fingerprint in fingerprints.items() if saved.data.get(name) != fingerprint]
     if not changed:
         return
     what = " and ".join(_data_label(name) for name in changed)

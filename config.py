@@ -9,7 +9,12 @@ the range checks and the resume comparison are all generated from it, so a
 new setting is one line here. A parsed config is frozen: what a run derives
 when it starts (the device each process binds, the schedule's length from
 `--epochs`, the world size) lives in `train.RunPlan`, never in the config, so
-the config saved in a checkpoint is exactly what the user asked for.
+the config saved in a checkpoint is exactly what the user asked for. The one
+exception is `auto`, the default of `--device` and `--precision`: it names
+the machine's choice rather than making it here, so this module needs no
+torch (`--help` is quick) and flags print alike on every machine; a run
+settles it when it starts (`settle_auto`), and computes, records and resumes
+with what it became.
 
 A setting whose default is a tuple is repeatable (`--train-manifest`,
 `--cache`, `--val-manifest`, `--guard`). The spellings these flags take are
@@ -26,16 +31,14 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-
-import torch
-
-import model_utils
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MANIFEST = ROOT / "demo" / "data" / "manifest.jsonl"
-CUDA = torch.cuda.is_available()
+# model_utils.TINY_PRESET, spelt out so that the settings import no model code (tests/test_config.py checks they agree)
+TINY_PRESET = "tiny"
+AUTO = "auto"  # --device and --precision: the machine's choice, made when a run starts (`settle_auto`)
 
 SCOPES = ("full", "audio", "lora")
 BEST_BY = ("val_loss", "sim", "wer", "sim_wer")
@@ -103,7 +106,7 @@ class TrainConfig:
     prefetch: int = setting(2, "micro-batches built and collated ahead of the step by a background thread (0 = off)",
                             limit=at_least(0), resume=True)
     # model
-    model: str = setting(model_utils.TINY_PRESET, "model directory or preset (tiny, tiny-whisper)")
+    model: str = setting(TINY_PRESET, "model directory or preset (tiny, tiny-whisper)")
     audio_tokenizer: str | None = setting(None, "audio tokenizer directory; required with a model directory")
     scope: str = setting("full", "what is trained: full, audio (audio FFNs, codebook embeddings, audio head) or lora",
                          choices=SCOPES)
@@ -126,9 +129,9 @@ class TrainConfig:
     export_from: str = setting("", "write the export of this checkpoint and exit: runs/NAME/checkpoints/best.pt becomes "
                                    "runs/NAME/export-best/, built with the checkpoint's own settings", resume=True)
     seed: int = setting(0, "seed of everything", limit=within(0, 2**32 - 1))  # numpy's seed range
-    device: str = setting("cuda" if CUDA else "cpu", "torch device", resume=True)
-    precision: str = setting("bf16" if CUDA else "fp32", "bf16 (autocast on CUDA, fp32 master weights) or fp32",
-                             choices=("bf16", "fp32"))
+    device: str = setting(AUTO, "torch device; auto: cuda where a GPU is visible, else cpu", resume=True)
+    precision: str = setting(AUTO, "bf16 (autocast, fp32 master weights) or fp32; auto: bf16 where a GPU is visible, "
+                                   "else fp32", choices=(AUTO, "bf16", "fp32"))
     compile: bool = setting(False, "torch.compile the model (inductor, dynamic shapes; see --compile-scope)", resume=True)
     compile_scope: str = setting("layers", "with --compile: layers (each decoder layer, one graph each) or model (the whole "
                                            "forward: merge, layers and heads, in more graphs)", choices=("layers", "model"),
@@ -191,6 +194,14 @@ class TrainConfig:
         for spec in fields(self):
             if isinstance(spec.default, tuple):
                 object.__setattr__(self, spec.name, as_list(getattr(self, spec.name)))
+
+
+def settle_auto(config: TrainConfig, cuda: bool) -> TrainConfig:
+    """`config` with an `auto` --device and --precision made what they stand for on a machine where `cuda`
+    (torch.cuda.is_available()) says whether a GPU is visible: cuda and bf16 there, else cpu and fp32 (the
+    defaults these settings had before `auto`, so checkpoints from then compare alike)."""
+    settled = {"device": "cuda" if cuda else "cpu", "precision": "bf16" if cuda else "fp32"}
+    return replace(config, **{name: value for name, value in settled.items() if getattr(config, name) == AUTO})
 
 
 def as_list(value: str | list | tuple) -> tuple[str, ...]:

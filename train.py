@@ -25,6 +25,7 @@ import random
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,10 @@ def _interrupted_while_importing(_signum, _frame):
 
 if __name__ == "__main__":  # a Ctrl-C while torch loads is one line, not a traceback
     signal.signal(signal.SIGINT, _interrupted_while_importing)
+    if {"-h", "--help"} & set(sys.argv[1:]):  # the help needs config.py alone, which imports no torch: no wait for it
+        import config
+
+        config.build_parser(__doc__).parse_args(["--help"])
 
 import numpy as np
 import torch
@@ -55,7 +60,7 @@ import loader
 import model_utils
 import parallel
 import training
-from config import TrainConfig, as_flags, guard_rules, parse_config, selection
+from config import TrainConfig, as_flags, guard_rules, parse_config, selection, settle_auto
 from parallel import World
 
 
@@ -66,9 +71,10 @@ from parallel import World
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run derives when it starts; the config stays exactly as the user gave it."""
+    """What a run derives when it starts; the config stays as the user gave it, `auto` settled (`settle_auto`)."""
 
     device: str  # this process's device (`cuda:LOCAL_RANK` under torchrun)
+    precision: str  # what --precision (`auto` by default) became on this machine
     world: World
     max_steps: int  # the schedule's length: --max-steps, or --epochs of the first epoch's steps
     last_step: int  # where this invocation stops: the schedule's end, or --stop-after
@@ -79,37 +85,34 @@ class RunPlan:
         if config.epochs:
             steps_per_epoch = max(1, epoch_micro_batches // world.size // config.grad_accum)
             max_steps = math.ceil(config.epochs * steps_per_epoch)
-        return cls(device, world, max_steps, min(max_steps, config.stop_after or max_steps))
+        return cls(device, config.precision, world, max_steps, min(max_steps, config.stop_after or max_steps))
 
     def record(self, run_dir: Path) -> None:
-        """`plan.json`: the derived values beside `config.json`, which holds the flags as given."""
-        values = dict(device=self.device, world_size=self.world.size, max_steps=self.max_steps, last_step=self.last_step)
+        """`plan.json`: the derived values beside `config.json`, which holds the flags as given (`auto` settled)."""
+        values = dict(device=self.device, precision=self.precision, world_size=self.world.size, max_steps=self.max_steps,
+                      last_step=self.last_step)
         files.write_text(run_dir / "plan.json", json.dumps(values, indent=2))
 
 
 @dataclass
 class LoopState:
-    """Where the loop stands: what a checkpoint saves besides tensors, and what a resume restores."""
+    """Where the loop stands: saved in each checkpoint's record (`Run.record`), restored from it on a resume."""
 
     step: int = 0
     position: loader.DataPosition = field(default_factory=loader.DataPosition)
     best: heldout.Best = field(default_factory=heldout.Best)
 
-    def saved(self, config: TrainConfig) -> dict:
-        return {"step": self.step, "position": asdict(self.position), "best_loss": self.best.score,
-                "stale_evals": self.best.stale, "config": asdict(config)}
-
     @classmethod
-    def restored(cls, saved: dict) -> LoopState:
-        best = heldout.Best(saved["best_loss"], saved.get("stale_evals", 0))
-        return cls(saved["step"], loader.DataPosition.restored(saved["position"]), best)
+    def restored(cls, record: checkpoints.CheckpointRecord) -> LoopState:
+        return cls(record.step, record.position, heldout.Best(record.best_score, record.stale_evals))
 
 
 @dataclass
 class Run:
     """What the loop needs besides the model and the data: settings, plan, where it writes, what it watches."""
 
-    config: TrainConfig
+    config: TrainConfig  # as given, `auto` settled: what the run computes with, records and resumes against
+    given: TrainConfig  # as given, `auto` kept: the flags of the printed resume command, alike on every machine
     plan: RunPlan
     dir: Path
     bundle: model_utils.Bundle
@@ -125,18 +128,23 @@ class Run:
         """FSDP runs write sharded checkpoints (`*.dcp/`), the others one file."""
         return self.plan.world.distributed and self.config.parallel == "fsdp"
 
+    def record(self, state: LoopState) -> checkpoints.CheckpointRecord:
+        """What a checkpoint of this run at `state` holds besides tensors."""
+        return checkpoints.CheckpointRecord(
+            step=state.step, position=state.position, best_score=state.best.score, stale_evals=state.best.stale,
+            config=asdict(self.config), data=self.fingerprints, eval_settings=self.eval_settings,
+            guard_first=dict(self.guards.first))
+
     def save(self, model, optimizer, state: LoopState, name: str | None = None) -> Path:
-        saved = {**state.saved(self.config), "data": self.fingerprints, "eval_settings": self.eval_settings,
-                 "guard_first": self.guards.first}
         try:
-            return checkpoints.save_checkpoint(self.dir, model, optimizer, saved, self.plan.world, self.config.keep_last,
-                                               self.sharded, name)
+            return checkpoints.save_checkpoint(self.dir, model, optimizer, self.record(state), self.plan.world,
+                                               self.config.keep_last, self.sharded, name)
         except checkpoints.SaveFailed as failure:
             raise RuntimeError(f"{failure}; once there is room, continue with: {self.resume_command()}") from None
 
     def resume_command(self) -> str:
         """The command that continues this run: its flags as given (less --stop-after), its name, --resume."""
-        flags = as_flags(self.config, leave_out=("stop_after", "resume", "run_name", "inspect"))
+        flags = as_flags(self.given, leave_out=("stop_after", "resume", "run_name", "inspect"))
         flags += ["--run-name", self.dir.name, "--resume"]
         launch = f"the same torchrun launch of {self.plan.world.size} processes with train.py" if self.plan.world.distributed \
             else "python train.py"
@@ -156,11 +164,12 @@ def train(config: TrainConfig) -> Path:
     """Run training (or, with --export-from, export a checkpoint); returns the run directory."""
     if config.export_from:
         return export_checkpoint(config.export_from)
-    world, device = parallel.start_processes(config.device)
+    settled = settle_auto(config, torch.cuda.is_available())
+    world, device = parallel.start_processes(settled.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         with contextlib.ExitStack() as on_exit:
-            return _train(config, world, device, on_exit)
+            return _train(settled, config, world, device, on_exit)
     finally:
         for signum, handler in handlers.items():
             if handler is not None:
@@ -168,10 +177,13 @@ def train(config: TrainConfig) -> Path:
         parallel.stop_processes(world)
 
 
-def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.ExitStack) -> Path:
+def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, on_exit: contextlib.ExitStack) -> Path:
     say = print if world.main else (lambda *args, **kwargs: None)
-    run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    resume_from, saved = checkpoints.open_run(run_dir, config, world, say)
+    if config.inspect:  # claims no name and touches no run: reports of rejected rows go to a temporary folder
+        run_dir, resume_from, saved = Path(tempfile.mkdtemp(prefix="inspect-")), None, None
+    else:
+        run_dir = Path(config.out_dir) / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        resume_from, saved = checkpoints.open_run(run_dir, config, world, say)
     seed_everything(config.seed)
 
     # model pieces and data: rows whose every problem was counted and reported
@@ -199,10 +211,9 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
         return run_dir
 
     optimizer = training.build_optimizer(model, config, device)
-    run = Run(config, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
+    run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
-    saved = None  # its memory-mapped tensors are not needed any more (a pruned checkpoint's space is freed)
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
     run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
     heldout.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
@@ -219,13 +230,14 @@ def _train(config: TrainConfig, world: World, device: str, on_exit: contextlib.E
     return finish(model, optimizer, state, run, train_loss)
 
 
-def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopState:
+def resume(model, optimizer, run: Run, checkpoint: Path, saved: checkpoints.CheckpointRecord) -> LoopState:
     """The loop's state from `checkpoint`, once the data matches the checkpoint's. A best score measured with
-    other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts."""
+    other evaluation settings cannot be compared: best.pt is kept as best-until-step-N and a new best starts
+    (a checkpoint that predates the record of them counts as measured alike)."""
     checkpoints.check_data(saved, run.fingerprints, run.config.allow_data_change, checkpoint, run.say)
-    loop_state = checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world)
-    state = LoopState.restored(loop_state)
-    measured_with = loop_state.get("eval_settings", run.eval_settings)
+    record = checkpoints.load_checkpoint(checkpoint, model, optimizer, run.plan.world)
+    state = LoopState.restored(record)
+    measured_with = run.eval_settings if record.eval_settings is None else record.eval_settings
     if measured_with != run.eval_settings:
         changed = ", ".join(name for name in run.eval_settings if measured_with.get(name) != run.eval_settings[name])
         kept = checkpoints.retire_best(run.dir, state.step) if run.plan.world.main else None
@@ -234,7 +246,7 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: dict) -> LoopSta
                 + (f"; the old one is kept as {kept}" if kept else "")
                 + ("; relative --guard bounds are measured from this resume's first evaluation" if run.guards.needs_first() else ""))
     else:
-        run.guards.first = dict(loop_state.get("guard_first", {}))
+        run.guards.first = dict(record.guard_first)
     run.say(f"resumed from {checkpoint} at step {state.step}")
     return state
 
@@ -515,7 +527,7 @@ def export_best(model, optimizer, run: Run) -> str:
     best = run.dir / "checkpoints" / ("best.dcp" if run.sharded else "best.pt")
     if not best.exists():
         return "no evaluation gave a score to keep, so there is no best.pt to export"
-    best_step = checkpoints.load_checkpoint(best, model, optimizer, run.plan.world)["step"]
+    best_step = checkpoints.load_checkpoint(best, model, optimizer, run.plan.world).step
     export = checkpoints.export_model(model, run.config, run.bundle, run.plan.world, run.dir / "export")
     return f"the best, {best.name} of step {best_step}, is exported to {export}\nnext: python infer.py --model {export}"
 

@@ -20,10 +20,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import checkpoints
 import config
 import files
+import loader
 import model_utils
 import prepare
+import train
 import training
-from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, run_main
+from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, logged, run_main, train_config
 from parallel import World
 
 
@@ -156,8 +158,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
         assert torch.load(newest, weights_only=True)["step"] == 2
     else:
         newest.write_bytes({"empty": b"", "truncated": whole[: len(whole) // 2], "random bytes": os.urandom(4096)}[damage])
-    path, state = checkpoints.newest_intact_checkpoint(run, World(), print)
-    assert path == run / "checkpoints" / "step_00000001.pt" and state["step"] == 1
+    path, record = checkpoints.newest_intact_checkpoint(run, World(), print)
+    assert path == run / "checkpoints" / "step_00000001.pt" and record.step == 1
     out = capsys.readouterr().out
     assert f"unreadable checkpoint {newest}" in out and f"resuming from {path} instead" in out
     assert not newest.exists() and newest.with_name(newest.name + ".corrupt").is_file()
@@ -174,17 +176,17 @@ def test_a_damaged_shard_of_a_sharded_checkpoint_falls_back_to_the_previous_one(
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         for step in (1, 2):
-            loop_state = {"step": step, "position": {"epoch": 0, "index": step}, "best_loss": 1.0, "config": {}}
-            checkpoints.save_checkpoint(run, model, optimizer, loop_state, World(), keep_last=2, sharded=True)
+            record = checkpoints.CheckpointRecord(step=step, position=loader.DataPosition(), best_score=1.0, config={})
+            checkpoints.save_checkpoint(run, model, optimizer, record, World(), keep_last=2, sharded=True)
         newest = run / "checkpoints" / "step_00000002.dcp"
         [shard] = newest.glob("*.distcp")
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
         with pytest.raises(ValueError, match="its shards cannot be read"):
             checkpoints.load_checkpoint(newest, model, optimizer, World())
-        path, state = checkpoints.newest_intact_checkpoint(run, World(), print)
+        path, record = checkpoints.newest_intact_checkpoint(run, World(), print)
     finally:
         dist.destroy_process_group()
-    assert path == run / "checkpoints" / "step_00000001.dcp" and state["step"] == 1
+    assert path == run / "checkpoints" / "step_00000001.dcp" and record.step == 1
     assert f"{shard.name}: its bytes differ" in capsys.readouterr().out
 
 
@@ -326,11 +328,11 @@ def test_resume_checks_the_data_and_compares_only_scores_measured_alike(tmp_path
              "--device", "cpu", "--precision", "fp32"]
     checkpoints_dir = tmp_path / "runs" / "run" / "checkpoints"
     assert run_main(*flags, "--stop-after", "1")[0] == 0
-    old_best = torch.load(checkpoints_dir / "best.pt", weights_only=True)["best_loss"]
+    old_best = torch.load(checkpoints_dir / "best.pt", weights_only=True)["best_score"]
     status, out, err = run_main(*flags, "--resume", "--stop-after", "2", "--eval-max-seconds", "2")
     assert status == 0, err
     assert "--resume: the evaluation changed (eval_max_seconds), so earlier scores are not comparable: a new best starts" in out
-    assert torch.load(checkpoints_dir / "best-until-step-1.pt", weights_only=True)["best_loss"] == old_best
+    assert torch.load(checkpoints_dir / "best-until-step-1.pt", weights_only=True)["best_score"] == old_best
     assert torch.load(checkpoints_dir / "best.pt", weights_only=True)["step"] == 2, "the first evaluation after it is the new best"
 
     rows = manifest_path.read_text(encoding="utf-8").splitlines()
@@ -377,10 +379,82 @@ def test_8bit_adamw_state_survives_a_checkpoint_exactly(tmp_path, tiny, batches)
 
     model, optimizer = fresh()
     steps(model, optimizer, 1)
-    loop_state = {"step": 1, "position": {"epoch": 0, "index": 1}, "best_loss": float("inf"), "config": {}}
-    path = checkpoints.save_checkpoint(tmp_path, model, optimizer, loop_state, World(), keep_last=2)
+    record = checkpoints.CheckpointRecord(step=1, position=loader.DataPosition(), best_score=float("inf"), config={})
+    path = checkpoints.save_checkpoint(tmp_path, model, optimizer, record, World(), keep_last=2)
     resumed, resumed_optimizer = fresh()
-    assert checkpoints.load_checkpoint(path, resumed, resumed_optimizer, World())["step"] == 1
+    assert checkpoints.load_checkpoint(path, resumed, resumed_optimizer, World()).step == 1
     assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in resumed_optimizer.state.values())
     assert steps(resumed, resumed_optimizer, 1) == steps(model, optimizer, 1)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+# --- the record: one versioned type, written and read whole; checkpoints written before it resume -----------------
+
+
+def test_the_record_is_written_and_read_whole_with_its_version():
+    record = checkpoints.CheckpointRecord(
+        step=3, position=loader.DataPosition({"train": loader.SetPosition(1, 2, 5, 10)}), best_score=-0.8,
+        config={"best_by": "sim"}, stale_evals=2, data={"train": "ab"}, eval_settings={"best_by": "sim"},
+        guard_first={"wer<=+0.1": 0.3})
+    written = record.to_dict()
+    assert written["version"] == checkpoints.CheckpointRecord.VERSION == 1 and "best_loss" not in written
+    assert checkpoints.CheckpointRecord.from_dict(written) == record
+    with pytest.raises(ValueError, match=r"written by a newer train.py \(record version 2; this one reads up to 1\)"):
+        checkpoints.CheckpointRecord.from_dict({**written, "version": 2})
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):
+        checkpoints.CheckpointRecord.from_dict({"weights": torch.zeros(3)})
+
+
+def test_an_unversioned_record_reads_best_loss_as_the_best_score_and_lacks_the_later_fields():
+    """The layout of the first checkpoints: the score under its old name, a one-set data position, nothing else."""
+    record = checkpoints.CheckpointRecord.from_dict({"step": 4, "position": {"epoch": 1, "index": 2}, "best_loss": 1.5,
+                                                     "config": {"seed": 0}})
+    assert record == checkpoints.CheckpointRecord(step=4, position=loader.DataPosition({"train": loader.SetPosition(1, 2)}),
+                                                  best_score=1.5, config={"seed": 0})
+    assert (record.stale_evals, record.data, record.eval_settings, record.guard_first) == (0, None, None, {})
+
+
+# The keys train.py wrote beside the tensors before the record was versioned (commit 4d3e32a: LoopState.saved
+# and Run.save), in their order; the first checkpoints held only the first four.
+UNVERSIONED_KEYS = ("step", "position", "best_loss", "stale_evals", "config", "data", "eval_settings", "guard_first")
+FIRST_KEYS = UNVERSIONED_KEYS[:3] + ("config",)
+
+
+def _write_unversioned(path: pathlib.Path, keys: tuple[str, ...]) -> None:
+    """Rewrite a checkpoint as train.py wrote it before the record had a version, with its digest."""
+    state = torch.load(path, weights_only=True)
+    assert state.pop("version") == 1
+    state["best_loss"] = state.pop("best_score")
+    torch.save({**{key: state[key] for key in keys}, **{key: state[key] for key in checkpoints.TENSOR_KEYS}}, path)
+    files.write_sidecar_digest(path)
+
+
+@pytest.fixture(scope="module")
+def evaluated_runs(tmp_path_factory, short_manifest):
+    """4 steps evaluated at each (`--device` and `--precision` left `auto`): straight through, and stopped at step 2."""
+    out = tmp_path_factory.mktemp("evaluated")
+    settings = dict(val_manifest=str(short_manifest), eval_every=1, eval_prompts=0, save_every=1, device="auto", precision="auto")
+    straight = train.train(train_config(out / "straight", short_manifest, **settings))
+    stopped = train.train(train_config(out / "stopped", short_manifest, stop_after=2, **settings))
+    return straight, stopped
+
+
+@pytest.mark.parametrize("keys", [UNVERSIONED_KEYS, FIRST_KEYS], ids=["before the version", "before fingerprints"])
+def test_a_checkpoint_written_before_the_record_had_a_version_resumes_exactly(evaluated_runs, tmp_path, short_manifest,
+                                                                               keys, capsys):
+    straight, stopped = evaluated_runs
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    for name in ("step_00000002.pt", "best.pt"):
+        _write_unversioned(run / "checkpoints" / name, keys)
+    capsys.readouterr()
+    train.train(train_config(tmp_path, short_manifest, val_manifest=str(short_manifest), eval_every=1, eval_prompts=0,
+                             save_every=1, device="auto", precision="auto", resume=True))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "a new best starts" not in out
+    assert ("predates data fingerprints" in out) == (keys == FIRST_KEYS)
+    for tag in ("loss/total", "val/total"):
+        assert logged(run, tag) == logged(straight, tag), tag
+    best, resumed_best = (torch.load(each / "checkpoints" / "best.pt", weights_only=True) for each in (straight, run))
+    assert (resumed_best["step"], resumed_best["best_score"]) == (best["step"], best["best_score"])
+    assert json.loads((run / "plan.json").read_text())["precision"] == "fp32", "auto, settled on this CPU machine"

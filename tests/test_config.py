@@ -4,12 +4,15 @@ resume rules come; every bad flag or file is one line."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
 
 import config
-from conftest import QUICK_FLAGS, error_lines, run_main
+import model_utils
+from conftest import QUICK_FLAGS, ROOT, error_lines, run_main
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -104,6 +107,23 @@ def test_every_setting_is_declared_once_with_help_a_resume_rule_and_valid_defaul
     shown = capsys.readouterr().out
     assert all(config.flag(name) in shown for name in config.DECLARED)
     assert "--no-verify-cache" in shown and "[on]" in shown
+    assert "auto: cuda where a GPU is visible, else cpu [auto]" in " ".join(shown.split())
+
+
+def test_the_settings_import_no_model_code_and_no_torch():
+    """So that `train.py --help` answers at once, and no default depends on the machine it runs on."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, config; print(sorted({'torch', 'model_utils'} & set(sys.modules)))"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    assert config.DEFAULTS["model"] == model_utils.TINY_PRESET
+
+
+def test_auto_settles_to_the_machines_device_and_precision_and_a_given_value_stays():
+    assert (config.DEFAULTS["device"], config.DEFAULTS["precision"]) == ("auto", "auto")
+    gpu, cpu = (config.settle_auto(config.TrainConfig(), cuda) for cuda in (True, False))
+    assert (gpu.device, gpu.precision, cpu.device, cpu.precision) == ("cuda", "bf16", "cpu", "fp32")
+    given = config.TrainConfig(device="cuda:1", precision="fp32")
+    assert config.settle_auto(given, True) == given == config.settle_auto(given, False)
 
 
 def test_a_parsed_config_is_never_written_to():

@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
 import config
 import data
 import heldout
@@ -66,10 +67,10 @@ def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint_
     assert stop_step is not None and stop_step < 8, sims  # the run stopped early
     assert max(sims) == stop_step
     state = torch.load(patient_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-    assert state["step"] == best_step and state["best_loss"] == pytest.approx(-best)
+    assert state["step"] == best_step and state["best_score"] == pytest.approx(-best)
     stopped = torch.load(patient_run / "checkpoints" / f"step_{stop_step:08d}.pt", map_location="cpu", weights_only=True)
     assert stopped["stale_evals"] == 2, "the patience counter is saved, so --resume does not reset it"
-    assert train.LoopState.restored(stopped).best.stale == 2
+    assert train.LoopState.restored(checkpoints.CheckpointRecord.from_dict(stopped)).best.stale == 2
     exported = model_utils.load_bundle(str(patient_run / "export")).model.state_dict()
     assert all(torch.equal(exported[name], value) for name, value in state["model"].items()), "the export holds best.pt's weights"
 
@@ -158,7 +159,7 @@ def test_each_validation_set_is_logged_under_its_name_and_best_by_names_the_set(
     assert arabic.step == english.step == 2 and arabic.value != english.value
     assert events.Scalars("val/en/kl")[0].value > 0, "LoRA runs log how far each set has moved from the base"
     state = torch.load(named_run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-    assert state["step"] == 2 and state["best_loss"] == pytest.approx(arabic.value), "val_loss@ar, not en's"
+    assert state["step"] == 2 and state["best_score"] == pytest.approx(arabic.value), "val_loss@ar, not en's"
 
 
 def test_a_breached_guard_vetoes_the_evaluation_and_can_stop_the_run(demo_clips, tmp_path, capsys):

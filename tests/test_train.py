@@ -18,13 +18,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
+import config
 import data
+import evaluate
 import infer
 import model_utils
 import prepare
 import train
 import training
 from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, serve_engine, train_config
+from parallel import World
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +102,32 @@ def test_non_finite_losses_stop_the_run_naming_the_samples(tmp_path, small_manif
     assert "3 non-finite losses in a row" in err and ("en_female" in err or "ar_male" in err)
 
 
-def test_inspect_prints_the_first_batch_and_trains_nothing(tmp_path, small_manifest, capsys):
-    assert train.main(["--train-manifest", str(small_manifest), "--out-dir", str(tmp_path), "--run-name", "look", "--inspect", "--device", "cpu"]) == 0
+def test_inspect_prints_the_first_batch_and_writes_or_removes_nothing_under_the_out_dir(tmp_path, short_manifest, capsys):
+    stray = tmp_path / "old" / "checkpoints" / "step_00000001.pt.tmp-4242"  # what a --resume would clean up
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"half")
+    before = sorted(tmp_path.rglob("*"))
+    common = ["--train-manifest", str(short_manifest), "--out-dir", str(tmp_path), "--inspect", "--device", "cpu"]
+    assert train.main([*common, "--run-name", "look"]) == 0
     out = capsys.readouterr().out
     assert "<|start_header_id|>assistant<|end_header_id|>" in out
     assert "(context, not trained)" in out and "(target, trained)" in out
     assert "text labels on 4 of" in out and "-100" not in out
-    assert not (tmp_path / "look" / "checkpoints").exists()
+    assert sorted(tmp_path.rglob("*")) == before, "--inspect claims no name"
+    assert train.main([*common, "--run-name", "old", "--resume"]) == 0
+    assert sorted(tmp_path.rglob("*")) == before, "--inspect cleans no run and reads no checkpoint"
+
+
+def test_the_printed_resume_command_is_the_same_on_a_gpu_machine_and_a_cpu_one(tmp_path):
+    given = config.parse_config(["--out-dir", str(tmp_path), "--max-steps", "9"])
+    assert (given.device, given.precision) == ("auto", "auto")
+    commands = set()
+    for cuda in (True, False):
+        settled = config.settle_auto(given, cuda)
+        plan = train.RunPlan(settled.device, settled.precision, World(), 9, 9)
+        run = train.Run(settled, given, plan, tmp_path / "run", None, [], {}, {}, evaluate.Guards([]))
+        commands.add(run.resume_command())
+    assert commands == {f"python train.py --out-dir {tmp_path} --max-steps 9 --run-name run --resume"}
 
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path, small_manifest):
