@@ -22,11 +22,13 @@ themselves are checked by `prepare.py`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -121,8 +123,22 @@ class ClipFiles:
     def from_samples(self, clip_id: str, samples: np.ndarray, rate: int) -> Path:
         """Samples (frames, channels) as 24-bit FLAC: lossless for 16- and 24-bit sources."""
         buffer = io.BytesIO()
-        sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_24")
+        with ctrl_c_held():
+            sf.write(buffer, samples, rate, format="FLAC", subtype="PCM_24")
         return self.from_bytes(clip_id, buffer.getvalue(), ".flac")
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C waits for the block to end. soundfile writes an in-memory file through cffi callbacks, and a
+    KeyboardInterrupt raised inside one is swallowed (cffi prints "Exception ignored" and the write goes on), so
+    a Ctrl-C there was lost and the import finished with status 0. A SIGINT that comes meanwhile is delivered
+    as the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def entry(where: str, clip_id: str, audio: Audio | None, text: str | None, speaker: str | None,
