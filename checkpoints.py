@@ -43,7 +43,7 @@ import files
 import loader
 import model_utils
 import parallel
-import training
+import trainable
 from config import DEFAULTS, TrainConfig, check_resume, config_changes
 from parallel import World
 
@@ -207,7 +207,7 @@ def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
 
 def load_checkpoint(path: Path, model, optimizer, world: World) -> CheckpointRecord:
     """Restore model, optimizer and this process's RNG state; returns the checkpoint's record."""
-    with training.update_stance(optimizer, next(model.parameters()).device):
+    with trainable.update_stance(optimizer, next(model.parameters()).device):
         return _load_checkpoint(path, model, optimizer, world)
 
 
@@ -459,7 +459,7 @@ def write_export(model, tokenizer, config: TrainConfig, out: Path) -> Path:
 def _trained_layout(config: TrainConfig, device: str = "cpu") -> torch.nn.Module:
     """The model `config` trains, freshly loaded, with LoRA adapters where it trains them."""
     fresh = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=device).model
-    return training.add_lora(fresh, config) if config.scope == "lora" else fresh
+    return trainable.add_lora(fresh, config) if config.scope == "lora" else fresh
 
 
 def _merged(model, config: TrainConfig):
@@ -480,7 +480,7 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
     record, state = read_checkpoint(path)
     trained = _config_of(record)
     bundle = model_utils.load_bundle(trained.model, trained.audio_tokenizer, seed=trained.seed, device=device)
-    model = training.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
+    model = trainable.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
     weights = _sharded_weights(path, model) if path.is_dir() else state["model"]
     missing = trained_names(model) - set(weights)
     if missing:

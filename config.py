@@ -429,7 +429,7 @@ def forgetting_problem(config: TrainConfig) -> str | None:
                 f"{config.scope} has no such base; mix the old kind of data back in instead, e.g. --train-manifest "
                 "new:0.8=new.jsonl --train-manifest old:0.2=old.jsonl (docs/new-language.md)")
     if config.kl_replay:
-        names = [spec.name for spec in training_sets(config)]
+        names = [spec.name for spec in training_specs(config)]
         if config.kl_weight == 0:
             return "--kl-replay names where the --kl-weight term is taken: set --kl-weight"
         if config.kl_replay not in names:
@@ -450,7 +450,7 @@ SET_SPEC = re.compile(r"(?P<name>[A-Za-z][A-Za-z0-9_-]*)(?::(?P<weight>[^=]*))?=
 
 
 @dataclass(frozen=True)
-class DataSet:
+class SetSpec:
     """One training or validation set as the flags give it; a weight is relative to the mixture's others."""
 
     name: str | None
@@ -458,11 +458,11 @@ class DataSet:
     path: str
 
 
-def parse_set(text: str, option: str) -> DataSet:
+def parse_set(text: str, option: str) -> SetSpec:
     """`PATH`, `NAME=PATH` or `NAME:WEIGHT=PATH`; a ConfigError in one line for a bad weight or an ambiguous file."""
     match = SET_SPEC.fullmatch(text)
     if not match:
-        return DataSet(None, None, text)
+        return SetSpec(None, None, text)
     if os.path.exists(text):
         raise ConfigError(f"{option} {text}: a file of that name exists, and the text reads as NAME=PATH; "
                           f"write ./{text} for the file")
@@ -474,7 +474,7 @@ def parse_set(text: str, option: str) -> DataSet:
             weight = math.nan
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"{option} {text}: the weight after ':' must be a positive number, not {match['weight']!r}")
-    return DataSet(match["name"], weight, match["path"])
+    return SetSpec(match["name"], weight, match["path"])
 
 
 def _training_flag(config: TrainConfig) -> tuple[str, tuple[str, ...]]:
@@ -482,18 +482,18 @@ def _training_flag(config: TrainConfig) -> tuple[str, tuple[str, ...]]:
     return ("--cache", config.cache) if config.cache else ("--train-manifest", config.train_manifest)
 
 
-def training_sets(config: TrainConfig) -> list[DataSet]:
+def training_specs(config: TrainConfig) -> list[SetSpec]:
     """The training sets, named, with weights summing to 1: the --cache ones if any, else the --train-manifest ones
     (a lone unnamed set is `ONE_TRAINING_SET`)."""
     option, texts = _training_flag(config)
     sets = [parse_set(text, option) for text in texts]
     if len(sets) == 1:
-        return [DataSet(sets[0].name or ONE_TRAINING_SET, 1.0, sets[0].path)]
+        return [SetSpec(sets[0].name or ONE_TRAINING_SET, 1.0, sets[0].path)]
     total = sum(spec.weight for spec in sets)
-    return [DataSet(spec.name, spec.weight / total, spec.path) for spec in sets]
+    return [SetSpec(spec.name, spec.weight / total, spec.path) for spec in sets]
 
 
-def validation_sets(config: TrainConfig) -> list[DataSet]:
+def validation_specs(config: TrainConfig) -> list[SetSpec]:
     """The validation sets; a lone unnamed one has the name None (logged as val/*, quality/*)."""
     return [parse_set(text, "--val-manifest") for text in config.val_manifest]
 
@@ -507,7 +507,7 @@ def sets_problem(config: TrainConfig) -> str | None:
     if not texts:
         return "--train-manifest: give a training set"
     try:
-        train, val = [parse_set(text, option) for text in texts], validation_sets(config)
+        train, val = [parse_set(text, option) for text in texts], validation_specs(config)
     except ConfigError as error:
         return str(error)
     if len(train) > 1 and any(spec.name is None or spec.weight is None for spec in train):
@@ -566,12 +566,12 @@ def parse_guard(text: str, val_names: list[str | None]) -> GuardRule:
 def selection(config: TrainConfig) -> tuple[str, str | None]:
     """--best-by as (metric, validation set name): without @SET the first set; None for a lone unnamed one."""
     metric, _, name = config.best_by.partition("@")
-    return _metric(metric, name or None, [spec.name for spec in validation_sets(config)], "--best-by",
+    return _metric(metric, name or None, [spec.name for spec in validation_specs(config)], "--best-by",
                    config.best_by, BEST_BY)
 
 
 def guard_rules(config: TrainConfig) -> list[GuardRule]:
-    names = [spec.name for spec in validation_sets(config)]
+    names = [spec.name for spec in validation_specs(config)]
     return [parse_guard(text, names) for text in config.guard]
 
 

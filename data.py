@@ -10,7 +10,7 @@ boson-ai/higgs-audio), and the text normalisation that example applies before
 generation is applied here, so training text is normalised as inference text.
 
 It holds the one table of limits (`LIMITS`: sample rates, reference and clip
-lengths, text length) that manifest validation, the segmenter and infer.py
+lengths, text length) that the manifest check, the segmenter and infer.py
 read. It also loads audio: any WAV/FLAC (8 to 48 kHz, 16/24/32-bit int or float,
 mono or multi-channel) to mono float32 at the audio tokenizer's rate
 (`load_clip` first refuses a WAV cut short and more than MAX_CHANNELS
@@ -46,7 +46,7 @@ CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 @dataclass(frozen=True)
 class Limits:
-    """The one table of what a clip and a text may be, wherever they come in: manifest validation (prepare,
+    """The one table of what a clip and a text may be, wherever they come in: the manifest check (prepare,
     training, `--eval`), the importers and the segmenter, and infer.py. Filters (`prepare --max-seconds`, ...)
     may narrow these, never widen them."""
 

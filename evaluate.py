@@ -1,7 +1,7 @@
 """Judging a model's clones: every row of a manifest or list cloned and measured (`python infer.py --eval`).
 
 `--eval` (`evaluate_list`) reads a JSONL manifest or a Seed-TTS-eval list
-(`read_eval_rows`), validating every clip without encoding any; encodes
+(`read_eval_rows`), checking every clip without encoding any; encodes
 each distinct reference once, or reads its codes from a prepared cache
 (`reference_codes`); clones the rows `--batch-size` at a time
 (`batched_generation.clone_many`), writing each clip as it comes, while a
@@ -95,7 +95,7 @@ def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Cal
 
 
 class CheckedClips:
-    """`--eval`'s clip source for validation: each clip loaded and checked as training checks it, never encoded
+    """`--eval`'s clip source for the row check: each clip loaded and checked as training checks it, never encoded
     (a target is only scored; a reference is encoded later, once, or read from a cache). Its `frames` is an
     estimate, seconds x 25 rounded (the tokenizer's own count differs by a frame at some lengths): `--eval` applies
     no token filter and reads no frame count."""
@@ -108,18 +108,18 @@ class CheckedClips:
         return manifest.Clip(seconds, round(seconds * generation.FRAMES_PER_SECOND))
 
 
-def read_eval_rows(path: str, clips: CheckedClips, seed: int) -> tuple[manifest.ValidationResult, list[manifest.Pair], dict]:
-    """A JSONL manifest (speaker rows paired as in training, fixed by `seed`) or a Seed-TTS-eval list, validated:
-    the validation, the pairs and each row's language."""
+def read_eval_rows(path: str, clips: CheckedClips, seed: int) -> tuple[manifest.CheckedManifest, list[manifest.Pair], dict]:
+    """A JSONL manifest (speaker rows paired as in training, fixed by `seed`) or a Seed-TTS-eval list, checked:
+    the check, the pairs and each row's language."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such manifest or list: {path}")
     if seedtts.is_seedtts_list(path):
-        validated = seedtts.read_list(path, clips)
-        pairs = [manifest.Pair(row["id"], row["ref_audio"], row["ref_text"], row.get("audio"), row["text"]) for row in validated.kept]
+        checked = seedtts.read_list(path, clips)
+        pairs = [manifest.Pair(row["id"], row["ref_audio"], row["ref_text"], row.get("audio"), row["text"]) for row in checked.kept]
     else:
-        validated = manifest.validate_manifest(path, clips, progress=True)
-        pairs = manifest.training_pairs(validated.kept, seed, 0)[0]
-    return validated, pairs, {row["id"]: row.get("language") for row in validated.kept}
+        checked = manifest.check_manifest(path, clips, progress=True)
+        pairs = manifest.training_pairs(checked.kept, seed, 0)[0]
+    return checked, pairs, {row["id"]: row.get("language") for row in checked.kept}
 
 
 def reference_codes(bundle: model_utils.Bundle, cache_dir: str | None, paths: list[str]) -> Callable[[str], torch.Tensor]:
@@ -226,12 +226,12 @@ def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: s
     """
     timings, started = {}, time.perf_counter()
     rate = bundle.audio_tokenizer.sampling_rate
-    validated, pairs, languages = read_eval_rows(list_path, CheckedClips(rate, bundle.model.config.audio_num_codebooks),
+    checked, pairs, languages = read_eval_rows(list_path, CheckedClips(rate, bundle.model.config.audio_num_codebooks),
                                                  settings.sampling.seed or 0)
-    validated.write_report(out.path / "rejections.jsonl")
-    print(f"data: {list_path}: {validated.summary()}" + (f"; rejected rows: {out.path / 'rejections.jsonl'}" if validated.rejections else ""))
+    checked.write_report(out.path / "rejections.jsonl")
+    print(f"data: {list_path}: {checked.summary()}" + (f"; rejected rows: {out.path / 'rejections.jsonl'}" if checked.rejections else ""))
     if not pairs:
-        raise ValueError(f"no row of {list_path} can be evaluated ({validated.summary()}); see {out.path / 'rejections.jsonl'}")
+        raise ValueError(f"no row of {list_path} can be evaluated ({checked.summary()}); see {out.path / 'rejections.jsonl'}")
     warn_about_languages(judge, pairs, languages)
     done = {record["id"] for record in out.done()}
     todo = [(index, pair) for index, pair in enumerate(pairs) if pair.id not in done]
@@ -245,7 +245,7 @@ def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: s
         raise EvalInterrupted(len(out.done()), len(pairs), out.path) from None
     timings["reference_codes"] = codes.seconds
     timings["wall"] = time.perf_counter() - started
-    return _summary(out, list_path, validated, judge, settings, timings, len(todo))
+    return _summary(out, list_path, checked, judge, settings, timings, len(todo))
 
 
 def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.EvalDir, settings: CloneSettings) -> dict:
@@ -272,7 +272,7 @@ def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.Eva
             "waiting_for_scoring_at_end": time.perf_counter() - waiting}
 
 
-def _summary(out: eval_dir.EvalDir, list_path: str, validated, judge: metrics.Judge, settings: CloneSettings,
+def _summary(out: eval_dir.EvalDir, list_path: str, checked, judge: metrics.Judge, settings: CloneSettings,
              timings: dict, made: int) -> dict:
     """summary.json and the printed summary, from every row in rows.csv (this run's and a resumed run's)."""
     records = out.done()
@@ -282,8 +282,8 @@ def _summary(out: eval_dir.EvalDir, list_path: str, validated, judge: metrics.Ju
     protocol = seedtts.aggregates(records)
     failed = sum(bool(record["error"]) for record in records)
     report = {
-        "list": str(list_path), "rows_read": validated.rows_read, "kept": len(validated.kept), "rejected": len(validated.rejections),
-        "rejected_by_reason": validated.counts(), "evaluated": len(records), "generation_failed": failed,
+        "list": str(list_path), "rows_read": checked.rows_read, "kept": len(checked.kept), "rejected": len(checked.rejections),
+        "rejected_by_reason": checked.counts(), "evaluated": len(records), "generation_failed": failed,
         "speaker_encoder": judge.encoder.name, "asr": judge.asr.name if judge.asr else None,
         "sampling": vars(settings.sampling), "scene": settings.layout.scene, "ref_in_system": settings.layout.ref_in_system,
         "batch_size": settings.batch_size, "seconds": timings, "clips_made_this_run": made,
@@ -297,6 +297,6 @@ def _summary(out: eval_dir.EvalDir, list_path: str, validated, judge: metrics.Ju
     print(f"corpus WER/CER {metrics.fmt(corpus['error_rate']['rate'])} over {corpus['error_rate']['words']} words "
           f"of {corpus['error_rate']['n']} rows; real targets' {metrics.fmt(corpus['target_error_rate']['rate'])}")
     print(seedtts.format_aggregates(protocol, report["asr"] or "none", judge.encoder.name))
-    print(f"{len(records)} rows evaluated ({failed} without audio), {validated.summary()}; {made} clips made in "
+    print(f"{len(records)} rows evaluated ({failed} without audio), {checked.summary()}; {made} clips made in "
           f"{timings['wall']:.1f} s; wrote {out.path / eval_dir.ROWS_FILE}, {out.path / 'summary.json'}, {out.path / 'wavs'}")
     return report

@@ -32,8 +32,8 @@ import metrics
 import model_utils
 import parallel
 import prepare
-import training
-from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_sets
+import trainable
+from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_specs
 from parallel import World
 
 
@@ -63,9 +63,9 @@ def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, worl
     validates on its own data) are encoded once."""
     val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
     validations = []
-    for spec in validation_sets(config):
+    for spec in validation_specs(config):
         report = run_dir / ("val_rejections.jsonl" if spec.name is None else f"val_rejections-{spec.name}.jsonl")
-        rows = loader.validated_rows(spec.path, val_codes, world, report)
+        rows = loader.checked_rows(spec.path, val_codes, world, report)
         pairs = manifest.training_pairs(rows, config.seed, 0)[0]
         if not pairs:
             raise ValueError(f"{spec.path}: no usable validation pair (counts above)")
@@ -216,7 +216,7 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
     pairs = validation.pairs
     chunks = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
     sums, weight = None, 0.0
-    with torch.no_grad(), training.autocast(config.precision, device):
+    with torch.no_grad(), trainable.autocast(config.precision, device):
         for round_ in range(math.ceil(len(chunks) / world.size)):
             index = round_ * world.size + world.rank
             batch = validation.builder.batch(chunks[index % len(chunks)])
@@ -225,13 +225,13 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
             loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
             parts = [loss.total, loss.text, loss.audio, *loss.per_codebook]
             if config.scope == "lora":  # how far the adapted model has moved from its base on this set
-                parts.append(training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids))
+                parts.append(trainable.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids))
             real = float(index < len(chunks))
             values = [float(value) * real for value in parts]
             sums = values if sums is None else [total + value for total, value in zip(sums, values)]
             weight += real
     totals = parallel.sum_over_processes(torch.tensor(sums + [weight], dtype=torch.float64, device=device), world).tolist()
-    names = training.loss_names(len(loss.per_codebook)) + ["kl"] * (config.scope == "lora")
+    names = trainable.loss_names(len(loss.per_codebook)) + ["kl"] * (config.scope == "lora")
     return {name: value / totals[-1] for name, value in zip(names, totals)}
 
 
@@ -243,7 +243,7 @@ def log_generations(writer, step: int, model, validation: Validation, config: Tr
     rate = bundle.audio_tokenizer.sampling_rate
     settings = evaluate.CloneSettings(generation.Sampling(greedy=True, seed=config.seed, max_seconds=config.eval_max_seconds),
                              data.PromptLayout(config.ref_in_system), batch_size=config.eval_batch_size)
-    with training.autocast(config.precision, device):  # frozen weights may be held in bf16 (--frozen-bf16)
+    with trainable.autocast(config.precision, device):  # frozen weights may be held in bf16 (--frozen-bf16)
         made = list(evaluate.clones_of(bundle, validation.pairs[: config.eval_prompts], builder.codes, settings))
     records = []
     for pair, clone in made:

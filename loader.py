@@ -2,7 +2,7 @@
 
 * `training_sets`: each training set of the mixture (one, or several by
   weight) with its kept rows and where their codes come from (a prepared
-  cache, or the manifest validated and encoded now), counted as `prepare` counts;
+  cache, or the manifest checked and encoded now), counted as `prepare` counts;
 * `report_overlap`: the speakers and clips the validation set shares with them
   (refused with --strict-overlap);
 * `epoch_batches`: each epoch's pairs (references drawn anew from (seed,
@@ -37,7 +37,7 @@ import collate
 import manifest
 import model_utils
 import prepare
-from config import ONE_TRAINING_SET, DataSet, TrainConfig, training_sets as set_specs
+from config import ONE_TRAINING_SET, SetSpec, TrainConfig, training_specs
 from parallel import World
 
 
@@ -61,7 +61,7 @@ def training_sets(config: TrainConfig, bundle: model_utils.Bundle, world: World,
     """Each training set (`--train-manifest` or `--cache`, one or a mixture) with its kept rows and their
     batch builder; a set with no usable row is a one-line error after its counts. Manifests share one
     in-memory encoder, so a clip in two sets is encoded once."""
-    specs = set_specs(config)
+    specs = training_specs(config)
     clips = prepare.EncodedClips(bundle.audio_tokenizer)
     sets = []
     for spec in specs:
@@ -73,9 +73,9 @@ def training_sets(config: TrainConfig, bundle: model_utils.Bundle, world: World,
     return sets
 
 
-def training_rows(spec: DataSet, config: TrainConfig, bundle: model_utils.Bundle, world: World,
+def training_rows(spec: SetSpec, config: TrainConfig, bundle: model_utils.Bundle, world: World,
                   clips: prepare.EncodedClips, report: Path) -> tuple[list[dict], prepare.EncodedClips | prepare.PreparedCodes]:
-    """Kept rows of one training set and their code source: a prepared cache, or the manifest validated and
+    """Kept rows of one training set and their code source: a prepared cache, or the manifest checked and
     its clips encoded into `clips` now (rejected rows listed in `report`).
 
     Either way the counts are printed so that they reconcile with the
@@ -95,7 +95,7 @@ def training_rows(spec: DataSet, config: TrainConfig, bundle: model_utils.Bundle
             else "data: shard checksums not checked (--no-verify-cache); a shard is still checked for its shape when opened")
     else:
         codes = clips
-        rows = validated_rows(spec.path, codes, world, report)
+        rows = checked_rows(spec.path, codes, world, report)
     if config.batch_tokens and counted != manifest.text_counting_id(bundle.tokenizer):
         if counted is not None:
             say("data: the cache's text token counts are of another text tokenizer or normalisation: counting again")
@@ -111,16 +111,16 @@ def report_overlap(rows: list[dict], val_rows: list[dict], config: TrainConfig, 
             print(f"data: {line}")
 
 
-def validated_rows(path: str, codes: prepare.EncodedClips, world: World, report: Path) -> list[dict]:
+def checked_rows(path: str, codes: prepare.EncodedClips, world: World, report: Path) -> list[dict]:
     """The kept rows of the manifest at `path`, their clips encoded into `codes`; the counts are printed and the
     rejected rows, with row numbers and reasons, listed in `report`."""
-    validated = manifest.validate_manifest(path, codes, progress=world.main)
+    checked = manifest.check_manifest(path, codes, progress=world.main)
     if world.main:
-        print(f"data: {path}: {validated.summary()}")
-        if validated.rejections:
-            validated.write_report(report)
+        print(f"data: {path}: {checked.summary()}")
+        if checked.rejections:
+            checked.write_report(report)
             print(f"rejected rows, with row numbers and reasons: {report}")
-    return validated.kept
+    return checked.kept
 
 
 def data_fingerprint(rows: list[dict], codes) -> str:

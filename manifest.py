@@ -2,7 +2,7 @@
 
 A manifest is JSONL with audio paths relative to it: speaker-grouped rows
 (id, audio, text, speaker) or paired rows (id, ref_audio, ref_text, audio,
-text), either with an optional scene and language. `validate_manifest` keeps
+text), either with an optional scene and language. `check_manifest` keeps
 or rejects every row, each rejection with its row number and reason, so that
 rows read = rows kept + rows rejected; it gets each clip from a `ClipSource`
 (`prepare.py`'s, which encode the clip in memory or into a cache).
@@ -92,7 +92,7 @@ class Rejection:
 
 @dataclass(frozen=True)
 class Clip:
-    """What validation learns of one audio file."""
+    """What checking a row learns of one audio file."""
 
     seconds: float
     frames: int  # frames of its audio codes
@@ -120,7 +120,7 @@ def content_of_cache_key(key: str) -> str:
 
 
 class ClipSource(Protocol):
-    """Where validation gets clips: `prepare.EncodedClips` (codes in memory) or `prepare.CacheWriter` (codes into a cache)."""
+    """Where the row check gets clips: `prepare.EncodedClips` (codes in memory) or `prepare.CacheWriter` (codes into a cache)."""
 
     num_codebooks: int
 
@@ -137,7 +137,7 @@ class ClipCodes(Protocol):
 
 
 @dataclass
-class ValidationResult:
+class CheckedManifest:
     """The rows of a manifest, each kept or rejected."""
 
     manifest: str
@@ -195,17 +195,17 @@ def reconcile(rows_read: int, kept: int, rejected: dict[str, int], targets_only:
     return line
 
 
-# Validation ---------------------------------------------------------------
+# Checking rows ------------------------------------------------------------
 
 
-def validate_manifest(
+def check_manifest(
     path: str | Path,
     clips: ClipSource,
     tokenizer=None,
     filters: Filters = Filters(),
     strict: bool = False,
     progress: bool = False,
-) -> ValidationResult:
+) -> CheckedManifest:
     """Every row of a manifest, kept or rejected with its row number and reason.
 
     In order: UTF-8 (rows are read as bytes, so one bad line is one rejected
@@ -225,7 +225,7 @@ def validate_manifest(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such manifest: {path}")
-    result = ValidationResult(str(path))
+    result = CheckedManifest(str(path))
     standing = _check_rows(path, clips, filters, result, strict, progress)
     late = _token_rejections(standing, tokenizer, clips.num_codebooks, filters.max_tokens)
     late.update(_lone_speaker_rejections([(n, row) for n, row in standing if n not in late]))
@@ -239,7 +239,7 @@ def validate_manifest(
 
 
 def _check_rows(
-    path: Path, clips: ClipSource, filters: Filters, result: ValidationResult, strict: bool, progress: bool
+    path: Path, clips: ClipSource, filters: Filters, result: CheckedManifest, strict: bool, progress: bool
 ) -> list[tuple[int, dict]]:
     """The per-row checks; returns the (row number, row) pairs that pass them."""
     standing, seen = [], set()
@@ -262,8 +262,8 @@ def _check_rows(
 
 def rows_before_audio(path: str | Path, filters: Filters = Filters()) -> list[dict]:
     """The rows of a manifest that pass every check needing no audio (JSON, fields, id, texts, language), their
-    paths made absolute: the clips a validation will open, found without opening one. The rows left out are
-    counted by the validation itself."""
+    paths made absolute: the clips a check will open, found without opening one. The rows left out are
+    counted by the check itself."""
     path = Path(path)
     rows, seen = [], set()
     with path.open("rb") as lines:
@@ -279,7 +279,7 @@ def rows_before_audio(path: str | Path, filters: Filters = Filters()) -> list[di
     return rows
 
 
-def _reject(result: ValidationResult, rejection: Rejection, strict: bool) -> None:
+def _reject(result: CheckedManifest, rejection: Rejection, strict: bool) -> None:
     if strict:
         raise ManifestError(f"{result.manifest}:{rejection.row}: {rejection.reason}: {rejection.detail}")
     result.rejections.append(rejection)
@@ -476,7 +476,7 @@ def _clip_identity(row: dict, key: str = "audio") -> str:
 
 def can_refer(row: dict) -> bool:
     """Whether a speaker row's clip can serve its speaker's other rows as reference: within the reference limits
-    of `data.LIMITS`. One that cannot is still a target; `ValidationResult.targets_only` counts them."""
+    of `data.LIMITS`. One that cannot is still a target; `CheckedManifest.targets_only` counts them."""
     return data.LIMITS.reference_fits(row["seconds"])
 
 
@@ -496,7 +496,7 @@ def training_pairs(rows: list[dict], seed: int, epoch: int) -> tuple[list[Pair],
     A speaker-grouped row takes as reference another clip of its speaker
     that can serve as one (`can_refer`; never its own, nor a copy of it under
     another id), drawn uniformly and anew each epoch, deterministically from
-    (seed, epoch); paired rows keep their reference. Validated rows have no
+    (seed, epoch); paired rows keep their reference. Checked rows have no
     lone speaker left.
     """
     rng = random.Random(seed * 100_003 + epoch)

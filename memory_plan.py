@@ -7,8 +7,8 @@
     python memory_plan.py validate              # the plan against the same step run for real on the CPU (164M model)
 
 **What runs.** `plan_step` runs the step `train.py` runs: the model
-`training.prepare_model` makes (scope or LoRA, frozen weights in bf16,
-activation checkpointing) and `training.train_step` on one micro-batch
+`trainable.prepare_model` makes (scope or LoRA, frozen weights in bf16,
+activation checkpointing) and `trainable.train_step` on one micro-batch
 (forward, loss, the forgetting guard's base pass with `--kl-weight`,
 backward, clipping, the optimizer step). The optimizer is the CUDA step's
 (fused AdamW, or torchao's AdamW8bit) and its state is resident, as in every
@@ -72,7 +72,7 @@ import collate
 import data
 import model_utils
 import syncs
-import training
+import trainable
 from config import TrainConfig, add_setting_flags, check_config
 from parallel import World
 
@@ -198,20 +198,20 @@ def step_settings(**settings) -> TrainConfig:
 def build_training_model(config: HiggsAudioConfig, settings: TrainConfig, device: str = "cpu",
                          compile_backend: str | Callable = "inductor") -> torch.nn.Module:
     """A randomly initialised model of `config` (initialised on `device`), prepared as `train.py` prepares it
-    (`training.prepare_model`); with `settings.compile`, compiled by `compile_backend` (`eager` traces the
+    (`trainable.prepare_model`); with `settings.compile`, compiled by `compile_backend` (`eager` traces the
     same graphs without generating code)."""
     with torch.device(device):
         model = HiggsAudioModel(config)
-    model = training.prepare_model(model, replace(settings, compile=False), World(), device).train()
+    model = trainable.prepare_model(model, replace(settings, compile=False), World(), device).train()
     if settings.compile:
-        training.compile_model(model, settings.compile_scope, compile_backend)
+        trainable.compile_model(model, settings.compile_scope, compile_backend)
     return model
 
 
 def step_once(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, settings: TrainConfig,
-              device: str = "cpu") -> training.StepStats:
-    """`training.train_step` on one micro-batch at the peak learning rate."""
-    return training.train_step(model, optimizer, [batch], settings, World(), device, settings.lr)
+              device: str = "cpu") -> trainable.StepStats:
+    """`trainable.train_step` on one micro-batch at the peak learning rate."""
+    return trainable.train_step(model, optimizer, [batch], settings, World(), device, settings.lr)
 
 
 def resident_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -219,7 +219,7 @@ def resident_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.grad = torch.zeros_like(parameter)
-    training.step_optimizer(optimizer, "cpu")
+    trainable.step_optimizer(optimizer, "cpu")
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -239,7 +239,7 @@ class RealIndexData(TorchDispatchMode):
     a fake tensor with a real boolean mask is indexing with the mask's
     positions, which fake tensors can do. The one fake value the host reads
     is the step's skip flag, where the optimizer has no `found_inf`
-    (`training._update_unless`, `--optimizer adamw8bit`): a planned step is
+    (`trainable._update_unless`, `--optimizer adamw8bit`): a planned step is
     a finite one, so the answer is False (not skipped).
     """
 
@@ -294,7 +294,7 @@ class FakeStep:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
             model = build_training_model(config, settings)
-            optimizer = training.build_optimizer(model, settings, "cuda")  # fused, as on the GPU
+            optimizer = trainable.build_optimizer(model, settings, "cuda")  # fused, as on the GPU
             resident_optimizer_state(model, optimizer)
         return cls(model, optimizer, batch, lengths, settings, mode)
 
@@ -433,7 +433,7 @@ def measure_step(config: HiggsAudioConfig, settings: TrainConfig, tokens: int, s
     batch, _ = synthetic_batch(config, tokens, sample_tokens)
     before = _rss_bytes()
     model = build_training_model(config, settings)
-    optimizer = training.build_optimizer(model, settings, "cuda")  # fused, as planned (it runs on the CPU too)
+    optimizer = trainable.build_optimizer(model, settings, "cuda")  # fused, as planned (it runs on the CPU too)
     resident_optimizer_state(model, optimizer)
     tracker = PeakTracker(model, optimizer)
     with tracker:

@@ -19,7 +19,7 @@ Four things live here:
 
 Finding a run's newest whole export is `checkpoints.py`'s; what training
 changes in the model (text logits only at labels, frozen weights in bf16) is
-`training.py`'s.
+`trainable.py`'s.
 """
 
 from __future__ import annotations
@@ -445,7 +445,7 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
 
     Text: `logits[:, :-1]` predicts `expanded_labels[:, 1:]` (the model
     returns labels aligned to its inputs, unshifted); logits of shape (N,
-    vocab) come from `training.text_logits_at_labels` and hold the N labelled
+    vocab) come from `trainable.text_logits_at_labels` and hold the N labelled
     positions only, in row-major order. Audio: `audio_logits[:-1, k]`
     predicts `label_audio_ids[k, 1:]`; shifting across clip boundaries is
     safe because each clip's first label column is -100. The total is the sum
@@ -457,7 +457,7 @@ def compute_loss(outputs, label_audio_ids: torch.Tensor | None) -> LossBreakdown
     """
     logits = outputs.logits.float()
     shifted = outputs.expanded_labels[:, 1:]
-    if logits.dim() == 2:  # `training.text_logits_at_labels`: its row count is known on the host
+    if logits.dim() == 2:  # `trainable.text_logits_at_labels`: its row count is known on the host
         text_labels = shifted.reshape(-1).index_select(0, labelled_positions(outputs.expanded_labels, logits.shape[0]))
     else:
         logits, text_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1)

@@ -1,7 +1,7 @@
 """Audio codes of clips: encoded in memory, or prepared once into a cache on disk that training reads.
 
 `EncodedClips` encodes a clip the first time it is asked for and keeps its
-codes in memory (training from a manifest, evaluation). `prepare` validates a
+codes in memory (training from a manifest, evaluation). `prepare` checks a
 manifest and stores the audio codes of every kept clip in a cache that
 training reads without the audio tokenizer (`read_prepared`, `PreparedCodes`);
 its command line is
@@ -10,7 +10,7 @@ its command line is
     torchrun --nproc-per-node 8 prepare.py --manifest M --out CACHE ...     # one process per GPU, or machines
 
 Under torchrun each process encodes its share of the clips into shards of its
-own, then process 0 validates the manifest as one process does, every clip
+own, then process 0 checks the manifest as one process does, every clip
 now in the cache, and writes the cache's manifest, report and summary: the
 same cache as one process makes.
 """
@@ -84,7 +84,7 @@ def audio_tokenizer_id(audio_tokenizer) -> str:
 # The cache
 # --------------------------------------------------------------------------
 #
-# `prepare` validates a manifest and stores the audio codes of every kept
+# `prepare` checks a manifest and stores the audio codes of every kept
 # clip in a cache that training reads without the audio tokenizer:
 #
 #   CACHE/shards/NAME.npy    codes of up to --batch-size clips, (codebooks, frames) uint16, memory-mapped
@@ -338,7 +338,7 @@ class Options:
 
 @dataclass
 class PrepareResult:
-    validation: manifest.ValidationResult
+    checked: manifest.CheckedManifest  # the manifest's rows checked: kept and rejected
     encoded: int  # clips this run encoded (by every process)
     reused: int  # clips whose codes the cache (or this run, at another path) already held
     repaired: int = 0  # shards that failed verification, deleted and encoded again
@@ -347,7 +347,7 @@ class PrepareResult:
 
 def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, tokenizer=None,
             options: Options = Options(), world: World = World()) -> PrepareResult | None:
-    """Validate a manifest and cache the codes of every kept clip (the layout is above).
+    """Check a manifest and cache the codes of every kept clip (the layout is above).
 
     What was encoded before an error, a `strict` stop or Ctrl-C is committed,
     so a re-run encodes only the rest. The manifest, report and summary are
@@ -370,7 +370,7 @@ def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, t
             return None
         writer = CacheWriter(cache, audio_tokenizer, options.batch_size, clean=not world.distributed)
         try:
-            result = manifest.validate_manifest(manifest_path, writer, tokenizer, options.filters, options.strict,
+            result = manifest.check_manifest(manifest_path, writer, tokenizer, options.filters, options.strict,
                                                 options.progress)
         finally:
             writer.flush()
@@ -385,7 +385,7 @@ def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, t
     return PrepareResult(result, encoded, reused, repaired, overlap)
 
 
-def write_finished(cache: Path, result: manifest.ValidationResult, writer: CacheWriter, tokenizer, counts: dict) -> None:
+def write_finished(cache: Path, result: manifest.CheckedManifest, writer: CacheWriter, tokenizer, counts: dict) -> None:
     """The kept rows, the report and, last, the summary of a finished prepare."""
     text_counts = manifest.add_text_token_counts(result.kept, tokenizer) if tokenizer is not None else None
     (cache / "summary.json").unlink(missing_ok=True)
@@ -405,7 +405,7 @@ def write_finished(cache: Path, result: manifest.ValidationResult, writer: Cache
 # (stray files, damaged shards) while the others wait; then each process
 # encodes its share of the clips into shards of its own (shard names are
 # digests of their keys, so no two processes write one file) and commits them
-# as one process does. Once all are done, process 0 validates the manifest as
+# as one process does. Once all are done, process 0 checks the manifest as
 # one process does: every clip is in the cache by then, so it encodes only
 # what no share held. A killed process leaves whole shards, and torchrun ends
 # the others: a re-run, with any number of processes, encodes only the rest.
@@ -413,7 +413,7 @@ def write_finished(cache: Path, result: manifest.ValidationResult, writer: Cache
 
 @dataclass
 class Share:
-    """What the processes did together before validation."""
+    """What the processes did together before the rows are checked."""
 
     encoded: int = 0
     repaired: int = 0
@@ -442,7 +442,7 @@ def held_by_main(cache: Path, world: World):
 def encode_share(manifest_path: str | Path, cache: Path, audio_tokenizer, options: Options, world: World) -> Share:
     """This process's share of the manifest's clips (`share_of`), encoded into shards of its own; the counts of all.
 
-    A clip that cannot be loaded is left to the validation on process 0,
+    A clip that cannot be loaded is left to the row check on process 0,
     which counts it under its reason. Any other error on any process is a
     RuntimeError on every process, naming it.
     """
@@ -529,7 +529,7 @@ def _prepare_and_report(args: argparse.Namespace, world: World, device: str) -> 
     result = _prepare(args, world, device)
     if result is not None:
         _print_result(result, args.out)
-        if not result.validation.kept:  # nothing to train on: an error, and no next command
+        if not result.checked.kept:  # nothing to train on: an error, and no next command
             return commands.fail(ValueError(f"nothing usable found in {args.manifest}: no row kept; "
                                             f"report: {Path(args.out) / 'report.jsonl'}"))
     return 0
@@ -559,19 +559,19 @@ def _prepare(args: argparse.Namespace, world: World, device: str) -> PrepareResu
 
 
 def _print_result(result: PrepareResult, out: str) -> None:
-    validation = result.validation
-    commands.list_first([f"row {r.row} ({r.id or 'no id'}): {r.reason}: {r.detail}" for r in validation.rejections])
+    checked = result.checked
+    commands.list_first([f"row {r.row} ({r.id or 'no id'}): {r.reason}: {r.detail}" for r in checked.rejections])
     if result.overlap:
         print(result.overlap)
     print(f"report: {Path(out) / 'report.jsonl'}\n"
           f"clips: {result.encoded} encoded, {result.reused} already in the cache"
           + (f" ({result.repaired} damaged shard(s) deleted and their clips encoded again)" if result.repaired else "")
-          + (f"; train with --cache {out}" if validation.kept else "") + "\n"
-          f"{validation.summary()}")
+          + (f"; train with --cache {out}" if checked.kept else "") + "\n"
+          f"{checked.summary()}")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="prepare.py", description="Validate a manifest and cache its audio codes.")
+    parser = argparse.ArgumentParser(prog="prepare.py", description="Check a manifest and cache its audio codes.")
     add = parser.add_argument
     add("--manifest", required=True, help="JSONL manifest (speaker-grouped or paired rows)")
     add("--out", required=True, help="cache directory (created; re-running reuses what is in it)")

@@ -52,7 +52,7 @@ def is_seedtts_list(path: str | Path) -> bool:
     return False
 
 
-def read_list(path: str | Path, clips: manifest.ClipSource) -> manifest.ValidationResult:
+def read_list(path: str | Path, clips: manifest.ClipSource) -> manifest.CheckedManifest:
     """Every line of a list, kept as a paired manifest row or rejected with its line number and reason.
 
     A line is read as UTF-8 (a line that is not is rejected, not the file);
@@ -63,7 +63,7 @@ def read_list(path: str | Path, clips: manifest.ClipSource) -> manifest.Validati
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such list: {path}")
-    result, seen = manifest.ValidationResult(str(path)), set()
+    result, seen = manifest.CheckedManifest(str(path)), set()
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():

@@ -1,7 +1,7 @@
 """Host syncs of a training step: each operator that makes the CPU wait for the GPU, counted and attributed.
 
     with syncs.SyncCounter(model) as counter:
-        training.train_step(...)
+        trainable.train_step(...)
     counter.summary()        # by owner (ours / the package's), by operator, per decoder layer
 
 A host sync is an operator whose result the host needs before it can go on

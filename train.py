@@ -8,7 +8,7 @@ Read top to bottom: set-up (run directory, data, model, schedule, resume),
 the loop, the finish. Each capability it calls is a module of its own:
 settings in `config.py`, the data mixture, its order and prefetch in
 `loader.py`, the model preparation and the one training step (with its
-forgetting guard) in `training.py`, processes and DDP/FSDP2 in `parallel.py`,
+forgetting guard) in `trainable.py`, processes and DDP/FSDP2 in `parallel.py`,
 checkpoints and the export in `checkpoints.py`, the held-out sets' losses
 and judged clones, guards and best-checkpoint selection in `heldout.py`.
 Samples come from `data.build_sample` (the one builder inference uses too),
@@ -59,7 +59,7 @@ import heldout
 import loader
 import model_utils
 import parallel
-import training
+import trainable
 from config import TrainConfig, as_flags, guard_rules, parse_config, selection, settle_auto
 from parallel import World
 
@@ -197,7 +197,7 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
                           config, world)
 
     # the model as trained, the schedule, the first batch
-    model = training.prepare_model(bundle.model, config, world, device)
+    model = trainable.prepare_model(bundle.model, config, world, device)
     say(describe_model(model, config, world))
     first_epoch = loader.epoch_batches(sets[0].rows, config, 0, builder)
     plan = RunPlan.derive(config, world, device, len(first_epoch))
@@ -210,7 +210,7 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     if config.inspect:
         return run_dir
 
-    optimizer = training.build_optimizer(model, config, device)
+    optimizer = trainable.build_optimizer(model, config, device)
     run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
@@ -291,7 +291,7 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
     """Optimizer steps until the schedule's end, --stop-after, --patience or a signal; returns the last
     logged training loss.
 
-    The step's statistics stay on the device (`training.StepStats`) and are
+    The step's statistics stay on the device (`trainable.StepStats`) and are
     read only on a step that logs, so other steps never wait for the device;
     under torchrun a stop signal is agreed on at those reads too (`StopRequested.agreed`).
     """
@@ -304,8 +304,8 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
     while state.step < plan.last_step and not state.best.out_of_patience(config.patience) and not run.guards.stop and not stopping:
         interval.begin_step()
         micro = batches.take(config.grad_accum)
-        lr = training.lr_at(state.step, config, plan.max_steps)
-        stats = training.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, plan.device, lr,
+        lr = trainable.lr_at(state.step, config, plan.max_steps)
+        stats = trainable.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, plan.device, lr,
                                     [m.set_name for m in micro])
         skipped.add(state.step, stats.skipped, [pair.id for m in micro for pair in m.pairs])
         state.step, state.position = state.step + 1, micro[-1].position
@@ -411,7 +411,7 @@ class Interval:
     def begin_step(self) -> None:
         self.started = time.perf_counter()
 
-    def end_step(self, stats: training.StepStats) -> None:
+    def end_step(self, stats: trainable.StepStats) -> None:
         self.seconds += time.perf_counter() - self.started
         self.counts = stats.counts if self.counts is None else self.counts + stats.counts
 
@@ -425,7 +425,7 @@ class Interval:
         return taken
 
 
-def log_step(run: Run, state: LoopState, values: training.StepValues, lr: float, throughput: dict[str, float]) -> None:
+def log_step(run: Run, state: LoopState, values: trainable.StepValues, lr: float, throughput: dict[str, float]) -> None:
     """Loss terms (the forgetting KL among them), learning rate, grad norm, throughput, accuracy, GPU memory
     and a mixture's shares drawn so far, of a logged step (process 0)."""
     writer, step = run.writer, state.step
@@ -470,7 +470,7 @@ class StopRequested:
     def requested(self) -> bool:
         return bool(self.signum)
 
-    def agreed(self, logged: training.StepValues | None, world: World) -> bool:
+    def agreed(self, logged: trainable.StepValues | None, world: World) -> bool:
         """Whether every process stops now, without a collective of its own: a single process reads its flag
         at every step; under torchrun the processes' flags travel with a logged step's statistics (`logged`,
         one all-reduce), so they stop together at the next step that logs (--log-every)."""

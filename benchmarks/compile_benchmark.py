@@ -5,8 +5,8 @@ of distinct lengths.
     python benchmarks/compile_benchmark.py recompiles [--scope model] # 50 steps of distinct lengths, per dynamic setting
 
 Both compile the tiny preset's layout (`memory_plan.build_training_model`,
-`training.compile_model`), full scope, fp32, on the CPU, and train it with
-`training.train_step` on synthetic voice-cloning batches
+`trainable.compile_model`), full scope, fp32, on the CPU, and train it with
+`trainable.train_step` on synthetic voice-cloning batches
 (`memory_plan.synthetic_batch`).
 
 `graphs`: for `--compile-scope layers` and `model`, with and without
@@ -35,14 +35,14 @@ import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import training  # noqa: E402
+import trainable  # noqa: E402
 from memory_plan import build_training_model, model_config, report, step_once, step_settings, synthetic_batch  # noqa: E402
 from parallel import World  # noqa: E402
 
 
 def compile_graphs(scope: str, data_dependent_shapes: bool, backend: str = "eager", tokens: int = 1024) -> dict:
     """Graphs and graph breaks of one training step of the tiny model compiled at `scope`
-    (`training.compile_model`), with or without dynamo's data-dependent-shape settings (`--compile` sets
+    (`trainable.compile_model`), with or without dynamo's data-dependent-shape settings (`--compile` sets
     them for `layers` only; without them is how the package compiled before); the loss and gradient norm
     against the same step uncompiled, or the backend's error in one line.
 
@@ -63,7 +63,7 @@ def compile_graphs(scope: str, data_dependent_shapes: bool, backend: str = "eage
         try:
             with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=data_dependent_shapes,
                                             capture_scalar_outputs=data_dependent_shapes):
-                stats = step_once(model, training.build_optimizer(model, settings, "cpu"), batch, settings)
+                stats = step_once(model, trainable.build_optimizer(model, settings, "cpu"), batch, settings)
         except Exception as error:  # a backend that cannot compile the graph: the row says so, the table goes on
             return {"scope": scope, "data_dependent_shapes": data_dependent_shapes, "backend": str(backend),
                     "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
@@ -81,7 +81,7 @@ def compile_graphs(scope: str, data_dependent_shapes: bool, backend: str = "eage
 
 def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backend: str = "eager",
                      scope: str = "layers") -> dict:
-    """Compiles of the tiny model (`training.compile_model` at `scope`) over `steps` training steps whose lengths
+    """Compiles of the tiny model (`trainable.compile_model` at `scope`) over `steps` training steps whose lengths
     all differ.
 
     Whether a new length recompiles is decided by dynamo's guards, before any
@@ -100,8 +100,8 @@ def count_recompiles(dynamic: bool | None, steps: int = 50, seed: int = 0, backe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_training_model(config, settings)
-    training.compile_model(model, scope, backend, dynamic)
-    optimizer = training.build_optimizer(model, settings, "cpu")
+    trainable.compile_model(model, scope, backend, dynamic)
+    optimizer = trainable.build_optimizer(model, settings, "cpu")
     started = time.perf_counter()
     for length in lengths:
         batch, _ = synthetic_batch(config, 2 * length, length)

@@ -85,8 +85,8 @@ def benchmark_cache(bundle: model_utils.Bundle, epochs: int, cache: str) -> None
     started = time.perf_counter()
     result = prepare.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)
     prepare_s = time.perf_counter() - started
-    audio_s = sum(row["seconds"] for row in result.validation.kept)
-    print(f"prepare: {result.validation.summary()}; {result.encoded} clips, {audio_s:.1f} s of audio, "
+    audio_s = sum(row["seconds"] for row in result.checked.kept)
+    print(f"prepare: {result.checked.summary()}; {result.encoded} clips, {audio_s:.1f} s of audio, "
           f"encoded in {prepare_s:.1f} s ({audio_s / prepare_s:.1f} s of audio per s)")
     started = time.perf_counter()
     again = prepare.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)

@@ -40,7 +40,7 @@ ROWS = (("en_woman", "en_man"), ("chadwick", "belinda"), ("en_man", "vex"))
 TIMED = (
     ("load model and tokenizers", "model_utils", "load_bundle"),
     ("load the judge's models", "metrics", "build_judge"),
-    ("validate the manifest", "manifest", "validate_manifest"),
+    ("validate the manifest", "manifest", "check_manifest"),
     ("encode clips (audio tokenizer)", "data", "encode_clip"),
     ("speaker embeddings", "metrics", "ResemblyzerEncoder.embed"),
     ("ASR (pocketsphinx)", "metrics", "PocketsphinxTranscriber.transcribe"),

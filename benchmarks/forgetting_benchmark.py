@@ -7,10 +7,10 @@ Effect: the tiny preset adapted with LoRA (rank 4, lr 0.05, no warm-up) to
 the demo's Arabic speakers (6 clips, 6 pairs, 3 per micro-batch) for
 --steps steps, once per --kl-weight, with English (6 clips, 6 pairs) held
 back. At the end it prints, on each language, the loss and KL(base ||
-adapted) of the audio-token distributions (`training.forgetting_kl`, the
+adapted) of the audio-token distributions (`trainable.forgetting_kl`, the
 term the guard adds), evaluated without dropout.
 
-Cost: the step time of `training.train_step` with and without the guard's
+Cost: the step time of `trainable.train_step` with and without the guard's
 base pass on this CPU (the tiny preset on the demo's Arabic micro-batch, and
 the 164M-parameter mid-size model of `memory_plan.mid_config` at 2048 tokens;
 LoRA, fp32; the median of --time-steps steps after one untimed, the two
@@ -51,7 +51,7 @@ import manifest  # noqa: E402
 import memory_plan  # noqa: E402
 import model_utils  # noqa: E402
 import prepare  # noqa: E402
-import training  # noqa: E402
+import trainable  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from parallel import World  # noqa: E402
 
@@ -69,7 +69,7 @@ def language_batches(bundle: model_utils.Bundle, folder: Path) -> dict[str, list
         path = folder / f"{language}.jsonl"
         path.write_text("".join(json.dumps(dict(row, audio=str(DEMO / row["audio"])), ensure_ascii=False) + "\n"
                                 for row in rows if row["language"] == language), encoding="utf-8")
-        pairs = manifest.training_pairs(manifest.validate_manifest(path, codes).kept, 0, 0)[0]
+        pairs = manifest.training_pairs(manifest.check_manifest(path, codes).kept, 0, 0)[0]
         batches[language] = [builder.batch(pairs[start : start + 3]) for start in range(0, len(pairs), 3)]
     return batches
 
@@ -83,7 +83,7 @@ def loss_and_kl(model, batches: list) -> tuple[float, float]:
             inputs = collate.batch_to_model_inputs(batch, "cpu")
             outputs = model(**inputs)
             losses.append(float(model_utils.compute_loss(outputs, batch.label_audio_ids).total))
-            divergences.append(float(training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)))
+            divergences.append(float(trainable.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)))
     model.train()
     return statistics.mean(losses), statistics.mean(divergences)
 
@@ -91,7 +91,7 @@ def loss_and_kl(model, batches: list) -> tuple[float, float]:
 def lora_model(base: torch.nn.Module, settings: TrainConfig) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return training.prepare_model(copy.deepcopy(base), settings, World(), "cpu").train()
+        return trainable.prepare_model(copy.deepcopy(base), settings, World(), "cpu").train()
 
 
 def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[float], steps: int) -> None:
@@ -104,11 +104,11 @@ def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[f
         settings = TrainConfig(device="cpu", precision="fp32", scope="lora", lora_rank=4, lr=0.05, warmup_steps=0,
                                kl_weight=weight, max_steps=steps)
         model = lora_model(bundle.model, settings)
-        optimizer = training.build_optimizer(model, settings, "cpu")
+        optimizer = trainable.build_optimizer(model, settings, "cpu")
         started = time.perf_counter()
         for step in range(steps):
-            lr = training.lr_at(step, settings, steps)
-            training.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), "cpu", lr)
+            lr = trainable.lr_at(step, settings, steps)
+            trainable.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), "cpu", lr)
         seconds = (time.perf_counter() - started) / steps
         (ar_loss, ar_kl), (en_loss, en_kl) = loss_and_kl(model, batches["ar"]), loss_and_kl(model, batches["en"])
         print(f"{weight:9g}  {ar_loss:8.4f}  {ar_kl:8.5f}  {en_loss:8.4f}  {en_kl:8.5f}  {seconds:7.3f}")
@@ -118,12 +118,12 @@ def alternating_step_seconds(models: dict[float, torch.nn.Module], batch, settin
                              count: int) -> dict[float, float]:
     """Median seconds of a training step of each model on `batch`, the models taking turns step by step (after
     one untimed step each), so that a machine whose load drifts slows both alike."""
-    optimizers = {weight: training.build_optimizer(model, settings[weight], "cpu") for weight, model in models.items()}
+    optimizers = {weight: trainable.build_optimizer(model, settings[weight], "cpu") for weight, model in models.items()}
     times = {weight: [] for weight in models}
     for round_ in range(count + 1):
         for weight, model in models.items():
             started = time.perf_counter()
-            training.train_step(model, optimizers[weight], [batch], settings[weight], World(), "cpu", settings[weight].lr)
+            trainable.train_step(model, optimizers[weight], [batch], settings[weight], World(), "cpu", settings[weight].lr)
             if round_:
                 times[weight].append(time.perf_counter() - started)
     return {weight: statistics.median(seconds) for weight, seconds in times.items()}

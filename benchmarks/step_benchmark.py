@@ -6,7 +6,7 @@ transformers.Trainer loop over the same model and batches; and the GPU check.
     python benchmarks/step_benchmark.py gpu                                   # the GPU check: one call, <= 8 min on one H100/H200
     python benchmarks/step_benchmark.py gpu --device cpu --model tiny --tokens 256 --steps 1 --warmup 0 --compile-backend eager
 
-`run` times `training.train_step` (`our_loop`) on a synthetic voice-cloning
+`run` times `trainable.train_step` (`our_loop`) on a synthetic voice-cloning
 batch (`memory_plan.synthetic_batch`) of randomly initialised models
 (`memory_plan.build_training_model`): on the CPU the tiny preset, eager and
 compiled, fp32 and bf16, and the released width and vocabulary cut to 2
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import collate  # noqa: E402
 import model_utils  # noqa: E402
 import syncs  # noqa: E402
-import training  # noqa: E402
+import trainable  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from memory_plan import (GIB, build_training_model, model_config, plan_step, print_table, report, step_once,  # noqa: E402
                          step_settings, synthetic_batch)
@@ -118,16 +118,16 @@ def _peak_memory_gib(device: str) -> float:
 
 
 def our_loop(model, steps: list[list], settings: TrainConfig, device: str, warmup: int) -> tuple[list[float], list[float]]:
-    """Step times of `training.train_step` over `steps`, each a step's micro-batches, at train.py's learning
+    """Step times of `trainable.train_step` over `steps`, each a step's micro-batches, at train.py's learning
     rate schedule (the first `warmup` not timed); and each step's total loss, read once the last step is
     timed so that reading waits for nothing inside the times."""
-    optimizer = training.build_optimizer(model, settings, device)
+    optimizer = trainable.build_optimizer(model, settings, device)
     times, stats = [], []
     for index, micro_batches in enumerate(steps):
         _synchronize(device)
         started = time.perf_counter()
-        lr = training.lr_at(index, settings, settings.max_steps)
-        stats.append(training.train_step(model, optimizer, micro_batches, settings, World(), device, lr))
+        lr = trainable.lr_at(index, settings, settings.max_steps)
+        stats.append(trainable.train_step(model, optimizer, micro_batches, settings, World(), device, lr))
         _synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - started)
@@ -181,10 +181,10 @@ def trainer_loop(model, steps: list[list], settings: TrainConfig, device: str, w
 
 
 def step_syncs(model: torch.nn.Module, batch, settings: TrainConfig, device: str) -> dict:
-    """Host syncs of one `training.train_step` of one micro-batch, counted on the device it runs on, with a
+    """Host syncs of one `trainable.train_step` of one micro-batch, counted on the device it runs on, with a
     fresh optimizer of the CUDA step (fused AdamW, which runs on the CPU too); compiled layers run eagerly
     under the counter."""
-    optimizer = training.build_optimizer(model, settings, "cuda")
+    optimizer = trainable.build_optimizer(model, settings, "cuda")
     with syncs.SyncCounter(model, device) as counter:
         step_once(model, optimizer, batch, settings, device)
     summary = counter.summary()

@@ -83,7 +83,7 @@ def test_a_missing_voice_prompts_folder_is_one_error_line_naming_it_and_the_flag
 
 
 def test_the_benchmarked_loop_gives_train_py_s_losses_for_the_same_batches(tmp_path, small_manifest, tiny, tiny_config):
-    """The step benchmark's loop (a model of the tiny layout seeded as the preset is, `training.train_step`)
+    """The step benchmark's loop (a model of the tiny layout seeded as the preset is, `trainable.train_step`)
     against a train.py run: the micro-batches train.py takes, in its order, give the losses it logged."""
     settings = train_config(tmp_path, small_manifest, max_steps=3, grad_accum=2, batch_size=1, grad_clip=0.5)
     run = train.train(settings)

@@ -24,7 +24,7 @@ import loader
 import model_utils
 import prepare
 import train
-import training
+import trainable
 from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, logged, run_main, train_config
 from parallel import World
 
@@ -47,7 +47,7 @@ def cache(tmp_path_factory, tiny):
 def stopped(tmp_path_factory, cache):
     """A 3-step run stopped by SIGTERM during step 2: checkpoints step 1 and 2, its exit status and output."""
     out = tmp_path_factory.mktemp("stopped")
-    real_lr_at, sent = training.lr_at, []
+    real_lr_at, sent = trainable.lr_at, []
 
     def lr_at_then_sigterm(step, config, max_steps):
         if step == 1 and not sent:
@@ -57,7 +57,7 @@ def stopped(tmp_path_factory, cache):
 
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "lr_at", lr_at_then_sigterm)
+        patch.setattr(trainable, "lr_at", lr_at_then_sigterm)
         status, stdout, stderr = run_main("--cache", str(cache), "--out-dir", str(out), "--run-name", "run", "--max-steps", "3",
                                       "--save-every", "1", "--keep-last", "5", *QUICK_FLAGS)
     return {"run": out / "run", "status": status, "out": stdout, "err": stderr, "cache": cache,
@@ -170,8 +170,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
 def test_a_damaged_shard_of_a_sharded_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path, capsys):
     """FSDP checkpoints (`step_N.dcp/`): a truncated `.distcp` shard is named and the previous checkpoint used;
     reading it anyway is one ValueError, not torch's CheckpointException (a BaseException)."""
-    model = training.prepare_model(copy.deepcopy(tiny.model), config.TrainConfig(scope="audio"), World(), "cpu")
-    optimizer = training.build_optimizer(model, config.TrainConfig(), "cpu")
+    model = trainable.prepare_model(copy.deepcopy(tiny.model), config.TrainConfig(scope="audio"), World(), "cpu")
+    optimizer = trainable.build_optimizer(model, config.TrainConfig(), "cpu")
     run = tmp_path / "run"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -370,11 +370,11 @@ def test_8bit_adamw_state_survives_a_checkpoint_exactly(tmp_path, tiny, batches)
     def fresh():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = training.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train()
-        return model, training.build_optimizer(model, settings, "cpu")
+            model = trainable.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train()
+        return model, trainable.build_optimizer(model, settings, "cpu")
 
     def steps(model, optimizer, count):
-        return [training.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", 1e-3).read(World()).losses["total"]
+        return [trainable.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", 1e-3).read(World()).losses["total"]
                 for _ in range(count)]
 
     model, optimizer = fresh()

@@ -155,10 +155,10 @@ def test_resume_rules_come_from_the_declarations(tmp_path):
 
 def test_a_set_is_a_path_or_a_named_weighted_path_and_a_colon_stays_in_a_path(tmp_path, monkeypatch):
     parse = config.parse_set
-    assert parse("data:v2/vi.jsonl", "--train-manifest") == config.DataSet(None, None, "data:v2/vi.jsonl")
-    assert parse("runs/a=b.jsonl", "--train-manifest") == config.DataSet(None, None, "runs/a=b.jsonl")
-    assert parse("vi:0.8=data/vi:2.jsonl", "--train-manifest") == config.DataSet("vi", 0.8, "data/vi:2.jsonl")
-    assert parse("en=caches/en", "--cache") == config.DataSet("en", None, "caches/en")
+    assert parse("data:v2/vi.jsonl", "--train-manifest") == config.SetSpec(None, None, "data:v2/vi.jsonl")
+    assert parse("runs/a=b.jsonl", "--train-manifest") == config.SetSpec(None, None, "runs/a=b.jsonl")
+    assert parse("vi:0.8=data/vi:2.jsonl", "--train-manifest") == config.SetSpec("vi", 0.8, "data/vi:2.jsonl")
+    assert parse("en=caches/en", "--cache") == config.SetSpec("en", None, "caches/en")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a=b.jsonl").write_text("")
     with pytest.raises(config.ConfigError, match=r"a=b.jsonl: a file of that name exists.*write ./a=b.jsonl for the file"):
@@ -169,13 +169,13 @@ def test_a_set_is_a_path_or_a_named_weighted_path_and_a_colon_stays_in_a_path(tm
 def test_a_mixture_normalises_its_weights_and_the_single_spellings_work_as_before(tmp_path):
     mixed = config.parse_config(["--train-manifest", "vi:3=vi.jsonl", "--train-manifest", "en:1=en.jsonl",
                                  "--val-manifest", "vi=vi_val.jsonl", "--val-manifest", "en=en_val.jsonl"])
-    assert [(spec.name, spec.weight) for spec in config.training_sets(mixed)] == [("vi", 0.75), ("en", 0.25)]
-    assert [spec.name for spec in config.validation_sets(mixed)] == ["vi", "en"]
+    assert [(spec.name, spec.weight) for spec in config.training_specs(mixed)] == [("vi", 0.75), ("en", 0.25)]
+    assert [spec.name for spec in config.validation_specs(mixed)] == ["vi", "en"]
     single = config.parse_config(["--train-manifest", "m.jsonl", "--val-manifest", ""])
     assert (single.train_manifest, single.val_manifest, single.cache) == (("m.jsonl",), (), ())
-    assert config.training_sets(single) == [config.DataSet("train", 1.0, "m.jsonl")]
-    assert config.validation_sets(config.TrainConfig(val_manifest="v.jsonl")) == [config.DataSet(None, None, "v.jsonl")]
-    assert config.training_sets(config.TrainConfig(cache="cache/train"))[0].path == "cache/train", "--cache wins, as before"
+    assert config.training_specs(single) == [config.SetSpec("train", 1.0, "m.jsonl")]
+    assert config.validation_specs(config.TrainConfig(val_manifest="v.jsonl")) == [config.SetSpec(None, None, "v.jsonl")]
+    assert config.training_specs(config.TrainConfig(cache="cache/train"))[0].path == "cache/train", "--cache wins, as before"
     for parsed in (mixed, single):  # the command a stopped run prints gives its config back
         assert config.parse_config(config.as_flags(parsed)) == parsed
     path = tmp_path / "mixture.yaml"

@@ -35,7 +35,7 @@ def demo_manifest(folder, count=6):
 def demo(tiny, tmp_path_factory):
     """Six demo rows, validated and encoded."""
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
-    return manifest.validate_manifest(demo_manifest(tmp_path_factory.mktemp("demo")), codes).kept, codes
+    return manifest.check_manifest(demo_manifest(tmp_path_factory.mktemp("demo")), codes).kept, codes
 
 
 def one_set(rows, builder) -> list[loader.TrainingSet]:
@@ -100,7 +100,7 @@ def test_training_with_prefetch_gives_the_same_losses_and_logs_the_data_wait(tmp
 def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manifest, tiny):
     settings = train_config(tmp_path, small_manifest, batch_tokens=500)
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
-    rows = manifest.validate_manifest(small_manifest, codes).kept
+    rows = manifest.check_manifest(small_manifest, codes).kept
     maker = loader.BatchBuilder(tiny, settings, codes)
     batches = loader.epoch_batches(rows, settings, 0, maker)
     assert sum(len(pairs) for pairs in batches) == len(rows) and max(len(pairs) for pairs in batches) > 1

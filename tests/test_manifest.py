@@ -152,7 +152,7 @@ def messy_codes(tiny):
 
 @pytest.fixture(scope="module")
 def validated(messy, messy_codes):
-    return manifest.validate_manifest(messy[0], messy_codes)
+    return manifest.check_manifest(messy[0], messy_codes)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -201,7 +201,7 @@ def test_strict_stops_at_the_first_bad_row_with_one_line(messy, messy_codes):
     manifest_path, numbers = messy
     first_bad = min(numbers[name] for name in EXPECTED)
     with pytest.raises(manifest.ManifestError) as error:
-        manifest.validate_manifest(manifest_path, messy_codes, strict=True)
+        manifest.check_manifest(manifest_path, messy_codes, strict=True)
     message = str(error.value)
     assert message.startswith(f"{manifest_path}:{first_bad}: missing_audio: ") and "\n" not in message
 
@@ -230,7 +230,7 @@ def lengths_codes(tiny):
 
 def test_duration_and_language_filters_count_each_exclusion(lengths_manifest, lengths_codes):
     filters = manifest.Filters(min_seconds=1.1, max_seconds=1.4, languages=("en", "ar"))
-    result = manifest.validate_manifest(lengths_manifest, lengths_codes, filters=filters)
+    result = manifest.check_manifest(lengths_manifest, lengths_codes, filters=filters)
 
     assert [kept["id"] for kept in result.kept] == ["r2", "r4"]
     assert [(r.id, r.reason) for r in result.rejections] == [
@@ -239,7 +239,7 @@ def test_duration_and_language_filters_count_each_exclusion(lengths_manifest, le
 
 
 def test_max_tokens_measures_a_speaker_row_with_its_longest_possible_reference(lengths_manifest, lengths_codes, tiny):
-    by_id = {kept["id"]: kept for kept in manifest.validate_manifest(lengths_manifest, lengths_codes).kept}
+    by_id = {kept["id"]: kept for kept in manifest.check_manifest(lengths_manifest, lengths_codes).kept}
 
     def tokens(target, reference):
         sample = data.build_sample(tiny.tokenizer, by_id[reference]["text"], lengths_codes(by_id[reference]["audio"]),
@@ -249,7 +249,7 @@ def test_max_tokens_measures_a_speaker_row_with_its_longest_possible_reference(l
     budget = tokens("r0", "r3")  # a 1.0 s clip with the longest clip (1.6 s) as reference
     # A 1.2 s clip fits with a 1.0 s reference, not with the 1.6 s one it may be drawn.
     assert tokens("r2", "r0") <= budget < tokens("r2", "r3")
-    result = manifest.validate_manifest(lengths_manifest, lengths_codes, tiny.tokenizer, manifest.Filters(max_tokens=budget))
+    result = manifest.check_manifest(lengths_manifest, lengths_codes, tiny.tokenizer, manifest.Filters(max_tokens=budget))
 
     assert [kept["id"] for kept in result.kept] == ["r0", "r1"]
     rejected = {r.id: r for r in result.rejections}
@@ -264,7 +264,7 @@ def test_max_tokens_measures_a_speaker_row_with_its_longest_possible_reference(l
 
 def test_max_tokens_needs_the_text_tokenizer(lengths_manifest, lengths_codes):
     with pytest.raises(ValueError, match="needs the text tokenizer"):
-        manifest.validate_manifest(lengths_manifest, lengths_codes, filters=manifest.Filters(max_tokens=9))
+        manifest.check_manifest(lengths_manifest, lengths_codes, filters=manifest.Filters(max_tokens=9))
 
 
 # --------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_pairs_are_drawn_anew_each_epoch_deterministically_and_cover_every_other
 def test_validation_reports_a_speaker_whose_other_rows_are_the_same_clip(tmp_path, tiny):
     write_tone(tmp_path / "one.wav", 300)
     manifest_path = write_manifest(tmp_path / "m.jsonl", [row("x", "one.wav"), row("y", "one.wav")])
-    result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
+    result = manifest.check_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
     assert result.kept == [] and [r.reason for r in result.rejections] == ["lone_speaker", "lone_speaker"]
 
 
@@ -331,7 +331,7 @@ def demo_rows(tiny, tmp_path_factory):
     manifest_path = tmp_path_factory.mktemp("planning") / "manifest.jsonl"
     manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
-    kept = manifest.validate_manifest(manifest_path, codes).kept
+    kept = manifest.check_manifest(manifest_path, codes).kept
     assert len(kept) == len(rows)
     return kept, codes
 
@@ -374,7 +374,7 @@ def test_rows_without_counts_are_an_error():
 def test_a_row_with_nothing_speakable_is_rejected(tiny, tmp_path):
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
-    result = manifest.validate_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
+    result = manifest.check_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
     assert result.counts() == {"empty_text": 1}
 
 
@@ -398,9 +398,9 @@ def short_references(tmp_path_factory):
 
 
 def test_a_reference_outside_the_limits_is_never_used_and_is_counted(short_references, tiny):
-    """Issue 18 #10: training and --eval (both validate_manifest + training_pairs) took 0.2 s references that
+    """Issue 18 #10: training and --eval (both check_manifest + training_pairs) took 0.2 s references that
     infer.py refuses."""
-    result = manifest.validate_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer))
+    result = manifest.check_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer))
     # t0 has no other clip that can refer, and once it is out neither has t-short.
     assert {r.id: r.reason for r in result.rejections} == {
         "t0": "lone_speaker", "t-short": "lone_speaker", "paired-short": "reference_too_short", "blip": "too_short"}
@@ -418,7 +418,7 @@ def test_the_limits_are_one_table_that_filters_narrow_and_never_widen(short_refe
     assert not data.LIMITS.reference_fits(0.2) and not data.LIMITS.reference_fits(60.0) and data.LIMITS.reference_fits(1.0)
     assert manifest.Filters().max_text_chars == data.LIMITS.max_text_chars
     with pytest.raises(ValueError, match="over the 1000 of data.LIMITS"):
-        manifest.validate_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer),
+        manifest.check_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer),
                                    filters=manifest.Filters(max_text_chars=5000))
 
 
@@ -440,7 +440,7 @@ def test_rows_store_the_canonical_tag_and_a_filter_keeps_its_regional_variants(t
     rows = [row("a", "0.wav", language="EN"), row("b", "1.wav", language="en_us"), row("c", "2.wav", language="en-GB"),
             row("d", "3.wav", language="ar"), row("e", "3.wav", language="english")]
     path = write_manifest(tmp_path / "m.jsonl", rows)
-    result = manifest.validate_manifest(path, prepare.EncodedClips(tiny.audio_tokenizer),
+    result = manifest.check_manifest(path, prepare.EncodedClips(tiny.audio_tokenizer),
                                         filters=manifest.Filters(languages=("en",)))
     assert [(kept["id"], kept["language"]) for kept in result.kept] == [("a", "en"), ("b", "en-US"), ("c", "en-GB")]
     assert result.counts() == {"language": 1, "bad_language": 1}

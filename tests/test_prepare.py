@@ -45,7 +45,7 @@ def prepared(clips, tiny, tmp_path_factory):
 
 def test_each_clip_is_encoded_once_even_as_reference_and_target_and_under_two_names(prepared):
     _, result = prepared
-    assert result.validation.summary() == "rows read 7 = kept 7 + rejected 0"
+    assert result.checked.summary() == "rows read 7 = kept 7 + rejected 0"
     # 7 rows name 9 clip uses and 7 files, of which 6 are distinct.
     assert (result.encoded, result.reused) == (6, 1)
 
@@ -68,7 +68,7 @@ def test_cached_codes_equal_on_the_fly_codes_and_give_the_same_samples(prepared,
 
 def test_training_reads_the_counts_that_prepare_printed(prepared):
     cache, result = prepared
-    assert prepare.read_prepared(cache).summary == result.validation.summary()
+    assert prepare.read_prepared(cache).summary == result.checked.summary()
     report = (cache / "report.jsonl").read_text()
     assert report == ""
 
@@ -96,7 +96,7 @@ def test_a_prepare_stopped_midway_resumes_with_the_clips_it_did_not_encode(clips
 
     resumed = prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(batch_size=2))
     assert (resumed.encoded, resumed.reused) == (3, 3)
-    assert resumed.validation.summary() == "rows read 7 = kept 6 + rejected 1 (missing_audio 1)"
+    assert resumed.checked.summary() == "rows read 7 = kept 6 + rejected 1 (missing_audio 1)"
 
 
 def test_a_strict_stop_leaves_the_previous_finished_prepare_readable(prepared, clips, tiny, tmp_path):
@@ -104,7 +104,7 @@ def test_a_strict_stop_leaves_the_previous_finished_prepare_readable(prepared, c
     manifest_path = write_manifest(tmp_path / "m.jsonl", [row("s0", str(clips[0] / "0.wav")), row("x", "gone.wav")])
     with pytest.raises(manifest.ManifestError, match="m.jsonl:2: missing_audio"):
         prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(strict=True))
-    assert prepare.read_prepared(cache).summary == result.validation.summary()
+    assert prepare.read_prepared(cache).summary == result.checked.summary()
 
 
 def test_files_of_an_interrupted_commit_are_ignored_and_removed(prepared, clips, tiny, tmp_path, capsys):
@@ -164,7 +164,7 @@ def test_another_audio_tokenizer_never_reuses_the_codes(clips, tiny, tmp_path):
     second = prepare.prepare(manifest, cache, other)
 
     assert (second.encoded, second.reused) == (2, 0)
-    assert {r["audio_key"] for r in first.validation.kept}.isdisjoint(r["audio_key"] for r in second.validation.kept)
+    assert {r["audio_key"] for r in first.checked.kept}.isdisjoint(r["audio_key"] for r in second.checked.kept)
     cached = prepare.read_prepared(cache, prepare.audio_tokenizer_id(other))
     path = cached.rows[0]["audio"]
     assert torch.equal(cached.codes(path), prepare.EncodedClips(other)(path))
@@ -298,7 +298,7 @@ def test_the_lock_of_a_killed_prepare_is_taken_over(clips, tiny, tmp_path, capsy
     cache.mkdir()
     (cache / "prepare.lock").write_text(f"pid {dead.pid} on this host\n")
     result = prepare.prepare(clips[1], cache, tiny.audio_tokenizer)
-    assert result.validation.summary() == "rows read 7 = kept 7 + rejected 0"
+    assert result.checked.summary() == "rows read 7 = kept 7 + rejected 0"
     assert f"took over {cache / 'prepare.lock'} from pid {dead.pid}" in capsys.readouterr().err
     assert not (cache / "prepare.lock").exists()
 

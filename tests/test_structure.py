@@ -189,7 +189,7 @@ def _closure(module: str, imported) -> set[str]:
     return reached - {module}
 
 
-TRAINING_STACK = {"train", "training", "loader", "config", "checkpoints", "heldout", "prepare", "parallel"}
+TRAINING_STACK = {"train", "trainable", "loader", "config", "checkpoints", "heldout", "prepare", "parallel"}
 # prepare.py owns the codes of clips, encoded in memory or read from a prepared cache, and --eval reads its
 # references' codes through it; prepare imports parallel for its multi-process command. Both stay reachable
 # from --eval until the reading of codes and that command are modules of their own.
@@ -207,7 +207,7 @@ def test_eval_runs_without_the_training_stack():
     assert {"evaluate", "metrics"} <= _closure("infer", _imported_on_import), "the check follows infer's imports"
 
 
-CORE = {"train", "training", "loader", "data", "collate", "model_utils", "manifest", "prepare", "generation",
+CORE = {"train", "trainable", "loader", "data", "collate", "model_utils", "manifest", "prepare", "generation",
         "batched_generation", "checkpoints", "config", "parallel", "files", "heldout", "evaluate", "infer", "parity", "metrics"}
 
 

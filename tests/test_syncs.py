@@ -12,7 +12,7 @@ from boson_multimodal.model.higgs_audio import modeling_higgs_audio
 import collate
 import model_utils
 import syncs
-import training
+import trainable
 
 
 def test_each_kind_of_host_sync_is_counted_and_plain_work_is_not():
@@ -64,7 +64,7 @@ def test_a_package_function_our_code_calls_itself_is_ours(tiny, batches):
     """Running the package's merge from our code (as `--debug-checks` does) is our sync, not the package's."""
     inputs = collate.batch_to_model_inputs(batches[1], "cpu")
     with syncs.SyncCounter() as counter:
-        training.merged_text_labels(tiny.model, inputs)
+        trainable.merged_text_labels(tiny.model, inputs)
     assert counter.syncs and {sync.owner for sync in counter.syncs} == {syncs.OURS}
     assert all("merge_input_ids_with_audio_features" in sync.where for sync in counter.syncs)
 

@@ -25,7 +25,7 @@ import infer
 import model_utils
 import prepare
 import train
-import training
+import trainable
 from conftest import QUICK_FLAGS, ROOT, error_lines, logged, run_main, serve_engine, train_config
 from parallel import World
 
@@ -218,7 +218,7 @@ def test_processes_agree_to_stop_at_a_logged_step_without_a_collective_of_their_
     one, two = train.World(), train.World(rank=0, size=2)
     assert stop.agreed(None, one)
     assert not stop.agreed(None, two), "not on a step that does not log"
-    logged = training.StepValues({}, 0.0, 0.0, 0.0, {}, 0.0, False, kl=math.nan, stop=True)
+    logged = trainable.StepValues({}, 0.0, 0.0, 0.0, {}, 0.0, False, kl=math.nan, stop=True)
     assert stop.agreed(logged, two) and not stop.agreed(dataclasses.replace(logged, stop=False), two)
 
 
@@ -261,14 +261,14 @@ def test_a_failing_evaluation_is_reported_and_training_goes_on(tmp_path, short_m
     rows[1]["audio"] = str(doomed)
     manifest_path = tmp_path / "val.jsonl"
     manifest_path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    real_lr_at = training.lr_at
+    real_lr_at = trainable.lr_at
 
     def delete_after_the_first_evaluation(step, settings, max_steps):
         if step == 1:
             doomed.unlink(missing_ok=True)
         return real_lr_at(step, settings, max_steps)
 
-    monkeypatch.setattr(training, "lr_at", delete_after_the_first_evaluation)
+    monkeypatch.setattr(trainable, "lr_at", delete_after_the_first_evaluation)
     run = train.train(train_config(tmp_path, manifest_path, val_manifest=str(manifest_path), max_steps=2, eval_every=1,
                                    eval_prompts=2, eval_max_seconds=0.3, precision="bf16"))
     err = capsys.readouterr().err

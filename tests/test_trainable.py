@@ -20,7 +20,7 @@ import syncs
 
 import prepare
 import train
-import training
+import trainable
 from conftest import train_config
 from parallel import World
 
@@ -30,7 +30,7 @@ def _prepared(tiny, **settings) -> tuple[torch.nn.Module, config.TrainConfig]:
     settings = config.TrainConfig(**{"device": "cpu", **settings})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return training.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train(), settings
+        return trainable.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train(), settings
 
 
 def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity_case):
@@ -39,8 +39,8 @@ def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity
     losses = {}
     for precision in ("fp32", "bf16"):
         model, settings = _prepared(tiny, scope="lora", precision=precision, lora_rank=4, lr=1e-3, grad_clip=0.0)
-        optimizer = training.build_optimizer(model, settings, "cpu")
-        steps = [training.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", settings.lr) for _ in range(3)]
+        optimizer = trainable.build_optimizer(model, settings, "cpu")
+        steps = [trainable.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", settings.lr) for _ in range(3)]
         losses[precision] = [stats.read(World()).losses["total"] for stats in steps]
     assert all(torch.isfinite(torch.tensor(losses["bf16"])))
     assert losses["bf16"][-1] < losses["bf16"][0]
@@ -59,7 +59,7 @@ def test_scope_trains_what_it_says_and_freezes_the_rest(tmp_path, small_manifest
     tokenizer = model_utils.build_tiny_text_tokenizer()
     before = model_utils.build_tiny_model(tokenizer, seed=0).state_dict()
     after = model_utils.load_bundle(str(run / "export")).model.state_dict()
-    audio = [name for name in before if any(marker in name for marker in training.AUDIO_PARAMETER_MARKERS)]
+    audio = [name for name in before if any(marker in name for marker in trainable.AUDIO_PARAMETER_MARKERS)]
     text = [name for name in before if name not in audio and "rotary" not in name]
     assert audio and text
     assert all(not torch.equal(before[name], after[name]) for name in audio), "every trained tensor moves"
@@ -78,7 +78,7 @@ def test_lora_trains_adapters_on_attention_and_both_ffns_and_merges_on_export(tm
     before = model_utils.build_tiny_model(model_utils.build_tiny_text_tokenizer(), seed=0).state_dict()
     merged = model_utils.load_bundle(str(run / "export")).model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], merged[name])}
-    targeted = {name for name in before if name.endswith(".weight") and name.split(".")[-2] in training.LORA_TARGETS}
+    targeted = {name for name in before if name.endswith(".weight") and name.split(".")[-2] in trainable.LORA_TARGETS}
     assert changed == targeted
 
 
@@ -87,16 +87,16 @@ def test_a_non_finite_loss_skips_the_update_and_says_so(tiny, batches, fused):
     """A NaN in a trained weight makes the loss NaN: parameters and AdamW state stay as they were, on the host's
     decision (foreach AdamW) or on the device's alone (fused AdamW, through found_inf)."""
     model, settings = _prepared(tiny, scope="audio")
-    optimizer = training.build_optimizer(model, settings, "cuda" if fused else "cpu")
+    optimizer = trainable.build_optimizer(model, settings, "cuda" if fused else "cpu")
     assert bool(optimizer.defaults["fused"]) == fused
-    finite = training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
+    finite = trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
     assert not finite.read(World()).skipped
     head = model_utils.higgs_model(model).audio_decoder_proj.audio_lm_head.weight
     with torch.no_grad():
         head[0, 0] = float("nan")
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     state = copy.deepcopy(optimizer.state_dict()["state"])
-    values = training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World())
+    values = trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World())
     assert values.skipped and values.losses["total"] != values.losses["total"]
     after = dict(model.named_parameters())
     assert all(torch.equal(before[name], after[name].detach()) or name.endswith("audio_lm_head.weight") for name in before)
@@ -110,7 +110,7 @@ def test_the_step_reads_what_compute_loss_gives_and_counts_what_the_model_saw(ti
     with torch.no_grad():
         outputs = copy.deepcopy(model)(**collate.batch_to_model_inputs(batch, "cpu"))
     reference, mask = model_utils.compute_loss(outputs, batch.label_audio_ids), outputs.attention_mask
-    stats = training.train_step(model, training.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", 1e-3)
+    stats = trainable.train_step(model, trainable.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", 1e-3)
     assert all(tensor.device.type == "cpu" and not tensor.requires_grad for tensor in (stats.losses, stats.counts, stats.hits))
     values = stats.read(World())
     assert values.losses["total"] == pytest.approx(float(reference.total), rel=1e-6)
@@ -132,9 +132,9 @@ def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tiny, batches, opti
     checkpointed layers, text logits at labels, under the sync counter. torchao's 8-bit AdamW has no
     found_inf, so there the host reads the skip flag: one sync per step, and no other."""
     model, settings = _prepared(tiny, scope="full", grad_checkpoint=True, optimizer=optimizer)
-    built = training.build_optimizer(model, settings, "cuda")
+    built = trainable.build_optimizer(model, settings, "cuda")
     with syncs.SyncCounter(model) as counter:
-        stats = training.train_step(model, built, [batches[1], batches[0]], settings, World(), "cpu", 1e-3)
+        stats = trainable.train_step(model, built, [batches[1], batches[0]], settings, World(), "cpu", 1e-3)
     ours = [(sync.operator, sync.where) for sync in counter.ours()]
     if optimizer == "adamw":
         assert ours == [], ours
@@ -146,13 +146,13 @@ def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tiny, batches, opti
 
 def test_8bit_adamw_skips_a_non_finite_step_leaving_its_state_alone(tiny, batches):
     model, settings = _prepared(tiny, scope="audio", optimizer="adamw8bit")
-    optimizer = training.build_optimizer(model, settings, "cpu")
-    training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
+    optimizer = trainable.build_optimizer(model, settings, "cpu")
+    trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
     assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in optimizer.state.values())
     with torch.no_grad():
         model_utils.higgs_model(model).audio_decoder_proj.audio_lm_head.weight[0, 0] = float("nan")
     before, state = {name: p.detach().clone() for name, p in model.named_parameters()}, _model_state(optimizer)
-    assert training.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World()).skipped
+    assert trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World()).skipped
     assert all(torch.equal(before[name], p.detach()) or name.endswith("audio_lm_head.weight") for name, p in model.named_parameters())
     after = _model_state(optimizer)
     assert all(torch.equal(after[key][name], state[key][name]) for key in state for name in state[key])
@@ -164,8 +164,8 @@ def test_8bit_adamw_losses_stay_close_to_fp32_adamw(tiny, batches):
     losses = {}
     for optimizer in ("adamw", "adamw8bit"):
         model, settings = _prepared(tiny, scope="full", optimizer=optimizer)
-        built = training.build_optimizer(model, settings, "cpu")
-        losses[optimizer] = [training.train_step(model, built, [batches[1]], settings, World(), "cpu", settings.lr)
+        built = trainable.build_optimizer(model, settings, "cpu")
+        losses[optimizer] = [trainable.train_step(model, built, [batches[1]], settings, World(), "cpu", settings.lr)
                              .read(World()).losses["total"] for _ in range(5)]
     assert losses["adamw8bit"][-1] < losses["adamw8bit"][0] - 1.0, ("it learns", losses)
     assert max(abs(a - b) for a, b in zip(losses["adamw"], losses["adamw8bit"])) < 0.05 * losses["adamw"][0], losses
@@ -183,7 +183,7 @@ def test_text_logits_at_labels_keep_the_loss_and_gradients(tiny, batches, size):
     batch = batches[size - 1]
     full, full_grads = _loss_and_grads(copy.deepcopy(tiny.model), batch)
     model = copy.deepcopy(tiny.model)
-    training.text_logits_at_labels(model)
+    trainable.text_logits_at_labels(model)
     outputs = model(**collate.batch_to_model_inputs(batch, "cpu"))
     assert outputs.logits.shape == (3 * size, tiny.model.config.text_config.vocab_size)
     selected, grads = _loss_and_grads(model, batch)
@@ -205,15 +205,15 @@ def test_labelled_text_logits_take_their_count_from_the_host_and_check_it_on_req
     models = {}
     for check in (False, True):
         models[check] = copy.deepcopy(tiny.model)
-        training.text_logits_at_labels(models[check], check=check)
-        outputs = models[check](**inputs, **{training.TEXT_LABEL_COUNT: count})
+        trainable.text_logits_at_labels(models[check], check=check)
+        outputs = models[check](**inputs, **{trainable.TEXT_LABEL_COUNT: count})
         assert outputs.logits.shape == (count, tiny.model.config.text_config.vocab_size)
         torch.testing.assert_close(model_utils.compute_loss(outputs, batch.label_audio_ids).total, reference.total,
                                    rtol=1e-6, atol=1e-6)
     with pytest.raises(IndexError):
-        models[False](**inputs, **{training.TEXT_LABEL_COUNT: count + 1})
+        models[False](**inputs, **{trainable.TEXT_LABEL_COUNT: count + 1})
     with pytest.raises(RuntimeError, match=f"text_label_count {count - 1}, but the merged labels hold {count}"):
-        models[True](**inputs, **{training.TEXT_LABEL_COUNT: count - 1})
+        models[True](**inputs, **{trainable.TEXT_LABEL_COUNT: count - 1})
 
 
 def test_text_logits_at_labels_leave_prompt_forwards_whole(tiny, batches):
@@ -221,15 +221,15 @@ def test_text_logits_at_labels_leave_prompt_forwards_whole(tiny, batches):
     inputs = collate.batch_to_model_inputs(batches[1], "cpu")
     inputs.pop("label_ids")
     model = copy.deepcopy(tiny.model)
-    training.text_logits_at_labels(model)
+    trainable.text_logits_at_labels(model)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, tiny.model(**inputs).logits, rtol=0, atol=0)
 
 
 def test_frozen_linear_weights_in_bf16_give_bit_identical_losses_under_autocast(tiny, batches):
-    reference = training.add_lora(copy.deepcopy(tiny.model), config.TrainConfig(lora_rank=4))
+    reference = trainable.add_lora(copy.deepcopy(tiny.model), config.TrainConfig(lora_rank=4))
     model = copy.deepcopy(reference)
-    assert training.frozen_linear_weights_to_bf16(model) > 0
+    assert trainable.frozen_linear_weights_to_bf16(model) > 0
     for module in model.modules():
         for parameter in module.parameters(recurse=False):
             frozen_linear = isinstance(module, torch.nn.Linear) and not parameter.requires_grad
@@ -245,7 +245,7 @@ def test_frozen_linear_weights_in_bf16_give_bit_identical_losses_under_autocast(
 def _forward_backward(model, batch) -> tuple[torch.Tensor, dict]:
     """A training forward (labelled text logits, counted on the host) and backward: the loss and the gradients."""
     inputs = collate.batch_to_model_inputs(batch, "cpu")
-    inputs[training.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_utils.higgs_model(model).config)
+    inputs[trainable.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_utils.higgs_model(model).config)
     loss = model_utils.compute_loss(model(**inputs), inputs["label_audio_ids"]).total
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
@@ -253,13 +253,13 @@ def _forward_backward(model, batch) -> tuple[torch.Tensor, dict]:
 
 def _compiled_step(tiny, batch, scope: str, backend: str) -> dict:
     """The graphs and breaks dynamo makes of a forward and backward of the tiny model compiled at `scope`
-    (`training.compile_model`), with its loss and gradients and those of the same model uncompiled."""
+    (`trainable.compile_model`), with its loss and gradients and those of the same model uncompiled."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model, _ = _prepared(tiny, scope="full")
-    training.compile_model(model, scope, backend=backend)
+    trainable.compile_model(model, scope, backend=backend)
     compiled = _forward_backward(model, batch)
     eager = _forward_backward(_prepared(tiny, scope="full")[0], batch)
     counters = torch._dynamo.utils.counters
@@ -299,7 +299,7 @@ def test_the_whole_model_compiles_with_the_eager_loss_breaking_where_sizes_depen
 def arabic_and_english(tiny, short_manifest):
     """The short manifest's Arabic pairs (adapted to) and English pairs (held back), one batch each."""
     codes = prepare.EncodedClips(tiny.audio_tokenizer)
-    rows = manifest.validate_manifest(short_manifest, codes).kept
+    rows = manifest.check_manifest(short_manifest, codes).kept
     builder = loader.BatchBuilder(tiny, config.TrainConfig(device="cpu"), codes)
     return [builder.batch(manifest.training_pairs([row for row in rows if row["language"] == language], 0, 0)[0])
             for language in ("ar", "en")]
@@ -311,7 +311,7 @@ def _loss_and_kl(model, batch) -> tuple[float, float]:
     with torch.no_grad():
         inputs = collate.batch_to_model_inputs(batch, "cpu")
         outputs = model(**inputs)
-        kl = training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
+        kl = trainable.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
         loss = model_utils.compute_loss(outputs, batch.label_audio_ids).total
     model.train()
     return float(loss), float(kl)
@@ -326,9 +326,9 @@ def test_the_forgetting_guard_keeps_a_held_back_set_nearer_the_base(tiny, arabic
     held_back, logged = {}, {}
     for weight in (0.0, 100.0):
         model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0, kl_weight=weight)
-        optimizer = training.build_optimizer(model, settings, "cpu")
+        optimizer = trainable.build_optimizer(model, settings, "cpu")
         for _ in range(4):
-            stats = training.train_step(model, optimizer, [arabic], settings, World(), "cpu", settings.lr)
+            stats = trainable.train_step(model, optimizer, [arabic], settings, World(), "cpu", settings.lr)
         logged[weight] = stats.read(World()).kl
         held_back[weight] = _loss_and_kl(model, english)[1]
     assert logged[0.0] != logged[0.0] and logged[100.0] > 0, "the term is taken, and logged, only with --kl-weight"
@@ -339,10 +339,10 @@ def test_the_base_pass_leaves_the_adapters_on_and_the_kl_pulls_only_the_adapters
     model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0)
     batch = batches[1]
     assert _loss_and_kl(model, batch)[1] == pytest.approx(0.0, abs=1e-7), "fresh adapters add nothing"
-    training.train_step(model, training.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", settings.lr)
+    trainable.train_step(model, trainable.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", settings.lr)
     inputs = collate.batch_to_model_inputs(batch, "cpu")
     outputs = model(**inputs)
-    kl = training.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
+    kl = trainable.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
     kl.backward()
     with torch.no_grad():
         again = model(**inputs).audio_logits
@@ -353,9 +353,9 @@ def test_the_base_pass_leaves_the_adapters_on_and_the_kl_pulls_only_the_adapters
 
 
 def test_the_kl_term_is_taken_on_every_micro_batch_or_on_the_replay_sets():
-    assert training.takes_kl(config.TrainConfig(), ["vi", "en"], 2) == [False, False]
-    assert training.takes_kl(config.TrainConfig(scope="lora", kl_weight=1.0), None, 2) == [True, True]
+    assert trainable.takes_kl(config.TrainConfig(), ["vi", "en"], 2) == [False, False]
+    assert trainable.takes_kl(config.TrainConfig(scope="lora", kl_weight=1.0), None, 2) == [True, True]
     replay = config.TrainConfig(scope="lora", kl_weight=1.0, kl_replay="en")
-    assert training.takes_kl(replay, ["vi", "en", "vi"], 3) == [False, True, False]
+    assert trainable.takes_kl(replay, ["vi", "en", "vi"], 3) == [False, True, False]
     with pytest.raises(ValueError, match="--kl-replay"):
-        training.takes_kl(replay, None, 2)
+        trainable.takes_kl(replay, None, 2)

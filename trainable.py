@@ -9,7 +9,7 @@ how the package's model computes, never what: text logits only where a text
 label is (`text_logits_at_labels`, forward hooks) and frozen linear weights
 held in bf16 (`frozen_linear_weights_to_bf16`).
 
-`train_step` is the one optimizer step that `train.py`, `bench.py` and the
+`train_step` is the one optimizer step that `train.py`, `memory_plan.py`, the benchmarks and the
 tests run: forward, loss and backward over the step's micro-batches (DDP's
 gradient all-reduce only on the last), gradient clipping and the AdamW
 update, skipped when a loss is not finite. With `--kl-weight` the loss adds
@@ -87,7 +87,7 @@ def add_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
 
 def reduce_memory(model: torch.nn.Module, config: TrainConfig) -> None:
     """Text logits only at labelled positions (`--text-logits labelled`) and, under bf16, frozen
-    linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_training.py)."""
+    linear weights in bf16 (`--frozen-bf16`); both leave the losses unchanged (tests/test_trainable.py)."""
     if config.text_logits == "labelled":
         text_logits_at_labels(model, check=config.debug_checks)
     if config.frozen_bf16 and config.precision == "bf16":
@@ -130,7 +130,7 @@ def trace_data_dependent_shapes(enabled: bool) -> None:
     output size dynamo cannot know while tracing: by default every layer
     breaks into 5 graphs (4 breaks). With these two dynamo settings such a
     size is an unbacked symbol inside one graph: 1 graph per layer, the same
-    losses (tests/test_training.py), and still one FFN per position (computing
+    losses (tests/test_trainable.py), and still one FFN per position (computing
     both FFNs on every token and selecting would also remove the breaks, at
     1.75x the layer's FLOPs). They are process-wide settings of dynamo, set
     here only, by `compile_model`.
@@ -398,7 +398,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     `--kl-weight`, each micro-batch that `takes_kl` (`set_names`: the training
     set each came from) adds that weight times `forgetting_kl` to its loss. With
     torch's fused AdamW nothing here makes the host wait for the device
-    (`syncs.py` counts; tests/test_training.py checks).
+    (`syncs.py` counts; tests/test_trainable.py checks).
     """
     set_learning_rate(optimizer, lr)
     model_config = model_utils.higgs_model(parallel.unwrap(model)).config
