@@ -5,9 +5,11 @@ demo clips cut to one second the judging tests."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,16 @@ def demo_clips(tmp_path_factory) -> dict[str, dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def script_parser(script: str) -> Callable[[list[str]], object]:
+    """The argument parsing of `script` (a path from the checkout's root), without running it: its
+    `build_parser()`, else its `parse_args(argv)` (or `_parse_args`); train.py's flags are config's."""
+    if script == "train.py":
+        return config.build_parser().parse_args
+    folder = str((ROOT / script).parent)  # a benchmark imports its neighbours, as when run from its folder
+    sys.path[:0] = [] if folder in sys.path else [folder]
+    module = importlib.import_module(Path(script).stem)
+    if hasattr(module, "build_parser"):
+        return module.build_parser().parse_args
+    return getattr(module, "parse_args", None) or module._parse_args  # importers, prepare, segment: private

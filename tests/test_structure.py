@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib
 import io
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import config
-from conftest import ROOT
+from conftest import ROOT, script_parser
 
 MODULES = {path.stem: path for path in ROOT.glob("*.py")}
 
@@ -116,16 +114,9 @@ def _command(line: str) -> tuple[str, list[str]]:
 
 
 def _parse_error(script: str, argv: list[str]) -> str | None:
-    """Why `script`'s own argument parser refuses `argv`, or None; parsing only, nothing is run or opened. The
-    parser is the script's `build_parser()`, else its `parse_args(argv)` (or `_parse_args`); train.py's is config's."""
-    if script == "train.py":
-        parse = config.build_parser().parse_args  # train.py's flags are config's
-    else:
-        folder = str((ROOT / script).parent)  # a benchmark imports its neighbours, as when run from its folder
-        sys.path[:0] = [] if folder in sys.path else [folder]
-        module = importlib.import_module(Path(script).stem)
-        parse = (module.build_parser().parse_args if hasattr(module, "build_parser")
-                 else getattr(module, "parse_args", None) or module._parse_args)  # importers, prepare, segment: private
+    """Why `script`'s own argument parser (`conftest.script_parser`) refuses `argv`, or None; parsing only,
+    nothing is run or opened."""
+    parse = script_parser(script)
     refused = io.StringIO()
     try:
         with contextlib.redirect_stderr(refused):
