@@ -74,7 +74,7 @@ class CheckpointRecord:
     config: dict  # asdict(TrainConfig) of the run; a dict, since an older checkpoint's may hold older spellings
     stale_evals: int = 0  # evaluations since the best, for --patience
     data: dict[str, str] | None = None  # the data's content fingerprints (`train.data_fingerprints`); None: not kept then
-    eval_settings: dict | None = None  # what best_score was measured with (`evaluate.eval_settings`); None: not kept then
+    eval_settings: dict | None = None  # what best_score was measured with (`heldout.eval_settings`); None: not kept then
     guard_first: dict[str, float] = field(default_factory=dict)  # each relative --guard's first value, by its text
 
     def to_dict(self) -> dict:
