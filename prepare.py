@@ -518,15 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if (checked := commands.run(lambda: _check_inputs(args))) != 0:
         return checked
-    world, device = parallel.start_processes(args.device)
+    world = parallel.start_processes(args.device)
     try:
-        return commands.run(lambda: _prepare_and_report(args, world, device))
+        return commands.run(lambda: _prepare_and_report(args, world))
     finally:
         parallel.stop_processes(world)
 
 
-def _prepare_and_report(args: argparse.Namespace, world: World, device: str) -> int:
-    result = _prepare(args, world, device)
+def _prepare_and_report(args: argparse.Namespace, world: World) -> int:
+    result = _prepare(args, world)
     if result is not None:
         _print_result(result, args.out)
         if not result.checked.kept:  # nothing to train on: an error, and no next command
@@ -547,9 +547,9 @@ def _check_inputs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
-    audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, device) if args.audio_tokenizer
-                       else model_utils.build_tiny_audio_tokenizer(args.seed, device))
+def _prepare(args: argparse.Namespace, world: World) -> PrepareResult | None:
+    audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, world.device) if args.audio_tokenizer
+                       else model_utils.build_tiny_audio_tokenizer(args.seed, world.device))
     tokenizer = _text_tokenizer(args.model)
     languages = tuple(manifest.canonical_language(tag) for tag in args.language)
     filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, languages, args.max_text_chars)

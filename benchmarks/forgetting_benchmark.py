@@ -91,7 +91,7 @@ def loss_and_kl(model, batches: list) -> tuple[float, float]:
 def lora_model(base: torch.nn.Module, settings: TrainConfig) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return trainable.prepare_model(copy.deepcopy(base), settings, World(), "cpu").train()
+        return trainable.prepare_model(copy.deepcopy(base), settings, World()).train()
 
 
 def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[float], steps: int) -> None:
@@ -108,7 +108,7 @@ def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[f
         started = time.perf_counter()
         for step in range(steps):
             lr = trainable.lr_at(step, settings, steps)
-            trainable.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), "cpu", lr)
+            trainable.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), lr)
         seconds = (time.perf_counter() - started) / steps
         (ar_loss, ar_kl), (en_loss, en_kl) = loss_and_kl(model, batches["ar"]), loss_and_kl(model, batches["en"])
         print(f"{weight:9g}  {ar_loss:8.4f}  {ar_kl:8.5f}  {en_loss:8.4f}  {en_kl:8.5f}  {seconds:7.3f}")
@@ -123,7 +123,7 @@ def alternating_step_seconds(models: dict[float, torch.nn.Module], batch, settin
     for round_ in range(count + 1):
         for weight, model in models.items():
             started = time.perf_counter()
-            trainable.train_step(model, optimizers[weight], [batch], settings[weight], World(), "cpu", settings[weight].lr)
+            trainable.train_step(model, optimizers[weight], [batch], settings[weight], World(), settings[weight].lr)
             if round_:
                 times[weight].append(time.perf_counter() - started)
     return {weight: statistics.median(seconds) for weight, seconds in times.items()}
