@@ -31,8 +31,8 @@ import manifest
 import metrics
 import model_utils
 import parallel
-import prepare
 import trainable
+from codes import EncodedClips
 from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_specs
 from parallel import World
 
@@ -60,7 +60,7 @@ def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, worl
     `val_rejections-NAME.jsonl`), paired once with the seed; none without --val-manifest. A set with no pair
     to validate on is a one-line error after its counts. Clips shared with the training manifests (the demo
     validates on its own data) are encoded once."""
-    val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
+    val_codes = codes if isinstance(codes, EncodedClips) else EncodedClips(bundle.audio_tokenizer)
     validations = []
     for spec in validation_specs(config):
         report = run_dir / ("val_rejections.jsonl" if spec.name is None else f"val_rejections-{spec.name}.jsonl")

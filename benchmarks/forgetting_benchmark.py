@@ -50,8 +50,8 @@ import loader  # noqa: E402
 import manifest  # noqa: E402
 import memory_plan  # noqa: E402
 import model_utils  # noqa: E402
-import prepare  # noqa: E402
 import trainable  # noqa: E402
+from codes import EncodedClips  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from parallel import World  # noqa: E402
 
@@ -62,7 +62,7 @@ PARTS = ("shares", "effect", "time", "memory")
 def language_batches(bundle: model_utils.Bundle, folder: Path) -> dict[str, list]:
     """The demo's pairs of each language in micro-batches of 3."""
     rows = [json.loads(line) for line in (DEMO / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    codes = prepare.EncodedClips(bundle.audio_tokenizer)
+    codes = EncodedClips(bundle.audio_tokenizer)
     builder = loader.BatchBuilder(bundle, TrainConfig(device="cpu"), codes)
     batches = {}
     for language in ("ar", "en"):

@@ -18,9 +18,9 @@ import model_utils
 import syncs
 
 
-import prepare
 import train
 import trainable
+from codes import EncodedClips
 from conftest import train_config
 from parallel import World
 
@@ -298,7 +298,7 @@ def test_the_whole_model_compiles_with_the_eager_loss_breaking_where_sizes_depen
 @pytest.fixture(scope="module")
 def arabic_and_english(tiny, short_manifest):
     """The short manifest's Arabic pairs (adapted to) and English pairs (held back), one batch each."""
-    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    codes = EncodedClips(tiny.audio_tokenizer)
     rows = manifest.check_manifest(short_manifest, codes).kept
     builder = loader.BatchBuilder(tiny, config.TrainConfig(device="cpu"), codes)
     return [builder.batch(manifest.training_pairs([row for row in rows if row["language"] == language], 0, 0)[0])
