@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import checkpoints
 import config
 import data
-import evaluate
+import heldout
 import infer
 import model_utils
 import prepare
@@ -125,7 +125,7 @@ def test_the_printed_resume_command_is_the_same_on_a_gpu_machine_and_a_cpu_one(t
     for cuda in (True, False):
         settled = config.settle_auto(given, cuda)
         plan = train.RunPlan(settled.precision, World(device=settled.device), 9, 9)
-        run = train.Run(settled, given, plan, tmp_path / "run", None, [], {}, {}, evaluate.Guards([]))
+        run = train.Run(settled, given, plan, tmp_path / "run", None, [], {}, {}, heldout.Guards([]))
         commands.add(run.resume_command())
     assert commands == {f"python train.py --out-dir {tmp_path} --max-steps 9 --run-name run --resume"}
 
