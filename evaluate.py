@@ -38,8 +38,8 @@ import generation
 import manifest
 import metrics
 import model_utils
-import prepare
 import seedtts
+from codes import EncodedClips, audio_tokenizer_id, read_prepared
 
 
 @dataclass
@@ -125,10 +125,10 @@ def read_eval_rows(path: str, clips: CheckedClips, seed: int) -> tuple[manifest.
 def reference_codes(bundle: model_utils.Bundle, cache_dir: str | None, paths: list[str]) -> Callable[[str], torch.Tensor]:
     """Codes of each reference by path: read from the prepared cache `cache_dir` when it holds the clip, else
     encoded once per distinct file; the split is printed."""
-    encoded = prepare.EncodedClips(bundle.audio_tokenizer)
+    encoded = EncodedClips(bundle.audio_tokenizer)
     if not cache_dir:
         return encoded
-    prepared = prepare.read_prepared(cache_dir, prepare.audio_tokenizer_id(bundle.audio_tokenizer))
+    prepared = read_prepared(cache_dir, audio_tokenizer_id(bundle.audio_tokenizer))
     distinct = set(paths)
     missing = distinct - set(prepared.codes.keys)
     print(f"references: {len(distinct) - len(missing)} read from {cache_dir}, {len(missing)} not in it (encoded)")

@@ -31,8 +31,8 @@ import manifest
 import metrics
 import model_utils
 import parallel
-import prepare
 import trainable
+from codes import EncodedClips
 from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_specs
 from parallel import World
 
@@ -55,13 +55,12 @@ class Validation:
         return {row["id"]: row.get("language") for row in self.rows}
 
 
-def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, world: World, device: str,
-                    run_dir: Path) -> list[Validation]:
+def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, world: World, run_dir: Path) -> list[Validation]:
     """Each --val-manifest set's rows validated (rejections in `val_rejections.jsonl`, or
     `val_rejections-NAME.jsonl`), paired once with the seed; none without --val-manifest. A set with no pair
     to validate on is a one-line error after its counts. Clips shared with the training manifests (the demo
     validates on its own data) are encoded once."""
-    val_codes = codes if isinstance(codes, prepare.EncodedClips) else prepare.EncodedClips(bundle.audio_tokenizer)
+    val_codes = codes if isinstance(codes, EncodedClips) else EncodedClips(bundle.audio_tokenizer)
     validations = []
     for spec in validation_specs(config):
         report = run_dir / ("val_rejections.jsonl" if spec.name is None else f"val_rejections-{spec.name}.jsonl")
@@ -70,11 +69,11 @@ def load_validation(config: TrainConfig, bundle: model_utils.Bundle, codes, worl
         if not pairs:
             raise ValueError(f"{spec.path}: no usable validation pair (counts above)")
         validations.append(Validation(spec.name, rows, pairs, loader.BatchBuilder(bundle, config, val_codes)))
-    attach_judges(validations, config, world, device)
+    attach_judges(validations, config, world)
     return validations
 
 
-def attach_judges(validations: list[Validation], config: TrainConfig, world: World, device: str) -> None:
+def attach_judges(validations: list[Validation], config: TrainConfig, world: World) -> None:
     """Give each validation set the judge of its generated clips, on process 0; none where no clip is generated.
 
     Under FSDP no clip is generated (each generation step would need every
@@ -88,7 +87,8 @@ def attach_judges(validations: list[Validation], config: TrainConfig, world: Wor
         raise ValueError(f"{watchers[0][0]} needs generated validation clips, which FSDP does not make; use val_loss")
     judge = None
     if generates and world.main:
-        judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None, device)
+        judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None,
+                                     world.device)
     for validation in validations:
         validation.judge = judge
     by_name = {validation.name: validation for validation in validations}
@@ -97,7 +97,7 @@ def attach_judges(validations: list[Validation], config: TrainConfig, world: Wor
         languages, prompts = watched.languages, watched.pairs[: config.eval_prompts]
         no_asr = watched.judge is not None and metric in ("wer", "sim_wer") and not any(
             watched.judge.intelligibility_available(languages[pair.id]) for pair in prompts)
-        if parallel.any_process(no_asr, world, device):
+        if parallel.any_process(no_asr, world):
             raise ValueError(f"{label}: no ASR for the languages of the first --eval-prompts rows of its validation set; "
                              "give --asr-model (Whisper) or --eval-language")
 
@@ -117,25 +117,24 @@ class Scores(NamedTuple):
     quality: dict[str, float]
 
 
-def evaluate_in_loop(model, validations: list[Validation], config: TrainConfig, world: World, device: str, writer,
+def evaluate_in_loop(model, validations: list[Validation], config: TrainConfig, world: World, writer,
                      step: int) -> dict[str | None, Scores]:
     """Each validation set's `Scores`, logged under its name (`SetWriter`), by set name; the same on every process."""
-    return {validation.name: evaluate_set(model, validation, config, world, device, SetWriter.of(writer, validation.name), step)
+    return {validation.name: evaluate_set(model, validation, config, world, SetWriter.of(writer, validation.name), step)
             for validation in validations}
 
 
-def evaluate_set(model, validation: Validation, config: TrainConfig, world: World, device: str, writer,
-                 step: int) -> Scores:
+def evaluate_set(model, validation: Validation, config: TrainConfig, world: World, writer, step: int) -> Scores:
     """Validation losses (`val/*`) and, where clips are generated, their quality (`quality/*`), logged;
     returns both, the same on every process."""
-    val = validation_loss(model, validation, config, world, device)
+    val = validation_loss(model, validation, config, world)
     if writer:
         for name, value in val.items():
             writer.add_scalar(f"val/{name}", value, step)
     quality = {}
     if validation.judge is not None:
         try:
-            quality = log_generations(writer, step, parallel.unwrap(model), validation, config, device)
+            quality = log_generations(writer, step, parallel.unwrap(model), validation, config, world.device)
         except Exception as error:  # a clip that cannot be generated or scored must not cost the training
             report_failure(writer, step, "the validation clips could not be generated or scored", error)
     return Scores(val, parallel.from_main_process(quality, world))
@@ -207,7 +206,7 @@ def eval_settings(config: TrainConfig, validations: list[Validation]) -> dict:
     return settings
 
 
-def validation_loss(model, validation: Validation, config: TrainConfig, world: World, device: str) -> dict[str, float]:
+def validation_loss(model, validation: Validation, config: TrainConfig, world: World) -> dict[str, float]:
     """Mean losses over the validation pairs, each process taking every W-th chunk.
 
     Every process runs as many forwards (FSDP gathers parameters in each, so
@@ -216,11 +215,11 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
     pairs = validation.pairs
     chunks = [pairs[i : i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
     sums, weight = None, 0.0
-    with torch.no_grad(), trainable.autocast(config.precision, device):
+    with torch.no_grad(), trainable.autocast(config.precision, world.device):
         for round_ in range(math.ceil(len(chunks) / world.size)):
             index = round_ * world.size + world.rank
             batch = validation.builder.batch(chunks[index % len(chunks)])
-            inputs = collate.batch_to_model_inputs(batch, device)
+            inputs = collate.batch_to_model_inputs(batch, world.device)
             outputs = model(**inputs)
             loss = model_utils.compute_loss(outputs, batch.label_audio_ids)
             parts = [loss.total, loss.text, loss.audio, *loss.per_codebook]
@@ -230,7 +229,7 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
             values = [float(value) * real for value in parts]
             sums = values if sums is None else [total + value for total, value in zip(sums, values)]
             weight += real
-    totals = parallel.sum_over_processes(torch.tensor(sums + [weight], dtype=torch.float64, device=device), world).tolist()
+    totals = parallel.sum_over_processes(torch.tensor(sums + [weight], dtype=torch.float64, device=world.device), world).tolist()
     names = trainable.loss_names(len(loss.per_codebook)) + ["kl"] * (config.scope == "lora")
     return {name: value / totals[-1] for name, value in zip(names, totals)}
 

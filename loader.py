@@ -36,7 +36,7 @@ from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchI
 import collate
 import manifest
 import model_utils
-import prepare
+from codes import EncodedClips, PreparedCodes, audio_tokenizer_id, read_prepared
 from config import ONE_TRAINING_SET, SetSpec, TrainConfig, training_specs
 from parallel import World
 
@@ -62,7 +62,7 @@ def training_sets(config: TrainConfig, bundle: model_utils.Bundle, world: World,
     batch builder; a set with no usable row is a one-line error after its counts. Manifests share one
     in-memory encoder, so a clip in two sets is encoded once."""
     specs = training_specs(config)
-    clips = prepare.EncodedClips(bundle.audio_tokenizer)
+    clips = EncodedClips(bundle.audio_tokenizer)
     sets = []
     for spec in specs:
         report = run_dir / ("rejections.jsonl" if len(specs) == 1 else f"rejections-{spec.name}.jsonl")
@@ -74,7 +74,7 @@ def training_sets(config: TrainConfig, bundle: model_utils.Bundle, world: World,
 
 
 def training_rows(spec: SetSpec, config: TrainConfig, bundle: model_utils.Bundle, world: World,
-                  clips: prepare.EncodedClips, report: Path) -> tuple[list[dict], prepare.EncodedClips | prepare.PreparedCodes]:
+                  clips: EncodedClips, report: Path) -> tuple[list[dict], EncodedClips | PreparedCodes]:
     """Kept rows of one training set and their code source: a prepared cache, or the manifest checked and
     its clips encoded into `clips` now (rejected rows listed in `report`).
 
@@ -87,7 +87,7 @@ def training_rows(spec: SetSpec, config: TrainConfig, bundle: model_utils.Bundle
     say = print if world.main else (lambda *args, **kwargs: None)
     counted = None
     if config.cache:
-        prepared = prepare.read_prepared(spec.path, prepare.audio_tokenizer_id(bundle.audio_tokenizer), config.verify_cache)
+        prepared = read_prepared(spec.path, audio_tokenizer_id(bundle.audio_tokenizer), config.verify_cache)
         rows, codes, counted = prepared.rows, prepared.codes, prepared.text_token_counts
         say(f"data: {spec.path}: {prepared.summary}")
         say(f"data: {codes.verified_shards} shards ({codes.verified_bytes / 1e6:.1f} MB) match their checksums, "
@@ -111,7 +111,7 @@ def report_overlap(rows: list[dict], val_rows: list[dict], config: TrainConfig, 
             print(f"data: {line}")
 
 
-def checked_rows(path: str, codes: prepare.EncodedClips, world: World, report: Path) -> list[dict]:
+def checked_rows(path: str, codes: EncodedClips, world: World, report: Path) -> list[dict]:
     """The kept rows of the manifest at `path`, their clips encoded into `codes`; the counts are printed and the
     rejected rows, with row numbers and reasons, listed in `report`."""
     checked = manifest.check_manifest(path, codes, progress=world.main)

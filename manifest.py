@@ -5,7 +5,8 @@ A manifest is JSONL with audio paths relative to it: speaker-grouped rows
 text), either with an optional scene and language. `check_manifest` keeps
 or rejects every row, each rejection with its row number and reason, so that
 rows read = rows kept + rows rejected; it gets each clip from a `ClipSource`
-(`prepare.py`'s, which encode the clip in memory or into a cache).
+(`codes.EncodedClips`, which encodes the clip in memory, or prepare.py's
+`CacheWriter`, which encodes it into a cache).
 `training_pairs` pairs each speaker row with another clip of its speaker,
 drawn anew each epoch, and `sample_lengths` gives each training sample's
 length from the numbers its rows carry, without building it. Samples are
@@ -100,7 +101,7 @@ class Clip:
 
 
 # A clip's key in a prepared cache is `CONTENT-TOKENIZER`: the first 32 hex digits of its file's SHA-256 (one clip
-# whatever its path) and the first 16 of the audio tokenizer's digest (`prepare.audio_tokenizer_id`: another
+# whatever its path) and the first 16 of the audio tokenizer's digest (`codes.audio_tokenizer_id`: another
 # tokenizer's codes never match). `prepare.CacheWriter` keys clips by it; `overlap` compares clips by its content.
 
 
@@ -120,7 +121,7 @@ def content_of_cache_key(key: str) -> str:
 
 
 class ClipSource(Protocol):
-    """Where the row check gets clips: `prepare.EncodedClips` (codes in memory) or `prepare.CacheWriter` (codes into a cache)."""
+    """Where the row check gets clips: `codes.EncodedClips` (codes in memory) or `prepare.CacheWriter` (codes into a cache)."""
 
     num_codebooks: int
 
@@ -128,8 +129,8 @@ class ClipSource(Protocol):
 
 
 class ClipCodes(Protocol):
-    """Codes by clip path for `pair_to_sample`: `prepare.EncodedClips` (encoded on the fly) or
-    `prepare.PreparedCodes` (read from a cache)."""
+    """Codes by clip path for `pair_to_sample`: `codes.EncodedClips` (encoded on the fly) or
+    `codes.PreparedCodes` (read from a cache)."""
 
     sampling_rate: int
 

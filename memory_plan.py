@@ -202,7 +202,7 @@ def build_training_model(config: HiggsAudioConfig, settings: TrainConfig, device
     same graphs without generating code)."""
     with torch.device(device):
         model = HiggsAudioModel(config)
-    model = trainable.prepare_model(model, replace(settings, compile=False), World(), device).train()
+    model = trainable.prepare_model(model, replace(settings, compile=False), World(device=device)).train()
     if settings.compile:
         trainable.compile_model(model, settings.compile_scope, compile_backend)
     return model
@@ -211,7 +211,7 @@ def build_training_model(config: HiggsAudioConfig, settings: TrainConfig, device
 def step_once(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, settings: TrainConfig,
               device: str = "cpu") -> trainable.StepStats:
     """`trainable.train_step` on one micro-batch at the peak learning rate."""
-    return trainable.train_step(model, optimizer, [batch], settings, World(), device, settings.lr)
+    return trainable.train_step(model, optimizer, [batch], settings, World(device=device), settings.lr)
 
 
 def resident_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

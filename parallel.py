@@ -20,11 +20,12 @@ import model_utils
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the training processes."""
+    """This process's place among the training processes, and the device it computes on."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # `cuda:LOCAL_RANK` under torchrun on GPUs
 
     @property
     def main(self) -> bool:
@@ -36,18 +37,18 @@ class World:
         return self.size > 1
 
 
-def start_processes(device: str) -> tuple[World, str]:
-    """Join torchrun's process group (NCCL on GPU, gloo on CPU) and bind this process's GPU; returns the world
-    and the device this process computes on (`cuda:LOCAL_RANK` under torchrun)."""
+def start_processes(device: str) -> World:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU) and bind this process's GPU; returns the world,
+    whose device is the one this process computes on (`cuda:LOCAL_RANK` under torchrun)."""
     if "RANK" not in os.environ:
-        return World(), device
-    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+        return World(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = device.startswith("cuda")
     if cuda:
-        device = f"cuda:{world.local_rank}"
-        torch.cuda.set_device(world.local_rank)
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return world, device
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
 def stop_processes(world: World) -> None:
@@ -70,11 +71,11 @@ def mean_over_processes(values: torch.Tensor, world: World) -> torch.Tensor:
     return sum_over_processes(values, world) / world.size if world.distributed else values.to(torch.float64)
 
 
-def any_process(flag: bool, world: World, device: str) -> bool:
+def any_process(flag: bool, world: World) -> bool:
     """True when the flag is set on any process, so that all take the same branch."""
     if not world.distributed:
         return flag
-    tensor = torch.tensor([float(flag)], device=device)
+    tensor = torch.tensor([float(flag)], device=world.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -107,14 +108,14 @@ def wait_for_all(world: World) -> None:
 # --------------------------------------------------------------------------
 
 
-def wrap_model(model: torch.nn.Module, parallel: str, precision: str, world: World, device: str) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, parallel: str, precision: str, world: World) -> torch.nn.Module:
     """DDP (gradients all-reduced in backward, so the forward always goes through the wrapper), or FSDP2
     (`shard_model`); the model itself in a world of one."""
     if not world.distributed:
         return model
     if parallel == "fsdp":
         return shard_model(model, precision)
-    device_ids = [world.local_rank] if device.startswith("cuda") else None
+    device_ids = [world.local_rank] if world.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -1,10 +1,9 @@
-"""Audio codes of clips: encoded in memory, or prepared once into a cache on disk that training reads.
+"""The prepare command: check a manifest and write the audio codes of every kept clip into a cache on disk.
 
-`EncodedClips` encodes a clip the first time it is asked for and keeps its
-codes in memory (training from a manifest, evaluation). `prepare` checks a
-manifest and stores the audio codes of every kept clip in a cache that
-training reads without the audio tokenizer (`read_prepared`, `PreparedCodes`);
-its command line is
+`prepare` stores the codes in the layout that codes.py describes and reads
+(`codes.read_prepared`, `codes.PreparedCodes`: training without the audio
+tokenizer); the cache's writer, its lock and the many-process encoding are
+here. Its command line is
 
     python prepare.py --manifest M --out CACHE [--audio-tokenizer DIR] [--model DIR] [filters]
     torchrun --nproc-per-node 8 prepare.py --manifest M --out CACHE ...     # one process per GPU, or machines
@@ -27,7 +26,6 @@ import math
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,64 +39,12 @@ import files
 import manifest
 import model_utils
 import parallel
+from codes import REPAIR_HINT, CacheError, audio_tokenizer_id, read_index, verify_shard
 from parallel import World
 
 # --------------------------------------------------------------------------
-# Codes in memory
+# Writing the cache (its layout is in codes.py)
 # --------------------------------------------------------------------------
-
-
-class EncodedClips:
-    """Audio codes by file: a clip is encoded the first time it is asked for and its codes kept in memory,
-    so it is encoded once per process (a clip may serve as reference and target)."""
-
-    def __init__(self, audio_tokenizer):
-        self.audio_tokenizer = audio_tokenizer
-        self.sampling_rate = audio_tokenizer.sampling_rate
-        self.num_codebooks = audio_tokenizer.num_codebooks
-        self.codes: dict[str, torch.Tensor] = {}
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, path: str) -> torch.Tensor:
-        if path not in self.codes:
-            waveform = data.load_clip(path, self.sampling_rate)
-            self.codes[path] = data.encode_clip(self.audio_tokenizer, waveform)
-            self.seconds[path] = len(waveform) / self.sampling_rate
-        return self.codes[path]
-
-    def clip(self, path: str) -> manifest.Clip:
-        codes = self(path)
-        return manifest.Clip(self.seconds[path], codes.shape[1])
-
-
-def audio_tokenizer_id(audio_tokenizer) -> str:
-    """A digest of the audio tokenizer's weights, buffers and rate: codes of another tokenizer never match it."""
-    digest = hashlib.sha256(str(audio_tokenizer.sampling_rate).encode())
-    for name, tensor in sorted(audio_tokenizer.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------
-# The cache
-# --------------------------------------------------------------------------
-#
-# `prepare` checks a manifest and stores the audio codes of every kept
-# clip in a cache that training reads without the audio tokenizer:
-#
-#   CACHE/shards/NAME.npy    codes of up to --batch-size clips, (codebooks, frames) uint16, memory-mapped
-#   CACHE/shards/NAME.json   the shard's entries (key -> offset, frames, seconds, source) and the SHA-256 and
-#                            shape of its codes; written after the codes, so it is what commits the shard
-#   CACHE/manifest.jsonl     the kept rows, each clip with its cache key (`audio_key`, `ref_audio_key`) and
-#                            each row with its text token counts (`text_tokens`, ...), for planning batches
-#   CACHE/prepare.lock       held while a prepare runs, naming its pid
-#   CACHE/report.jsonl       one line per rejected row: row, id, reason, detail
-#   CACHE/summary.json       the counts; written last, so a cache without it holds no finished prepare
-
-
-class CacheError(ValueError):
-    """A cache file that cannot be used; the message names it and says how to repair it."""
 
 
 class CacheLocked(RuntimeError):
@@ -179,45 +125,6 @@ class CacheWriter:
         self.pending.clear()
 
 
-def read_shard(entry_file: Path) -> dict:
-    """A shard's entry file: `codes_sha256`, `codes_shape` and `entries` (key -> offset, frames, seconds, source)."""
-    try:
-        shard = json.loads(entry_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheError(f"{entry_file}: unreadable shard entry file ({error}){_REPAIR}") from None
-    if not isinstance(shard, dict) or not {"codes_sha256", "codes_shape", "entries"} <= shard.keys():
-        raise CacheError(f"{entry_file}: not a shard entry file with a checksum (an older or damaged cache){_REPAIR}")
-    return shard
-
-
-_REPAIR = "; python prepare.py on this cache re-encodes it"
-
-
-def read_index(cache_dir: str | Path) -> dict[str, dict]:
-    """Every committed entry of a cache: key -> shard, offset, frames, seconds, source."""
-    index = {}
-    for entry_file in sorted((Path(cache_dir) / "shards").glob("*.json")):
-        entries = read_shard(entry_file)["entries"]
-        index.update({key: dict(entry, shard=entry_file.stem) for key, entry in entries.items()})
-    return index
-
-
-def verify_shard(entry_file: Path) -> int:
-    """Check a shard's codes against the checksum in its entry file; returns their size in bytes.
-
-    A `CacheError` naming the shard for a missing, truncated, empty or altered `.npy` or a bad `.json`.
-    """
-    shard = read_shard(entry_file)
-    codes_file = entry_file.with_suffix(".npy")
-    try:
-        digest = files.sha256(codes_file)
-    except OSError as error:
-        raise CacheError(f"{codes_file}: unreadable shard codes ({error.strerror}){_REPAIR}") from None
-    if digest != shard["codes_sha256"]:
-        raise CacheError(f"{codes_file}: shard codes fail their checksum (truncated or altered){_REPAIR}")
-    return codes_file.stat().st_size
-
-
 def _remove_uncommitted(shards: Path) -> None:
     """Delete what an interrupted run left: temporary files, and codes that no entry file commits."""
     # `files.atomic_file` names its temporaries NAME.tmp-PID; caches written before it used NAME.tmp.
@@ -236,7 +143,7 @@ def _remove_corrupt(shards: Path) -> int:
         try:
             verify_shard(entry_file)
         except CacheError as error:
-            print(f"cache: {str(error).removesuffix(_REPAIR)}: deleted, its clips are encoded again", file=sys.stderr)
+            print(f"cache: {str(error).removesuffix(REPAIR_HINT)}: deleted, its clips are encoded again", file=sys.stderr)
             entry_file.with_suffix(".npy").unlink(missing_ok=True)
             entry_file.unlink()
             removed += 1
@@ -279,51 +186,6 @@ def prepare_lock(cache_dir: Path):
         os.close(descriptor)
 
 
-class PreparedCodes:
-    """Codes of a prepared cache by audio path, read from memory-mapped shards without the audio tokenizer.
-
-    `verify` checks every shard the rows use against its checksum now
-    (`verified_shards`, `verified_bytes`, `verify_seconds`); either way a shard is checked
-    against its recorded shape when it is first opened, so a damaged shard is
-    an error naming it, never a crash hours in that names no file.
-    """
-
-    def __init__(self, cache_dir: str | Path, rows: list[dict], sampling_rate: int, verify: bool = True):
-        self.cache_dir, self.sampling_rate = Path(cache_dir), sampling_rate
-        self.index = read_index(cache_dir)
-        self.keys = {row[name]: row[f"{name}_key"] for row in rows for name in ("ref_audio", "audio") if name in row}
-        missing = sorted(set(self.keys.values()) - set(self.index))
-        if missing:
-            raise ValueError(f"{cache_dir}: {len(missing)} clips of its manifest are in no shard, e.g. {missing[0]}")
-        self.shards: dict[str, np.ndarray] = {}
-        self.verified_shards, self.verified_bytes, self.verify_seconds = 0, 0, 0.0
-        if verify:
-            started = time.perf_counter()
-            used = sorted({self.index[key]["shard"] for key in self.keys.values()})
-            self.verified_bytes = sum(verify_shard(self.cache_dir / "shards" / f"{name}.json") for name in used)
-            self.verified_shards, self.verify_seconds = len(used), time.perf_counter() - started
-
-    def __call__(self, path: str) -> torch.Tensor:
-        if path not in self.keys:
-            raise KeyError(f"{path} is no clip of the prepared manifest in {self.cache_dir}")
-        entry = self.index[self.keys[path]]
-        if entry["shard"] not in self.shards:
-            self.shards[entry["shard"]] = self._open(entry["shard"])
-        codes = self.shards[entry["shard"]][:, entry["offset"] : entry["offset"] + entry["frames"]]
-        return torch.from_numpy(codes.astype(np.int64))
-
-    def _open(self, name: str) -> np.ndarray:
-        codes_file = self.cache_dir / "shards" / f"{name}.npy"
-        shape = tuple(read_shard(codes_file.with_suffix(".json"))["codes_shape"])
-        try:
-            codes = np.load(codes_file, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as error:
-            raise CacheError(f"{codes_file}: unreadable shard codes ({error}){_REPAIR}") from None
-        if codes.dtype != np.uint16 or codes.shape != shape:
-            raise CacheError(f"{codes_file}: shard codes are {codes.dtype} {codes.shape}, its entry file says uint16 {shape}{_REPAIR}")
-        return codes
-
-
 @dataclass(frozen=True)
 class Options:
     """What the command line chooses for a prepare besides the manifest, the cache and the tokenizers."""
@@ -347,7 +209,7 @@ class PrepareResult:
 
 def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, tokenizer=None,
             options: Options = Options(), world: World = World()) -> PrepareResult | None:
-    """Check a manifest and cache the codes of every kept clip (the layout is above).
+    """Check a manifest and cache the codes of every kept clip (the layout is in codes.py).
 
     What was encoded before an error, a `strict` stop or Ctrl-C is committed,
     so a re-run encodes only the rest. The manifest, report and summary are
@@ -479,36 +341,6 @@ def share_of(manifest_path: str | Path, filters: manifest.Filters, world: World)
     return mine
 
 
-@dataclass
-class Prepared:
-    """A prepared cache as training reads it."""
-
-    rows: list[dict]
-    codes: PreparedCodes
-    summary: str  # the prepare step's `rows read = kept + rejected` line
-    audio_tokenizer_id: str
-    text_token_counts: str | None  # `text_counting_id` of the counts the rows carry; None: they carry none
-
-
-def read_prepared(cache_dir: str | Path, audio_tokenizer_id: str | None = None, verify: bool = True) -> Prepared:
-    """The kept rows and codes of a finished prepare; with `audio_tokenizer_id`, an error if another tokenizer made them.
-
-    `verify`: check every shard the rows use against its checksum now (see `PreparedCodes`).
-    """
-    cache = Path(cache_dir)
-    if not (cache / "summary.json").is_file():
-        raise FileNotFoundError(f"{cache} holds no finished prepare (no summary.json): run python prepare.py --out {cache}")
-    summary = json.loads((cache / "summary.json").read_text(encoding="utf-8"))
-    if audio_tokenizer_id is not None and audio_tokenizer_id != summary["audio_tokenizer"]:
-        raise ValueError(f"{cache} holds codes of audio tokenizer {summary['audio_tokenizer'][:16]}, "
-                         f"not of this one ({audio_tokenizer_id[:16]}): prepare it again")
-    rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    codes = PreparedCodes(cache, rows, summary["sampling_rate"], verify)
-    counts = manifest.reconcile(summary["rows_read"], summary["kept"], summary["rejected"], summary.get("targets_only", 0))
-    return Prepared(rows, codes, counts,
-                    summary["audio_tokenizer"], summary.get("text_token_counts"))
-
-
 # --------------------------------------------------------------------------
 # Command line: python prepare.py --manifest M --out CACHE
 # --------------------------------------------------------------------------
@@ -518,15 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if (checked := commands.run(lambda: _check_inputs(args))) != 0:
         return checked
-    world, device = parallel.start_processes(args.device)
+    world = parallel.start_processes(args.device)
     try:
-        return commands.run(lambda: _prepare_and_report(args, world, device))
+        return commands.run(lambda: _prepare_and_report(args, world))
     finally:
         parallel.stop_processes(world)
 
 
-def _prepare_and_report(args: argparse.Namespace, world: World, device: str) -> int:
-    result = _prepare(args, world, device)
+def _prepare_and_report(args: argparse.Namespace, world: World) -> int:
+    result = _prepare(args, world)
     if result is not None:
         _print_result(result, args.out)
         if not result.checked.kept:  # nothing to train on: an error, and no next command
@@ -547,9 +379,9 @@ def _check_inputs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace, world: World, device: str) -> PrepareResult | None:
-    audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, device) if args.audio_tokenizer
-                       else model_utils.build_tiny_audio_tokenizer(args.seed, device))
+def _prepare(args: argparse.Namespace, world: World) -> PrepareResult | None:
+    audio_tokenizer = (model_utils.load_audio_tokenizer(args.audio_tokenizer, world.device) if args.audio_tokenizer
+                       else model_utils.build_tiny_audio_tokenizer(args.seed, world.device))
     tokenizer = _text_tokenizer(args.model)
     languages = tuple(manifest.canonical_language(tag) for tag in args.language)
     filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, languages, args.max_text_chars)

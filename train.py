@@ -73,23 +73,22 @@ from parallel import World
 class RunPlan:
     """What a run derives when it starts; the config stays as the user gave it, `auto` settled (`settle_auto`)."""
 
-    device: str  # this process's device (`cuda:LOCAL_RANK` under torchrun)
     precision: str  # what --precision (`auto` by default) became on this machine
-    world: World
+    world: World  # this process's place, and its device (`cuda:LOCAL_RANK` under torchrun)
     max_steps: int  # the schedule's length: --max-steps, or --epochs of the first epoch's steps
     last_step: int  # where this invocation stops: the schedule's end, or --stop-after
 
     @classmethod
-    def derive(cls, config: TrainConfig, world: World, device: str, epoch_micro_batches: int) -> RunPlan:
+    def derive(cls, config: TrainConfig, world: World, epoch_micro_batches: int) -> RunPlan:
         max_steps = config.max_steps
         if config.epochs:
             steps_per_epoch = max(1, epoch_micro_batches // world.size // config.grad_accum)
             max_steps = math.ceil(config.epochs * steps_per_epoch)
-        return cls(device, config.precision, world, max_steps, min(max_steps, config.stop_after or max_steps))
+        return cls(config.precision, world, max_steps, min(max_steps, config.stop_after or max_steps))
 
     def record(self, run_dir: Path) -> None:
         """`plan.json`: the derived values beside `config.json`, which holds the flags as given (`auto` settled)."""
-        values = dict(device=self.device, precision=self.precision, world_size=self.world.size, max_steps=self.max_steps,
+        values = dict(device=self.world.device, precision=self.precision, world_size=self.world.size, max_steps=self.max_steps,
                       last_step=self.last_step)
         files.write_text(run_dir / "plan.json", json.dumps(values, indent=2))
 
@@ -165,11 +164,11 @@ def train(config: TrainConfig) -> Path:
     if config.export_from:
         return export_checkpoint(config.export_from)
     settled = settle_auto(config, torch.cuda.is_available())
-    world, device = parallel.start_processes(settled.device)
+    world = parallel.start_processes(settled.device)
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         with contextlib.ExitStack() as on_exit:
-            return _train(settled, config, world, device, on_exit)
+            return _train(settled, config, world, on_exit)
     finally:
         for signum, handler in handlers.items():
             if handler is not None:
@@ -177,7 +176,7 @@ def train(config: TrainConfig) -> Path:
         parallel.stop_processes(world)
 
 
-def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, on_exit: contextlib.ExitStack) -> Path:
+def _train(config: TrainConfig, given: TrainConfig, world: World, on_exit: contextlib.ExitStack) -> Path:
     say = print if world.main else (lambda *args, **kwargs: None)
     if config.inspect:  # claims no name and touches no run: reports of rejected rows go to a temporary folder
         run_dir, resume_from, saved = Path(tempfile.mkdtemp(prefix="inspect-")), None, None
@@ -187,20 +186,20 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     seed_everything(config.seed)
 
     # model pieces and data: rows whose every problem was counted and reported
-    bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=device)
+    bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=world.device)
     sets = loader.training_sets(config, bundle, world, run_dir)
     builder = sets[0].builder
-    validations = heldout.load_validation(config, bundle, builder.codes, world, device, run_dir)
+    validations = heldout.load_validation(config, bundle, builder.codes, world, run_dir)
     if len(validations) > 1 and "@" not in config.best_by:
         say(f"--best-by {config.best_by} is the first validation set's, {validations[0].name} (METRIC@SET names another)")
     loader.report_overlap([row for each in sets for row in each.rows], [row for each in validations for row in each.rows],
                           config, world)
 
     # the model as trained, the schedule, the first batch
-    model = trainable.prepare_model(bundle.model, config, world, device)
+    model = trainable.prepare_model(bundle.model, config, world)
     say(describe_model(model, config, world))
     first_epoch = loader.epoch_batches(sets[0].rows, config, 0, builder)
-    plan = RunPlan.derive(config, world, device, len(first_epoch))
+    plan = RunPlan.derive(config, world, len(first_epoch))
     if config.epochs:
         say(f"{config.epochs:g} epochs: a schedule of {plan.max_steps} steps")
     if world.main and not config.inspect:
@@ -210,7 +209,7 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     if config.inspect:
         return run_dir
 
-    optimizer = trainable.build_optimizer(model, config, device)
+    optimizer = trainable.build_optimizer(model, config, world.device)
     run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
@@ -305,7 +304,7 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
         interval.begin_step()
         micro = batches.take(config.grad_accum)
         lr = trainable.lr_at(state.step, config, plan.max_steps)
-        stats = trainable.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, plan.device, lr,
+        stats = trainable.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, lr,
                                     [m.set_name for m in micro])
         skipped.add(state.step, stats.skipped, [pair.id for m in micro for pair in m.pairs])
         state.step, state.position = state.step + 1, micro[-1].position
@@ -334,8 +333,7 @@ def evaluate_and_select(model, optimizer, state: LoopState, run: Run) -> None:
     process 0 alone makes, can be survived: one process's failure elsewhere leaves the others in a collective)."""
     model.eval()
     try:
-        scores = heldout.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
-                                           run.writer, state.step)
+        scores = heldout.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.writer, state.step)
     except Exception as error:
         if run.plan.world.distributed:
             raise
@@ -361,8 +359,8 @@ def evaluate_first(model, state: LoopState, run: Run) -> None:
     """The evaluation before the first step, from which relative --guard bounds are measured (logged at step
     0; no candidate for best.pt)."""
     model.eval()
-    run.guards.record_first(heldout.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.plan.device,
-                                                      run.writer, state.step))
+    run.guards.record_first(heldout.evaluate_in_loop(model, run.validations, run.config, run.plan.world, run.writer,
+                                                      state.step))
     run.say("--guard bounds measured from: " + ", ".join(f"{text} {value:.4f}" for text, value in run.guards.first.items()))
     model.train()
 

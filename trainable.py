@@ -1,8 +1,8 @@
 """The training step, and the model as the step trains it.
 
-    model = prepare_model(bundle.model, config, world, device)     # what is trained, memory, compile, DDP/FSDP2
-    optimizer = build_optimizer(model, config, device)
-    stats = train_step(model, optimizer, micro_batches, config, world, device, lr_at(step, config, max_steps))
+    model = prepare_model(bundle.model, config, world)     # what is trained, memory, compile, DDP/FSDP2
+    optimizer = build_optimizer(model, config, world.device)
+    stats = train_step(model, optimizer, micro_batches, config, world, lr_at(step, config, max_steps))
 
 `prepare_model` makes the model the step trains; its memory options change
 how the package's model computes, never what: text logits only where a text
@@ -51,7 +51,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # --------------------------------------------------------------------------
 
 
-def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.World, device: str) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.World) -> torch.nn.Module:
     """What is trained (`--scope`, or LoRA adapters), the memory options, activation checkpointing per
     decoder layer, compile (`--compile`, per layer or whole), then DDP or FSDP2 across processes: the model
     `train_step` steps."""
@@ -63,7 +63,7 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.W
     wrap_decoder_layers(model, config)
     if config.compile:
         compile_model(model, config.compile_scope)
-    return parallel.wrap_model(model, config.parallel, config.precision, world, device)
+    return parallel.wrap_model(model, config.parallel, config.precision, world)
 
 
 def select_trainable(model: torch.nn.Module, scope: str) -> None:
@@ -386,7 +386,7 @@ def loss_names(num_codebooks: int) -> list[str]:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[HiggsAudioBatchInput],
-               config: TrainConfig, world: parallel.World, device: str, lr: float,
+               config: TrainConfig, world: parallel.World, lr: float,
                set_names: list[str] | None = None) -> StepStats:
     """One optimizer step at learning rate `lr` over `batches`, the step's micro-batches (its gradient accumulation).
 
@@ -401,6 +401,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     (`syncs.py` counts; tests/test_trainable.py checks).
     """
     set_learning_rate(optimizer, lr)
+    device = world.device
     model_config = model_utils.higgs_model(parallel.unwrap(model)).config
     codebooks, stream_eos = model_config.audio_num_codebooks, model_config.audio_codebook_size + 1
     losses = torch.zeros(3 + codebooks, dtype=torch.float64, device=device)

@@ -54,6 +54,7 @@ import manifest  # noqa: E402
 import model_utils  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
+from codes import EncodedClips, audio_tokenizer_id, read_prepared, verify_shard  # noqa: E402
 from config import TrainConfig  # noqa: E402
 
 DEMO_MANIFEST = ROOT / "demo" / "data" / "manifest.jsonl"
@@ -92,12 +93,12 @@ def benchmark_cache(bundle: model_utils.Bundle, epochs: int, cache: str) -> None
     again = prepare.prepare(DEMO_MANIFEST, cache, bundle.audio_tokenizer, bundle.tokenizer)
     print(f"prepare again: {again.encoded} encoded, {again.reused} reused, in {time.perf_counter() - started:.2f} s")
 
-    prepared = prepare.read_prepared(cache, prepare.audio_tokenizer_id(bundle.audio_tokenizer))
+    prepared = read_prepared(cache, audio_tokenizer_id(bundle.audio_tokenizer))
     codes = prepared.codes
     print(f"checksums: {codes.verified_shards} shard(s), {codes.verified_bytes / 1e3:.1f} kB, verified in "
           f"{1000 * codes.verify_seconds:.1f} ms")
     cached_rate, cached = samples_per_second(prepared.rows, lambda: prepared.codes, bundle.tokenizer, epochs)
-    fly_rate, on_the_fly = samples_per_second(prepared.rows, lambda: prepare.EncodedClips(bundle.audio_tokenizer),
+    fly_rate, on_the_fly = samples_per_second(prepared.rows, lambda: EncodedClips(bundle.audio_tokenizer),
                                               bundle.tokenizer, 1)
     if not same_samples(cached, on_the_fly):
         raise SystemExit("error: cached and on-the-fly samples differ")
@@ -116,7 +117,7 @@ def benchmark_verification(megabytes: int) -> None:
         digest = hashlib.sha256((shards / "big.npy").read_bytes()).hexdigest()
         (shards / "big.json").write_text(json.dumps({"codes_sha256": digest, "codes_shape": list(codes.shape), "entries": {}}))
         started = time.perf_counter()
-        size = prepare.verify_shard(shards / "big.json")
+        size = verify_shard(shards / "big.json")
         seconds = time.perf_counter() - started
     print(f"checksums: {size / 1e6:.0f} MB verified in {seconds:.2f} s: {seconds / size * 1e9:.1f} s per GB "
           f"(1M utterances of 6 s are about {1e6 * 6 * 25 * 8 * 2 / 1e9:.1f} GB of codes)")

@@ -50,8 +50,8 @@ import loader  # noqa: E402
 import manifest  # noqa: E402
 import memory_plan  # noqa: E402
 import model_utils  # noqa: E402
-import prepare  # noqa: E402
 import trainable  # noqa: E402
+from codes import EncodedClips  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from parallel import World  # noqa: E402
 
@@ -62,7 +62,7 @@ PARTS = ("shares", "effect", "time", "memory")
 def language_batches(bundle: model_utils.Bundle, folder: Path) -> dict[str, list]:
     """The demo's pairs of each language in micro-batches of 3."""
     rows = [json.loads(line) for line in (DEMO / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    codes = prepare.EncodedClips(bundle.audio_tokenizer)
+    codes = EncodedClips(bundle.audio_tokenizer)
     builder = loader.BatchBuilder(bundle, TrainConfig(device="cpu"), codes)
     batches = {}
     for language in ("ar", "en"):
@@ -91,7 +91,7 @@ def loss_and_kl(model, batches: list) -> tuple[float, float]:
 def lora_model(base: torch.nn.Module, settings: TrainConfig) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return trainable.prepare_model(copy.deepcopy(base), settings, World(), "cpu").train()
+        return trainable.prepare_model(copy.deepcopy(base), settings, World()).train()
 
 
 def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[float], steps: int) -> None:
@@ -108,7 +108,7 @@ def effect(bundle: model_utils.Bundle, batches: dict[str, list], weights: list[f
         started = time.perf_counter()
         for step in range(steps):
             lr = trainable.lr_at(step, settings, steps)
-            trainable.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), "cpu", lr)
+            trainable.train_step(model, optimizer, [batches["ar"][step % len(batches["ar"])]], settings, World(), lr)
         seconds = (time.perf_counter() - started) / steps
         (ar_loss, ar_kl), (en_loss, en_kl) = loss_and_kl(model, batches["ar"]), loss_and_kl(model, batches["en"])
         print(f"{weight:9g}  {ar_loss:8.4f}  {ar_kl:8.5f}  {en_loss:8.4f}  {en_kl:8.5f}  {seconds:7.3f}")
@@ -123,7 +123,7 @@ def alternating_step_seconds(models: dict[float, torch.nn.Module], batch, settin
     for round_ in range(count + 1):
         for weight, model in models.items():
             started = time.perf_counter()
-            trainable.train_step(model, optimizers[weight], [batch], settings[weight], World(), "cpu", settings[weight].lr)
+            trainable.train_step(model, optimizers[weight], [batch], settings[weight], World(), settings[weight].lr)
             if round_:
                 times[weight].append(time.perf_counter() - started)
     return {weight: statistics.median(seconds) for weight, seconds in times.items()}

@@ -127,7 +127,7 @@ def our_loop(model, steps: list[list], settings: TrainConfig, device: str, warmu
         _synchronize(device)
         started = time.perf_counter()
         lr = trainable.lr_at(index, settings, settings.max_steps)
-        stats.append(trainable.train_step(model, optimizer, micro_batches, settings, World(), device, lr))
+        stats.append(trainable.train_step(model, optimizer, micro_batches, settings, World(device=device), lr))
         _synchronize(device)
         if index >= warmup:
             times.append(time.perf_counter() - started)

@@ -170,7 +170,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
 def test_a_damaged_shard_of_a_sharded_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path, capsys):
     """FSDP checkpoints (`step_N.dcp/`): a truncated `.distcp` shard is named and the previous checkpoint used;
     reading it anyway is one ValueError, not torch's CheckpointException (a BaseException)."""
-    model = trainable.prepare_model(copy.deepcopy(tiny.model), config.TrainConfig(scope="audio"), World(), "cpu")
+    model = trainable.prepare_model(copy.deepcopy(tiny.model), config.TrainConfig(scope="audio"), World())
     optimizer = trainable.build_optimizer(model, config.TrainConfig(), "cpu")
     run = tmp_path / "run"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -370,11 +370,11 @@ def test_8bit_adamw_state_survives_a_checkpoint_exactly(tmp_path, tiny, batches)
     def fresh():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = trainable.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train()
+            model = trainable.prepare_model(copy.deepcopy(tiny.model), settings, World()).train()
         return model, trainable.build_optimizer(model, settings, "cpu")
 
     def steps(model, optimizer, count):
-        return [trainable.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", 1e-3).read(World()).losses["total"]
+        return [trainable.train_step(model, optimizer, [batches[1]], settings, World(), 1e-3).read(World()).losses["total"]
                 for _ in range(count)]
 
     model, optimizer = fresh()

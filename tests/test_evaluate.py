@@ -22,6 +22,7 @@ import manifest
 import metrics
 import model_utils
 import prepare
+from codes import EncodedClips
 from conftest import DEMO_DIR, ROOT, write_jsonl
 
 
@@ -174,7 +175,7 @@ def test_speaker_rows_are_paired_as_in_training_by_the_seed():
 def test_clones_are_deterministic_with_a_seed(demo_clips, tiny, judge):
     pair = manifest.Pair("en_female_1", demo_clips["en_female_0"]["audio"], "ref", demo_clips["en_female_1"]["audio"],
                          "Please bring me a cup of tea.")
-    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    codes = EncodedClips(tiny.audio_tokenizer)
     settings = evaluate.CloneSettings(generation.Sampling(seed=3, max_seconds=0.3), data.PromptLayout())  # sampled, not greedy
     first, second = (list(evaluate.clones_of(tiny, [pair], codes, settings))[0][1] for _ in range(2))
     assert np.array_equal(first.waveform, second.waveform)
@@ -184,7 +185,7 @@ def test_clones_are_deterministic_with_a_seed(demo_clips, tiny, judge):
 def test_a_clone_that_yields_no_clip_is_a_row_with_its_error_and_no_values(demo_clips, tiny, judge):
     pair = manifest.Pair("en_female_1", demo_clips["en_female_0"]["audio"], "ref", demo_clips["en_female_1"]["audio"], "Hello.")
     settings = evaluate.CloneSettings(generation.Sampling(greedy=True, max_seconds=0.01), data.PromptLayout())  # no frame fits
-    [(_, clone)] = evaluate.clones_of(tiny, [pair], prepare.EncodedClips(tiny.audio_tokenizer), settings)
+    [(_, clone)] = evaluate.clones_of(tiny, [pair], EncodedClips(tiny.audio_tokenizer), settings)
     record = evaluate.score_row(judge, pair, "en", clone, 24000)
     assert record["error"] == "the model ended the clip before producing any frame"
     assert record["sim"] is None and record["stopped"] is None and record["target_sim"] is not None

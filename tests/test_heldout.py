@@ -106,14 +106,14 @@ def test_clip_metrics_cannot_choose_checkpoints_where_nothing_is_generated():
         return [heldout.Validation(name, rows, pairs, None)]
 
     with pytest.raises(ValueError, match="--best-by sim needs generated validation clips, which FSDP does not make"):
-        heldout.attach_judges(one_set([]), config.TrainConfig(best_by="sim", parallel="fsdp"), World(0, 2, 0), "cpu")
+        heldout.attach_judges(one_set([]), config.TrainConfig(best_by="sim", parallel="fsdp"), World(0, 2, 0))
     with pytest.raises(ValueError, match="--guard wer@ar<=0.5 needs generated validation clips"):
         heldout.attach_judges(one_set([], "ar"), config.TrainConfig(val_manifest="ar=ar.jsonl", guard=("wer@ar<=0.5",),
-                                                                     parallel="fsdp"), World(0, 2, 0), "cpu")
+                                                                     parallel="fsdp"), World(0, 2, 0))
     with pytest.raises(ValueError, match="no ASR"):
-        heldout.attach_judges(one_set([{"id": "ar_male_1", "language": "ar"}]), config.TrainConfig(best_by="wer"), World(), "cpu")
+        heldout.attach_judges(one_set([{"id": "ar_male_1", "language": "ar"}]), config.TrainConfig(best_by="wer"), World())
     validations = one_set([{"id": "ar_male_1"}])
-    heldout.attach_judges(validations, config.TrainConfig(best_by="wer", eval_language="en"), World(), "cpu")
+    heldout.attach_judges(validations, config.TrainConfig(best_by="wer", eval_language="en"), World())
     [validation] = validations
     assert validation.judge.intelligibility_available(validation.languages["ar_male_1"])
 

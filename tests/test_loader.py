@@ -17,8 +17,8 @@ import collate
 import config
 import loader
 import manifest
-import prepare
 import train
+from codes import EncodedClips
 from conftest import DEMO_DIR, train_config
 from parallel import World
 
@@ -34,7 +34,7 @@ def demo_manifest(folder, count=6):
 @pytest.fixture(scope="module")
 def demo(tiny, tmp_path_factory):
     """Six demo rows, validated and encoded."""
-    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    codes = EncodedClips(tiny.audio_tokenizer)
     return manifest.check_manifest(demo_manifest(tmp_path_factory.mktemp("demo")), codes).kept, codes
 
 
@@ -99,7 +99,7 @@ def test_training_with_prefetch_gives_the_same_losses_and_logs_the_data_wait(tmp
 
 def test_token_budget_micro_batches_stay_within_the_budget(tmp_path, small_manifest, tiny):
     settings = train_config(tmp_path, small_manifest, batch_tokens=500)
-    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    codes = EncodedClips(tiny.audio_tokenizer)
     rows = manifest.check_manifest(small_manifest, codes).kept
     maker = loader.BatchBuilder(tiny, settings, codes)
     batches = loader.epoch_batches(rows, settings, 0, maker)

@@ -14,7 +14,7 @@ import data
 import loader
 import manifest
 import model_utils
-import prepare
+from codes import EncodedClips
 
 RATE = 16000
 
@@ -147,7 +147,7 @@ def messy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def messy_codes(tiny):
-    return prepare.EncodedClips(tiny.audio_tokenizer)
+    return EncodedClips(tiny.audio_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def lengths_manifest(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lengths_codes(tiny):
-    return prepare.EncodedClips(tiny.audio_tokenizer)
+    return EncodedClips(tiny.audio_tokenizer)
 
 
 def test_duration_and_language_filters_count_each_exclusion(lengths_manifest, lengths_codes):
@@ -306,7 +306,7 @@ def test_pairs_are_drawn_anew_each_epoch_deterministically_and_cover_every_other
 def test_validation_reports_a_speaker_whose_other_rows_are_the_same_clip(tmp_path, tiny):
     write_tone(tmp_path / "one.wav", 300)
     manifest_path = write_manifest(tmp_path / "m.jsonl", [row("x", "one.wav"), row("y", "one.wav")])
-    result = manifest.check_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
+    result = manifest.check_manifest(manifest_path, EncodedClips(tiny.audio_tokenizer))
     assert result.kept == [] and [r.reason for r in result.rejections] == ["lone_speaker", "lone_speaker"]
 
 
@@ -330,7 +330,7 @@ def demo_rows(tiny, tmp_path_factory):
                      audio=rows[4]["audio"], text="New words [applause]", scene="Outdoors, windy."))
     manifest_path = tmp_path_factory.mktemp("planning") / "manifest.jsonl"
     manifest_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    codes = EncodedClips(tiny.audio_tokenizer)
     kept = manifest.check_manifest(manifest_path, codes).kept
     assert len(kept) == len(rows)
     return kept, codes
@@ -374,7 +374,7 @@ def test_rows_without_counts_are_an_error():
 def test_a_row_with_nothing_speakable_is_rejected(tiny, tmp_path):
     manifest_path = tmp_path / "m.jsonl"
     manifest_path.write_text(json.dumps({"id": "a", "ref_audio": "r.wav", "ref_text": "hi", "audio": "t.wav", "text": "😀"}) + "\n")
-    result = manifest.check_manifest(manifest_path, prepare.EncodedClips(tiny.audio_tokenizer))
+    result = manifest.check_manifest(manifest_path, EncodedClips(tiny.audio_tokenizer))
     assert result.counts() == {"empty_text": 1}
 
 
@@ -400,7 +400,7 @@ def short_references(tmp_path_factory):
 def test_a_reference_outside_the_limits_is_never_used_and_is_counted(short_references, tiny):
     """Issue 18 #10: training and --eval (both check_manifest + training_pairs) took 0.2 s references that
     infer.py refuses."""
-    result = manifest.check_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer))
+    result = manifest.check_manifest(short_references, EncodedClips(tiny.audio_tokenizer))
     # t0 has no other clip that can refer, and once it is out neither has t-short.
     assert {r.id: r.reason for r in result.rejections} == {
         "t0": "lone_speaker", "t-short": "lone_speaker", "paired-short": "reference_too_short", "blip": "too_short"}
@@ -418,7 +418,7 @@ def test_the_limits_are_one_table_that_filters_narrow_and_never_widen(short_refe
     assert not data.LIMITS.reference_fits(0.2) and not data.LIMITS.reference_fits(60.0) and data.LIMITS.reference_fits(1.0)
     assert manifest.Filters().max_text_chars == data.LIMITS.max_text_chars
     with pytest.raises(ValueError, match="over the 1000 of data.LIMITS"):
-        manifest.check_manifest(short_references, prepare.EncodedClips(tiny.audio_tokenizer),
+        manifest.check_manifest(short_references, EncodedClips(tiny.audio_tokenizer),
                                    filters=manifest.Filters(max_text_chars=5000))
 
 
@@ -440,7 +440,7 @@ def test_rows_store_the_canonical_tag_and_a_filter_keeps_its_regional_variants(t
     rows = [row("a", "0.wav", language="EN"), row("b", "1.wav", language="en_us"), row("c", "2.wav", language="en-GB"),
             row("d", "3.wav", language="ar"), row("e", "3.wav", language="english")]
     path = write_manifest(tmp_path / "m.jsonl", rows)
-    result = manifest.check_manifest(path, prepare.EncodedClips(tiny.audio_tokenizer),
+    result = manifest.check_manifest(path, EncodedClips(tiny.audio_tokenizer),
                                         filters=manifest.Filters(languages=("en",)))
     assert [(kept["id"], kept["language"]) for kept in result.kept] == [("a", "en"), ("b", "en-US"), ("c", "en-GB")]
     assert result.counts() == {"language": 1, "bad_language": 1}

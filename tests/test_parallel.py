@@ -23,6 +23,7 @@ import model_utils
 import parallel
 import prepare
 import train
+from codes import read_prepared
 from conftest import ROOT, logged, train_config
 
 STEPS = 4
@@ -174,7 +175,7 @@ def test_fsdp_policy_gathers_in_bf16_and_keeps_fp32_master_weights_and_gradients
         seen = []
         projection = model.layers[0].self_attn.q_proj
         projection.register_forward_hook(lambda module, inputs, output: seen.append((module.weight.dtype, inputs[0].dtype)))
-        prepared = prepare.read_prepared(cache)
+        prepared = read_prepared(cache)
         maker = loader.BatchBuilder(tiny, settings, prepared.codes)
         batch = maker.batch(manifest.training_pairs(prepared.rows, 0, 0)[0][:1])
         loss = model_utils.compute_loss(model(**collate.batch_to_model_inputs(batch, "cpu")), batch.label_audio_ids)

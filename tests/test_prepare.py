@@ -17,6 +17,9 @@ from test_manifest import messy, row, write_manifest, write_tone  # noqa: F401 (
 import manifest
 import model_utils
 import prepare
+from codes import EncodedClips, PreparedCodes, audio_tokenizer_id, read_index, read_prepared, read_shard, verify_shard
+
+# --------------------------------------------------------------------------
 
 # --------------------------------------------------------------------------
 # The prepare step and its cache
@@ -52,8 +55,8 @@ def test_each_clip_is_encoded_once_even_as_reference_and_target_and_under_two_na
 
 def test_cached_codes_equal_on_the_fly_codes_and_give_the_same_samples(prepared, clips, tiny):
     cache, _ = prepared
-    cached = prepare.read_prepared(cache, prepare.audio_tokenizer_id(tiny.audio_tokenizer))
-    on_the_fly = prepare.EncodedClips(tiny.audio_tokenizer)
+    cached = read_prepared(cache, audio_tokenizer_id(tiny.audio_tokenizer))
+    on_the_fly = EncodedClips(tiny.audio_tokenizer)
     paths = sorted({r[key] for r in cached.rows for key in ("audio", "ref_audio") if key in r})
     assert len(paths) == 7
     for path in paths:
@@ -68,7 +71,7 @@ def test_cached_codes_equal_on_the_fly_codes_and_give_the_same_samples(prepared,
 
 def test_training_reads_the_counts_that_prepare_printed(prepared):
     cache, result = prepared
-    assert prepare.read_prepared(cache).summary == result.checked.summary()
+    assert read_prepared(cache).summary == result.checked.summary()
     report = (cache / "report.jsonl").read_text()
     assert report == ""
 
@@ -90,9 +93,9 @@ def test_a_prepare_stopped_midway_resumes_with_the_clips_it_did_not_encode(clips
 
     with pytest.raises(manifest.ManifestError, match=r"stops.jsonl:4: missing_audio"):
         prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(strict=True, batch_size=2))
-    assert len(prepare.read_index(cache)) == 3  # a full shard of 2 and the 1 flushed at the stop
+    assert len(read_index(cache)) == 3  # a full shard of 2 and the 1 flushed at the stop
     with pytest.raises(FileNotFoundError, match="no finished prepare"):
-        prepare.read_prepared(cache)
+        read_prepared(cache)
 
     resumed = prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(batch_size=2))
     assert (resumed.encoded, resumed.reused) == (3, 3)
@@ -104,7 +107,7 @@ def test_a_strict_stop_leaves_the_previous_finished_prepare_readable(prepared, c
     manifest_path = write_manifest(tmp_path / "m.jsonl", [row("s0", str(clips[0] / "0.wav")), row("x", "gone.wav")])
     with pytest.raises(manifest.ManifestError, match="m.jsonl:2: missing_audio"):
         prepare.prepare(manifest_path, cache, tiny.audio_tokenizer, options=prepare.Options(strict=True))
-    assert prepare.read_prepared(cache).summary == result.checked.summary()
+    assert read_prepared(cache).summary == result.checked.summary()
 
 
 def test_files_of_an_interrupted_commit_are_ignored_and_removed(prepared, clips, tiny, tmp_path, capsys):
@@ -115,7 +118,7 @@ def test_files_of_an_interrupted_commit_are_ignored_and_removed(prepared, clips,
     # Killed while writing codes (a temporary file), and between the codes and the entries that commit them.
     (cache / "shards" / "deadbeef.npy.tmp").write_bytes(shard.read_bytes()[:100])
     (cache / "shards" / "deadbeef.npy").write_bytes(shard.read_bytes())
-    assert prepare.read_index(cache) == {}
+    assert read_index(cache) == {}
 
     result = prepare.prepare(clips[1], cache, tiny.audio_tokenizer)
     assert "removed 2 uncommitted file(s)" in capsys.readouterr().err
@@ -142,11 +145,11 @@ def test_a_killed_prepare_leaves_whole_shards_and_resumes(clips, tiny, tmp_path)
     process.kill()
     assert process.wait() != 0, "the prepare finished before it could be killed"
 
-    committed = prepare.read_index(cache)
+    committed = read_index(cache)
     assert 1 <= len(committed) < 6
     for entry_file in cache.glob("shards/*.json"):
-        entries = prepare.read_shard(entry_file)["entries"]
-        prepare.verify_shard(entry_file)
+        entries = read_shard(entry_file)["entries"]
+        verify_shard(entry_file)
         codes = np.load(entry_file.with_suffix(".npy"))
         assert codes.shape == (8, sum(entry["frames"] for entry in entries.values()))
 
@@ -165,12 +168,12 @@ def test_another_audio_tokenizer_never_reuses_the_codes(clips, tiny, tmp_path):
 
     assert (second.encoded, second.reused) == (2, 0)
     assert {r["audio_key"] for r in first.checked.kept}.isdisjoint(r["audio_key"] for r in second.checked.kept)
-    cached = prepare.read_prepared(cache, prepare.audio_tokenizer_id(other))
+    cached = read_prepared(cache, audio_tokenizer_id(other))
     path = cached.rows[0]["audio"]
-    assert torch.equal(cached.codes(path), prepare.EncodedClips(other)(path))
-    assert not torch.equal(cached.codes(path), prepare.EncodedClips(tiny.audio_tokenizer)(path))
+    assert torch.equal(cached.codes(path), EncodedClips(other)(path))
+    assert not torch.equal(cached.codes(path), EncodedClips(tiny.audio_tokenizer)(path))
     with pytest.raises(ValueError, match="prepare it again"):
-        prepare.read_prepared(cache, prepare.audio_tokenizer_id(tiny.audio_tokenizer))
+        read_prepared(cache, audio_tokenizer_id(tiny.audio_tokenizer))
     # Both tokenizers' codes stay, each under its own key.
     assert prepare.prepare(manifest, cache, tiny.audio_tokenizer).reused == 2
 
@@ -211,11 +214,11 @@ def test_a_truncated_shard_is_an_error_naming_it_at_start_or_when_opened(damaged
     cache, shards = damaged_copy
     shards[0].write_bytes(shards[0].read_bytes()[:-40])
     with pytest.raises(ValueError, match="fail their checksum") as error:
-        prepare.read_prepared(cache)
+        read_prepared(cache)
     assert str(shards[0]) in str(error.value) and "prepare" in str(error.value)
 
     # Unverified, the shard is still checked when first opened, hours into a run: the error names it.
-    unverified = prepare.read_prepared(cache, verify=False)
+    unverified = read_prepared(cache, verify=False)
     with pytest.raises(ValueError) as error:
         for kept in unverified.rows:
             unverified.codes(kept["audio"])
@@ -229,7 +232,7 @@ def test_an_empty_or_altered_shard_fails_its_checksum(damaged_copy, damage):
     codes[-3] ^= 0xFF
     shards[1].write_bytes(b"" if damage == "empty" else bytes(codes))
     with pytest.raises(ValueError, match="fail their checksum") as error:
-        prepare.read_prepared(cache)
+        read_prepared(cache)
     assert str(shards[1]) in str(error.value)
 
 
@@ -238,13 +241,13 @@ def test_a_bad_entry_file_is_an_error_naming_it(damaged_copy):
     entry_file = shards[0].with_suffix(".json")
     entry_file.write_text('{"entries": {"abc', encoding="utf-8")
     with pytest.raises(ValueError) as error:
-        prepare.read_prepared(cache)
+        read_prepared(cache)
     assert str(entry_file) in str(error.value)
 
 
 def test_prepare_re_encodes_the_damaged_shards(damaged_copy, clips, tiny, capsys):
     cache, shards = damaged_copy
-    frames = [sum(e["frames"] for e in prepare.read_shard(s.with_suffix(".json"))["entries"].values()) for s in shards]
+    frames = [sum(e["frames"] for e in read_shard(s.with_suffix(".json"))["entries"].values()) for s in shards]
     shards[0].write_bytes(shards[0].read_bytes()[:-40])
     shards[1].with_suffix(".json").write_text("not json", encoding="utf-8")
 
@@ -252,8 +255,8 @@ def test_prepare_re_encodes_the_damaged_shards(damaged_copy, clips, tiny, capsys
     assert again.repaired == 2 and (again.encoded, again.reused) == (6, 1), frames
     err = capsys.readouterr().err
     assert str(shards[0]) in err and str(shards[1].with_suffix(".json")) in err
-    cached = prepare.read_prepared(cache, prepare.audio_tokenizer_id(tiny.audio_tokenizer))
-    on_the_fly = prepare.EncodedClips(tiny.audio_tokenizer)
+    cached = read_prepared(cache, audio_tokenizer_id(tiny.audio_tokenizer))
+    on_the_fly = EncodedClips(tiny.audio_tokenizer)
     assert all(torch.equal(cached.codes(r["audio"]), on_the_fly(r["audio"])) for r in cached.rows)
     assert json.loads((cache / "summary.json").read_text())["repaired"] == 2
 
@@ -288,7 +291,7 @@ def test_a_second_prepare_of_a_cache_is_refused_naming_the_lock_and_its_holder(c
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=120) == 0
     assert not (cache / "prepare.lock").exists()
-    assert prepare.read_prepared(cache).summary == "rows read 7 = kept 7 + rejected 0"
+    assert read_prepared(cache).summary == "rows read 7 = kept 7 + rejected 0"
 
 
 def test_the_lock_of_a_killed_prepare_is_taken_over(clips, tiny, tmp_path, capsys):
@@ -390,7 +393,7 @@ def _cache_contents(cache):
     rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
     summary = json.loads((cache / "summary.json").read_text())
     counts = {key: summary[key] for key in ("rows_read", "kept", "rejected", "audio_tokenizer", "targets_only")}
-    codes = prepare.PreparedCodes(cache, rows, 24000)
+    codes = PreparedCodes(cache, rows, 24000)
     clips = {r[key]: codes(r[key]).tolist() for r in rows for key in ("ref_audio", "audio") if key in r}
     return rows, (cache / "report.jsonl").read_text(), counts, clips
 
@@ -413,7 +416,7 @@ def test_two_gloo_processes_make_the_cache_one_makes_and_resume_after_one_is_kil
         os.kill(pid, signal.SIGKILL)
     assert killed.wait(timeout=180) != 0, "the two processes finished before one could be killed"
     assert not (cache / "summary.json").exists()
-    committed = prepare.read_index(cache)
+    committed = read_index(cache)
     assert 1 <= len(committed) < 4
 
     resumed = _torchrun_prepare(manifest_path, cache)

@@ -124,7 +124,7 @@ def test_the_printed_resume_command_is_the_same_on_a_gpu_machine_and_a_cpu_one(t
     commands = set()
     for cuda in (True, False):
         settled = config.settle_auto(given, cuda)
-        plan = train.RunPlan(settled.device, settled.precision, World(), 9, 9)
+        plan = train.RunPlan(settled.precision, World(device=settled.device), 9, 9)
         run = train.Run(settled, given, plan, tmp_path / "run", None, [], {}, {}, heldout.Guards([]))
         commands.add(run.resume_command())
     assert commands == {f"python train.py --out-dir {tmp_path} --max-steps 9 --run-name run --resume"}

@@ -18,9 +18,9 @@ import model_utils
 import syncs
 
 
-import prepare
 import train
 import trainable
+from codes import EncodedClips
 from conftest import train_config
 from parallel import World
 
@@ -30,7 +30,7 @@ def _prepared(tiny, **settings) -> tuple[torch.nn.Module, config.TrainConfig]:
     settings = config.TrainConfig(**{"device": "cpu", **settings})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return trainable.prepare_model(copy.deepcopy(tiny.model), settings, World(), "cpu").train(), settings
+        return trainable.prepare_model(copy.deepcopy(tiny.model), settings, World()).train(), settings
 
 
 def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity_case):
@@ -40,7 +40,7 @@ def test_bf16_training_with_both_fixes_stays_close_to_fp32(tiny, batches, parity
     for precision in ("fp32", "bf16"):
         model, settings = _prepared(tiny, scope="lora", precision=precision, lora_rank=4, lr=1e-3, grad_clip=0.0)
         optimizer = trainable.build_optimizer(model, settings, "cpu")
-        steps = [trainable.train_step(model, optimizer, [batches[1]], settings, World(), "cpu", settings.lr) for _ in range(3)]
+        steps = [trainable.train_step(model, optimizer, [batches[1]], settings, World(), settings.lr) for _ in range(3)]
         losses[precision] = [stats.read(World()).losses["total"] for stats in steps]
     assert all(torch.isfinite(torch.tensor(losses["bf16"])))
     assert losses["bf16"][-1] < losses["bf16"][0]
@@ -89,14 +89,14 @@ def test_a_non_finite_loss_skips_the_update_and_says_so(tiny, batches, fused):
     model, settings = _prepared(tiny, scope="audio")
     optimizer = trainable.build_optimizer(model, settings, "cuda" if fused else "cpu")
     assert bool(optimizer.defaults["fused"]) == fused
-    finite = trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
+    finite = trainable.train_step(model, optimizer, [batches[0]], settings, World(), settings.lr)
     assert not finite.read(World()).skipped
     head = model_utils.higgs_model(model).audio_decoder_proj.audio_lm_head.weight
     with torch.no_grad():
         head[0, 0] = float("nan")
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     state = copy.deepcopy(optimizer.state_dict()["state"])
-    values = trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World())
+    values = trainable.train_step(model, optimizer, [batches[0]], settings, World(), settings.lr).read(World())
     assert values.skipped and values.losses["total"] != values.losses["total"]
     after = dict(model.named_parameters())
     assert all(torch.equal(before[name], after[name].detach()) or name.endswith("audio_lm_head.weight") for name in before)
@@ -110,7 +110,7 @@ def test_the_step_reads_what_compute_loss_gives_and_counts_what_the_model_saw(ti
     with torch.no_grad():
         outputs = copy.deepcopy(model)(**collate.batch_to_model_inputs(batch, "cpu"))
     reference, mask = model_utils.compute_loss(outputs, batch.label_audio_ids), outputs.attention_mask
-    stats = trainable.train_step(model, trainable.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", 1e-3)
+    stats = trainable.train_step(model, trainable.build_optimizer(model, settings, "cpu"), [batch], settings, World(), 1e-3)
     assert all(tensor.device.type == "cpu" and not tensor.requires_grad for tensor in (stats.losses, stats.counts, stats.hits))
     values = stats.read(World())
     assert values.losses["total"] == pytest.approx(float(reference.total), rel=1e-6)
@@ -134,7 +134,7 @@ def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tiny, batches, opti
     model, settings = _prepared(tiny, scope="full", grad_checkpoint=True, optimizer=optimizer)
     built = trainable.build_optimizer(model, settings, "cuda")
     with syncs.SyncCounter(model) as counter:
-        stats = trainable.train_step(model, built, [batches[1], batches[0]], settings, World(), "cpu", 1e-3)
+        stats = trainable.train_step(model, built, [batches[1], batches[0]], settings, World(), 1e-3)
     ours = [(sync.operator, sync.where) for sync in counter.ours()]
     if optimizer == "adamw":
         assert ours == [], ours
@@ -147,12 +147,12 @@ def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tiny, batches, opti
 def test_8bit_adamw_skips_a_non_finite_step_leaving_its_state_alone(tiny, batches):
     model, settings = _prepared(tiny, scope="audio", optimizer="adamw8bit")
     optimizer = trainable.build_optimizer(model, settings, "cpu")
-    trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr)
+    trainable.train_step(model, optimizer, [batches[0]], settings, World(), settings.lr)
     assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in optimizer.state.values())
     with torch.no_grad():
         model_utils.higgs_model(model).audio_decoder_proj.audio_lm_head.weight[0, 0] = float("nan")
     before, state = {name: p.detach().clone() for name, p in model.named_parameters()}, _model_state(optimizer)
-    assert trainable.train_step(model, optimizer, [batches[0]], settings, World(), "cpu", settings.lr).read(World()).skipped
+    assert trainable.train_step(model, optimizer, [batches[0]], settings, World(), settings.lr).read(World()).skipped
     assert all(torch.equal(before[name], p.detach()) or name.endswith("audio_lm_head.weight") for name, p in model.named_parameters())
     after = _model_state(optimizer)
     assert all(torch.equal(after[key][name], state[key][name]) for key in state for name in state[key])
@@ -165,7 +165,7 @@ def test_8bit_adamw_losses_stay_close_to_fp32_adamw(tiny, batches):
     for optimizer in ("adamw", "adamw8bit"):
         model, settings = _prepared(tiny, scope="full", optimizer=optimizer)
         built = trainable.build_optimizer(model, settings, "cpu")
-        losses[optimizer] = [trainable.train_step(model, built, [batches[1]], settings, World(), "cpu", settings.lr)
+        losses[optimizer] = [trainable.train_step(model, built, [batches[1]], settings, World(), settings.lr)
                              .read(World()).losses["total"] for _ in range(5)]
     assert losses["adamw8bit"][-1] < losses["adamw8bit"][0] - 1.0, ("it learns", losses)
     assert max(abs(a - b) for a, b in zip(losses["adamw"], losses["adamw8bit"])) < 0.05 * losses["adamw"][0], losses
@@ -298,7 +298,7 @@ def test_the_whole_model_compiles_with_the_eager_loss_breaking_where_sizes_depen
 @pytest.fixture(scope="module")
 def arabic_and_english(tiny, short_manifest):
     """The short manifest's Arabic pairs (adapted to) and English pairs (held back), one batch each."""
-    codes = prepare.EncodedClips(tiny.audio_tokenizer)
+    codes = EncodedClips(tiny.audio_tokenizer)
     rows = manifest.check_manifest(short_manifest, codes).kept
     builder = loader.BatchBuilder(tiny, config.TrainConfig(device="cpu"), codes)
     return [builder.batch(manifest.training_pairs([row for row in rows if row["language"] == language], 0, 0)[0])
@@ -328,7 +328,7 @@ def test_the_forgetting_guard_keeps_a_held_back_set_nearer_the_base(tiny, arabic
         model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0, kl_weight=weight)
         optimizer = trainable.build_optimizer(model, settings, "cpu")
         for _ in range(4):
-            stats = trainable.train_step(model, optimizer, [arabic], settings, World(), "cpu", settings.lr)
+            stats = trainable.train_step(model, optimizer, [arabic], settings, World(), settings.lr)
         logged[weight] = stats.read(World()).kl
         held_back[weight] = _loss_and_kl(model, english)[1]
     assert logged[0.0] != logged[0.0] and logged[100.0] > 0, "the term is taken, and logged, only with --kl-weight"
@@ -339,7 +339,7 @@ def test_the_base_pass_leaves_the_adapters_on_and_the_kl_pulls_only_the_adapters
     model, settings = _prepared(tiny, scope="lora", lora_rank=4, lr=0.1, warmup_steps=0)
     batch = batches[1]
     assert _loss_and_kl(model, batch)[1] == pytest.approx(0.0, abs=1e-7), "fresh adapters add nothing"
-    trainable.train_step(model, trainable.build_optimizer(model, settings, "cpu"), [batch], settings, World(), "cpu", settings.lr)
+    trainable.train_step(model, trainable.build_optimizer(model, settings, "cpu"), [batch], settings, World(), settings.lr)
     inputs = collate.batch_to_model_inputs(batch, "cpu")
     outputs = model(**inputs)
     kl = trainable.forgetting_kl(model, inputs, outputs.audio_logits, batch.label_audio_ids)
