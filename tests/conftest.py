@@ -8,7 +8,11 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import sys
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, for the commands they start too
+    os.environ["OMP_NUM_THREADS"] = "1"
 from collections.abc import Callable
 from pathlib import Path
 
