@@ -214,13 +214,15 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
-    # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
-    run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
+    # events logged after the checkpoint by an interrupted attempt are dropped (purge_step); the writer's thread and
+    # the prefetch thread end on any exit, since a thread left running as Python exits can abort it (status 134)
+    if world.main:
+        run.writer = on_exit.enter_context(SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None))
     heldout.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
     if validations and config.eval_every and run.guards.needs_first():
         evaluate_first(model, state, run)
     run.stop = StopRequested()
-    batches = loader.Prefetcher(loader.micro_batches(sets, config, state.position, world), config.prefetch)
+    batches = on_exit.enter_context(loader.Prefetcher(loader.micro_batches(sets, config, state.position, world), config.prefetch))
     # closed on any exit, so that an error message starts its own line
     progress = on_exit.enter_context(tqdm(total=plan.last_step, initial=state.step, desc="train", dynamic_ncols=True,
                                           disable=not world.main))

@@ -11,6 +11,8 @@ import pathlib
 import shlex
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ import model_utils
 import prepare
 import train
 import trainable
-from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, logged, run_main, train_config
+from conftest import DEMO_DIR, QUICK_FLAGS, ROOT, error_lines, logged, run_main, train_config
 from parallel import World
 
 
@@ -165,6 +167,39 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
     assert not newest.exists() and newest.with_name(newest.name + ".corrupt").is_file()
     if damage == "bytes flipped mid-tensor":
         assert "its bytes differ from the SHA-256 written with it" in out
+
+
+# A micro-batch that takes a while to build in torch's C++ (long clips, a slow disk), as the prefetch thread
+# builds it: the thread is still inside it when the run ends.
+SLOW_BATCHES = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import loader, train
+built = loader._build_micro_batch
+def slowly_built(source):
+    batch = built(source)
+    product = torch.ones(1200, 1200)
+    for _ in range(3):
+        product = product @ product / 1200
+    return batch
+loader._build_micro_batch = slowly_built
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_after_past_a_damaged_checkpoint_ends_every_thread_and_exits_0(stopped, tmp_path):
+    """Issue 25 item 3: `--resume --stop-after N` after falling back past a damaged checkpoint (no step to take)
+    ended with `terminate called without an active exception`, status 134: the prefetch thread, still building a
+    batch, was left running as Python exited. The real command, in a process of its own."""
+    run = _copy(stopped, tmp_path)
+    newest = run / "checkpoints" / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = subprocess.run([sys.executable, "-c", SLOW_BATCHES.format(root=str(ROOT)), "--cache", str(stopped["cache"]),
+                             "--out-dir", str(run.parent), "--run-name", run.name, "--max-steps", "3", "--save-every", "1",
+                             "--keep-last", "5", "--resume", "--stop-after", "1", *QUICK_FLAGS],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "stopped at step 1" in result.stdout
 
 
 def test_a_damaged_shard_of_a_sharded_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path, capsys):
