@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -201,3 +202,35 @@ def demo_clips(tmp_path_factory) -> dict[str, dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(megabytes)`: a folder on a tmpfs of that size, a real disk that fills up (mounted as root,
+    unmounted after the test); the test is skipped, saying why, where no tmpfs can be mounted."""
+    mounted = []
+
+    def mount(megabytes: float) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(megabytes * 1024)}k", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"a full disk needs a tmpfs, and mounting one failed (root only): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Fill the disk `folder` lies on, so that the next file written there fails with ENOSPC."""
+    with open(folder / "filler", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
