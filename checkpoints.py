@@ -191,8 +191,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def step_checkpoints(folder: Path) -> list[Path]:
     """`step_N.pt` files and `step_N.dcp` directories (FSDP), oldest to newest by step number (not by name)."""
-    found = [path for path in folder.glob("step_*") if STEP_CHECKPOINT.fullmatch(path.name)]
-    return sorted(found, key=lambda path: int(STEP_CHECKPOINT.fullmatch(path.name).group(1)))
+    return sorted((path for path in folder.glob("step_*") if STEP_CHECKPOINT.fullmatch(path.name)), key=_step_of)
 
 
 def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
@@ -378,9 +377,9 @@ def read_checkpoint(path: Path, verify: bool = True) -> tuple[CheckpointRecord, 
 
 
 def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, CheckpointRecord]:
-    """The newest intact `step_N` checkpoint and its record; damaged newer ones are named and set aside as
-    `*.corrupt`. Process 0 checks the candidates (their content against its SHA-256, then their state) and
-    the other processes take its choice, so that no process but one reads a damaged checkpoint whole."""
+    """The newest intact checkpoint, a `step_N` one or best.pt, and its record; damaged ones are named and set
+    aside as `*.corrupt`. Process 0 checks the candidates (their content against its SHA-256, then their state)
+    and the other processes take its choice, so that no process but one reads a damaged checkpoint whole."""
     chosen = _choose_intact(run_dir, say) if world.main else None
     chosen = parallel.from_main_process(chosen, world)
     if isinstance(chosen, Exception):
@@ -390,24 +389,53 @@ def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, Ch
 
 def _choose_intact(run_dir: Path, say) -> Path | Exception:
     folder = run_dir / "checkpoints"
-    found = step_checkpoints(folder)
-    if not found:
+    candidates = _newest_first(folder)
+    if not candidates:
+        aside = sorted(path.name for path in folder.glob("*.corrupt"))
+        if aside:
+            return ValueError(f"--resume: no intact checkpoint in {folder}: the damaged ones were set aside ({', '.join(aside)})")
         return FileNotFoundError(f"--resume: no checkpoint in {folder}: nothing to resume (pick another --run-name)")
     damaged: list[tuple[Path, str]] = []
-    for path in reversed(found):
+    for path in candidates:
         try:
-            read_checkpoint(path)
+            step = read_checkpoint(path)[0].step
         except ValueError as error:
             damaged.append((path, str(error)))
+            set_aside(path)
             continue
-        if damaged:
-            listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
-            say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
-            for bad, _ in damaged:
-                set_aside(bad)
+        _say_choice(path, step, damaged, say)
         return path
     listed = "; ".join(f"{bad.name} ({reason})" for bad, reason in damaged)
-    return ValueError(f"--resume: no intact checkpoint in {folder}: {listed}")
+    return ValueError(f"--resume: no intact checkpoint in {folder}: {listed}; each set aside as *.corrupt")
+
+
+def _newest_first(folder: Path) -> list[Path]:
+    """The step checkpoints, newest first, with best.pt (best.dcp) among them by the step it holds: saved when an
+    evaluation gave a new best, it is a whole state to resume from too. A best.pt whose record cannot be read
+    comes first, to be checked, named and set aside."""
+    found = list(reversed(step_checkpoints(folder)))
+    best = next((path for path in (folder / "best.pt", folder / f"best{SHARDED_SUFFIX}") if path.exists()), None)
+    if best is None:
+        return found
+    try:
+        best_step = read_checkpoint(best, verify=False)[0].step
+    except ValueError:
+        return [best, *found]
+    later = [path for path in found if _step_of(path) >= best_step]
+    return [*later, best, *found[len(later):]]
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_CHECKPOINT.fullmatch(path.name).group(1))
+
+
+def _say_choice(path: Path, step: int, damaged: list[tuple[Path, str]], say) -> None:
+    """Name what a resume passes over: the damaged checkpoints, or the step checkpoints older than best.pt."""
+    if damaged:
+        listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
+        say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
+    elif not STEP_CHECKPOINT.fullmatch(path.name):
+        say(f"note: {path.name} holds step {step}, later than any step checkpoint: resuming from it")
 
 
 def set_aside(path: Path) -> Path:

@@ -140,7 +140,7 @@ def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_p
     status, _, err = _resume(stopped, run)
     assert status == 2
     assert error_lines(err) == [f"error: --resume: no intact checkpoint in {run / 'checkpoints'}: "
-                                 "step_00000002.pt (empty file); step_00000001.pt (empty file)"]
+                                 "step_00000002.pt (empty file); step_00000001.pt (empty file); each set aside as *.corrupt"]
     shutil.rmtree(run / "checkpoints")
     status, _, err = _resume(stopped, run)
     assert status == 2 and len(error_lines(err)) == 1 and "no checkpoint in" in err
@@ -167,6 +167,53 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
     assert not newest.exists() and newest.with_name(newest.name + ".corrupt").is_file()
     if damage == "bytes flipped mid-tensor":
         assert "its bytes differ from the SHA-256 written with it" in out
+
+
+def _flip_bytes(path: pathlib.Path) -> None:
+    """8 bytes flipped mid-file: still a loadable file, whose digest alone tells."""
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle : middle + 8] = bytes(b ^ 0x5A for b in content[middle : middle + 8])
+    path.write_bytes(bytes(content))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_a_later_best_pt_which_holds_a_whole_state(cache, tmp_path):
+    """Issue 25 item 1: evaluated every 2 steps and saved every 4, stopped after step 3, then 8 bytes flipped in
+    step_00000003.pt: --resume refused (`no intact checkpoint`) though best.pt, of step 2, is a whole resumable
+    state. Now the damaged file is named once and set aside, and the run resumes from best.pt, exactly."""
+    flags = ["--cache", str(cache), "--val-manifest", str(cache.parent / "pairs.jsonl"), "--out-dir", str(tmp_path),
+             "--run-name", "run", "--max-steps", "6", "--eval-every", "2", "--eval-prompts", "0", "--save-every", "4",
+             "--device", "cpu", "--precision", "fp32", "--warmup-steps", "1"]
+    assert run_main(*flags, "--stop-after", "3")[0] == 0
+    run = tmp_path / "run"
+    step_3_loss = logged(run)[3]
+    damaged = run / "checkpoints" / "step_00000003.pt"
+    _flip_bytes(damaged)
+    status, out, err = run_main(*flags, "--resume", "--stop-after", "4")
+    assert status == 0, err
+    assert (out + err).count(damaged.name) == 1, out + err
+    assert f"unreadable checkpoint {damaged} (its bytes differ from the SHA-256 written with it" in out
+    assert f"resumed from {run / 'checkpoints' / 'best.pt'} at step 2" in out and "stopped at step 4" in out
+    assert damaged.with_name(damaged.name + ".corrupt").is_file() and not damaged.with_name(damaged.name + ".sha256").exists()
+    assert logged(run)[3] == step_3_loss, "best.pt's state resumes as the step's own checkpoint would"
+
+
+def test_with_no_intact_checkpoint_each_damaged_one_is_named_once_and_set_aside(cache, tmp_path):
+    flags = ["--cache", str(cache), "--out-dir", str(tmp_path), "--run-name", "run", "--max-steps", "4", "--save-every", "1",
+             *QUICK_FLAGS]
+    assert run_main(*flags, "--stop-after", "2")[0] == 0
+    folder = tmp_path / "run" / "checkpoints"
+    for path in checkpoints.step_checkpoints(folder):
+        _flip_bytes(path)
+    status, out, err = run_main(*flags, "--resume")
+    assert status == 2
+    [line] = error_lines(err)
+    assert line.startswith(f"error: --resume: no intact checkpoint in {folder}: step_00000002.pt (its bytes differ")
+    assert (out + err).count("step_00000002.pt") == 1 and "set aside as *.corrupt" in line, out + err
+    assert sorted(path.name for path in folder.glob("*.corrupt")) == ["step_00000001.pt.corrupt", "step_00000002.pt.corrupt"]
+    status, _, err = run_main(*flags, "--resume")
+    assert status == 2 and error_lines(err) == [f"error: --resume: no intact checkpoint in {folder}: the damaged ones were "
+                                                "set aside (step_00000001.pt.corrupt, step_00000002.pt.corrupt)"]
 
 
 # A micro-batch that takes a while to build in torch's C++ (long clips, a slow disk), as the prefetch thread
