@@ -318,25 +318,36 @@ def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> Check
 
 
 def holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("config.json", "checkpoints", "tensorboard", "export"))
+    """Whether `run_dir` holds work to keep: a checkpoint (intact, damaged or set aside) or an export. An attempt
+    stopped before its first checkpoint holds none, so its name can be started again."""
+    saved = [path for path in (run_dir / "checkpoints").glob("*") if ".tmp" not in path.name]
+    return bool(saved) or (run_dir / "export").exists()
 
 
 def open_run(run_dir: Path, config: TrainConfig, world: World, say) -> tuple[Path | None, CheckpointRecord | None]:
     """A new run claims a name no run holds; a --resume gets the newest intact checkpoint, after stray
-    temporaries are cleaned, and its record, whose config must match the flags."""
-    if not config.resume:
-        if holds_a_run(run_dir):
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return None, None
+    temporaries are cleaned, and its record, whose config must match the flags. An attempt stopped before its
+    first checkpoint is started afresh, with or without --resume, saying so."""
+    if holds_a_run(run_dir) and not config.resume:
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
     if world.main:
         stray = clean_temporaries(run_dir)
         if stray:
             say(f"removed what an interrupted write left: {', '.join(str(path) for path in stray)}")
-    path, record = newest_intact_checkpoint(run_dir, world, say)
-    check_resume(record.config, config, path)
-    return path, record
+    if holds_a_run(run_dir):
+        path, record = newest_intact_checkpoint(run_dir, world, say)
+        check_resume(record.config, config, path)
+        return path, record
+    if (run_dir / "config.json").exists():
+        say(f"note: {run_dir} holds an attempt stopped before its first checkpoint: starting it afresh "
+            "(its TensorBoard events are replaced)")
+        if world.main:
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    elif config.resume:
+        raise FileNotFoundError(f"--resume: no run in {run_dir}: nothing to resume (check --out-dir and --run-name)")
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return None, None
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -120,6 +121,32 @@ def test_a_run_name_in_use_needs_resume_and_nothing_is_touched(stopped, tmp_path
     assert _files(run) == before
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_under_its_name(cache, tmp_path):
+    """Issue 25 item 8: two SIGTERMs 0.3 s apart before the first checkpoint left a name that neither a plain start
+    (`already holds a run`) nor --resume (`nothing to resume`) would take. Either now starts it afresh, saying so."""
+    flags = ["--cache", str(cache), "--out-dir", str(tmp_path / "runs"), "--run-name", "run", "--max-steps", "2",
+             "--save-every", "2", *QUICK_FLAGS]
+    real_lr_at = trainable.lr_at
+
+    def two_sigterms(step, config, max_steps):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, config, max_steps)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainable, "lr_at", two_sigterms)
+        assert run_main(*flags)[0] == 143
+    run = tmp_path / "runs" / "run"
+    assert (run / "config.json").is_file() and not list((run / "checkpoints").glob("*"))
+    shutil.copytree(run, tmp_path / "copy" / "run")
+    for attempt, extra in ((run, ()), (tmp_path / "copy" / "run", ("--resume",))):
+        status, out, err = run_main(*flags, "--out-dir", str(attempt.parent), *extra)
+        assert status == 0, err
+        assert f"note: {attempt} holds an attempt stopped before its first checkpoint: starting it afresh" in out
+        assert "done: 2 steps" in out and sorted(logged(attempt)) == [1, 2]
+
+
 def test_resume_refuses_flags_that_change_the_run_naming_them(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
     before = _files(run)
@@ -133,7 +160,7 @@ def test_resume_refuses_flags_that_change_the_run_naming_them(stopped, tmp_path)
     assert _files(run) == before
 
 
-def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_path):
+def test_resume_without_a_run_or_an_intact_checkpoint_is_one_line(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
     for path in checkpoints.step_checkpoints(run / "checkpoints"):
         path.write_bytes(b"")
@@ -141,9 +168,10 @@ def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_p
     assert status == 2
     assert error_lines(err) == [f"error: --resume: no intact checkpoint in {run / 'checkpoints'}: "
                                  "step_00000002.pt (empty file); step_00000001.pt (empty file); each set aside as *.corrupt"]
-    shutil.rmtree(run / "checkpoints")
-    status, _, err = _resume(stopped, run)
-    assert status == 2 and len(error_lines(err)) == 1 and "no checkpoint in" in err
+    other = tmp_path / "runs" / "other"
+    status, _, err = _resume(stopped, other)
+    assert status == 2 and error_lines(err) == [f"error: --resume: no run in {other}: nothing to resume (check --out-dir and --run-name)"]
+    assert not other.exists()
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "foreign dict", "bytes flipped mid-tensor"])
