@@ -214,6 +214,8 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, device: str, o
     run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
+    if state.step >= plan.max_steps:
+        return already_finished(model, state, run)
     # events logged after the checkpoint by an interrupted attempt are dropped (purge_step); the writer's thread and
     # the prefetch thread end on any exit, since a thread left running as Python exits can abort it (status 134)
     if world.main:
@@ -251,6 +253,19 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: checkpoints.Chec
         run.guards.first = dict(record.guard_first)
     run.say(f"resumed from {checkpoint} at step {state.step}")
     return state
+
+
+def already_finished(model, state: LoopState, run: Run) -> Path:
+    """A resume of a run that took all its steps trains nothing; its export is written again if it is not whole
+    (a full disk may have stopped it)."""
+    export = run.dir / "export"
+    problem = model_utils.export_problem(export)
+    if problem:
+        run.say(f"note: {export} is not whole ({problem}): writing it again")
+        checkpoints.export_model(model, run.config, run.bundle, run.plan.world, export)
+    run.say(f"{run.dir} is already finished ({state.step} of {run.plan.max_steps} steps): nothing to train\n"
+            f"next: python infer.py --model {export}")
+    return run.dir
 
 
 def data_fingerprints(sets: list[loader.TrainingSet], validations: list[heldout.Validation]) -> dict[str, str]:

@@ -324,6 +324,23 @@ def test_resume_uses_the_intact_checkpoint_cleans_strays_records_safe_changes_an
     assert model_utils.newest_export(str(run.parent)) == str(run / "export")
 
 
+def test_resuming_a_finished_run_says_it_is_finished_and_trains_nothing(cache, tmp_path):
+    """Issue 25 item 16: --resume of a run that took all its steps printed `final train loss nan`. It says the run is
+    finished, exit 0; an export missing since is written again."""
+    flags = ["--cache", str(cache), "--out-dir", str(tmp_path), "--run-name", "run", "--max-steps", "2", *QUICK_FLAGS]
+    assert run_main(*flags)[0] == 0
+    export = tmp_path / "run" / "export"
+    written = export.stat().st_mtime_ns
+    status, out, err = run_main(*flags, "--resume")
+    assert status == 0, err
+    assert f"{tmp_path / 'run'} is already finished (2 of 2 steps): nothing to train" in out
+    assert "nan" not in out + err and export.stat().st_mtime_ns == written
+    shutil.rmtree(export)
+    status, out, err = run_main(*flags, "--resume")
+    assert status == 0 and "is already finished" in out and "writing it again" in out, err
+    assert model_utils.export_problem(export) is None
+
+
 # --- checkpoints: pruning by step number, never the one just written ---------------------------------------------
 
 
