@@ -378,8 +378,8 @@ def read_checkpoint(path: Path, verify: bool = True) -> tuple[CheckpointRecord, 
         state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
     except ValueError:
         raise
-    except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
-        raise ValueError(files.first_line(error)) from None
+    except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, OSError...
+        raise ValueError(f"damaged or truncated, not a loadable checkpoint ({files.first_line(error)})") from None
     record = CheckpointRecord.from_dict(state)
     missing = [key for key in tensors if key not in state]
     if missing:
@@ -514,9 +514,7 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
     """The model a checkpoint holds (its trained parameters on the model its own config names, LoRA merged),
     with its tokenizers, and that config. The checkpoint's content is checked against its SHA-256 first."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    record, state = read_checkpoint(path)
+    record, state = _read_named(path)
     trained = _config_of(record)
     bundle = model_utils.load_bundle(trained.model, trained.audio_tokenizer, seed=trained.seed, device=device)
     model = trainable.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
@@ -530,13 +528,20 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
 
 def trained_config(path: Path) -> TrainConfig:
     """The settings a checkpoint was trained with, read without its weights or its SHA-256 check (cheap)."""
-    path = Path(path)
+    return _config_of(_read_named(Path(path), verify=False)[0])
+
+
+def _read_named(path: Path, verify: bool = True) -> tuple[CheckpointRecord, dict]:
+    """`read_checkpoint` of a checkpoint named on the command line: what is wrong is one line naming it and the
+    checkpoints beside it, one of which may serve instead."""
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     try:
-        return _config_of(read_checkpoint(path, verify=False)[0])
+        return read_checkpoint(path, verify)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        others = sorted(other.name for other in path.parent.iterdir() if other != path and (
+            STEP_CHECKPOINT.fullmatch(other.name) or other.name in ("best.pt", f"best{SHARDED_SUFFIX}")))
+        raise ValueError(f"{path}: {error}" + (f"; beside it: {', '.join(others)}" if others else "")) from None
 
 
 def _config_of(record: CheckpointRecord) -> TrainConfig:
