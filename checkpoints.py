@@ -191,8 +191,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def step_checkpoints(folder: Path) -> list[Path]:
     """`step_N.pt` files and `step_N.dcp` directories (FSDP), oldest to newest by step number (not by name)."""
-    found = [path for path in folder.glob("step_*") if STEP_CHECKPOINT.fullmatch(path.name)]
-    return sorted(found, key=lambda path: int(STEP_CHECKPOINT.fullmatch(path.name).group(1)))
+    return sorted((path for path in folder.glob("step_*") if STEP_CHECKPOINT.fullmatch(path.name)), key=_step_of)
 
 
 def prune_checkpoints(folder: Path, keep_last: int, written: Path) -> None:
@@ -319,25 +318,36 @@ def load_sharded_checkpoint(path: Path, model, optimizer, world: World) -> Check
 
 
 def holds_a_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("config.json", "checkpoints", "tensorboard", "export"))
+    """Whether `run_dir` holds work to keep: a checkpoint (intact, damaged or set aside) or an export. An attempt
+    stopped before its first checkpoint holds none, so its name can be started again."""
+    saved = [path for path in (run_dir / "checkpoints").glob("*") if ".tmp" not in path.name]
+    return bool(saved) or (run_dir / "export").exists()
 
 
 def open_run(run_dir: Path, config: TrainConfig, world: World, say) -> tuple[Path | None, CheckpointRecord | None]:
     """A new run claims a name no run holds; a --resume gets the newest intact checkpoint, after stray
-    temporaries are cleaned, and its record, whose config must match the flags."""
-    if not config.resume:
-        if holds_a_run(run_dir):
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
-        if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return None, None
+    temporaries are cleaned, and its record, whose config must match the flags. An attempt stopped before its
+    first checkpoint is started afresh, with or without --resume, saying so."""
+    if holds_a_run(run_dir) and not config.resume:
+        raise ValueError(f"{run_dir} already holds a run: continue it with --resume, or pick another --run-name")
     if world.main:
         stray = clean_temporaries(run_dir)
         if stray:
             say(f"removed what an interrupted write left: {', '.join(str(path) for path in stray)}")
-    path, record = newest_intact_checkpoint(run_dir, world, say)
-    check_resume(record.config, config, path)
-    return path, record
+    if holds_a_run(run_dir):
+        path, record = newest_intact_checkpoint(run_dir, world, say)
+        check_resume(record.config, config, path)
+        return path, record
+    if (run_dir / "config.json").exists():
+        say(f"note: {run_dir} holds an attempt stopped before its first checkpoint: starting it afresh "
+            "(its TensorBoard events are replaced)")
+        if world.main:
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    elif config.resume:
+        raise FileNotFoundError(f"--resume: no run in {run_dir}: nothing to resume (check --out-dir and --run-name)")
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return None, None
 
 
 def clean_temporaries(run_dir: Path) -> list[Path]:
@@ -368,8 +378,8 @@ def read_checkpoint(path: Path, verify: bool = True) -> tuple[CheckpointRecord, 
         state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
     except ValueError:
         raise
-    except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
-        raise ValueError(files.first_line(error)) from None
+    except Exception as error:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError, OSError...
+        raise ValueError(f"damaged or truncated, not a loadable checkpoint ({files.first_line(error)})") from None
     record = CheckpointRecord.from_dict(state)
     missing = [key for key in tensors if key not in state]
     if missing:
@@ -378,9 +388,9 @@ def read_checkpoint(path: Path, verify: bool = True) -> tuple[CheckpointRecord, 
 
 
 def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, CheckpointRecord]:
-    """The newest intact `step_N` checkpoint and its record; damaged newer ones are named and set aside as
-    `*.corrupt`. Process 0 checks the candidates (their content against its SHA-256, then their state) and
-    the other processes take its choice, so that no process but one reads a damaged checkpoint whole."""
+    """The newest intact checkpoint, a `step_N` one or best.pt, and its record; damaged ones are named and set
+    aside as `*.corrupt`. Process 0 checks the candidates (their content against its SHA-256, then their state)
+    and the other processes take its choice, so that no process but one reads a damaged checkpoint whole."""
     chosen = _choose_intact(run_dir, say) if world.main else None
     chosen = parallel.from_main_process(chosen, world)
     if isinstance(chosen, Exception):
@@ -390,24 +400,53 @@ def newest_intact_checkpoint(run_dir: Path, world: World, say) -> tuple[Path, Ch
 
 def _choose_intact(run_dir: Path, say) -> Path | Exception:
     folder = run_dir / "checkpoints"
-    found = step_checkpoints(folder)
-    if not found:
+    candidates = _newest_first(folder)
+    if not candidates:
+        aside = sorted(path.name for path in folder.glob("*.corrupt"))
+        if aside:
+            return ValueError(f"--resume: no intact checkpoint in {folder}: the damaged ones were set aside ({', '.join(aside)})")
         return FileNotFoundError(f"--resume: no checkpoint in {folder}: nothing to resume (pick another --run-name)")
     damaged: list[tuple[Path, str]] = []
-    for path in reversed(found):
+    for path in candidates:
         try:
-            read_checkpoint(path)
+            step = read_checkpoint(path)[0].step
         except ValueError as error:
             damaged.append((path, str(error)))
+            set_aside(path)
             continue
-        if damaged:
-            listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
-            say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
-            for bad, _ in damaged:
-                set_aside(bad)
+        _say_choice(path, step, damaged, say)
         return path
     listed = "; ".join(f"{bad.name} ({reason})" for bad, reason in damaged)
-    return ValueError(f"--resume: no intact checkpoint in {folder}: {listed}")
+    return ValueError(f"--resume: no intact checkpoint in {folder}: {listed}; each set aside as *.corrupt")
+
+
+def _newest_first(folder: Path) -> list[Path]:
+    """The step checkpoints, newest first, with best.pt (best.dcp) among them by the step it holds: saved when an
+    evaluation gave a new best, it is a whole state to resume from too. A best.pt whose record cannot be read
+    comes first, to be checked, named and set aside."""
+    found = list(reversed(step_checkpoints(folder)))
+    best = next((path for path in (folder / "best.pt", folder / f"best{SHARDED_SUFFIX}") if path.exists()), None)
+    if best is None:
+        return found
+    try:
+        best_step = read_checkpoint(best, verify=False)[0].step
+    except ValueError:
+        return [best, *found]
+    later = [path for path in found if _step_of(path) >= best_step]
+    return [*later, best, *found[len(later):]]
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_CHECKPOINT.fullmatch(path.name).group(1))
+
+
+def _say_choice(path: Path, step: int, damaged: list[tuple[Path, str]], say) -> None:
+    """Name what a resume passes over: the damaged checkpoints, or the step checkpoints older than best.pt."""
+    if damaged:
+        listed = "; ".join(f"{bad} ({reason})" for bad, reason in damaged)
+        say(f"warning: unreadable checkpoint {listed}: resuming from {path} instead; the unreadable kept as *.corrupt")
+    elif not STEP_CHECKPOINT.fullmatch(path.name):
+        say(f"note: {path.name} holds step {step}, later than any step checkpoint: resuming from it")
 
 
 def set_aside(path: Path) -> Path:
@@ -475,9 +514,7 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
     """The model a checkpoint holds (its trained parameters on the model its own config names, LoRA merged),
     with its tokenizers, and that config. The checkpoint's content is checked against its SHA-256 first."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    record, state = read_checkpoint(path)
+    record, state = _read_named(path)
     trained = _config_of(record)
     bundle = model_utils.load_bundle(trained.model, trained.audio_tokenizer, seed=trained.seed, device=device)
     model = trainable.add_lora(bundle.model, trained) if trained.scope == "lora" else bundle.model
@@ -491,13 +528,20 @@ def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[model_utils.
 
 def trained_config(path: Path) -> TrainConfig:
     """The settings a checkpoint was trained with, read without its weights or its SHA-256 check (cheap)."""
-    path = Path(path)
+    return _config_of(_read_named(Path(path), verify=False)[0])
+
+
+def _read_named(path: Path, verify: bool = True) -> tuple[CheckpointRecord, dict]:
+    """`read_checkpoint` of a checkpoint named on the command line: what is wrong is one line naming it and the
+    checkpoints beside it, one of which may serve instead."""
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     try:
-        return _config_of(read_checkpoint(path, verify=False)[0])
+        return read_checkpoint(path, verify)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        others = sorted(other.name for other in path.parent.iterdir() if other != path and (
+            STEP_CHECKPOINT.fullmatch(other.name) or other.name in ("best.pt", f"best{SHARDED_SUFFIX}")))
+        raise ValueError(f"{path}: {error}" + (f"; beside it: {', '.join(others)}" if others else "")) from None
 
 
 def _config_of(record: CheckpointRecord) -> TrainConfig:

@@ -493,6 +493,19 @@ def training_specs(config: TrainConfig) -> list[SetSpec]:
     return [SetSpec(spec.name, spec.weight / total, spec.path) for spec in sets]
 
 
+def _weights_problem(option: str, sets: list[SetSpec]) -> str | None:
+    """Why a mixture's weights, each a positive finite number, cannot be normalised to shares: a sum beyond a
+    float's range, or a share that rounds to 0 (a set never drawn)."""
+    total = sum(spec.weight for spec in sets)
+    if not math.isfinite(total):
+        return (f"{option}: the weights {', '.join(f'{spec.weight:g}' for spec in sets)} add up to more than a float holds: "
+                f"give them smaller, e.g. {sets[0].name}:0.8=PATH")
+    for spec in sets:
+        if spec.weight / total == 0:
+            return f"{option}: the weight of {spec.name}, {spec.weight:g}, is lost beside the others' (its share rounds to 0)"
+    return None
+
+
 def validation_specs(config: TrainConfig) -> list[SetSpec]:
     """The validation sets; a lone unnamed one has the name None (logged as val/*, quality/*)."""
     return [parse_set(text, "--val-manifest") for text in config.val_manifest]
@@ -512,6 +525,8 @@ def sets_problem(config: TrainConfig) -> str | None:
         return str(error)
     if len(train) > 1 and any(spec.name is None or spec.weight is None for spec in train):
         return f"{option}: a mixture names each set and its weight, NAME:WEIGHT=PATH (e.g. vi:0.8=vi.jsonl)"
+    if len(train) > 1 and (problem := _weights_problem(option, train)):
+        return problem
     if any(spec.weight is not None for spec in val):
         return "--val-manifest: a validation set has no weight: NAME=PATH"
     if len(val) > 1 and any(spec.name is None for spec in val):

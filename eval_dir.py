@@ -42,6 +42,8 @@ class EvalDir:
         self.path = Path(path)
         if self.path.suffix.lower() == ".wav":
             raise EvalDirError("--eval writes a directory of results: give --out DIR")
+        if self.path.exists() and not self.path.is_dir():
+            raise EvalDirError(f"--out {self.path} is a file: --eval writes a directory of results: give --out DIR")
         self.path.mkdir(parents=True, exist_ok=True)
         existing = _results(self.path)
         if existing and not resume:

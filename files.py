@@ -14,6 +14,7 @@ before it returns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,26 @@ class WriteError(RuntimeError):
     def __init__(self, path: Path, error: BaseException):
         reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else first_line(error)
         super().__init__(f"cannot write {path}: {reason}")
+
+
+# A write that fails with this little room left on its disk failed for want of room (filesystems refuse some
+# writes while a few blocks are still free, for their own metadata).
+FULL_BELOW_BYTES = 16 * 2**20
+
+
+def _failed_write(path: Path, error: Exception, written: Path) -> WriteError:
+    """The WriteError of a failed write into `written` (the temporary file or folder, not yet removed). Some
+    writers hide the OSError of a full disk behind their own message (torch's zip writer: `[enforce fail at
+    inline_container.cc:664] . unexpected pos ...`); the room left on the disk tells, measured while the partial
+    file still fills it."""
+    if not (isinstance(error, OSError) and error.errno):
+        try:
+            full = shutil.disk_usage(written if written.is_dir() else written.parent).free < FULL_BELOW_BYTES
+        except OSError:
+            full = False
+        if full:
+            error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return WriteError(path, error)
 
 
 def first_line(error: BaseException) -> str:
@@ -58,9 +79,10 @@ def atomic_file(path: Path):
         os.replace(temporary, path)
         fsync_directory(path.parent)
     except BaseException as error:
+        failure = _failed_write(path, error, temporary) if isinstance(error, Exception) else None
         temporary.unlink(missing_ok=True)
-        if isinstance(error, Exception):
-            raise WriteError(path, error) from error
+        if failure:
+            raise failure from error
         raise
 
 
@@ -105,11 +127,12 @@ def atomic_directory(path: Path):
         fsync_directory(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as error:
+        failure = _failed_write(path, error, temporary) if isinstance(error, Exception) else None
         shutil.rmtree(temporary, ignore_errors=True)
         if old.exists() and not path.exists():
             os.replace(old, path)
-        if isinstance(error, Exception):
-            raise WriteError(path, error) from error
+        if failure:
+            raise failure from error
         raise
 
 

@@ -40,6 +40,7 @@ import eval_dir
 import evaluate
 import files
 import generation
+import manifest
 import metrics
 import model_utils
 import parity
@@ -304,6 +305,11 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.eval and not Path(args.eval).is_file():
         raise FileNotFoundError(f"no such manifest or list: {args.eval}")
+    if args.language is not None:
+        try:
+            manifest.canonical_language(args.language)  # a tag no ASR knows would leave every WER n/a
+        except ValueError as error:
+            raise ValueError(f"--language {error}") from None
     layout = layout_from_args(args)
     out = eval_dir.EvalDir(args.out, eval_run_record(args, layout), args.resume)
     bundle = _load(args)

@@ -25,7 +25,6 @@ import queue
 import random
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -328,7 +327,8 @@ class Prefetcher:
     position, so the data order and --resume are those of `depth` 0, which
     builds each batch when it is taken. An error building a batch is raised
     in the loop, naming the batch's samples. `take_wait()` gives the seconds
-    the loop has waited for data since the last call.
+    the loop has waited for data since the last call. Used as a context
+    manager, so that the thread ends on every way out of the loop.
     """
 
     def __init__(self, source: Iterator[Drawn], depth: int):
@@ -336,8 +336,14 @@ class Prefetcher:
         if depth:
             self.ready: queue.Queue = queue.Queue(depth)
             self.stop = threading.Event()
-            threading.Thread(target=_prefetch, args=(source, self.ready, self.stop), daemon=True, name="prefetch").start()
-            weakref.finalize(self, self.stop.set)  # a loop left by an exception stops the thread too
+            self.thread = threading.Thread(target=_prefetch, args=(source, self.ready, self.stop), daemon=True, name="prefetch")
+            self.thread.start()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
 
     def __next__(self) -> MicroBatch:
         started = time.perf_counter()
@@ -356,8 +362,11 @@ class Prefetcher:
         return waited
 
     def close(self) -> None:
+        """Stop the thread and wait for the batch it is building: a thread left inside a torch operation as Python
+        exits aborts the process (`terminate called without an active exception`, status 134)."""
         if self.depth:
             self.stop.set()
+            self.thread.join()
 
 
 def _build_micro_batch(source: Iterator[Drawn]) -> MicroBatch:

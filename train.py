@@ -213,13 +213,17 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, on_exit: conte
     run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
               heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
-    # events logged after the checkpoint by an interrupted attempt are dropped (purge_step)
-    run.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None) if world.main else None
+    if state.step >= plan.max_steps:
+        return already_finished(model, state, run)
+    # events logged after the checkpoint by an interrupted attempt are dropped (purge_step); the writer's thread and
+    # the prefetch thread end on any exit, since a thread left running as Python exits can abort it (status 134)
+    if world.main:
+        run.writer = on_exit.enter_context(SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step + 1 if resume_from else None))
     heldout.log_set_layout(run.writer, [validation.name for validation in validations], [each.name for each in sets])
     if validations and config.eval_every and run.guards.needs_first():
         evaluate_first(model, state, run)
     run.stop = StopRequested()
-    batches = loader.Prefetcher(loader.micro_batches(sets, config, state.position, world), config.prefetch)
+    batches = on_exit.enter_context(loader.Prefetcher(loader.micro_batches(sets, config, state.position, world), config.prefetch))
     # closed on any exit, so that an error message starts its own line
     progress = on_exit.enter_context(tqdm(total=plan.last_step, initial=state.step, desc="train", dynamic_ncols=True,
                                           disable=not world.main))
@@ -248,6 +252,19 @@ def resume(model, optimizer, run: Run, checkpoint: Path, saved: checkpoints.Chec
         run.guards.first = dict(record.guard_first)
     run.say(f"resumed from {checkpoint} at step {state.step}")
     return state
+
+
+def already_finished(model, state: LoopState, run: Run) -> Path:
+    """A resume of a run that took all its steps trains nothing; its export is written again if it is not whole
+    (a full disk may have stopped it)."""
+    export = run.dir / "export"
+    problem = model_utils.export_problem(export)
+    if problem:
+        run.say(f"note: {export} is not whole ({problem}): writing it again")
+        checkpoints.export_model(model, run.config, run.bundle, run.plan.world, export)
+    run.say(f"{run.dir} is already finished ({state.step} of {run.plan.max_steps} steps): nothing to train\n"
+            f"next: python infer.py --model {export}")
+    return run.dir
 
 
 def data_fingerprints(sets: list[loader.TrainingSet], validations: list[heldout.Validation]) -> dict[str, str]:

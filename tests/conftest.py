@@ -9,12 +9,13 @@ import importlib
 import io
 import json
 import os
+import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, for the commands they start too
     os.environ["OMP_NUM_THREADS"] = "1"
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,35 @@ def script_parser(script: str) -> Callable[[list[str]], object]:
     if hasattr(module, "build_parser"):
         return module.build_parser().parse_args
     return getattr(module, "parse_args", None) or module._parse_args  # importers, prepare, segment: private
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(megabytes)`: a folder on a tmpfs of that size, a real disk that fills up (mounted as root,
+    unmounted after the test); the test is skipped, saying why, where no tmpfs can be mounted."""
+    mounted = []
+
+    def mount(megabytes: float) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(megabytes * 1024)}k", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"a full disk needs a tmpfs, and mounting one failed (root only): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Fill the disk `folder` lies on, so that the next file written there fails with ENOSPC."""
+    with open(folder / "filler", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass

@@ -11,6 +11,9 @@ import pathlib
 import shlex
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -25,7 +28,7 @@ import model_utils
 import prepare
 import train
 import trainable
-from conftest import DEMO_DIR, QUICK_FLAGS, error_lines, logged, run_main, train_config
+from conftest import DEMO_DIR, QUICK_FLAGS, ROOT, error_lines, logged, run_main, train_config
 from parallel import World
 
 
@@ -118,6 +121,32 @@ def test_a_run_name_in_use_needs_resume_and_nothing_is_touched(stopped, tmp_path
     assert _files(run) == before
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_under_its_name(cache, tmp_path):
+    """Issue 25 item 8: two SIGTERMs 0.3 s apart before the first checkpoint left a name that neither a plain start
+    (`already holds a run`) nor --resume (`nothing to resume`) would take. Either now starts it afresh, saying so."""
+    flags = ["--cache", str(cache), "--out-dir", str(tmp_path / "runs"), "--run-name", "run", "--max-steps", "2",
+             "--save-every", "2", *QUICK_FLAGS]
+    real_lr_at = trainable.lr_at
+
+    def two_sigterms(step, config, max_steps):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, config, max_steps)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainable, "lr_at", two_sigterms)
+        assert run_main(*flags)[0] == 143
+    run = tmp_path / "runs" / "run"
+    assert (run / "config.json").is_file() and not list((run / "checkpoints").glob("*"))
+    shutil.copytree(run, tmp_path / "copy" / "run")
+    for attempt, extra in ((run, ()), (tmp_path / "copy" / "run", ("--resume",))):
+        status, out, err = run_main(*flags, "--out-dir", str(attempt.parent), *extra)
+        assert status == 0, err
+        assert f"note: {attempt} holds an attempt stopped before its first checkpoint: starting it afresh" in out
+        assert "done: 2 steps" in out and sorted(logged(attempt)) == [1, 2]
+
+
 def test_resume_refuses_flags_that_change_the_run_naming_them(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
     before = _files(run)
@@ -131,17 +160,18 @@ def test_resume_refuses_flags_that_change_the_run_naming_them(stopped, tmp_path)
     assert _files(run) == before
 
 
-def test_resume_without_a_checkpoint_or_an_intact_one_is_one_line(stopped, tmp_path):
+def test_resume_without_a_run_or_an_intact_checkpoint_is_one_line(stopped, tmp_path):
     run = _copy(stopped, tmp_path)
     for path in checkpoints.step_checkpoints(run / "checkpoints"):
         path.write_bytes(b"")
     status, _, err = _resume(stopped, run)
     assert status == 2
     assert error_lines(err) == [f"error: --resume: no intact checkpoint in {run / 'checkpoints'}: "
-                                 "step_00000002.pt (empty file); step_00000001.pt (empty file)"]
-    shutil.rmtree(run / "checkpoints")
-    status, _, err = _resume(stopped, run)
-    assert status == 2 and len(error_lines(err)) == 1 and "no checkpoint in" in err
+                                 "step_00000002.pt (empty file); step_00000001.pt (empty file); each set aside as *.corrupt"]
+    other = tmp_path / "runs" / "other"
+    status, _, err = _resume(stopped, other)
+    assert status == 2 and error_lines(err) == [f"error: --resume: no run in {other}: nothing to resume (check --out-dir and --run-name)"]
+    assert not other.exists()
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random bytes", "foreign dict", "bytes flipped mid-tensor"])
@@ -165,6 +195,86 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(stopped
     assert not newest.exists() and newest.with_name(newest.name + ".corrupt").is_file()
     if damage == "bytes flipped mid-tensor":
         assert "its bytes differ from the SHA-256 written with it" in out
+
+
+def _flip_bytes(path: pathlib.Path) -> None:
+    """8 bytes flipped mid-file: still a loadable file, whose digest alone tells."""
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle : middle + 8] = bytes(b ^ 0x5A for b in content[middle : middle + 8])
+    path.write_bytes(bytes(content))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_a_later_best_pt_which_holds_a_whole_state(cache, tmp_path):
+    """Issue 25 item 1: evaluated every 2 steps and saved every 4, stopped after step 3, then 8 bytes flipped in
+    step_00000003.pt: --resume refused (`no intact checkpoint`) though best.pt, of step 2, is a whole resumable
+    state. Now the damaged file is named once and set aside, and the run resumes from best.pt, exactly."""
+    flags = ["--cache", str(cache), "--val-manifest", str(cache.parent / "pairs.jsonl"), "--out-dir", str(tmp_path),
+             "--run-name", "run", "--max-steps", "6", "--eval-every", "2", "--eval-prompts", "0", "--save-every", "4",
+             "--device", "cpu", "--precision", "fp32", "--warmup-steps", "1"]
+    assert run_main(*flags, "--stop-after", "3")[0] == 0
+    run = tmp_path / "run"
+    step_3_loss = logged(run)[3]
+    damaged = run / "checkpoints" / "step_00000003.pt"
+    _flip_bytes(damaged)
+    status, out, err = run_main(*flags, "--resume", "--stop-after", "4")
+    assert status == 0, err
+    assert (out + err).count(damaged.name) == 1, out + err
+    assert f"unreadable checkpoint {damaged} (its bytes differ from the SHA-256 written with it" in out
+    assert f"resumed from {run / 'checkpoints' / 'best.pt'} at step 2" in out and "stopped at step 4" in out
+    assert damaged.with_name(damaged.name + ".corrupt").is_file() and not damaged.with_name(damaged.name + ".sha256").exists()
+    assert logged(run)[3] == step_3_loss, "best.pt's state resumes as the step's own checkpoint would"
+
+
+def test_with_no_intact_checkpoint_each_damaged_one_is_named_once_and_set_aside(cache, tmp_path):
+    flags = ["--cache", str(cache), "--out-dir", str(tmp_path), "--run-name", "run", "--max-steps", "4", "--save-every", "1",
+             *QUICK_FLAGS]
+    assert run_main(*flags, "--stop-after", "2")[0] == 0
+    folder = tmp_path / "run" / "checkpoints"
+    for path in checkpoints.step_checkpoints(folder):
+        _flip_bytes(path)
+    status, out, err = run_main(*flags, "--resume")
+    assert status == 2
+    [line] = error_lines(err)
+    assert line.startswith(f"error: --resume: no intact checkpoint in {folder}: step_00000002.pt (its bytes differ")
+    assert (out + err).count("step_00000002.pt") == 1 and "set aside as *.corrupt" in line, out + err
+    assert sorted(path.name for path in folder.glob("*.corrupt")) == ["step_00000001.pt.corrupt", "step_00000002.pt.corrupt"]
+    status, _, err = run_main(*flags, "--resume")
+    assert status == 2 and error_lines(err) == [f"error: --resume: no intact checkpoint in {folder}: the damaged ones were "
+                                                "set aside (step_00000001.pt.corrupt, step_00000002.pt.corrupt)"]
+
+
+# A micro-batch that takes a while to build in torch's C++ (long clips, a slow disk), as the prefetch thread
+# builds it: the thread is still inside it when the run ends.
+SLOW_BATCHES = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import loader, train
+built = loader._build_micro_batch
+def slowly_built(source):
+    batch = built(source)
+    product = torch.ones(1200, 1200)
+    for _ in range(3):
+        product = product @ product / 1200
+    return batch
+loader._build_micro_batch = slowly_built
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_after_past_a_damaged_checkpoint_ends_every_thread_and_exits_0(stopped, tmp_path):
+    """Issue 25 item 3: `--resume --stop-after N` after falling back past a damaged checkpoint (no step to take)
+    ended with `terminate called without an active exception`, status 134: the prefetch thread, still building a
+    batch, was left running as Python exited. The real command, in a process of its own."""
+    run = _copy(stopped, tmp_path)
+    newest = run / "checkpoints" / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = subprocess.run([sys.executable, "-c", SLOW_BATCHES.format(root=str(ROOT)), "--cache", str(stopped["cache"]),
+                             "--out-dir", str(run.parent), "--run-name", run.name, "--max-steps", "3", "--save-every", "1",
+                             "--keep-last", "5", "--resume", "--stop-after", "1", *QUICK_FLAGS],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "stopped at step 1" in result.stdout
 
 
 def test_a_damaged_shard_of_a_sharded_checkpoint_falls_back_to_the_previous_one(tiny, tmp_path, capsys):
@@ -214,6 +324,23 @@ def test_resume_uses_the_intact_checkpoint_cleans_strays_records_safe_changes_an
     assert model_utils.newest_export(str(run.parent)) == str(run / "export")
 
 
+def test_resuming_a_finished_run_says_it_is_finished_and_trains_nothing(cache, tmp_path):
+    """Issue 25 item 16: --resume of a run that took all its steps printed `final train loss nan`. It says the run is
+    finished, exit 0; an export missing since is written again."""
+    flags = ["--cache", str(cache), "--out-dir", str(tmp_path), "--run-name", "run", "--max-steps", "2", *QUICK_FLAGS]
+    assert run_main(*flags)[0] == 0
+    export = tmp_path / "run" / "export"
+    written = export.stat().st_mtime_ns
+    status, out, err = run_main(*flags, "--resume")
+    assert status == 0, err
+    assert f"{tmp_path / 'run'} is already finished (2 of 2 steps): nothing to train" in out
+    assert "nan" not in out + err and export.stat().st_mtime_ns == written
+    shutil.rmtree(export)
+    status, out, err = run_main(*flags, "--resume")
+    assert status == 0 and "is already finished" in out and "writing it again" in out, err
+    assert model_utils.export_problem(export) is None
+
+
 # --- checkpoints: pruning by step number, never the one just written ---------------------------------------------
 
 
@@ -252,6 +379,21 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_leaves_no_temporary
     assert line.endswith("--run-name run --resume")
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == [
         "step_00000001.pt", "step_00000001.pt.sha256", "step_00000002.pt", "step_00000002.pt.sha256"]
+
+
+def test_a_really_full_disk_while_saving_is_one_line_saying_so_and_status_2(cache, small_disk, monkeypatch):
+    """Issue 25 item 4: a checkpoint that fills a real disk (an 8 MB tmpfs; a checkpoint here is 15 MB). torch's
+    writer hides the OSError (`[enforce fail at inline_container.cc:664] . unexpected pos ...`): the free space
+    left tells that the disk is full. Nothing half-written is left."""
+    out = small_disk(8)
+    monkeypatch.setattr(checkpoints, "RETRY_AFTER_SECONDS", 0.0)
+    status, _, err = run_main("--cache", str(cache), "--out-dir", str(out), "--run-name", "run", "--max-steps", "2",
+                              "--save-every", "1", *QUICK_FLAGS)
+    assert status == 2
+    [line] = error_lines(err)
+    assert line.startswith(f"error: cannot write {out / 'run' / 'checkpoints' / 'step_00000001.pt'}: No space left on device "
+                           "(tried twice); the last good checkpoint is none"), line
+    assert list((out / "run" / "checkpoints").iterdir()) == []
 
 
 def test_a_save_that_fails_once_is_retried_and_the_run_goes_on(stopped, tmp_path, monkeypatch):

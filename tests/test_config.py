@@ -204,6 +204,11 @@ def test_a_checkpoint_whose_config_holds_strings_resumes(tmp_path):
     (["--train-manifest", "a.jsonl", "--train-manifest", "b.jsonl"], "a mixture names each set and its weight, NAME:WEIGHT=PATH"),
     (["--train-manifest", "vi:0=a.jsonl"], "vi:0=a.jsonl: the weight after ':' must be a positive number, not '0'"),
     (["--train-manifest", "vi:1=a", "--train-manifest", "vi:1=b"], "--train-manifest: each set needs its own name"),
+    # issue 25 item 11: weights that each parse but whose sum overflows, or whose share is lost beside the others'
+    (["--train-manifest", "vi:1e308=a", "--train-manifest", "en:1e308=b"],
+     "--train-manifest: the weights 1e+308, 1e+308 add up to more than a float holds: give them smaller, e.g. vi:0.8=PATH"),
+    (["--train-manifest", "vi:1e-300=a", "--train-manifest", "en:1e300=b"],
+     "--train-manifest: the weight of vi, 1e-300, is lost beside the others' (its share rounds to 0)"),
     (["--train-manifest", ""], "--train-manifest: give a training set"),
     (["--val-manifest", "en:0.5=e.jsonl"], "a validation set has no weight: NAME=PATH"),
     (["--val-manifest", "a.jsonl", "--val-manifest", "b.jsonl"], "name each of several validation sets, NAME=PATH"),

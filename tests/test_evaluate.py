@@ -92,6 +92,25 @@ def test_eval_refuses_a_used_output_directory_before_loading_the_model(tmp_path,
     assert err.startswith("error: --out") and "is not empty (wavs/): add --resume" in err and "\n" not in err
 
 
+def test_eval_refuses_an_out_that_is_a_file_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """Issue 25 item 13: an existing file as --out was `[Errno 17] File exists`."""
+    monkeypatch.setattr(infer, "_load", lambda args: pytest.fail("refused before the model loads"))
+    existing = tmp_path / "results.txt"
+    existing.write_text("kept")
+    assert infer.main(["--eval", str(DEMO_DIR / "manifest.jsonl"), "--out", str(existing)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {existing} is a file: --eval writes a directory of results: give --out DIR"
+    assert existing.read_text() == "kept"
+
+
+def test_eval_refuses_an_unknown_language_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """Issue 25 item 5: `--language xx` was taken, and every row's WER was n/a, exit 0."""
+    monkeypatch.setattr(infer, "_load", lambda args: pytest.fail("refused before the model loads"))
+    assert infer.main(["--eval", str(DEMO_DIR / "manifest.jsonl"), "--out", str(tmp_path / "eval"), "--language", "xx"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --language 'xx' is not a known language "
+                                               "(a BCP 47 tag such as en, en-US, ar, zh-Hans)")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_eval_where_every_row_is_rejected_fails_in_one_line(tmp_path, capsys):
     rows = [{"id": f"r{i}", "ref_audio": str(tmp_path / "none.wav"), "ref_text": "x", "audio": str(tmp_path / "none.wav"),
              "text": "Words."} for i in range(2)]

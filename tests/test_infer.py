@@ -100,6 +100,20 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "no such audio file" in result.stderr
 
 
+def test_a_truncated_checkpoint_is_named_damaged_with_the_checkpoints_beside_it(tmp_path, capsys, monkeypatch):
+    """Issue 25 item 12: `--checkpoint` on a truncated file was `error: dmg.pt: [Errno 22] Invalid argument`."""
+    monkeypatch.setattr(infer, "_load", lambda args: pytest.fail("refused before the model loads"))
+    damaged = tmp_path / "checkpoints" / "step_00000004.pt"
+    damaged.parent.mkdir()
+    torch.save({"model": torch.zeros(4096)}, damaged)
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"")
+    assert infer.main(["--checkpoint", str(damaged), "--text", "Hello."]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {damaged}: damaged or truncated, not a loadable checkpoint (") and line.endswith(
+        "; beside it: best.pt"), line
+
+
 def test_parity_command_prints_one_line_per_check(capsys):
     assert infer.main(["--parity", "--checks", "prefix,official,collated"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
