@@ -25,16 +25,19 @@ import argparse
 import json
 import math
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
+
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
 
 import soundfile as sf
 import torch
 
 import batched_generation
-import commands
 import data
 import eval_dir
 import evaluate
@@ -353,14 +356,12 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
 def report_interrupted(args: argparse.Namespace, argv: list[str], error: evaluate.EvalInterrupted | None) -> int:
     """The one line Ctrl-C prints, what was kept and, for --eval, the command that continues; the status 130."""
     if error is None:
-        line = "interrupted"
-    else:
-        command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
-        line = (f"interrupted: {error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
-                f"{error.out / 'wavs'}; continue with: {command}")
-    print(line, file=sys.stderr)
-    return 128 + signal.SIGINT
+        return commands.interrupted("stopped before it finished; run the same command again")
+    command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
+    return commands.interrupted(f"{error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
+                                f"{error.out / 'wavs'}; continue with: {command}")
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())
