@@ -298,7 +298,8 @@ def run_clone_cli(args: argparse.Namespace) -> int:
         if clip.error is not None:
             raise RuntimeError(clip.error)
         target.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(target, clip.waveform, rate)
+        with files.atomic_file(target) as handle:  # whole or absent; a full disk is one line naming it
+            sf.write(handle, clip.waveform, rate, format=target.suffix[1:] or "WAV")
         print(f"wrote {target} ({len(clip.waveform) / rate:.2f} s at {rate} Hz): {text}")
     return 0
 
