@@ -1,7 +1,8 @@
 """How every command line (train.py, infer.py, prepare.py, importers.py, segment.py) ends: `run` gives its exit
 status, with an expected failure as one `error:` line and status 2, and an interruption reported as the command
-says (the data commands: one `interrupted:` line and status 130, also while the modules load); the data commands
-also list their first rejections with a count of the rest (`list_first`)."""
+says (one `interrupted:` line and status 130, also while the modules load, `quiet_ctrl_c_while_loading`; train.py
+stopped after a step says how to resume); the data commands also list their first rejections with a count of the
+rest (`list_first`)."""
 
 from __future__ import annotations
 

@@ -25,16 +25,19 @@ import argparse
 import json
 import math
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
+
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
 
 import soundfile as sf
 import torch
 
 import batched_generation
-import commands
 import data
 import eval_dir
 import evaluate
@@ -295,7 +298,8 @@ def run_clone_cli(args: argparse.Namespace) -> int:
         if clip.error is not None:
             raise RuntimeError(clip.error)
         target.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(target, clip.waveform, rate)
+        with files.atomic_file(target) as handle:  # whole or absent; a full disk is one line naming it
+            sf.write(handle, clip.waveform, rate, format=target.suffix[1:] or "WAV")
         print(f"wrote {target} ({len(clip.waveform) / rate:.2f} s at {rate} Hz): {text}")
     return 0
 
@@ -353,14 +357,12 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
 def report_interrupted(args: argparse.Namespace, argv: list[str], error: evaluate.EvalInterrupted | None) -> int:
     """The one line Ctrl-C prints, what was kept and, for --eval, the command that continues; the status 130."""
     if error is None:
-        line = "interrupted"
-    else:
-        command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
-        line = (f"interrupted: {error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
-                f"{error.out / 'wavs'}; continue with: {command}")
-    print(line, file=sys.stderr)
-    return 128 + signal.SIGINT
+        return commands.interrupted("stopped before it finished; run the same command again")
+    command = shlex.join(["python", "infer.py", *argv] + ([] if args.resume else ["--resume"]))
+    return commands.interrupted(f"{error.scored} of {error.total} rows scored, kept in {error.out / eval_dir.ROWS_FILE} and "
+                                f"{error.out / 'wavs'}; continue with: {command}")
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())

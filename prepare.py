@@ -29,11 +29,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import commands  # light: it must catch a Ctrl-C while the rest loads
+
+if __name__ == "__main__":
+    commands.quiet_ctrl_c_while_loading()
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import commands
 import data
 import files
 import manifest
@@ -177,8 +181,13 @@ def prepare_lock(cache_dir: Path):
     previous = os.read(descriptor, 200).decode(errors="replace").strip()
     if previous:
         print(f"cache: took over {path} from {previous}, which ended without releasing it", file=sys.stderr)
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except OSError as error:  # a full disk: an error that names no file
+        path.unlink(missing_ok=True)
+        os.close(descriptor)
+        raise files.WriteError(path, error) from error
     try:
         yield
     finally:
@@ -351,8 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     if (checked := commands.run(lambda: _check_inputs(args))) != 0:
         return checked
     world = parallel.start_processes(args.device)
+    kept = f"the clips encoded so far are kept in {args.out}; the same command encodes only the rest"
     try:
-        return commands.run(lambda: _prepare_and_report(args, world))
+        return commands.run(lambda: _prepare_and_report(args, world), lambda _: commands.interrupted(kept))
     finally:
         parallel.stop_processes(world)
 
@@ -439,4 +449,5 @@ def _text_tokenizer(model: str):
 
 
 if __name__ == "__main__":
+    commands.loaded()
     sys.exit(main())

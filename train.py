@@ -30,17 +30,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-INTERRUPTED_AT_START = "error: interrupted during start-up: nothing was trained"
-
-
-def _interrupted_while_importing(_signum, _frame):
-    print(INTERRUPTED_AT_START, file=sys.stderr)
-    raise SystemExit(128 + signal.SIGINT)
-
+import commands  # light: it must catch a Ctrl-C while the rest loads
 
 if __name__ == "__main__":  # a Ctrl-C while torch loads is one line, not a traceback
-    signal.signal(signal.SIGINT, _interrupted_while_importing)
+    commands.quiet_ctrl_c_while_loading()
     if {"-h", "--help"} & set(sys.argv[1:]):  # the help needs config.py alone, which imports no torch: no wait for it
         import config
 
@@ -53,7 +46,6 @@ from tqdm import tqdm
 
 import checkpoints
 import collate
-import commands
 import files
 import heldout
 import loader
@@ -564,10 +556,9 @@ def stopped_status(interruption: KeyboardInterrupt) -> int:
         if interruption.message:
             print(f"error: {interruption.message}", file=sys.stderr)
         return 128 + interruption.signum
-    print(INTERRUPTED_AT_START, file=sys.stderr)
-    return 128 + signal.SIGINT
+    return commands.interrupted("during start-up, before the first step: nothing was trained; run the same command again")
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch is loaded: Ctrl-C is main's to handle
+    commands.loaded()  # torch is loaded: Ctrl-C is main's to handle
     sys.exit(main())

@@ -15,7 +15,7 @@ import data
 import infer
 import manifest
 import model_utils
-from conftest import ROOT, VOICE_PROMPTS
+from conftest import ROOT, VOICE_PROMPTS, fill
 
 
 # ---- the clone command ---------------------------------------------------------------------
@@ -112,6 +112,14 @@ def test_a_truncated_checkpoint_is_named_damaged_with_the_checkpoints_beside_it(
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: {damaged}: damaged or truncated, not a loadable checkpoint (") and line.endswith(
         "; beside it: best.pt"), line
+
+
+def test_a_clone_on_a_full_disk_is_one_line_saying_so_and_leaves_no_file(small_disk, capsys):
+    out = small_disk(1)
+    fill(out)
+    assert infer.main(["--model", "tiny", "--text", "Hello.", "--out", str(out / "clone.wav")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot write {out / 'clone.wav'}: No space left on device"
+    assert sorted(path.name for path in out.iterdir()) == ["filler"]
 
 
 def test_parity_command_prints_one_line_per_check(capsys):
