@@ -131,10 +131,11 @@ def test_rows_without_a_language_say_which_flag_gives_them_a_wer(judge, capsys):
 
 
 def test_ctrl_c_mid_eval_keeps_the_scored_rows_and_the_printed_command_finishes_the_run(demo_clips, tmp_path):
+    total = 8  # enough that a Ctrl-C sent once the first row is scored finds rows still to make
     reference, target = demo_clips["en_female_0"], demo_clips["en_female_1"]
     rows = [{"id": f"row{i}", "ref_audio": reference["audio"], "ref_text": reference["text"],
-             "audio": target["audio"], "text": target["text"], "language": "en"} for i in range(3)]
-    listed, out = write_jsonl(tmp_path / "three.jsonl", rows), tmp_path / "eval"
+             "audio": target["audio"], "text": target["text"], "language": "en"} for i in range(total)]
+    listed, out = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "eval"
     args = ["--eval", str(listed), "--out", str(out), "--model", "tiny", "--max-seconds", "0.2", "--greedy",
             "--score-cache", str(tmp_path / "scores")]
     process = subprocess.Popen([sys.executable, str(ROOT / "infer.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
@@ -149,16 +150,16 @@ def test_ctrl_c_mid_eval_keeps_the_scored_rows_and_the_printed_command_finishes_
     last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
     assert process.returncode == 130 and "Traceback" not in err, err
     scored = len(_rows(out))
-    assert 1 <= scored < 3 and last.startswith(f"interrupted: {scored} of 3 rows scored, kept in {out / 'rows.csv'}")
+    assert 1 <= scored < total and last.startswith(f"interrupted: {scored} of {total} rows scored, kept in {out / 'rows.csv'}")
     command = last.split("continue with: ")[1]
     assert command.endswith("--resume")
     kept = _rows(out)
     assert infer.main(shlex.split(command)[2:]) == 0
     finished = _rows(out)
-    assert sorted(finished) == [f"row{i}" for i in range(3)]
+    assert sorted(finished) == [f"row{i}" for i in range(total)]
     assert all(finished[row_id] == kept[row_id] for row_id in kept)  # the rows scored before Ctrl-C are kept as they were
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["evaluated"] == 3 and summary["clips_made_this_run"] == 3 - scored
+    assert summary["evaluated"] == total and summary["clips_made_this_run"] == total - scored
     assert summary["target_score_cache"]["misses"] == 0, "the real target was scored once, in the first run"
 
 
