@@ -6,6 +6,7 @@
     DIR/rows.csv          one line per scored row, appended and flushed to disk as each row is scored
     DIR/rejections.jsonl  the rows the list's validation rejected
     DIR/summary.json      written at the end, from rows.csv
+    DIR/summary.png       written with it: each per-row metric's distribution, the real targets' overlaid
 
 A row is done when its line is in rows.csv: an interrupted run (Ctrl-C, a
 crash, a killed job) keeps every scored row, and `--resume` skips them and

@@ -9,7 +9,8 @@ scoring thread (`ScoringWorker`) scores each clip and its real target
 (`score_row`, the target's scores cached on disk) and appends the row to
 rows.csv (`eval_dir.EvalDir`, which also refuses a used directory and
 resumes a half-done one). The summary gives ours (means, corpus WER, the
-real targets') and the Seed-TTS-eval aggregates (`seedtts.py`).
+real targets') and the Seed-TTS-eval aggregates (`seedtts.py`); summary.png
+draws each metric's distribution (`plots.summary_figure`).
 
 `clones_of` and `score_row` also make and judge the clones the training
 loop makes of its held-out sets (`heldout.py`, which imports this module,
@@ -38,6 +39,7 @@ import generation
 import manifest
 import metrics
 import model_utils
+import plots
 import seedtts
 from codes import EncodedClips, audio_tokenizer_id, read_prepared
 
@@ -293,10 +295,12 @@ def _summary(out: eval_dir.EvalDir, list_path: str, checked, judge: metrics.Judg
         report["target_score_cache"] = {"folder": str(judge.target_cache.folder), "hits": judge.target_cache.hits,
                                         "misses": judge.target_cache.misses}
     files.write_text(out.path / "summary.json", json.dumps(report, indent=2, ensure_ascii=False))
+    plots.write_png(plots.summary_figure(records, f"{list_path}: {len(records)} rows"), out.path / "summary.png")
     print(metrics.format_summary(summary))
     print(f"corpus WER/CER {metrics.fmt(corpus['error_rate']['rate'])} over {corpus['error_rate']['words']} words "
           f"of {corpus['error_rate']['n']} rows; real targets' {metrics.fmt(corpus['target_error_rate']['rate'])}")
     print(seedtts.format_aggregates(protocol, report["asr"] or "none", judge.encoder.name))
     print(f"{len(records)} rows evaluated ({failed} without audio), {checked.summary()}; {made} clips made in "
-          f"{timings['wall']:.1f} s; wrote {out.path / eval_dir.ROWS_FILE}, {out.path / 'summary.json'}, {out.path / 'wavs'}")
+          f"{timings['wall']:.1f} s; wrote {out.path / eval_dir.ROWS_FILE}, {out.path / 'summary.json'}, {out.path / 'summary.png'}, "
+          f"{out.path / 'wavs'}")
     return report

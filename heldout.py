@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 import collate
@@ -31,6 +30,7 @@ import manifest
 import metrics
 import model_utils
 import parallel
+import plots
 import trainable
 from codes import EncodedClips
 from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_specs
@@ -235,8 +235,9 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
 
 
 def log_generations(writer, step: int, model, validation: Validation, config: TrainConfig, device: str) -> dict[str, float]:
-    """Greedy clones of the first validation prompts: audio, mel spectrograms (generated | target | reference),
-    and their SIM, WER/CER and timing as scalars and a table with the transcripts; returns the metrics' means."""
+    """Greedy clones of the first validation prompts: audio, mel spectrograms (generated, target and reference
+    stacked, `plots.mel_figure`), and their SIM, WER/CER and timing as scalars and a table with the transcripts;
+    returns the metrics' means."""
     builder, judge, languages = validation.builder, validation.judge, validation.languages
     bundle = model_utils.Bundle(model, builder.bundle.tokenizer, builder.bundle.audio_tokenizer)
     rate = bundle.audio_tokenizer.sampling_rate
@@ -249,10 +250,11 @@ def log_generations(writer, step: int, model, validation: Validation, config: Tr
         records.append(evaluate.score_row(judge, pair, languages[pair.id], clone, rate))
         if clone.error is not None:
             continue
-        generated = clone.waveform
-        writer.add_audio(f"generated/{pair.id}", torch.from_numpy(generated)[None], step, sample_rate=rate)
-        panels = [generated, data.load_audio(pair.audio, rate), data.load_audio(pair.ref_audio, rate)]
-        writer.add_image(f"mel/{pair.id} (generated | target | reference)", mel_panels(panels, rate), step, dataformats="HW")
+        writer.add_audio(f"generated/{pair.id}", torch.from_numpy(clone.waveform)[None], step, sample_rate=rate)
+        panels = plots.clip_panels(records[-1], pair.ref_text, clone.waveform, data.load_audio(pair.audio, rate),
+                                   data.load_audio(pair.ref_audio, rate))
+        writer.add_image(f"mel/{pair.id}", plots.render(plots.mel_figure(panels, rate, f"{pair.id}, step {step}")), step,
+                         dataformats="HWC")
     means = {name: stats["mean"] for name, stats in metrics.summarize_records(records, config.seed).items() if stats["n"]}
     log_values(writer, "quality", means, step)
     writer.add_text("quality/table", metrics.markdown_table(records), step)
@@ -264,18 +266,6 @@ def log_values(writer, prefix: str, values: dict[str, float], step: int) -> None
     for name, value in values.items():
         if value is not None and math.isfinite(value):
             writer.add_scalar(f"{prefix}/{name}", value, step)
-
-
-def mel_panels(waveforms: list[np.ndarray], rate: int) -> np.ndarray:
-    """Log-mel spectrograms side by side, low frequencies at the bottom, scaled to [0, 1]."""
-    import librosa
-
-    panels = []
-    for waveform in waveforms:
-        mel = librosa.power_to_db(librosa.feature.melspectrogram(y=waveform, sr=rate, n_mels=80, hop_length=240), ref=np.max)
-        panels.append((mel[::-1] - mel.min()) / max(1e-6, float(mel.max() - mel.min())))
-        panels.append(np.ones((mel.shape[0], 4)))
-    return np.concatenate(panels[:-1], axis=1).astype(np.float32)
 
 
 def metric_value(metric: str, val: dict[str, float], quality: dict[str, float]) -> float:

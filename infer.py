@@ -14,9 +14,13 @@ Measure clones of every row of a held-out manifest or a Seed-TTS-eval list (SIM,
 
     python infer.py --eval held_out.jsonl --out eval/base [--batch-size 8] [--resume]
 
+Compare two --eval runs of the same list row by row (paired; no model is loaded; see compare.py):
+
+    python infer.py --compare eval/base eval/tuned
+
 This file reads the flags, checks them and loads the model; generation.py
 generates the clips, parity.py holds the parity suite, evaluate.py judges
-the clones.
+the clones, compare.py compares two evaluations.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import soundfile as sf
 import torch
 
 import batched_generation
+import compare
 import data
 import eval_dir
 import evaluate
@@ -59,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--ref-text", help="transcript of the reference clip (default: the demo clip's)")
     io.add_argument("--text", help="text to speak in the reference voice")
     io.add_argument("--text-file", help="a UTF-8 file with one text per line; writes one wav per line into --out")
-    io.add_argument("--out", default="out.wav", help="output wav (or directory with --text-file) [out.wav]")
+    io.add_argument("--out", help="output wav (or directory with --text-file) [out.wav]; with --eval, the results' "
+                    "directory; with --compare, the comparison's [A_vs_B beside B]")
     io.add_argument("--scene", help="scene description for the system message; '' for none "
                     "[the model's prompt_layout.json, else none]")
     io.add_argument("--ref-in-system", action=argparse.BooleanOptionalAction, default=None,
@@ -115,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "references' codes from [none: each distinct reference is encoded once]")
     evaluation.add_argument("--score-cache", default=str(score_cache.DEFAULT_DIR), metavar="DIR",
                             help=f"folder of the real targets' cached scores; '' = no cache [{score_cache.DEFAULT_DIR}]")
+    evaluation.add_argument("--compare", nargs=2, metavar=("EVAL_DIR_A", "EVAL_DIR_B"),
+                            help="compare two --eval directories of the same list, judge and sampling row by row: per metric "
+                            "B - A with a paired bootstrap 95%% interval, a verdict where it excludes 0; writes compare.json "
+                            "and differences.png into --out; loads no model")
     return parser.parse_args(argv)
 
 
@@ -289,7 +299,7 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     ref_audio, ref_text = _reference_paths(args, layout)
     bundle = _load(args)
     reference = generation.encode_reference(bundle, ref_audio, ref_text, layout.ref_in_system)
-    out, rate = Path(args.out), bundle.audio_tokenizer.sampling_rate
+    out, rate = Path(args.out or "out.wav"), bundle.audio_tokenizer.sampling_rate
     targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if args.text_file else [out]
     jobs = [batched_generation.Job(reference, text) for text in texts]
     clips = batched_generation.clone_many(bundle, jobs, sampling_from_args(args), layout, args.force_audio, args.batch_size,
@@ -315,6 +325,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ValueError(f"--language {error}") from None
     layout = layout_from_args(args)
+    if not args.out:
+        raise eval_dir.EvalDirError("--eval writes a directory of results: give --out DIR")
     out = eval_dir.EvalDir(args.out, eval_run_record(args, layout), args.resume)
     bundle = _load(args)
     judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device, args.score_cache or None)
@@ -342,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
-    """What the flags ask for: --parity, --eval or a clone."""
+    """What the flags ask for: --compare, --parity, --eval or a clone."""
+    if args.compare:
+        if args.eval or args.parity:
+            raise ValueError("--compare reads two finished --eval directories: give it without --eval or --parity")
+        return compare.run_cli(*args.compare, args.out)
     choose_model(args)
     if args.parity:
         return run_parity_cli(args)

@@ -14,7 +14,9 @@
   stream-EOS column, from `audio_logits` and `label_audio_ids`;
 * summaries: mean, median and a bootstrap 95% interval, the corpus error
   rate (errors over all rows' words), and the Seed-TTS-eval aggregates
-  (`seedtts.py`), as a dict and as a printed table.
+  (`seedtts.py`), as a dict and as a printed table; the paired difference
+  of two runs' rows (`paired_difference`, the same bootstrap over rows) and
+  which way each metric gets better (`BETTER`).
 
 A `Judge` scores clips with one encoder and one ASR; it keeps reference
 embeddings in memory and, given a `score_cache.TargetScores`, real-target
@@ -465,6 +467,12 @@ RECORD_COLUMNS = tuple(row_record("", None, "a", None, None, None))
 
 SUMMARY_COLUMNS = ("sim", "error_rate", "duration_ratio", "stopped", "lead_silence", "trail_silence",
                    "target_sim", "target_error_rate")
+# The generated clips' per-row metrics (summary.png's panels, --compare's rows); `target_NAME` is NAME's reference point.
+ROW_METRICS = tuple(column for column in SUMMARY_COLUMNS if not column.startswith("target_"))
+# Which way a metric gets better; `near 1` is judged by the distance from 1. A metric not named here is compared
+# without a direction (its verdict is `differs`, never better or worse).
+BETTER = {"sim": "higher", "error_rate": "lower", "duration_ratio": "near 1", "stopped": "higher",
+          "lead_silence": "lower", "trail_silence": "lower"}
 
 
 def _numbers(values) -> np.ndarray:
@@ -482,6 +490,35 @@ def summarize(values, seed: int = 0, resamples: int = 1000) -> dict:
     low, high = np.percentile(means, [2.5, 97.5])
     return {"n": int(len(numbers)), "mean": float(numbers.mean()), "median": float(np.median(numbers)),
             "ci95": [float(low), float(high)]}
+
+
+def paired_difference(a_values, b_values, better: str | None, seed: int = 0, resamples: int = 1000) -> dict:
+    """B - A over the rows (in the same order) where both have a value: `summarize` of the per-row differences (its
+    bootstrap resamples rows, so the interval is paired), the share of rows that improved and that worsened, and a
+    verdict only where the 95% interval excludes 0. A `near 1` metric is compared by the distance from 1
+    (|B - 1| - |A - 1|); a metric without a direction by B - A with the verdict `differs`."""
+    both = np.array([(float(a), float(b)) for a, b in zip(a_values, b_values) if _numbers([a]).size and _numbers([b]).size],
+                    dtype=np.float64).reshape(-1, 2)
+    a, b = both[:, 0], both[:, 1]
+    if better == "near 1":
+        a, b = np.abs(a - 1), np.abs(b - 1)
+    difference = b - a
+    stats = summarize(difference, seed, resamples)
+    sign = {"higher": 1.0, "lower": -1.0, "near 1": -1.0}.get(better)
+    gain = difference * (sign or 1.0)
+    low, high = stats["ci95"]
+    if not stats["n"]:
+        verdict = "n/a"
+    elif not (low > 0 or high < 0):
+        verdict = "no clear difference"
+    elif sign is None:
+        verdict = "differs"
+    else:
+        verdict = "better" if gain.mean() > 0 else "worse"
+    return {**stats, "better": better, "a_mean": float(a.mean()) if len(a) else None,
+            "b_mean": float(b.mean()) if len(b) else None,
+            "improved": float((gain > 0).mean()) if len(a) and sign else None,
+            "worsened": float((gain < 0).mean()) if len(a) and sign else None, "verdict": verdict}
 
 
 def summarize_records(records: list[dict], seed: int = 0) -> dict[str, dict]:
