@@ -53,10 +53,11 @@ def read_eval(path: Path) -> tuple[dict, list[dict]]:
 
 def protocol_differences(run_a: dict, run_b: dict) -> tuple[list[str], list[str]]:
     """The differences of judge and of protocol between two run.json records (each `field a -> b`)."""
-    kept = lambda run: {key: value for key, value in run.items() if key not in MODEL_FIELDS}  # noqa: E731
-    changed = eval_dir.differences(kept(run_a), kept(run_b))
-    judge = [line for line in changed if line.split(" ")[0].split(".")[0] in JUDGE_FIELDS]
-    return judge, [line for line in changed if line not in judge]
+    def part(run: dict, judge: bool) -> dict:
+        return {key: value for key, value in run.items() if key not in MODEL_FIELDS and (key in JUDGE_FIELDS) == judge}
+
+    return (eval_dir.differences(part(run_a, True), part(run_b, True)),
+            eval_dir.differences(part(run_a, False), part(run_b, False)))
 
 
 def check_comparable(a: Path, run_a: dict, b: Path, run_b: dict) -> None:
@@ -143,7 +144,7 @@ def _named(what: str, ids: list[str]) -> str:
 
 def default_out(a: Path, b: Path) -> Path:
     """Where a comparison is written when --out is not given: `A_vs_B` beside B."""
-    return b.resolve().parent / f"{a.resolve().name}_vs_{b.resolve().name}"
+    return b.parent / f"{a.resolve().name}_vs_{b.resolve().name}"
 
 
 def run_cli(a: str, b: str, out: str | None) -> int:
@@ -156,6 +157,7 @@ def run_cli(a: str, b: str, out: str | None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     print(format_comparison(report))
     files.write_text(folder / "compare.json", json.dumps(report, indent=2, ensure_ascii=False))
-    plots.write_png(plots.differences_figure(report, f"B - A per matched row (green: B better, red: B worse): A = {a}, B = {b}"), folder / "differences.png")
+    heading = f"B - A per matched row (green: B better, red: B worse): A = {a}, B = {b}"
+    plots.write_png(plots.differences_figure(report, heading), folder / "differences.png")
     print(f"wrote {folder / 'compare.json'}, {folder / 'differences.png'}")
     return 0

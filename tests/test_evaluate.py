@@ -74,6 +74,7 @@ def test_eval_writes_wavs_rows_and_summary_and_counts_the_bad_row(demo_clips, tm
     low, high = summary["metrics"]["duration_ratio"]["ci95"]
     assert low <= summary["metrics"]["duration_ratio"]["mean"] <= high
     assert len(list((out / "wavs").glob("*.wav"))) == 3
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # its layout: tests/test_plots.py
     rejections = [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
     assert [(r["row"], r["id"], r["reason"]) for r in rejections] == [(2, "gone", "missing_audio")]
     captured = capsys.readouterr()

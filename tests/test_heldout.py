@@ -52,6 +52,8 @@ def test_in_loop_evaluation_writes_quality_and_accuracy_scalars_and_a_table(pati
     assert len(tables) == len(events.Scalars("quality/sim"))
     table = tables[-1].tensor_proto.string_val[0].decode()
     assert table.startswith("| id | SIM") and "en_female_0" in table
+    mel = events.Images("mel/en_female_0")  # plots.mel_figure: three stacked panels, 10 x 7.4 inches at 100 dpi
+    assert len(mel) == len(tables) and (mel[-1].width, mel[-1].height) == (1000, 740)
 
 
 def test_best_by_sim_keeps_the_highest_sim_and_patience_stops_with_a_checkpoint_and_the_best_exported(patient_run):

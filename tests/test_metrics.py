@@ -170,6 +170,13 @@ def test_summary_table_columns_line_up_with_long_names_and_counts():
         assert len(ends) == 1, (index, lines)
 
 
+def test_a_paired_difference_without_a_direction_differs_but_is_never_better_or_worse():
+    stats = metrics.paired_difference([0.1, 0.2, None, 0.4], [1.1, 1.2, 1.3, None], better=None)
+    assert (stats["n"], stats["mean"], stats["verdict"], stats["improved"]) == (2, 1.0, "differs", None)
+    near_one = metrics.paired_difference([1.5, 0.5], [1.1, 0.9], better="near 1")
+    assert near_one["mean"] == pytest.approx(-0.4) and near_one["verdict"] == "better" and near_one["improved"] == 1.0
+
+
 def test_corpus_error_rate_weighs_rows_by_their_words():
     records = [{"error_rate": 0.5, "words": 2, "target_error_rate": None}, {"error_rate": 0.0, "words": 8, "target_error_rate": None},
                {"error_rate": None, "words": 5, "target_error_rate": None}]

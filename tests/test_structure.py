@@ -194,6 +194,13 @@ def test_eval_runs_without_the_training_stack():
     assert {"evaluate", "metrics"} <= _closure("infer", _imported_on_import), "the check follows infer's imports"
 
 
+def test_compare_loads_no_model():
+    """`--compare` reads two finished --eval directories: nothing it reaches, inside functions too, builds, loads
+    or runs a model, or belongs to the training loop."""
+    assert not _closure("compare", _imported) & (TRAINING_STACK | {"model_utils", "generation", "batched_generation",
+                                                                  "evaluate", "codes", "parity"})
+
+
 CORE = {"train", "trainable", "loader", "data", "collate", "model_utils", "manifest", "codes", "prepare", "generation",
         "batched_generation", "checkpoints", "config", "parallel", "files", "heldout", "evaluate", "infer", "parity", "metrics"}
 
