@@ -1,4 +1,5 @@
-"""The inference command line: clone a voice, measure clones of a manifest (--eval), prove parity (--parity).
+"""The inference command line: clone a voice, measure clones of a manifest (--eval), compare two such measures
+(--compare), prove parity (--parity).
 
 Clone a voice (the newest export under runs/, else the tiny preset; a real model with
 --model/--audio-tokenizer, a training checkpoint with --checkpoint):
