@@ -1,7 +1,7 @@
 """Long-form speed and drift: chunks per second and the real-time factor of a 500-word text, at batch 1 and 4.
 
     python benchmarks/longform_benchmark.py                          # tiny preset, 500 words, B = 1 and 4
-    python benchmarks/longform_benchmark.py --words 200 --batch-sizes 1 [--voice-prompts DIR]
+    python benchmarks/longform_benchmark.py --words 200 --batch-sizes 1 --max-seconds 4 [--voice-prompts DIR]
 
 The text is the English transcripts of the shared voice prompts
 (../shared/data/voice_prompts) repeated to `--words` words; the reference is
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-chars", type=int, default=longform.DEFAULT_CHUNK_CHARS, help="[%(default)s]")
     parser.add_argument("--context-chunks", type=int, default=longform.DEFAULT_CONTEXT_CHUNKS, help="[%(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
+    parser.add_argument("--max-seconds", type=float, default=generation.Sampling.max_seconds,
+                        help="longest chunk, as infer.py's flag [%(default)s]; the random tiny model often runs to it")
     voice_prompts.add_flag(parser)
     return parser
 
@@ -79,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = generation.encode_reference(bundle, str(reference_path), (prompts / "en_woman.txt").read_text().strip(), False)
     chunks = longform.chunk_text(long_text(prompts, args.words), args.chunk_chars)
     print(f"{args.words} words in {len(chunks)} chunks of at most {args.chunk_chars} characters, "
-          f"context {args.context_chunks} chunks, model {args.model}")
-    sampling = generation.Sampling(seed=args.seed)
+          f"context {args.context_chunks} chunks, at most {args.max_seconds:g} s a chunk, model {args.model}")
+    sampling = generation.Sampling(seed=args.seed, max_seconds=args.max_seconds)
     first = None
     for batch_size in [int(size) for size in args.batch_sizes.split(",")]:
         documents = [longform.Document(reference, chunks) for _ in range(batch_size)]
