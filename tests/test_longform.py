@@ -155,8 +155,8 @@ def test_drift_is_measured_per_chunk_on_real_speech(judge):
     man = data.load_audio(VOICE_PROMPTS / "en_man.wav", RATE)
     reference = judge.reference_embedding("en_woman", lambda: woman, RATE)
     words = (VOICE_PROMPTS / "en_woman.txt").read_text(encoding="utf-8").split()
-    pieces = [(woman[: len(woman) // 2], " ".join(words[:12])), (woman[len(woman) // 2 :], " ".join(words[12:])),
-              (np.zeros(RATE, np.float32), "Nothing."), (man[: 3 * RATE], "Maintaining your ability to learn")]
+    pieces = [(woman[: 2 * RATE], " ".join(words[:6])), (woman[-2 * RATE :], " ".join(words[-6:])),
+              (np.zeros(RATE, np.float32), "Nothing."), (man[: 2 * RATE], "Maintaining your ability")]
     chunks = [longform.SpokenChunk(index, text, generation.Clone(waveform, True), "silent" if index == 2 else None)
               for index, (waveform, text) in enumerate(pieces)]
     drift = longform.measure_drift(judge, longform.join_chunks(chunks), reference, "en", RATE)
