@@ -322,9 +322,9 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     one_per_line = args.text_file and not one_clip_out(args.out)
     targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if one_per_line else [out]
     documents = [longform.Document(reference, longform.chunk_text(text, args.chunk_chars)) for text in texts]
-    chunked = sum(len(document.chunks) > 1 for document in documents)
+    chunked = [len(document.chunks) for document in documents if len(document.chunks) > 1]
     if chunked:
-        print(f"{chunked} text(s) over --chunk-chars {args.chunk_chars}: {sum(len(d.chunks) for d in documents)} chunks, "
+        print(f"{len(chunked)} text(s) over --chunk-chars {args.chunk_chars}, spoken in {sum(chunked)} chunks, "
               f"each after the last {args.context_chunks} said")
     clips = longform.speak_documents(bundle, documents, sampling_from_args(args), layout, args.context_chunks,
                                      args.force_audio, args.batch_size, _kv_cache(args, bundle))
