@@ -5,8 +5,8 @@ inference both call: with target codes it returns a training sample (only the
 final assistant audio turn carries labels), without them the inference
 prompt, which is exactly the training sample's input up to the point where
 generation starts; a chunk of a long text (longform.py) is the same prompt
-with the chunks said before it as context turns (`ContextTurn`). The prompt layouts are those of the package's official
-voice-cloning example (`examples/generation.py: prepare_generation_context` in
+with the chunks said before it as context turns (`ContextTurn`). The prompt
+layouts are those of the package's official voice-cloning example (`examples/generation.py: prepare_generation_context` in
 boson-ai/higgs-audio), and the text normalisation that example applies before
 generation is applied here, so training text is normalised as inference text.
 
