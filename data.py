@@ -6,8 +6,8 @@ final assistant audio turn carries labels), without them the inference
 prompt, which is exactly the training sample's input up to the point where
 generation starts; a chunk of a long text (longform.py) is the same prompt
 with the chunks said before it as context turns (`ContextTurn`). The prompt
-layouts are those of the package's official voice-cloning example (`examples/generation.py: prepare_generation_context` in
-boson-ai/higgs-audio), and the text normalisation that example applies before
+layouts are those of the package's official voice-cloning example
+(`examples/generation.py: prepare_generation_context` in boson-ai/higgs-audio), and the text normalisation that example applies before
 generation is applied here, so training text is normalised as inference text.
 
 It holds the one table of limits (`LIMITS`: sample rates, reference and clip
