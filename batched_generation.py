@@ -244,11 +244,13 @@ def _drop_ended(batch: _Batch, streams: list[_Stream]) -> None:
 
 @dataclass
 class Job:
-    """One clone to make: the reference, the text, and the row's own scene (None: the layout's)."""
+    """One clone to make: the reference, the text, the row's own scene (None: the layout's) and the chunks said
+    before it (a long text's, longform.py)."""
 
     reference: generation.Reference
     text: str
     scene: str | None = None
+    context: tuple = ()
 
 
 def clone_many(bundle: model_utils.Bundle, jobs: list[Job], sampling: generation.Sampling, layout,
@@ -264,10 +266,10 @@ def clone_many(bundle: model_utils.Bundle, jobs: list[Job], sampling: generation
         if batch_size == 1:
             job = chunk[0]
             yield _attempt(lambda: generation.clone(bundle, job.reference, job.text, sampling, job.scene or layout.scene,
-                                                    layout.ref_in_system, force_audio, kv_cache))
+                                                    layout.ref_in_system, force_audio, kv_cache, job.context))
             continue
-        prompts = [generation.build_prompt(bundle, job.reference, job.text, job.scene or layout.scene, layout.ref_in_system)
-                   for job in chunk]
+        prompts = [generation.build_prompt(bundle, job.reference, job.text, job.scene or layout.scene, layout.ref_in_system,
+                                           job.context) for job in chunk]
         for stream in generate_batch(bundle, prompts, sampling):
             yield _attempt(lambda: generation.clip_from_stream(bundle, stream))
 

@@ -1,5 +1,6 @@
-"""Audio codes of clips: encoded in memory on first use (`EncodedClips`), or read from a cache that
-prepare.py wrote (`PreparedCodes`, `read_prepared`), keyed by audio tokenizer (`audio_tokenizer_id`).
+"""Audio codes of clips: encoded in memory on first use (`EncodedClips`), kept on disk across runs by file
+content (`StoredCodes`, `infer.py --eval`'s references), or read from a cache that prepare.py wrote
+(`PreparedCodes`, `read_prepared`), keyed by audio tokenizer (`audio_tokenizer_id`).
 
 Training reads its clips' codes here, and so does `infer.py --eval` its
 references'; writing the cache (locks, shards, many processes) is prepare.py's,
@@ -9,7 +10,10 @@ so nothing here imports the training stack.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,52 @@ class EncodedClips:
     def clip(self, path: str) -> manifest.Clip:
         codes = self(path)
         return manifest.Clip(self.seconds[path], codes.shape[1])
+
+
+REFERENCE_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "higgs-clone" / "reference-codes"
+
+
+class StoredCodes:
+    """Audio codes by file, kept in `folder` across runs: one `.npy` (uint16) per clip, named by the SHA-256 of
+    the file's bytes and of the audio tokenizer (`audio_tokenizer_id`), so a renamed or copied file hits, an
+    edited one or another tokenizer misses. `hits` counts clips read from the folder, `encoded` clips encoded
+    (and stored); an entry that cannot be read is said and encoded again. Written through files.py: a crash
+    leaves whole entries or none."""
+
+    def __init__(self, folder: str | Path, audio_tokenizer):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.encoder = EncodedClips(audio_tokenizer)
+        self.tokenizer_id = audio_tokenizer_id(audio_tokenizer)
+        self.codes: dict[str, torch.Tensor] = {}
+        self.hits = self.encoded = 0
+
+    def __call__(self, path: str) -> torch.Tensor:
+        if path not in self.codes:
+            entry = self.folder / f"{hashlib.sha256(f'{files.sha256(path)}|{self.tokenizer_id}'.encode()).hexdigest()}.npy"
+            self.codes[path] = self._read(entry) if entry.is_file() else None
+            if self.codes[path] is None:
+                self.codes[path] = self.encoder(path)
+                self.encoded += 1
+                buffer = io.BytesIO()
+                np.save(buffer, self.codes[path].numpy().astype(np.uint16), allow_pickle=False)
+                with files.atomic_file(entry) as handle:
+                    handle.write(buffer.getvalue())
+        return self.codes[path]
+
+    def _read(self, entry: Path) -> torch.Tensor | None:
+        try:
+            stored = np.load(entry, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            stored, problem = None, str(error)
+        else:
+            problem = None if stored.dtype == np.uint16 and stored.ndim == 2 and stored.shape[0] == self.encoder.num_codebooks \
+                and stored.shape[1] else f"{stored.dtype} {stored.shape}"
+        if problem:
+            print(f"warning: {entry} is not a clip's codes ({problem}); encoding the clip again", file=sys.stderr)
+            return None
+        self.hits += 1
+        return torch.from_numpy(stored.astype(np.int64))
 
 
 def audio_tokenizer_id(audio_tokenizer) -> str:

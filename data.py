@@ -4,9 +4,10 @@ This module owns the one sample builder, `build_sample`, that training and
 inference both call: with target codes it returns a training sample (only the
 final assistant audio turn carries labels), without them the inference
 prompt, which is exactly the training sample's input up to the point where
-generation starts. The prompt layouts are those of the package's official
-voice-cloning example (`examples/generation.py: prepare_generation_context` in
-boson-ai/higgs-audio), and the text normalisation that example applies before
+generation starts; a chunk of a long text (longform.py) is the same prompt
+with the chunks said before it as context turns (`ContextTurn`). The prompt
+layouts are those of the package's official voice-cloning example
+(`examples/generation.py: prepare_generation_context` in boson-ai/higgs-audio), and the text normalisation that example applies before
 generation is applied here, so training text is normalised as inference text.
 
 It holds the one table of limits (`LIMITS`: sample rates, reference and clip
@@ -327,8 +328,17 @@ def read_prompt_layout(model_dir: str | Path) -> RecordedLayout | None:
     return RecordedLayout(PromptLayout(record["ref_in_system"], record["scene"]), record["normalization"])
 
 
-def build_messages(ref_text: str | None, text: str, layout: PromptLayout) -> list[Message]:
-    """The message list of the official example, up to and including the user turn with `text`."""
+@dataclass(frozen=True)
+class ContextTurn:
+    """A chunk generated before, given back as context: its text (a user turn) and raw codes (an assistant turn)."""
+
+    text: str
+    codes: torch.Tensor
+
+
+def build_messages(ref_text: str | None, text: str, layout: PromptLayout, context_texts: tuple[str, ...] = ()) -> list[Message]:
+    """The message list of the official example, up to and including the user turn with `text`; each context
+    text (a chunk said before) comes before it as a user turn answered by an assistant audio turn."""
     messages = []
     scene = layout.scene.strip() if layout.scene else None
     if layout.ref_in_system:
@@ -344,6 +354,8 @@ def build_messages(ref_text: str | None, text: str, layout: PromptLayout) -> lis
             )
         messages.append(Message("user", ref_text))
         messages.append(Message("assistant", AudioContent(audio_url="")))
+    for context_text in context_texts:
+        messages += [Message("user", context_text), Message("assistant", AudioContent(audio_url=""))]
     messages.append(Message("user", text))
     return messages
 
@@ -365,6 +377,7 @@ def build_sample(
     layout: PromptLayout = PromptLayout(),
     ref_waveform: np.ndarray | torch.Tensor | None = None,
     sample_rate: int | None = None,
+    context: tuple[ContextTurn, ...] = (),
 ) -> ChatMLDatasetSample:
     """The one builder of training samples and inference prompts.
 
@@ -375,11 +388,17 @@ def build_sample(
     target); without, the prompt ends with the assistant header where
     generation starts. `layout.ref_in_system` puts the reference in the
     system message (as `<|AUDIO|>`, no transcript turn); pass `ref_waveform`
-    at `sample_rate` there when the model uses Whisper features.
+    at `sample_rate` there when the model uses Whisper features. `context`:
+    the chunks of a long text said before this one (longform.py), each a user
+    turn with its text and an assistant turn with its codes between the
+    reference and `text`, as upstream's generation script chains its chunks;
+    none gives every other sample, unchanged.
     """
     ref_text, text = prompt_texts(ref_text, text, layout)
-    messages = build_messages(ref_text, text, layout)
-    clips = [_check_codes(ref_codes, "reference")]
+    context_texts = tuple(prompt_texts(ref_text, turn.text, layout)[1] for turn in context)
+    messages = build_messages(ref_text, text, layout, context_texts)
+    clips = [_check_codes(ref_codes, "reference")] + [_check_codes(turn.codes, f"context chunk {index}")
+                                                       for index, turn in enumerate(context)]
     if target_codes is None:
         input_ids, _ = tokenize_messages(messages, tokenizer, start_index=None)
         input_ids += tokenizer.encode(GENERATION_PREFIX, add_special_tokens=False)

@@ -3,8 +3,10 @@
 `--eval` (`evaluate_list`) reads a JSONL manifest or a Seed-TTS-eval list
 (`read_eval_rows`), checking every clip without encoding any; encodes
 each distinct reference once, or reads its codes from a prepared cache
-(`reference_codes`); clones the rows `--batch-size` at a time
-(`batched_generation.clone_many`), writing each clip as it comes, while a
+(`reference_codes`, kept on disk across runs by `codes.StoredCodes`); clones
+the rows `--batch-size` at a time (`batched_generation.clone_many`; a row
+longer than `--chunk-chars` in chunks, by longform.py, with its drift
+measured), writing each clip as it comes, while a
 scoring thread (`ScoringWorker`) scores each clip and its real target
 (`score_row`, the target's scores cached on disk) and appends the row to
 rows.csv (`eval_dir.EvalDir`, which also refuses a used directory and
@@ -36,12 +38,13 @@ import data
 import eval_dir
 import files
 import generation
+import longform
 import manifest
 import metrics
 import model_utils
 import plots
 import seedtts
-from codes import EncodedClips, audio_tokenizer_id, read_prepared
+from codes import EncodedClips, StoredCodes, audio_tokenizer_id, read_prepared
 
 
 @dataclass
@@ -53,6 +56,8 @@ class CloneSettings:
     force_audio: bool = True
     batch_size: int = 1
     kv_cache: generation.StaticCacheBuckets | None = None
+    chunk_chars: int | None = None  # rows longer than this are spoken in chunks (longform.py); None: never
+    context_chunks: int = longform.DEFAULT_CONTEXT_CHUNKS
 
 
 # --------------------------------------------------------------------------
@@ -72,7 +77,10 @@ def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, c
     if clone.error is not None:
         return metrics.row_record(pair.id, language, pair.text, None, None, target, clone.error)
     scores = judge.score_clip(clone.waveform, rate, embedding, pair.text, language)
-    return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target)
+    if isinstance(clone, longform.LongClone):  # a row spoken in chunks: its drift, per chunk kept on the clone
+        clone.drift = longform.measure_drift(judge, clone, embedding, language, rate)
+    drift = clone.drift["summary"] if isinstance(clone, longform.LongClone) else None
+    return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target, drift=drift)
 
 
 def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Callable[[str], torch.Tensor],
@@ -81,14 +89,23 @@ def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Cal
     reference's codes from `codes` (which encodes a file once, or reads a cache)."""
     rate = bundle.audio_tokenizer.sampling_rate
     needs_waveform = settings.layout.ref_in_system and collate.uses_whisper(bundle.model.config)
+    reference = lambda pair: generation.Reference(pair.ref_text, codes(pair.ref_audio),  # noqa: E731
+                                                  data.load_audio(pair.ref_audio, rate) if needs_waveform else None, rate)
+    chunked = {pair.id: longform.chunk_text(pair.text, settings.chunk_chars) for pair in pairs if settings.chunk_chars}
+    long_pairs = [pair for pair in pairs if len(chunked.get(pair.id, ())) > 1]
+    pairs = [pair for pair in pairs if len(chunked.get(pair.id, ())) <= 1]
+    if long_pairs:
+        print(f"{len(long_pairs)} rows over --chunk-chars {settings.chunk_chars}: spoken in chunks, their drift measured")
     for start in range(0, len(pairs), settings.batch_size):
         chunk = pairs[start : start + settings.batch_size]
-        jobs = [batched_generation.Job(generation.Reference(pair.ref_text, codes(pair.ref_audio),
-                                                            data.load_audio(pair.ref_audio, rate) if needs_waveform else None, rate),
-                                       pair.text, pair.scene) for pair in chunk]
+        jobs = [batched_generation.Job(reference(pair), pair.text, pair.scene) for pair in chunk]
         clips = batched_generation.clone_many(bundle, jobs, settings.sampling, settings.layout, settings.force_audio,
                                               settings.batch_size, settings.kv_cache)
         yield from zip(chunk, clips)
+    documents = [longform.Document(reference(pair), chunked[pair.id], pair.scene) for pair in long_pairs]
+    for index, clip in longform.speak_documents(bundle, documents, settings.sampling, settings.layout, settings.context_chunks,
+                                                settings.force_audio, settings.batch_size, settings.kv_cache):
+        yield long_pairs[index], clip
 
 
 # --------------------------------------------------------------------------
@@ -124,10 +141,11 @@ def read_eval_rows(path: str, clips: CheckedClips, seed: int) -> tuple[manifest.
     return checked, pairs, {row["id"]: row.get("language") for row in checked.kept}
 
 
-def reference_codes(bundle: model_utils.Bundle, cache_dir: str | None, paths: list[str]) -> Callable[[str], torch.Tensor]:
+def reference_codes(bundle: model_utils.Bundle, cache_dir: str | None, paths: list[str],
+                    stored_dir: str | None = None) -> Callable[[str], torch.Tensor]:
     """Codes of each reference by path: read from the prepared cache `cache_dir` when it holds the clip, else
-    encoded once per distinct file; the split is printed."""
-    encoded = EncodedClips(bundle.audio_tokenizer)
+    from `stored_dir` (`codes.StoredCodes`) when given, else encoded once per distinct file; the split is printed."""
+    encoded = StoredCodes(stored_dir, bundle.audio_tokenizer) if stored_dir else EncodedClips(bundle.audio_tokenizer)
     if not cache_dir:
         return encoded
     prepared = read_prepared(cache_dir, audio_tokenizer_id(bundle.audio_tokenizer))
@@ -184,7 +202,10 @@ class ScoringWorker:
 
     def _score(self, pair, language, clone) -> None:
         started = time.perf_counter()
-        self.out.append(score_row(self.judge, pair, language, clone, self.rate))
+        record = score_row(self.judge, pair, language, clone, self.rate)
+        if getattr(clone, "drift", None):  # before the row: a row in rows.csv is done, its drift line with it
+            files.append_text(self.out.path / "drift.jsonl", json.dumps({"id": pair.id, **clone.drift}, ensure_ascii=False) + "\n")
+        self.out.append(record)
         self.busy_seconds += time.perf_counter() - started
         self.progress.update(1)
 
@@ -219,7 +240,7 @@ class EvalInterrupted(Exception):
 
 
 def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: str, out: eval_dir.EvalDir,
-                  settings: CloneSettings, codes_cache: str | None = None) -> dict:
+                  settings: CloneSettings, codes_cache: str | None = None, stored_codes: str | None = None) -> dict:
     """Clone and measure every row of a manifest or Seed-TTS-eval list into `out`; returns summary.json's content.
 
     Rows already in `out`'s rows.csv (a resumed run) are skipped. Every row
@@ -240,14 +261,15 @@ def evaluate_list(bundle: model_utils.Bundle, judge: metrics.Judge, list_path: s
     if done:
         print(f"resuming: {len(done)} rows already scored in {out.path / eval_dir.ROWS_FILE}, {len(todo)} to go")
     timings["validation"] = time.perf_counter() - started
-    codes = _Timed(reference_codes(bundle, codes_cache, [pair.ref_audio for _, pair in todo]))
+    codes = _Timed(reference_codes(bundle, codes_cache, [pair.ref_audio for _, pair in todo], stored_codes))
     try:
         timings.update(_generate_and_score(bundle, judge, todo, languages, codes, out, settings))
     except KeyboardInterrupt:
         raise EvalInterrupted(len(out.done()), len(pairs), out.path) from None
     timings["reference_codes"] = codes.seconds
     timings["wall"] = time.perf_counter() - started
-    return _summary(out, list_path, checked, judge, settings, timings, len(todo))
+    stored = codes.function if isinstance(codes.function, StoredCodes) else None
+    return _summary(out, list_path, checked, judge, settings, timings, len(todo), stored)
 
 
 def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.EvalDir, settings: CloneSettings) -> dict:
@@ -275,7 +297,7 @@ def _generate_and_score(bundle, judge, todo, languages, codes, out: eval_dir.Eva
 
 
 def _summary(out: eval_dir.EvalDir, list_path: str, checked, judge: metrics.Judge, settings: CloneSettings,
-             timings: dict, made: int) -> dict:
+             timings: dict, made: int, stored: StoredCodes | None = None) -> dict:
     """summary.json and the printed summary, from every row in rows.csv (this run's and a resumed run's)."""
     records = out.done()
     seed = settings.sampling.seed or 0
@@ -294,6 +316,13 @@ def _summary(out: eval_dir.EvalDir, list_path: str, checked, judge: metrics.Judg
     if judge.target_cache:
         report["target_score_cache"] = {"folder": str(judge.target_cache.folder), "hits": judge.target_cache.hits,
                                         "misses": judge.target_cache.misses}
+    if stored:
+        report["reference_code_cache"] = {"folder": str(stored.folder), "hits": stored.hits, "encoded": stored.encoded}
+        print(f"reference codes: {stored.hits} read from {stored.folder}, {stored.encoded} encoded")
+    drift = {column: metrics.summarize([r[column] for r in records if r["chunks"]], seed) for column in metrics.DRIFT_COLUMNS}
+    if drift["chunks"]["n"]:
+        report["drift"] = drift
+        print(metrics.format_summary(drift) + f"\nper chunk: {out.path / 'drift.jsonl'}")
     files.write_text(out.path / "summary.json", json.dumps(report, indent=2, ensure_ascii=False))
     plots.write_png(plots.summary_figure(records, f"{list_path}: {len(records)} rows"), out.path / "summary.png")
     print(metrics.format_summary(summary))

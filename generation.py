@@ -199,14 +199,16 @@ class Clone:
     waveform: np.ndarray | None
     stopped: bool = False
     error: str | None = None
+    codes: torch.Tensor | None = None  # the clip's raw codes (n_q, T): a long text's next chunks take them as context
 
 
 def build_prompt(bundle: model_utils.Bundle, reference: Reference, text: str, scene: str | None = None,
-                 ref_in_system: bool = False) -> ChatMLDatasetSample:
-    """The generation prompt for `text` in the reference's voice, by the one sample builder."""
+                 ref_in_system: bool = False, context: tuple[data.ContextTurn, ...] = ()) -> ChatMLDatasetSample:
+    """The generation prompt for `text` in the reference's voice (after the chunks of `context`), by the one
+    sample builder."""
     return data.build_sample(
         bundle.tokenizer, reference.text, reference.codes, text, layout=data.PromptLayout(ref_in_system, scene),
-        ref_waveform=reference.waveform, sample_rate=reference.sample_rate,
+        ref_waveform=reference.waveform, sample_rate=reference.sample_rate, context=context,
     )
 
 
@@ -219,12 +221,13 @@ def clone(
     ref_in_system: bool = False,
     force_audio: bool = True,
     kv_cache: StaticCacheBuckets | None = None,
+    context: tuple[data.ContextTurn, ...] = (),
 ) -> Clone:
-    """Speak `text` in the reference voice: a waveform at the audio tokenizer's rate, and whether the audio
-    stream ended with EOS before `sampling.max_seconds`."""
+    """Speak `text` in the reference voice (after the chunks of `context`): a waveform at the audio tokenizer's
+    rate, and whether the audio stream ended with EOS before `sampling.max_seconds`."""
     config = bundle.model.config
     collator = collate.build_collator(config, collate.whisper_features(config))
-    prompt = build_prompt(bundle, reference, text, scene, ref_in_system)
+    prompt = build_prompt(bundle, reference, text, scene, ref_in_system, context)
     device = next(bundle.model.parameters()).device
     inputs = collate.batch_to_model_inputs(collate.collate(collator, [prompt], config.audio_codebook_size), device)
     # The target turn always opens with <|audio_out_bos|>; forcing it (as the
@@ -245,7 +248,7 @@ def clip_from_stream(bundle: model_utils.Bundle, sequence: torch.Tensor) -> Clon
     codes = audio_sequence_to_codes(sequence, config.audio_codebook_size, config.use_delay_pattern)
     if codes.shape[1] == 0:
         raise RuntimeError("the model ended the clip before producing any frame")
-    return Clone(decode_codes(bundle, codes), stopped)
+    return Clone(decode_codes(bundle, codes), stopped, codes=codes)
 
 
 def decode_codes(bundle: model_utils.Bundle, codes: torch.Tensor) -> np.ndarray:

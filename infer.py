@@ -7,6 +7,10 @@ Clone a voice (the newest export under runs/, else the tiny preset; a real model
     python infer.py --ref-audio R.wav --ref-text "what R says" --text "new words" --out out.wav
     python infer.py --checkpoint runs/NAME/checkpoints/best.pt --text "new words"
 
+Read a long text in one voice (chunked at sentence ends; one clip, and a JSON of its chunks beside it):
+
+    python infer.py --ref-audio R.wav --ref-text "what R says" --text-file chapter.txt --out chapter.wav
+
 Prove that training and inference build the same thing:
 
     python infer.py --parity
@@ -42,13 +46,14 @@ if __name__ == "__main__":
 import soundfile as sf
 import torch
 
-import batched_generation
+import codes
 import compare
 import data
 import eval_dir
 import evaluate
 import files
 import generation
+import longform
 import manifest
 import metrics
 import model_utils
@@ -64,9 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--ref-audio", help="reference clip (WAV/FLAC, any rate 8-48 kHz); default: a demo clip")
     io.add_argument("--ref-text", help="transcript of the reference clip (default: the demo clip's)")
     io.add_argument("--text", help="text to speak in the reference voice")
-    io.add_argument("--text-file", help="a UTF-8 file with one text per line; writes one wav per line into --out")
+    io.add_argument("--text-file", help="a UTF-8 text file: one long text spoken into one clip when --out names a .wav "
+                    "or .flac file, else one text per line, one wav per line written into --out as a directory")
     io.add_argument("--out", help="output wav (or directory with --text-file) [out.wav]; with --eval, the results' "
                     "directory; with --compare, the comparison's [A_vs_B beside B]")
+    io.add_argument("--chunk-chars", type=int, default=longform.DEFAULT_CHUNK_CHARS,
+                    help="a text longer than this is spoken in chunks of whole sentences of at most this many characters "
+                    f"(a CJK one counts 3), here and for --eval's rows; {longform.MIN_CHUNK_CHARS} to "
+                    f"{data.LIMITS.max_text_chars} [{longform.DEFAULT_CHUNK_CHARS}, about 20 s of speech]")
+    io.add_argument("--context-chunks", type=int, default=longform.DEFAULT_CONTEXT_CHUNKS,
+                    help="chunks said before that prompt the next one, after the reference (upstream's "
+                    f"generation_chunk_buffer_size); 0 = the reference alone [{longform.DEFAULT_CONTEXT_CHUNKS}]")
     io.add_argument("--scene", help="scene description for the system message; '' for none "
                     "[the model's prompt_layout.json, else none]")
     io.add_argument("--ref-in-system", action=argparse.BooleanOptionalAction, default=None,
@@ -120,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "rows in its rows.csv are kept, the rest are made")
     evaluation.add_argument("--codes-cache", metavar="CACHE", help="a prepared code cache (python prepare.py) to read the "
                             "references' codes from [none: each distinct reference is encoded once]")
+    evaluation.add_argument("--ref-codes-cache", default=str(codes.REFERENCE_CACHE_DIR), metavar="DIR",
+                            help="folder of the references' audio codes, by file content and audio tokenizer, so a second "
+                            f"--eval encodes none again; '' = no cache [{codes.REFERENCE_CACHE_DIR}]")
     evaluation.add_argument("--score-cache", default=str(score_cache.DEFAULT_DIR), metavar="DIR",
                             help=f"folder of the real targets' cached scores; '' = no cache [{score_cache.DEFAULT_DIR}]")
     evaluation.add_argument("--compare", nargs=2, metavar=("EVAL_DIR_A", "EVAL_DIR_B"),
@@ -147,16 +163,28 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k} (leave it out for no top-k)")
     if args.ras_win_len < 0:
         raise ValueError(f"--ras-win-len must be >= 0 (0 turns it off), got {args.ras_win_len}")
+    if not longform.MIN_CHUNK_CHARS <= args.chunk_chars <= data.LIMITS.max_text_chars:
+        raise ValueError(f"--chunk-chars must lie in {longform.MIN_CHUNK_CHARS} to {data.LIMITS.max_text_chars} "
+                         f"(the longest text training accepts), got {args.chunk_chars}")
+    if args.context_chunks < 0:
+        raise ValueError(f"--context-chunks must be >= 0 (0: the reference alone), got {args.context_chunks}")
 
 
 def check_text(text: str, name: str) -> None:
-    """A text to speak within training's limits: at most data.LIMITS.max_text_chars characters, something speakable."""
-    limit = data.LIMITS.max_text_chars
-    if len(text) > limit:
-        raise ValueError(f"{name} has {len(text)} characters, over the {limit} training accepts; split it")
+    """A text with something to speak (a long one is spoken in chunks of at most --chunk-chars)."""
     spoken = data.normalize_text(text)
     if not data.is_speakable(spoken):
         raise ValueError(f"{name} has no letter or digit to speak once normalised ({spoken!r})")
+
+
+def clone_out(args: argparse.Namespace) -> Path:
+    """Where a clone goes: --out, else out.wav (--eval and --compare read --out as a directory instead)."""
+    return Path(args.out or "out.wav")
+
+
+def one_clip_out(args: argparse.Namespace) -> bool:
+    """Whether --out names one audio file, so that --text-file is one long text rather than one text per line."""
+    return clone_out(args).suffix.lower() in (".wav", ".flac")
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -164,6 +192,10 @@ def _texts(args: argparse.Namespace) -> list[str]:
         path = Path(args.text_file)
         if not path.is_file():
             raise FileNotFoundError(f"no such text file: {path}")
+        if one_clip_out(args):
+            text = path.read_text(encoding="utf-8").strip()
+            check_text(text, str(path))
+            return [text]
         numbered = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
         if not numbered:
             raise ValueError(f"{path} has no non-empty line")
@@ -294,25 +326,49 @@ def sampling_from_args(args: argparse.Namespace) -> generation.Sampling:
 
 
 def run_clone_cli(args: argparse.Namespace) -> int:
+    """Each text's clip; a text over --chunk-chars in chunks, with a JSON of them beside its clip. Exit status 1
+    when a chunk failed (named; the clip holds the rest)."""
     check_sampling_args(args)
     texts = _texts(args)
     layout = layout_from_args(args)
     ref_audio, ref_text = _reference_paths(args, layout)
     bundle = _load(args)
     reference = generation.encode_reference(bundle, ref_audio, ref_text, layout.ref_in_system)
-    out, rate = Path(args.out or "out.wav"), bundle.audio_tokenizer.sampling_rate
-    targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if args.text_file else [out]
-    jobs = [batched_generation.Job(reference, text) for text in texts]
-    clips = batched_generation.clone_many(bundle, jobs, sampling_from_args(args), layout, args.force_audio, args.batch_size,
-                                          _kv_cache(args, bundle))
-    for text, target, clip in zip(texts, targets, clips):
-        if clip.error is not None:
-            raise RuntimeError(clip.error)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with files.atomic_file(target) as handle:  # whole or absent; a full disk is one line naming it
-            sf.write(handle, clip.waveform, rate, format=target.suffix[1:] or "WAV")
+    out, rate = clone_out(args), bundle.audio_tokenizer.sampling_rate
+    one_per_line = args.text_file and not one_clip_out(args)
+    targets = [out / f"{index:04d}.wav" for index in range(len(texts))] if one_per_line else [out]
+    documents = [longform.Document(reference, longform.chunk_text(text, args.chunk_chars)) for text in texts]
+    chunked = [len(document.chunks) for document in documents if len(document.chunks) > 1]
+    if chunked:
+        print(f"{len(chunked)} text(s) over --chunk-chars {args.chunk_chars}, spoken in {sum(chunked)} chunks, "
+              f"each after the last {args.context_chunks} said")
+    clips = longform.speak_documents(bundle, documents, sampling_from_args(args), layout, args.context_chunks,
+                                     args.force_audio, args.batch_size, _kv_cache(args, bundle))
+    failed = sum(_write_clip(args, texts[index], targets[index], clip, rate) for index, clip in clips)
+    return 1 if failed else 0
+
+
+def _write_clip(args: argparse.Namespace, text: str, target: Path, clip: longform.LongClone, rate: int) -> int:
+    """One text's clip (and, when chunked, its JSON); the number of its chunks that failed, each named."""
+    if len(clip.chunks) == 1 and clip.error is not None:
+        raise RuntimeError(clip.error)
+    failures = [chunk for chunk in clip.chunks if chunk.failure]
+    for chunk in failures:
+        print(f"warning: {target}: chunk {chunk.index} left out ({chunk.failure}): {chunk.text}", file=sys.stderr)
+    if clip.error is not None:
+        print(f"error: {target} not written: {clip.error}", file=sys.stderr)
+        return len(failures)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_file(target) as handle:  # whole or absent; a full disk is one line naming it
+        sf.write(handle, clip.waveform, rate, format=target.suffix[1:] or "WAV")
+    if len(clip.chunks) == 1:
         print(f"wrote {target} ({len(clip.waveform) / rate:.2f} s at {rate} Hz): {text}")
-    return 0
+        return 0
+    settings = {"chunk_chars": args.chunk_chars, "context_chunks": args.context_chunks}
+    longform.write_chunk_json(target.with_suffix(".json"), clip, rate, settings)
+    print(f"wrote {target} ({len(clip.waveform) / rate:.2f} s at {rate} Hz) from {len(clip.chunks) - len(failures)} of "
+          f"{len(clip.chunks)} chunks, each listed in {target.with_suffix('.json')}")
+    return len(failures)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
@@ -331,8 +387,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     out = eval_dir.EvalDir(args.out, eval_run_record(args, layout), args.resume)
     bundle = _load(args)
     judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device, args.score_cache or None)
-    settings = evaluate.CloneSettings(sampling_from_args(args), layout, args.force_audio, args.batch_size, _kv_cache(args, bundle))
-    evaluate.evaluate_list(bundle, judge, args.eval, out, settings, args.codes_cache)
+    settings = evaluate.CloneSettings(sampling_from_args(args), layout, args.force_audio, args.batch_size, _kv_cache(args, bundle),
+                                      args.chunk_chars, args.context_chunks)
+    evaluate.evaluate_list(bundle, judge, args.eval, out, settings, args.codes_cache, args.ref_codes_cache or None)
     return 0
 
 
@@ -343,7 +400,8 @@ def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict
             "audio_tokenizer": args.audio_tokenizer, "dtype": str(resolve_dtype(args.dtype, args.device)),
             "device": torch.device(args.device).type, "sampling": vars(sampling_from_args(args)), "scene": layout.scene,
             "ref_in_system": layout.ref_in_system, "force_audio": args.force_audio, "language": args.language,
-            "asr_model": args.asr_model, "speaker_model": args.speaker_model}
+            "asr_model": args.asr_model, "speaker_model": args.speaker_model, "chunk_chars": args.chunk_chars,
+            "context_chunks": args.context_chunks}
 
 
 def main(argv: list[str] | None = None) -> int:

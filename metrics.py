@@ -440,10 +440,16 @@ def build_judge(speaker_model: str | None = None, asr_model: str | None = None, 
     return judge
 
 
+# A row spoken in chunks (longform.drift_summary): chunks, the first and last chunks' SIM, the last one's SIM to the
+# first, the slopes of SIM and WER over chunks; n/a for a row spoken in one go.
+DRIFT_COLUMNS = ("chunks", "drift_sim_first", "drift_sim_last", "drift_sim_last_to_first", "drift_sim_slope", "drift_wer_slope")
+
+
 def row_record(row_id: str, language: str | None, text: str, generated: ClipScores | None, stopped: bool | None,
-               target: ClipScores | None, error: str | None = None) -> dict:
+               target: ClipScores | None, error: str | None = None, drift: dict | None = None) -> dict:
     """One flat row of the per-row table: the generated clip's values and the real target's (`target_*`), the
-    text's words (or characters) for the corpus rate, and the Seed-TTS-eval per-utterance WER of both clips."""
+    text's words (or characters) for the corpus rate, the Seed-TTS-eval per-utterance WER of both clips, and the
+    drift columns of a row spoken in chunks."""
     kind = error_kind(language)
     record = {"id": row_id, "language": language or "", "metric": kind, "text": text, "stopped": stopped}
     for prefix, scores in (("", generated), ("target_", target)):
@@ -454,6 +460,7 @@ def row_record(row_id: str, language: str | None, text: str, generated: ClipScor
     for prefix, scores in (("", generated), ("target_", target)):
         transcript = scores.transcript if scores else None
         record[f"{prefix}wer_seedtts"] = None if transcript is None else seedtts.utterance_wer(text, transcript, language)
+    record.update({column: (drift or {}).get(column) for column in DRIFT_COLUMNS})
     record["error"] = error or ""
     return record
 

@@ -13,6 +13,9 @@ training collator, the loss) and inference's (the prompt, the collator,
 - labels: only the target turn carries loss;
 - logits: teacher-forced training logits equal cached generation's;
 - memorise: a copy trained on the one sample regenerates its codes exactly;
+- chunked: a long text's chunk prompt (the reference, two chunks said before
+  and the next text, by `data.build_sample`) is the one upstream's
+  `examples/generation.py` builds for its chunks (`upstream_chunked_prompt`);
 - batched (not in the default `run_parity`, in `python infer.py --parity`):
   greedy codes of `batched_generation.generate_batch` equal the package's
   batch-1 `generate`, row by row, for prompts of different lengths.
@@ -196,14 +199,15 @@ def official_normalisation_differences(normalize: Callable[[str], str] = data.no
     return differences
 
 
-def official_prompt_ids(tokenizer, case: ParityCase) -> list[int]:
+def official_prompt_ids(tokenizer, case: ParityCase, chunk_turns: list[Message] = ()) -> list[int]:
     """What the official example feeds `generate`, built as `prepare_generation_context` does.
 
     Written from the example's own code path (the system message as one
     string with an audio placeholder split out), independently of
     `data.build_messages`. The target text goes through the shared
     normaliser, which `check_prompt_is_official` holds to the example's
-    outputs in OFFICIAL_NORMALISATION.
+    outputs in OFFICIAL_NORMALISATION. `chunk_turns`: the turns of chunks said
+    before it (`upstream_chunked_prompt`).
     """
     placeholder = "<|__AUDIO_PLACEHOLDER__|>"
     messages = []
@@ -227,7 +231,7 @@ def official_prompt_ids(tokenizer, case: ParityCase) -> list[int]:
             )
         messages.append(Message(role="user", content=case.ref_text.strip()))
         messages.append(Message(role="assistant", content=AudioContent(audio_url="")))
-    messages.append(Message(role="user", content=data.normalize_text(case.text)))
+    messages += list(chunk_turns) + [Message(role="user", content=data.normalize_text(case.text))]
     input_tokens, _, _, _ = prepare_chatml_sample(ChatMLSample(messages=messages), tokenizer)
     return input_tokens + tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
 
@@ -242,6 +246,44 @@ def check_prompt_is_official(bundle, case: ParityCase, prepared: _Prepared) -> C
     if differences:
         detail += f"; first difference: {differences[0]}"
     return CheckResult("prompt ids = the official example's prompt", same and not differences, detail)
+
+
+# boson-ai/higgs-audio's examples/generation.py at f04f5df76a6a7b14674e0d6d715b436c422883c6 (its latest change,
+# 2025-08-04): HiggsAudioModelClient.generate chains chunks so.
+UPSTREAM_CHUNKING_COMMIT = "f04f5df76a6a7b14674e0d6d715b436c422883c6"
+
+
+def upstream_chunked_prompt(tokenizer, case: ParityCase, context: list[tuple[str, torch.Tensor]]) -> tuple[list[int], list[torch.Tensor]]:
+    """The ids and clips upstream's generation script feeds `generate` for the case's text after the chunks of
+    `context` (text, codes), written from its `generate` loop and independent of `data.build_messages`: the
+    context messages of `official_prompt_ids`, then per chunk said a user turn with its text and an assistant
+    audio turn, then a user turn with the next text; its audio the reference's codes, then each chunk's. Texts
+    go through the shared normaliser, as upstream normalises the whole transcript before it chunks it."""
+    turns = []
+    for text, _ in context:
+        turns += [Message(role="user", content=data.normalize_text(text)), Message(role="assistant", content=AudioContent(audio_url=""))]
+    ids = official_prompt_ids(tokenizer, case, turns)
+    return ids, [case.ref_codes] + [codes for _, codes in context]
+
+
+def check_chunked_prompt(bundle, case: ParityCase) -> CheckResult:
+    """The prompt of a long text's third chunk (reference + two chunks said before + its text, by the one builder)
+    = upstream's for the same inputs: the same ids and the same clips in the same order. The chunks said before
+    are the case's target text and codes, halved."""
+    words, codes = case.text.split(), case.target_codes
+    half_words, half_frames = len(words) // 2, codes.shape[1] // 2
+    context = [(" ".join(words[:half_words]), codes[:, :half_frames]), (" ".join(words[half_words:]), codes[:, half_frames:])]
+    ours = data.build_sample(bundle.tokenizer, case.ref_text, case.ref_codes, case.text, layout=case.layout,
+                             ref_waveform=case.ref_waveform, sample_rate=case.sample_rate,
+                             context=tuple(data.ContextTurn(text, clip) for text, clip in context))
+    ids, clips = upstream_chunked_prompt(bundle.tokenizer, case, context)
+    ours_clips = [ours.get_audio_codes(index) for index in range(len(ours.audio_ids_start))]
+    same_ids = torch.equal(ours.input_ids, torch.tensor(ids))
+    same_clips = len(ours_clips) == len(clips) and all(torch.equal(a, b.long()) for a, b in zip(ours_clips, clips))
+    detail = (f"{len(ids)} tokens{_first_difference(ours.input_ids, torch.tensor(ids))}, {len(clips)} clips "
+              f"({' + '.join(str(clip.shape[1]) for clip in clips)} frames){'' if same_clips else ', clips DIFFER'}; "
+              f"upstream examples/generation.py at {UPSTREAM_CHUNKING_COMMIT[:7]}")
+    return CheckResult("chunked prompt = upstream's generation script's", same_ids and same_clips, detail)
 
 
 def _first_difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
@@ -464,7 +506,7 @@ def _compare_streams(alone: torch.Tensor, together: torch.Tensor) -> str:
     return f"DIFFERENT ({alone.shape[1]} vs {together.shape[1]} columns, first difference at column {first})"
 
 
-CHECKS = ("prefix", "official", "collated", "labels", "logits", "memorise")
+CHECKS = ("prefix", "official", "collated", "labels", "logits", "memorise", "chunked")
 ALL_CHECKS = CHECKS + ("batched",)
 
 
@@ -487,6 +529,7 @@ def run_parity(
         "logits": lambda: check_teacher_forcing(bundle, prepared, tolerance),
         "memorise": lambda: check_memorisation(bundle, case, prepared, pipeline, tolerance),
         "batched": lambda: check_batched_generation(bundle, case, tolerance),
+        "chunked": lambda: check_chunked_prompt(bundle, case),
     }
     return [runners[name]() for name in checks]
 

@@ -14,7 +14,7 @@ their wall time; a function that runs inside another (encoding inside
 validation) is counted in both, and work in the scoring thread overlaps
 generation, so the lines may add up to more than the wall time. It runs the
 eval twice into fresh directories: the second run shows what the on-disk
-score cache saves (a checkout without one redoes everything).
+score cache and reference-code cache save (a checkout without them redoes everything).
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             flags = ["--eval", str(manifest), "--out", str(Path(folder) / f"eval{run}"), "--model", "tiny", "--seed", "0"]
             if _has_flag(infer, "--score-cache"):
                 flags += ["--score-cache", str(cache)]
+            if _has_flag(infer, "--ref-codes-cache"):  # the references' codes, kept for the second run
+                flags += ["--ref-codes-cache", str(Path(folder) / "reference-codes")]
             started = time.perf_counter()
             status = infer.main(flags + extra)
             wall = time.perf_counter() - started

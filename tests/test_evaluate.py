@@ -52,7 +52,7 @@ def test_eval_writes_wavs_rows_and_summary_and_counts_the_bad_row(demo_clips, tm
     monkeypatch.setattr(data, "encode_clip", lambda tokenizer, waveform: encoded.append(len(waveform)) or encode(tokenizer, waveform))
     out = tmp_path / "eval"
     assert infer.main(["--eval", str(manifest_path), "--out", str(out), "--model", "tiny", "--max-seconds", "0.5", "--greedy",
-                       "--batch-size", "2", "--score-cache", str(tmp_path / "scores")]) == 0
+                       "--batch-size", "2", "--score-cache", str(tmp_path / "scores"), "--ref-codes-cache", str(tmp_path / "codes")]) == 0
 
     rows = _rows(out)
     assert sorted(rows) == ["ar_pair", "en_female_0", "en_female_1"]

@@ -21,11 +21,12 @@ COLLATED = "collated prompt = prompt part of the training batch"
 LABELS = "only the target turn carries loss"
 LOGITS = "teacher-forced logits = cached generation logits"
 MEMORISE = "memorised sample regenerates exactly"
+CHUNKED = "chunked prompt = upstream's generation script's"
 
 
 def test_parity_passes_with_reference_as_assistant_turn(tiny, parity_case):
     results = parity.run_parity(tiny, parity_case)
-    assert [result.name for result in results] == [PREFIX, OFFICIAL, COLLATED, LABELS, LOGITS, MEMORISE]
+    assert [result.name for result in results] == [PREFIX, OFFICIAL, COLLATED, LABELS, LOGITS, MEMORISE, CHUNKED]
     assert all(result.passed for result in results), [r for r in results if not r.passed]
 
 
