@@ -33,7 +33,7 @@ import model_utils
 import parallel
 import trainable
 from codes import EncodedClips
-from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_specs
+from config import CLIP_METRICS, FAILURE_RATES, HIGHER_IS_BETTER, GuardRule, TrainConfig, guard_rules, selection, validation_specs
 from parallel import World
 
 
@@ -172,7 +172,8 @@ def log_set_layout(writer, validation_names: list[str | None], training_names: l
     if len([name for name in validation_names if name]) > 1:
         charts["validation sets"] = {f"{prefix}/{metric}": ["Multiline", [f"^{prefix}/({named})/{metric}$"]]
                                      for prefix, metric in (("val", "total"), ("val", "audio"), ("val", "kl"),
-                                                            ("quality", "sim"), ("quality", "error_rate"))}
+                                                            ("quality", "sim"), ("quality", "error_rate"),
+                                                            ("quality", "mos"), ("quality", "fail_any"))}
     if len(training_names) > 1:
         charts["training mixture"] = {f"mixture/{panel}": ["Multiline", [f"^mixture/[^/]+/{panel}$"]]
                                       for panel in ("share", "sample_share", "epoch")}
@@ -236,7 +237,8 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
 
 def log_generations(writer, step: int, model, validation: Validation, config: TrainConfig, device: str) -> dict[str, float]:
     """Greedy clones of the first validation prompts: audio, mel spectrograms (generated | target | reference),
-    and their SIM, WER/CER and timing as scalars and a table with the transcripts; returns the metrics' means."""
+    and their SIM, WER/CER, MOS, timing and failure rates as scalars and a table with the transcripts; returns
+    the metrics' means."""
     builder, judge, languages = validation.builder, validation.judge, validation.languages
     bundle = model_utils.Bundle(model, builder.bundle.tokenizer, builder.bundle.audio_tokenizer)
     rate = bundle.audio_tokenizer.sampling_rate
@@ -280,15 +282,17 @@ def mel_panels(waveforms: list[np.ndarray], rate: int) -> np.ndarray:
 
 def metric_value(metric: str, val: dict[str, float], quality: dict[str, float]) -> float:
     """A metric of one validation set's evaluation, in its own sign; NaN when it is unavailable."""
+    if metric in ("mos",) + FAILURE_RATES:
+        return quality.get(metric, math.nan)
     sim, error = quality.get("sim", math.nan), quality.get("error_rate", math.nan)
     return {"val_loss": val["total"], "sim": sim, "wer": error, "sim_wer": error - sim, "kl": val.get("kl", math.nan)}[metric]
 
 
 def selection_score(best_by: str, val: dict[str, float], quality: dict[str, float]) -> float:
-    """What best.pt minimises (`best_by` is the metric): validation loss, -SIM, WER/CER, or WER/CER - SIM;
+    """What best.pt minimises (`best_by` is the metric): validation loss, -SIM, WER/CER, WER/CER - SIM, or -MOS;
     inf when it is unavailable."""
     value = metric_value(best_by, val, quality)
-    score = -value if best_by == "sim" else value
+    score = -value if best_by in HIGHER_IS_BETTER else value
     return score if math.isfinite(score) else math.inf
 
 
@@ -311,8 +315,8 @@ class Best:
         return patience > 0 and self.stale >= patience
 
     def value(self, best_by: str) -> float:
-        """The best score in its metric's own sign (SIM is minimised as -SIM)."""
-        return -self.score if best_by == "sim" else self.score
+        """The best score in its metric's own sign (SIM and MOS are minimised negated)."""
+        return -self.score if best_by in HIGHER_IS_BETTER else self.score
 
 
 @dataclass
