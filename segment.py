@@ -72,14 +72,14 @@ MIN_CHARS_PER_SECOND, MAX_CHARS_PER_SECOND = 3.0, metrics.MAX_CHARS_PER_SECOND
 # one (a turn, a new topic, an edit) ends the clip.
 MAX_MERGE_PAUSE = 0.8
 # Neighbouring stretches whose resemblyzer embeddings are less alike than this are taken to be two speakers and
-# never merged. Measured on the shared voice prompts (benchmarks/mos_benchmark.py, `speakers`): different
-# speakers' stretches reach 0.83 at most (belinda against en_woman), so 0.85 merged no two speakers there; the
+# never merged. Measured on the shared voice prompts (benchmarks/mos_benchmark.py): different speakers' stretches
+# and 1.5-4 s windows reach 0.832 at most (belinda against en_woman), so 0.85 merged no two speakers there; the
 # same speaker's neighbouring stretches fall under it often (short stretches embed noisily), which only
 # splits a clip in two at its pause.
 SAME_SPEAKER_COSINE = 0.85
-# The default --min-mos (distillmos, 1-5): the seven shared voice prompts score 3.13-4.64 clean and 1.77-2.66 with
-# white noise at 5 dB SNR (benchmarks/mos_benchmark.py); 3.0 keeps clean speech, cartoon voices included, and
-# drops noisy speech, as Emilia's DNSMOS >= 3.0 does.
+# The default --min-mos (distillmos, 1-5): the seven shared voice prompts' first 7.68 s score 3.04-4.64 clean and
+# 1.73-2.08 with white noise at 5 dB SNR (benchmarks/mos_benchmark.py); 3.0 keeps clean speech, cartoon voices
+# included, and drops noisy speech, as Emilia's DNSMOS >= 3.0 does.
 DEFAULT_MIN_MOS = 3.0
 SETTINGS_FILE = "settings.json"
 

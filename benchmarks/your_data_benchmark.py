@@ -152,12 +152,13 @@ def bench_segment(prompts: Path) -> None:
     print(f"  cut outside its pause: mean {1000 * np.mean(outside):.0f} ms, max {1000 * max(outside):.0f} ms; "
           f"from the pause's middle: mean {1000 * np.mean(from_middle):.0f} ms, max {1000 * max(from_middle):.0f} ms")
     words = errors = 0.0
-    for row, name in zip(result.rows, ENGLISH):
+    for (start, end), name in zip(spans, ENGLISH):  # a prompt may give several clips (one voice, short pauses): their texts joined
+        said = " ".join(row["text"] for row in result.rows if start - 0.15 <= row["start"] < row["end"] <= end + 0.15)
         truth = text_of(prompts, name)
-        wer = metrics.error_rate(truth, row["text"], "en")
+        wer = metrics.error_rate(truth, said, "en")
         count = len(metrics.normalize_for_scoring(truth).split())
         words, errors = words + count, errors + wer * count
-        print(f"  {name:<9} WER {wer:.3f}  {row['text']!r}")
+        print(f"  {name:<9} WER {wer:.3f}  {said!r}")
     print(f"  WER over all {int(words)} words: {errors / words:.3f}")
 
 

@@ -83,7 +83,7 @@ def test_a_negative_depth_is_refused_when_the_flags_are_parsed():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--best-by", "loss"], "--best-by must be one of val_loss, sim, wer, sim_wer, not loss"),
+    (["--best-by", "loss"], "--best-by must be one of val_loss, sim, wer, sim_wer, mos, not loss"),
     (["--patience", "-1"], "--patience must be at least 0, not -1"),
     (["--best-by", "sim", "--val-manifest", ""], "evaluations: set --val-manifest"),
     (["--patience", "3", "--eval-every", "0"], "evaluations: set --val-manifest"),
