@@ -285,8 +285,6 @@ class DistillMos:
     averaged, so a clip's level does not change its score and a long clip costs one window per second beyond; a
     shorter clip is repeated to fill one window (`fill_window`)."""
 
-    name = "distillmos"
-
     def __init__(self, device: str = "cpu"):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # it prints where it loaded its weights from
@@ -532,9 +530,8 @@ def build_judge(speaker_model: str | None = None, asr_model: str | None = None, 
 # Failures
 # --------------------------------------------------------------------------
 
-# A clip whose loudest 20 ms frame is under this level is silent: speech peaks at -30 to -6 dBFS, a quiet room's
-# floor sits near -60, and the silence a collapsed model emits stays well under -40 (measured: 0 dBFS digital
-# silence is -200 here).
+# A clip whose loudest 20 ms frame is under this level holds no audible speech: speech peaks at -30 to -6 dBFS (the
+# shared voice prompts' loudest frames: -12.5 to -6.1), a quiet room's floor sits near -60; digital silence reads -200.
 SILENT_DBFS = -40.0
 # Letters and digits per second that no speech reaches: fast read speech runs 15-20. A clip shorter than its
 # text at this rate is far shorter than the text needs (cut off, or most words skipped); segment.py's

@@ -165,16 +165,21 @@ def plan_clips(spans: list[tuple[float, float]], duration: float, max_seconds: f
 class SpeakerTurns:
     """Whether a stretch of speech is spoken by the voice of the clip before it: the cosine between the stretch's
     embedding and the clip's (its stretches' embeddings averaged by duration, as resemblyzer averages its
-    windows), against `SAME_SPEAKER_COSINE`. Each stretch is embedded once."""
+    windows), against `SAME_SPEAKER_COSINE`. A stretch is embedded once, when first compared."""
 
     def __init__(self, encoder: metrics.SpeakerEncoder, samples: np.ndarray, spans: list[tuple[float, float]]):
-        self.spans = spans
-        self.embeddings = [encoder.embed(samples[round(start * VAD_RATE) : round(end * VAD_RATE)], VAD_RATE)
-                           for start, end in spans]
+        self.encoder, self.samples, self.spans = encoder, samples, spans
+        self.embeddings: dict[int, np.ndarray | None] = {}
+
+    def embedding(self, index: int) -> np.ndarray | None:
+        if index not in self.embeddings:
+            start, end = self.spans[index]
+            self.embeddings[index] = self.encoder.embed(self.samples[round(start * VAD_RATE) : round(end * VAD_RATE)], VAD_RATE)
+        return self.embeddings[index]
 
     def __call__(self, clip: list[int], index: int) -> bool:
-        embedded = [i for i in clip if self.embeddings[i] is not None]
-        if not embedded or self.embeddings[index] is None:
+        embedded = [i for i in clip if self.embedding(i) is not None]
+        if not embedded or self.embedding(index) is None:
             return False  # a stretch with no voice to compare is not merged: a split costs less than a mixed clip
         voice = sum((self.spans[i][1] - self.spans[i][0]) * self.embeddings[i] for i in embedded)
         return metrics.cosine(voice, self.embeddings[index]) >= SAME_SPEAKER_COSINE
