@@ -257,7 +257,7 @@ def log_generations(writer, step: int, model, validation: Validation, config: Tr
         writer.add_image(f"mel/{pair.id} (generated | target | reference)", mel_panels(panels, rate), step, dataformats="HW")
     means = {name: stats["mean"] for name, stats in metrics.summarize_records(records, config.seed).items() if stats["n"]}
     log_values(writer, "quality", means, step)
-    writer.add_text("quality/table", metrics.markdown_table(records), step)
+    writer.add_text("quality/table", f"{metrics.markdown_table(records)}\n\n{judge.judged_by()}", step)
     return means
 
 

@@ -31,6 +31,7 @@ scores on disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import math
@@ -318,8 +319,10 @@ def fill_window(samples: np.ndarray, window: int) -> np.ndarray:
     return np.ascontiguousarray(np.tile(samples, -(-window // len(samples)))[:window])
 
 
+@functools.cache
 def mos_predictor(device: str = "cpu") -> MosPredictor:
-    """The naturalness judge (`DistillMos`); a RuntimeError naming the package when it cannot be imported."""
+    """The naturalness judge (`DistillMos`), loaded once per device and process (it holds no state between clips);
+    a RuntimeError naming the package when it cannot be imported."""
     return DistillMos(device)
 
 
@@ -454,6 +457,12 @@ class Judge:
         """The models that made the scores, as every summary names them."""
         return {"speaker_encoder": self.encoder.name, "asr": self.asr.name if self.asr else None,
                 "mos_model": self.mos.name if self.mos else None}
+
+    def judged_by(self) -> str:
+        """The models as one line under a table."""
+        models = self.models()
+        return (f"judged by speaker encoder {models['speaker_encoder']}, ASR {models['asr'] or 'none'}, "
+                f"MOS predictor {models['mos_model'] or 'none'}")
 
     def language(self, language: str | None) -> str | None:
         return language or self.default_language

@@ -53,6 +53,7 @@ def test_in_loop_evaluation_writes_quality_and_accuracy_scalars_and_a_table(pati
     assert len(tables) == len(events.Scalars("quality/sim"))
     table = tables[-1].tensor_proto.string_val[0].decode()
     assert table.startswith("| id | SIM | WER/CER | MOS") and "en_female_0" in table
+    assert table.endswith("judged by speaker encoder resemblyzer, ASR pocketsphinx-en-us, MOS predictor distillmos-0.9.1")
     assert all(1 <= event.value <= 5 for event in events.Scalars("quality/mos"))
 
 
