@@ -33,7 +33,8 @@ import model_utils
 import parallel
 import trainable
 from codes import EncodedClips
-from config import CLIP_METRICS, FAILURE_RATES, HIGHER_IS_BETTER, GuardRule, TrainConfig, guard_rules, selection, validation_specs
+from config import (CLIP_METRICS, FAILURE_RATES, HIGHER_IS_BETTER, GuardRule, TrainConfig, guard_rules, selection,
+                    validation_specs)
 from parallel import World
 
 
