@@ -306,3 +306,9 @@ def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path):
     assert last.startswith("interrupted: ") and "the same command" in last, last
     resumed = segment.segment(inputs, out, segment.Settings(1.0, 30.0, "en"))
     assert (resumed.redone, resumed.reused) == (1, 1) and {row["speaker"] for row in resumed.rows} == {"bob", "carol"}
+
+
+def test_min_mos_outside_the_mos_scale_is_one_line(tmp_path, capsys):
+    assert segment.main([str(tmp_path), "--out", str(tmp_path / "out"), "--language", "en", "--min-mos", "7"]) == 2
+    assert capsys.readouterr().err == "error: --min-mos 7 must lie in 0-5 (0 = off; MOS runs 1-5)\n"
+    assert not (tmp_path / "out").exists()
