@@ -41,9 +41,11 @@ TINY_PRESET = "tiny"
 AUTO = "auto"  # --device and --precision: the machine's choice, made when a run starts (`settle_auto`)
 
 SCOPES = ("full", "audio", "lora")
-BEST_BY = ("val_loss", "sim", "wer", "sim_wer")
-GUARDED = BEST_BY + ("kl",)  # kl: KL(base || adapted) on a validation set, LoRA runs only
-CLIP_METRICS = ("sim", "wer", "sim_wer")  # measured on generated clips
+BEST_BY = ("val_loss", "sim", "wer", "sim_wer", "mos")
+# fail_*: the share of generated clips that failed that way (metrics.failure_flags)
+FAILURE_RATES = ("fail_runaway", "fail_silent", "fail_short", "fail_clamped", "fail_any")
+GUARDED = BEST_BY + ("kl",) + FAILURE_RATES  # kl: KL(base || adapted) on a validation set, LoRA runs only
+CLIP_METRICS = ("sim", "wer", "sim_wer", "mos") + FAILURE_RATES  # measured on generated clips
 ONE_TRAINING_SET = "train"  # the name of a lone unnamed training set (its data position and fingerprint)
 
 
@@ -175,11 +177,12 @@ class TrainConfig:
     eval_language: str = setting("", "language of validation rows without a language field ('' = none: their WER is n/a)",
                                  resume=True)
     best_by: str = setting("val_loss", "what best.pt and --patience track: val_loss, sim (higher is better), wer (lower), "
-                                       "or sim_wer (lower WER - SIM); METRIC@SET names a validation set")
+                                       "sim_wer (lower WER - SIM) or mos (higher); METRIC@SET names a validation set")
     guard: tuple[str, ...] = setting((), "a bound on a validation set's metric, repeatable: METRIC@SET<=+X (may not rise "
                                          "more than X above its first evaluation, made before training), METRIC@SET>=-X "
                                          "(may not fall more than X), or <=X / >=X (absolute); METRIC is val_loss, sim, "
-                                         "wer, sim_wer or kl", resume=True)
+                                         "wer, sim_wer, mos, kl, or a failure rate: fail_runaway, fail_silent, fail_short, "
+                                         "fail_clamped, fail_any", resume=True)
     guard_action: str = setting("veto", "what a breached --guard does: veto (that evaluation cannot be best) or stop (also "
                                         "stops the run with a checkpoint and exports the best)", choices=("veto", "stop"),
                                 resume=True)

@@ -80,7 +80,8 @@ def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, c
     if isinstance(clone, longform.LongClone):  # a row spoken in chunks: its drift, per chunk kept on the clone
         clone.drift = longform.measure_drift(judge, clone, embedding, language, rate)
     drift = clone.drift["summary"] if isinstance(clone, longform.LongClone) else None
-    return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target, drift=drift)
+    return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target, drift=drift,
+                              clamped=clone.clamped)
 
 
 def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Callable[[str], torch.Tensor],
@@ -308,7 +309,7 @@ def _summary(out: eval_dir.EvalDir, list_path: str, checked, judge: metrics.Judg
     report = {
         "list": str(list_path), "rows_read": checked.rows_read, "kept": len(checked.kept), "rejected": len(checked.rejections),
         "rejected_by_reason": checked.counts(), "evaluated": len(records), "generation_failed": failed,
-        "speaker_encoder": judge.encoder.name, "asr": judge.asr.name if judge.asr else None,
+        **judge.models(), "failures": metrics.failure_rates(records),
         "sampling": vars(settings.sampling), "scene": settings.layout.scene, "ref_in_system": settings.layout.ref_in_system,
         "batch_size": settings.batch_size, "seconds": timings, "clips_made_this_run": made,
         "metrics": summary, "corpus": corpus, "seedtts": protocol,
@@ -328,7 +329,8 @@ def _summary(out: eval_dir.EvalDir, list_path: str, checked, judge: metrics.Judg
     print(metrics.format_summary(summary))
     print(f"corpus WER/CER {metrics.fmt(corpus['error_rate']['rate'])} over {corpus['error_rate']['words']} words "
           f"of {corpus['error_rate']['n']} rows; real targets' {metrics.fmt(corpus['target_error_rate']['rate'])}")
-    print(seedtts.format_aggregates(protocol, report["asr"] or "none", judge.encoder.name))
+    print(metrics.format_failures(report["failures"]))
+    print(seedtts.format_aggregates(protocol, report["asr"] or "none", judge.encoder.name, report["mos_model"]))
     print(f"{len(records)} rows evaluated ({failed} without audio), {checked.summary()}; {made} clips made in "
           f"{timings['wall']:.1f} s; wrote {out.path / eval_dir.ROWS_FILE}, {out.path / 'summary.json'}, {out.path / 'summary.png'}, "
           f"{out.path / 'wavs'}")

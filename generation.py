@@ -149,15 +149,25 @@ def audio_sequence_to_codes(sequence: torch.Tensor, codebook_size: int, use_dela
     frames. Codes outside the codebook inside the clip are clamped as the
     package's serve engine does, but reported, never silently.
     """
-    all_eos = bool((sequence[:, -1] == codebook_size + 1).all())
-    codes = revert_delay_pattern(sequence) if use_delay_pattern else sequence
-    codes = codes[:, 1:-1] if all_eos else codes[:, 1:]
-    stray = int(((codes < 0) | (codes >= codebook_size)).sum())
+    codes = unclamped_codes(sequence, codebook_size, use_delay_pattern)
+    stray = out_of_codebook(codes, codebook_size)
     if stray:
         print(f"warning: {stray} generated codes outside 0..{codebook_size - 1} clamped before decoding", file=sys.stderr)
     if not stream_ended(sequence, codebook_size, use_delay_pattern):
         print("warning: the clip reached --max-seconds before the model ended it", file=sys.stderr)
     return codes.clamp(0, codebook_size - 1)
+
+
+def unclamped_codes(sequence: torch.Tensor, codebook_size: int, use_delay_pattern: bool) -> torch.Tensor:
+    """The stream's frames (n_q, T), BOS column and EOS tail removed, as generated (before any clamping)."""
+    all_eos = bool((sequence[:, -1] == codebook_size + 1).all())
+    codes = revert_delay_pattern(sequence) if use_delay_pattern else sequence
+    return codes[:, 1:-1] if all_eos else codes[:, 1:]
+
+
+def out_of_codebook(codes: torch.Tensor, codebook_size: int) -> int:
+    """How many codes lie outside 0..codebook_size-1 (what decoding must clamp)."""
+    return int(((codes < 0) | (codes >= codebook_size)).sum())
 
 
 def stream_ended(sequence: torch.Tensor, codebook_size: int, use_delay_pattern: bool) -> bool:
@@ -194,12 +204,14 @@ def encode_reference(bundle: model_utils.Bundle, audio_path: str, text: str, ref
 @dataclass
 class Clone:
     """A generated clip, and whether the model ended it itself (rather than the length limit); or a clone that
-    yielded no clip: its `error`, the reason, and no waveform (a list of clones goes on past one that failed)."""
+    yielded no clip: its `error`, the reason, and no waveform (a list of clones goes on past one that failed);
+    `clamped`: its codes outside the codebook, clamped before decoding (None where not counted)."""
 
     waveform: np.ndarray | None
     stopped: bool = False
     error: str | None = None
     codes: torch.Tensor | None = None  # the clip's raw codes (n_q, T): a long text's next chunks take them as context
+    clamped: int | None = None
 
 
 def build_prompt(bundle: model_utils.Bundle, reference: Reference, text: str, scene: str | None = None,
@@ -245,10 +257,12 @@ def clip_from_stream(bundle: model_utils.Bundle, sequence: torch.Tensor) -> Clon
     config = bundle.model.config
     sequence = sequence.cpu()
     stopped = stream_ended(sequence, config.audio_codebook_size, config.use_delay_pattern)
+    clamped = out_of_codebook(unclamped_codes(sequence, config.audio_codebook_size, config.use_delay_pattern),
+                              config.audio_codebook_size)
     codes = audio_sequence_to_codes(sequence, config.audio_codebook_size, config.use_delay_pattern)
     if codes.shape[1] == 0:
         raise RuntimeError("the model ended the clip before producing any frame")
-    return Clone(decode_codes(bundle, codes), stopped, codes=codes)
+    return Clone(decode_codes(bundle, codes), stopped, codes=codes, clamped=clamped)
 
 
 def decode_codes(bundle: model_utils.Bundle, codes: torch.Tensor) -> np.ndarray:

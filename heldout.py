@@ -33,7 +33,8 @@ import parallel
 import plots
 import trainable
 from codes import EncodedClips
-from config import CLIP_METRICS, GuardRule, TrainConfig, guard_rules, selection, validation_specs
+from config import (CLIP_METRICS, FAILURE_RATES, GuardRule, TrainConfig, guard_rules, selection,
+                    validation_specs)
 from parallel import World
 
 
@@ -172,7 +173,8 @@ def log_set_layout(writer, validation_names: list[str | None], training_names: l
     if len([name for name in validation_names if name]) > 1:
         charts["validation sets"] = {f"{prefix}/{metric}": ["Multiline", [f"^{prefix}/({named})/{metric}$"]]
                                      for prefix, metric in (("val", "total"), ("val", "audio"), ("val", "kl"),
-                                                            ("quality", "sim"), ("quality", "error_rate"))}
+                                                            ("quality", "sim"), ("quality", "error_rate"),
+                                                            ("quality", "mos"), ("quality", "fail_any"))}
     if len(training_names) > 1:
         charts["training mixture"] = {f"mixture/{panel}": ["Multiline", [f"^mixture/[^/]+/{panel}$"]]
                                       for panel in ("share", "sample_share", "epoch")}
@@ -236,8 +238,8 @@ def validation_loss(model, validation: Validation, config: TrainConfig, world: W
 
 def log_generations(writer, step: int, model, validation: Validation, config: TrainConfig, device: str) -> dict[str, float]:
     """Greedy clones of the first validation prompts: audio, mel spectrograms (generated, target and reference
-    stacked, `plots.mel_figure`), and their SIM, WER/CER and timing as scalars and a table with the transcripts;
-    returns the metrics' means."""
+    stacked, `plots.mel_figure`), and their SIM, WER/CER, MOS, timing and failure rates as scalars and a table with
+    the transcripts; returns the metrics' means."""
     builder, judge, languages = validation.builder, validation.judge, validation.languages
     bundle = model_utils.Bundle(model, builder.bundle.tokenizer, builder.bundle.audio_tokenizer)
     rate = bundle.audio_tokenizer.sampling_rate
@@ -257,7 +259,7 @@ def log_generations(writer, step: int, model, validation: Validation, config: Tr
                          dataformats="HWC")
     means = {name: stats["mean"] for name, stats in metrics.summarize_records(records, config.seed).items() if stats["n"]}
     log_values(writer, "quality", means, step)
-    writer.add_text("quality/table", metrics.markdown_table(records), step)
+    writer.add_text("quality/table", f"{metrics.markdown_table(records)}\n\n{judge.judged_by()}", step)
     return means
 
 
@@ -270,15 +272,17 @@ def log_values(writer, prefix: str, values: dict[str, float], step: int) -> None
 
 def metric_value(metric: str, val: dict[str, float], quality: dict[str, float]) -> float:
     """A metric of one validation set's evaluation, in its own sign; NaN when it is unavailable."""
+    if metric in ("mos",) + FAILURE_RATES:
+        return quality.get(metric, math.nan)
     sim, error = quality.get("sim", math.nan), quality.get("error_rate", math.nan)
     return {"val_loss": val["total"], "sim": sim, "wer": error, "sim_wer": error - sim, "kl": val.get("kl", math.nan)}[metric]
 
 
 def selection_score(best_by: str, val: dict[str, float], quality: dict[str, float]) -> float:
-    """What best.pt minimises (`best_by` is the metric): validation loss, -SIM, WER/CER, or WER/CER - SIM;
+    """What best.pt minimises (`best_by` is the metric): validation loss, -SIM, WER/CER, WER/CER - SIM, or -MOS;
     inf when it is unavailable."""
     value = metric_value(best_by, val, quality)
-    score = -value if best_by == "sim" else value
+    score = -value if metrics.BETTER.get(best_by) == "higher" else value
     return score if math.isfinite(score) else math.inf
 
 
@@ -301,8 +305,8 @@ class Best:
         return patience > 0 and self.stale >= patience
 
     def value(self, best_by: str) -> float:
-        """The best score in its metric's own sign (SIM is minimised as -SIM)."""
-        return -self.score if best_by == "sim" else self.score
+        """The best score in its metric's own sign (SIM and MOS are minimised negated)."""
+        return -self.score if metrics.BETTER.get(best_by) == "higher" else self.score
 
 
 @dataclass

@@ -227,7 +227,9 @@ def join_chunks(spoken: list[SpokenChunk]) -> LongClone:
         error = spoken[0].failure if len(spoken) == 1 else f"no chunk of the text came out ({reasons})"
         return LongClone(None, error=error, chunks=spoken)
     waveform = np.concatenate([chunk.clone.waveform for chunk in good])
-    return LongClone(waveform, all(chunk.clone.stopped for chunk in good), chunks=spoken)
+    clamped = [chunk.clone.clamped for chunk in good]
+    return LongClone(waveform, all(chunk.clone.stopped for chunk in good),
+                     clamped=None if None in clamped else sum(clamped), chunks=spoken)
 
 
 def chunk_records(clone: LongClone, rate: int) -> list[dict]:

@@ -8,8 +8,15 @@
   (`--asr-model DIR`, any language) or, offline, pocketsphinx's bundled
   en-us model (English only). A language no ASR covers gives `None`
   ("n/a"), never 0;
+* naturalness: a predicted mean opinion score (MOS, 1-5) per clip, from
+  `distillmos`' distilled XLS-R speech-quality model (its weights ship in
+  its wheel, so offline); a judge that cannot load is an error naming the
+  package, never an `n/a`;
 * timing: duration ratio generated / real target, whether the model ended
   the clip itself, leading and trailing silence;
+* failures per generated clip (`failure_flags`, rates by `failure_rates`):
+  ran to the length limit without ending, silent, far shorter than its text
+  needs, codes clamped into the codebook before decoding;
 * teacher-forced top-1 accuracy of the audio head, per codebook and on the
   stream-EOS column, from `audio_logits` and `label_audio_ids`;
 * summaries: mean, median and a bootstrap 95% interval, the corpus error
@@ -18,7 +25,7 @@
   of two runs' rows (`paired_difference`, the same bootstrap over rows) and
   which way each metric gets better (`BETTER`).
 
-A `Judge` scores clips with one encoder and one ASR; it keeps reference
+A `Judge` scores clips with one encoder, one ASR and one MOS predictor; it keeps reference
 embeddings in memory and, given a `score_cache.TargetScores`, real-target
 scores on disk.
 """
@@ -26,11 +33,13 @@ scores on disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import math
 import unicodedata
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol
@@ -259,6 +268,67 @@ def reference_units(text: str, language: str | None) -> int:
 
 
 # --------------------------------------------------------------------------
+# Naturalness
+# --------------------------------------------------------------------------
+
+MOS_RATE = 16000
+
+
+class MosPredictor(Protocol):
+    name: str
+    identity: str
+
+    def score(self, waveform: np.ndarray, rate: int) -> float:
+        """The clip's predicted MOS, 1 (bad) to 5 (excellent)."""
+
+
+class DistillMos:
+    """`distillmos`' ConvTransformer SQA model (variant 7, distilled from an XLS-R speech-quality model; its weights
+    ship in its wheel). It peak-normalises the 16 kHz clip itself and scores it in 7.68 s windows (hop 1 s),
+    averaged, so a clip's level does not change its score and a long clip costs one window per second beyond; a
+    shorter clip is repeated to fill one window (`fill_window`)."""
+
+    def __init__(self, device: str = "cpu"):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints where it loaded its weights from
+                import distillmos
+
+                self.model = distillmos.ConvTransformerSQAModel().to(device).eval()
+        except ImportError as error:  # a RuntimeError: every command prints it as its one `error:` line
+            raise RuntimeError(f"the naturalness judge needs the distillmos package (pip install distillmos==0.9.1; "
+                               f"{error})") from None
+        from distillmos.sqa import SEQ_LEN
+
+        self.device, self.window = device, SEQ_LEN  # 7.68 s at 16 kHz
+        self.name = f"distillmos-{version('distillmos')}"
+        self.identity = f"{self.name}-filled"  # how short clips are scored is part of what a cached score means
+
+    def score(self, waveform: np.ndarray, rate: int) -> float:
+        samples = np.asarray(_resample(waveform, rate, MOS_RATE), dtype=np.float32)
+        if len(samples) == 0:
+            raise ValueError("an empty clip has no MOS")
+        samples = fill_window(samples, self.window)
+        with torch.no_grad(), full_precision():
+            return float(self.model(torch.from_numpy(samples)[None].to(self.device)).mean())
+
+
+def fill_window(samples: np.ndarray, window: int) -> np.ndarray:
+    """A clip shorter than the MOS model's window repeated to fill it. distillmos pads a short clip with zeros,
+    and the silence is scored as part of the clip: 1 s of en_man scores 2.21 zero-padded against 4.64 for its
+    first 7.68 s, and 3.83 repeated (en_woman 1.94 / 4.20 / 3.93; tests/test_metrics.py shows it)."""
+    if len(samples) >= window:
+        return np.ascontiguousarray(samples)
+    return np.ascontiguousarray(np.tile(samples, -(-window // len(samples)))[:window])
+
+
+@functools.cache
+def mos_predictor(device: str = "cpu") -> MosPredictor:
+    """The naturalness judge (`DistillMos`), loaded once per device and process (it holds no state between clips);
+    a RuntimeError naming the package when it cannot be imported."""
+    return DistillMos(device)
+
+
+# --------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------
 
@@ -284,6 +354,16 @@ def edge_silence(waveform: np.ndarray, rate: int, top_db: float = 40.0, floor_db
     first = int(np.argmax(sounding))
     last = len(sounding) - 1 - int(np.argmax(sounding[::-1]))
     return starts[first] / rate, max(0.0, seconds - (starts[last] + frame) / rate)
+
+
+def peak_dbfs(waveform: np.ndarray, rate: int) -> float:
+    """The level of the clip's loudest 20 ms frame (RMS, dBFS); -200 for an empty clip."""
+    waveform = np.asarray(waveform, dtype=np.float64)
+    frame = max(1, int(0.02 * rate))
+    if len(waveform) == 0:
+        return -200.0
+    frames = waveform[: len(waveform) // frame * frame].reshape(-1, frame) if len(waveform) >= frame else waveform[None]
+    return float(20 * np.log10(max(float(np.sqrt((frames**2).mean(axis=1)).max()), 1e-10)))
 
 
 def is_silent(waveform: np.ndarray, rate: int) -> bool:
@@ -350,6 +430,8 @@ class ClipScores:
     transcript: str | None
     lead_silence: float
     trail_silence: float
+    mos: float | None = None  # None: scored without a MOS predictor
+    peak_dbfs: float | None = None  # its loudest 20 ms frame; under SILENT_DBFS the clip is silent
 
 
 class Judge:
@@ -361,15 +443,28 @@ class Judge:
     """
 
     def __init__(self, encoder: SpeakerEncoder, asr: Transcriber | None, default_language: str | None = None,
-                 target_cache: score_cache.TargetScores | None = None):
+                 target_cache: score_cache.TargetScores | None = None, mos: MosPredictor | None = None):
         self.encoder, self.asr, self.default_language = encoder, asr, default_language
-        self.target_cache = target_cache
+        self.target_cache, self.mos = target_cache, mos
         self._embeddings: dict[str, np.ndarray | None] = {}
         self._targets: dict[tuple[str, str, str | None], ClipScores] = {}
 
     def identity(self) -> str:
-        """What a cached target score depends on besides the clips: the encoder's and the ASR's identities."""
-        return f"{self.encoder.identity}|{self.asr.identity if self.asr else 'no-asr'}"
+        """What a cached target score depends on besides the clips: the encoder's, the ASR's and the MOS predictor's
+        identities."""
+        return (f"{self.encoder.identity}|{self.asr.identity if self.asr else 'no-asr'}"
+                f"|{self.mos.identity if self.mos else 'no-mos'}")
+
+    def models(self) -> dict[str, str | None]:
+        """The models that made the scores, as every summary names them."""
+        return {"speaker_encoder": self.encoder.name, "asr": self.asr.name if self.asr else None,
+                "mos_model": self.mos.name if self.mos else None}
+
+    def judged_by(self) -> str:
+        """The models as one line under a table."""
+        models = self.models()
+        return (f"judged by speaker encoder {models['speaker_encoder']}, ASR {models['asr'] or 'none'}, "
+                f"MOS predictor {models['mos_model'] or 'none'}")
 
     def language(self, language: str | None) -> str | None:
         return language or self.default_language
@@ -393,7 +488,8 @@ class Judge:
                 transcript = self.asr.transcribe(waveform, rate, language)
                 rate_value = error_rate(text, transcript, language)
             sim = cosine(self.encoder.embed(waveform, rate), reference)
-        return ClipScores(len(waveform) / rate, sim, rate_value, transcript, lead, trail)
+            mos = self.mos.score(waveform, rate) if self.mos and len(waveform) else None
+        return ClipScores(len(waveform) / rate, sim, rate_value, transcript, lead, trail, mos, peak_dbfs(waveform, rate))
 
     def score_target(self, path: str, load: Callable[[], np.ndarray], rate: int, reference_path: str,
                      reference: np.ndarray | None, text: str, language: str | None) -> ClipScores:
@@ -432,9 +528,10 @@ def full_precision() -> contextlib.ExitStack:
 
 def build_judge(speaker_model: str | None = None, asr_model: str | None = None, language: str | None = None,
                 device: str = "cpu", target_cache_dir: str | Path | None = None) -> Judge:
-    """The encoder and ASR chosen by `--speaker-model` / `--asr-model` (offline defaults otherwise); real-target
-    scores cached in `target_cache_dir` when given."""
-    judge = Judge(speaker_encoder(speaker_model, device), transcriber(asr_model, device), language)
+    """The encoder and ASR chosen by `--speaker-model` / `--asr-model` (offline defaults otherwise) and the MOS
+    predictor; real-target scores cached in `target_cache_dir` when given."""
+    judge = Judge(speaker_encoder(speaker_model, device), transcriber(asr_model, device), language,
+                  mos=mos_predictor(device))
     if target_cache_dir:
         judge.target_cache = score_cache.TargetScores(target_cache_dir, judge.identity())
     return judge
@@ -445,17 +542,73 @@ def build_judge(speaker_model: str | None = None, asr_model: str | None = None, 
 DRIFT_COLUMNS = ("chunks", "drift_sim_first", "drift_sim_last", "drift_sim_last_to_first", "drift_sim_slope", "drift_wer_slope")
 
 
+
+# --------------------------------------------------------------------------
+# Failures
+# --------------------------------------------------------------------------
+
+# A clip whose loudest 20 ms frame is under this level holds no audible speech: speech peaks at -30 to -6 dBFS (the
+# shared voice prompts' loudest frames: -12.5 to -6.1), a quiet room's floor sits near -60; digital silence reads -200.
+SILENT_DBFS = -40.0
+# Letters and digits per second that no speech reaches: fast read speech runs 15-20. A clip shorter than its
+# text at this rate is far shorter than the text needs (cut off, or most words skipped); segment.py's
+# implausible-rate filter uses the same bound.
+MAX_CHARS_PER_SECOND = 30.0
+FAILURES = ("fail_runaway", "fail_silent", "fail_short", "fail_clamped")
+FAILURE_NAMES = {"fail_runaway": "ran to the length limit without ending", "fail_silent": "silent",
+                 "fail_short": "far shorter than the text needs", "fail_clamped": "codes clamped before decoding"}
+
+
+def text_characters(text: str) -> int:
+    """Letters and digits of a text: what its speaking time grows with."""
+    return sum(character.isalnum() for character in text)
+
+
+def failure_flags(scores: ClipScores | None, text: str, stopped: bool | None, clamped: int | None) -> dict:
+    """The generated clip's failures, each True/False, or None where it cannot be told (no clip, or a clone that
+    did not say): `fail_runaway` (the length limit ended it, not the model), `fail_silent` (loudest 20 ms frame
+    under SILENT_DBFS), `fail_short` (under `text_characters / MAX_CHARS_PER_SECOND` seconds), `fail_clamped`
+    (codes outside the codebook clamped before decoding); `fail_any`, any of them."""
+    if scores is None:
+        return dict.fromkeys(FAILURES + ("fail_any",))
+    flags = {"fail_runaway": None if stopped is None else not stopped,
+             "fail_silent": None if scores.peak_dbfs is None else scores.peak_dbfs < SILENT_DBFS,
+             "fail_short": scores.seconds < text_characters(text) / MAX_CHARS_PER_SECOND,
+             "fail_clamped": None if clamped is None else clamped > 0}
+    flags["fail_any"] = any(flags.values())
+    return flags
+
+
+def failure_rates(records: list[dict]) -> dict[str, dict]:
+    """Each failure's count over the generated clips that could tell it, and its rate (None without any)."""
+    rates = {}
+    for name in FAILURES + ("fail_any",):
+        told = [record[name] for record in records if record.get(name) is not None and record.get(name) != ""]
+        count = sum(bool(flag) for flag in told)
+        rates[name] = {"n": len(told), "count": count, "rate": count / len(told) if told else None}
+    return rates
+
+
+def format_failures(rates: dict[str, dict]) -> str:
+    """The failure counts as one printed line."""
+    shown = [f"{FAILURE_NAMES[name]} {rates[name]['count']}" for name in FAILURES]
+    return f"failures of {rates['fail_any']['n']} clips: " + ", ".join(shown) + f"; any {rates['fail_any']['count']}"
+
+
 def row_record(row_id: str, language: str | None, text: str, generated: ClipScores | None, stopped: bool | None,
-               target: ClipScores | None, error: str | None = None, drift: dict | None = None) -> dict:
+               target: ClipScores | None, error: str | None = None, clamped: int | None = None,
+               drift: dict | None = None) -> dict:
     """One flat row of the per-row table: the generated clip's values and the real target's (`target_*`), the
+    generated clip's failure flags (`clamped`: its codes clamped before decoding, None where unknown), the
     text's words (or characters) for the corpus rate, the Seed-TTS-eval per-utterance WER of both clips, and the
     drift columns of a row spoken in chunks."""
     kind = error_kind(language)
     record = {"id": row_id, "language": language or "", "metric": kind, "text": text, "stopped": stopped}
     for prefix, scores in (("", generated), ("target_", target)):
-        values = asdict(scores) if scores else dict.fromkeys(("seconds", "sim", "error_rate", "transcript", "lead_silence", "trail_silence"))
+        values = asdict(scores) if scores else dict.fromkeys(CLIP_FIELDS)
         record.update({prefix + name: value for name, value in values.items()})
     record["duration_ratio"] = duration_ratio(generated.seconds, target.seconds if target else None) if generated else None
+    record.update(failure_flags(generated, text, stopped, clamped))
     record["words"] = reference_units(text, language)
     for prefix, scores in (("", generated), ("target_", target)):
         transcript = scores.transcript if scores else None
@@ -465,6 +618,7 @@ def row_record(row_id: str, language: str | None, text: str, generated: ClipScor
     return record
 
 
+CLIP_FIELDS = tuple(field.name for field in fields(ClipScores))
 RECORD_COLUMNS = tuple(row_record("", None, "a", None, None, None))
 
 
@@ -472,14 +626,14 @@ RECORD_COLUMNS = tuple(row_record("", None, "a", None, None, None))
 # Summaries
 # --------------------------------------------------------------------------
 
-SUMMARY_COLUMNS = ("sim", "error_rate", "duration_ratio", "stopped", "lead_silence", "trail_silence",
-                   "target_sim", "target_error_rate")
+SUMMARY_COLUMNS = ("sim", "error_rate", "mos", "duration_ratio", "stopped", "lead_silence", "trail_silence",
+                   "target_sim", "target_error_rate", "target_mos") + FAILURES + ("fail_any",)
 # The generated clips' per-row metrics (summary.png's panels, --compare's rows); `target_NAME` is NAME's reference point.
 ROW_METRICS = tuple(column for column in SUMMARY_COLUMNS if not column.startswith("target_"))
 # Which way a metric gets better; `near 1` is judged by the distance from 1. A metric not named here is compared
 # without a direction (its verdict is `differs`, never better or worse).
-BETTER = {"sim": "higher", "error_rate": "lower", "duration_ratio": "near 1", "stopped": "higher",
-          "lead_silence": "lower", "trail_silence": "lower"}
+BETTER = {"sim": "higher", "error_rate": "lower", "mos": "higher", "duration_ratio": "near 1", "stopped": "higher",
+          "lead_silence": "lower", "trail_silence": "lower"} | dict.fromkeys(FAILURES + ("fail_any",), "lower")
 
 
 def _numbers(values) -> np.ndarray:
@@ -563,12 +717,14 @@ def format_summary(summary: dict[str, dict]) -> str:
 
 def markdown_table(records: list[dict]) -> str:
     """Per-row values and transcripts as a Markdown table (TensorBoard's text panel renders it)."""
-    header = "| id | SIM | WER/CER | duration ratio | stopped | transcript | target SIM | target WER/CER | target transcript |"
-    lines = [header, "|" + "---|" * 9]
+    header = ("| id | SIM | WER/CER | MOS | duration ratio | stopped | failures | transcript | target SIM | target WER/CER "
+              "| target MOS | target transcript |")
+    lines = [header, "|" + "---|" * 12]
     for r in records:
-        cells = [r["id"], fmt(r["sim"]), f"{fmt(r['error_rate'])} ({r['metric']})", fmt(r["duration_ratio"]),
-                 fmt(r["stopped"]), f"no audio: {r['error']}" if r["error"] else _or_na(r["transcript"]),
-                 fmt(r["target_sim"]), fmt(r["target_error_rate"]),
+        failed = ", ".join(name.removeprefix("fail_") for name in FAILURES if r.get(name)) or ("none" if r.get("fail_any") is not None else "n/a")
+        cells = [r["id"], fmt(r["sim"]), f"{fmt(r['error_rate'])} ({r['metric']})", fmt(r["mos"]), fmt(r["duration_ratio"]),
+                 fmt(r["stopped"]), failed, f"no audio: {r['error']}" if r["error"] else _or_na(r["transcript"]),
+                 fmt(r["target_sim"]), fmt(r["target_error_rate"]), fmt(r["target_mos"]),
                  _or_na(r["target_transcript"])]
         lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines)

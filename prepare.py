@@ -41,6 +41,7 @@ from tqdm import tqdm
 import data
 import files
 import manifest
+import metrics
 import model_utils
 import parallel
 from codes import REPAIR_HINT, CacheError, audio_tokenizer_id, read_index, verify_shard
@@ -195,6 +196,25 @@ def prepare_lock(cache_dir: Path):
         os.close(descriptor)
 
 
+class MosFilter:
+    """A clip source that first rejects clips (targets and references) whose predicted MOS is under `min_mos`
+    (`low_mos`, counted as the row check counts any reason), then hands the rest to `clips`. Each file is
+    scored once."""
+
+    def __init__(self, clips: manifest.ClipSource, min_mos: float, predictor: metrics.MosPredictor):
+        self.clips, self.min_mos, self.predictor = clips, min_mos, predictor
+        self.num_codebooks = clips.num_codebooks
+        self.scores: dict[str, float] = {}
+
+    def clip(self, path: str) -> manifest.Clip:
+        if path not in self.scores:
+            self.scores[path] = self.predictor.score(data.load_clip(path, metrics.MOS_RATE), metrics.MOS_RATE)
+        if self.scores[path] < self.min_mos:
+            raise manifest.RowRejected("low_mos", f"{path}: MOS {self.scores[path]:.2f} ({self.predictor.name}), "
+                                                  f"under --min-mos {self.min_mos:g}")
+        return self.clips.clip(path)
+
+
 @dataclass(frozen=True)
 class Options:
     """What the command line chooses for a prepare besides the manifest, the cache and the tokenizers."""
@@ -205,6 +225,7 @@ class Options:
     progress: bool = False  # progress bars
     val_manifest: str | Path | None = None  # a validation manifest whose shared speakers and clips are reported
     strict_overlap: bool = False  # with `val_manifest`: refuse what it shares (`manifest.OverlapError`)
+    min_mos: float = 0.0  # clips whose predicted MOS is under this are rejected as low_mos (0: no MOS filter)
 
 
 @dataclass
@@ -240,8 +261,9 @@ def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, t
         if not world.main:
             return None
         writer = CacheWriter(cache, audio_tokenizer, options.batch_size, clean=not world.distributed)
+        clips = MosFilter(writer, options.min_mos, metrics.mos_predictor()) if options.min_mos > 0 else writer
         try:
-            result = manifest.check_manifest(manifest_path, writer, tokenizer, options.filters, options.strict,
+            result = manifest.check_manifest(manifest_path, clips, tokenizer, options.filters, options.strict,
                                                 options.progress)
         finally:
             writer.flush()
@@ -252,7 +274,9 @@ def prepare(manifest_path: str | Path, cache_dir: str | Path, audio_tokenizer, t
         # Clips the processes encoded are found in the cache here: they count as encoded, not reused.
         encoded = writer.encoded + shared.encoded
         reused, repaired = writer.reused + writer.encoded - encoded, writer.repaired + shared.repaired
-        write_finished(cache, result, writer, tokenizer, dict(encoded=encoded, reused=reused, repaired=repaired))
+        mos_filter = {"min_mos": options.min_mos, "mos_model": clips.predictor.name} if clips is not writer else None
+        write_finished(cache, result, writer, tokenizer, dict(encoded=encoded, reused=reused, repaired=repaired,
+                                                              mos_filter=mos_filter))
     return PrepareResult(result, encoded, reused, repaired, overlap)
 
 
@@ -380,6 +404,8 @@ def _prepare_and_report(args: argparse.Namespace, world: World) -> int:
 def _check_inputs(args: argparse.Namespace) -> int:
     """The manifests exist and the training one holds a row (0), checked before a model loads or the cache
     folder is made, so that a mistyped path or an empty manifest leaves nothing behind."""
+    if not 0 <= args.min_mos <= 5:
+        raise ValueError(f"--min-mos {args.min_mos:g} must lie in 0-5 (0 = off; MOS runs 1-5)")
     for path in filter(None, (args.manifest, args.val_manifest)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such manifest: {path}")
@@ -396,7 +422,7 @@ def _prepare(args: argparse.Namespace, world: World) -> PrepareResult | None:
     languages = tuple(manifest.canonical_language(tag) for tag in args.language)
     filters = manifest.Filters(args.min_seconds, args.max_seconds, args.max_tokens, languages, args.max_text_chars)
     options = Options(filters, strict=args.strict, batch_size=args.batch_size, progress=world.main,
-                      val_manifest=args.val_manifest, strict_overlap=args.strict_overlap)
+                      val_manifest=args.val_manifest, strict_overlap=args.strict_overlap, min_mos=args.min_mos)
     return prepare(args.manifest, args.out, audio_tokenizer, tokenizer, options, world)
 
 
@@ -430,6 +456,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
              "en keeps en-US too; rows store the canonical tag) [all]")
     add("--max-text-chars", type=int, default=manifest.Filters.max_text_chars,
         help=f"longest text kept, at most data.LIMITS' [{manifest.Filters.max_text_chars}]")
+    add("--min-mos", type=float, default=0.0,
+        help="reject clips (targets and references) whose predicted MOS (distillmos, 1-5) is under this, as low_mos; "
+             "segment.py's default is 3.0 [0: off]")
     add("--strict", action="store_true", help="stop at the first bad row")
     add("--val-manifest", help="a validation manifest: report the speakers and clips it shares with the kept rows")
     add("--strict-overlap", action="store_true",

@@ -143,17 +143,27 @@ def aggregates(records: list[dict]) -> dict:
         values = [float(record[column]) for record in records if record.get(column) is not None]
         return {"n": len(values), "value": 100 * sum(values) / len(values) if values else None}
 
-    return {"wer": mean_x100("wer_seedtts"), "sim": mean_x100("sim"), "target_wer": mean_x100("target_wer_seedtts")}
+    def mean(column: str) -> dict:
+        values = [float(record[column]) for record in records if record.get(column) is not None]
+        return {"n": len(values), "value": sum(values) / len(values) if values else None}
+
+    return {"wer": mean_x100("wer_seedtts"), "sim": mean_x100("sim"), "target_wer": mean_x100("target_wer_seedtts"),
+            "mos": mean("mos"), "target_mos": mean("target_mos")}
 
 
-def format_aggregates(figures: dict, asr: str, speaker_encoder: str) -> str:
-    """The protocol's figures as printed lines, with the models that made them and the published figures."""
+def format_aggregates(figures: dict, asr: str, speaker_encoder: str, mos_model: str | None = None) -> str:
+    """The protocol's figures as printed lines, with the models that made them and the published figures; the
+    mean MOS beside them (the protocol has none: F5-TTS's papers add UTMOS the same way)."""
 
     def shown(entry: dict) -> str:
         return "n/a" if entry["value"] is None else f"{entry['value']:.2f} (n={entry['n']})"
 
+    targets = [f"WER {shown(figures['target_wer'])}"] * bool(figures["target_wer"]["n"])
+    targets += [f"MOS {shown(figures['target_mos'])}"] * bool(figures["target_mos"]["n"])
     lines = [f"Seed-TTS-eval ({PROTOCOL_COMMIT}): WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}"
-             + (f"; real targets' WER {shown(figures['target_wer'])}" if figures["target_wer"]["n"] else ""),
-             f"  made with ASR {asr} and speaker encoder {speaker_encoder}; published ({PUBLISHED['source']}): "
+             + (f", MOS {shown(figures['mos'])}" if mos_model else "")
+             + (f"; real targets' {', '.join(targets)}" if targets else ""),
+             f"  made with ASR {asr}, speaker encoder {speaker_encoder}"
+             + (f" and MOS predictor {mos_model}" if mos_model else "") + f"; published ({PUBLISHED['source']}): "
              f"{PUBLISHED['model']} WER {PUBLISHED['wer']:.2f}, SIM {PUBLISHED['sim']:.2f} with the protocol's own models"]
     return "\n".join(lines)

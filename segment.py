@@ -5,14 +5,19 @@
 
 Each recording (WAV/FLAC/OGG/MP3 that libsndfile reads; a folder is searched
 for them) is read once at its own rate. Voice activity detection
-(`silero-vad`, whose model ships in its wheel) finds the speech; neighbouring
-speech is merged into clips as long as they stay within `--max-seconds`, so
-clips end at pauses, and a cut between two clips lies in the middle of the
-pause between them (`plan_clips`). Each clip is transcribed (`metrics.py`'s
-transcribers: a local Whisper directory, or pocketsphinx's bundled en-us model
-for English) and kept or rejected, each rejection counted by reason: too short
-or too long, clipped, too quiet, empty transcript, implausible characters
-per second. The speaker is the recording's folder or file name.
+(`silero-vad`, whose model ships in its wheel) finds the stretches of speech;
+neighbouring stretches are merged into one clip only across a short pause
+(at most `MAX_MERGE_PAUSE` seconds), only while the speaker stays the same
+(their speaker embeddings, `metrics.py`'s encoder, at least
+`SAME_SPEAKER_COSINE` alike) and only while the clip stays within
+`--max-seconds`; every longer pause ends a clip, and a cut between two clips
+lies in the middle of the pause between them (`plan_clips`). Each clip is
+transcribed (`metrics.py`'s transcribers: a local Whisper directory, or
+pocketsphinx's bundled en-us model for English) and kept or rejected, each
+rejection counted by reason: too short or too long, clipped, too quiet, empty
+transcript, implausible characters per second, a predicted MOS under
+`--min-mos` (`metrics.py`'s naturalness judge). The speaker is the
+recording's folder or file name.
 
 `OUT/clips/` holds the kept clips (24-bit FLAC at the recording's rate),
 `OUT/manifest.jsonl` the speaker-grouped rows that `prepare.py` takes as they
@@ -29,6 +34,7 @@ import hashlib
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,7 +67,20 @@ FULL_SCALE = 0.999
 MIN_RMS_DBFS = -45.0
 # Letters and digits per second of a clip: read speech runs 10-20; outside these the transcript is wrong
 # (an ASR that dropped or invented words) or the clip is mostly not speech.
-MIN_CHARS_PER_SECOND, MAX_CHARS_PER_SECOND = 3.0, 30.0
+MIN_CHARS_PER_SECOND, MAX_CHARS_PER_SECOND = 3.0, metrics.MAX_CHARS_PER_SECOND
+# The longest pause a clip is merged across: the pauses between a speaker's sentences run 0.3-0.8 s; a longer
+# one (a turn, a new topic, an edit) ends the clip.
+MAX_MERGE_PAUSE = 0.8
+# Neighbouring stretches whose resemblyzer embeddings are less alike than this are taken to be two speakers and
+# never merged. Measured on the shared voice prompts (benchmarks/mos_benchmark.py): different speakers' stretches
+# and 1.5-4 s windows reach 0.832 at most (belinda against en_woman), so 0.85 merged no two speakers there; the
+# same speaker's neighbouring stretches fall under it often (short stretches embed noisily), which only
+# splits a clip in two at its pause.
+SAME_SPEAKER_COSINE = 0.85
+# The default --min-mos (distillmos, 1-5): the seven shared voice prompts' first 7.68 s score 3.04-4.64 clean and
+# 1.73-2.08 with white noise at 5 dB SNR (benchmarks/mos_benchmark.py); 3.0 keeps clean speech, cartoon voices
+# included, and drops noisy speech, as Emilia's DNSMOS >= 3.0 does.
+DEFAULT_MIN_MOS = 3.0
 SETTINGS_FILE = "settings.json"
 
 
@@ -74,9 +93,12 @@ class Settings:
     language: str | None = None
     asr: str = "pocketsphinx-en-us"
     speaker_from: str = "folder"
+    min_mos: float = DEFAULT_MIN_MOS  # 0: off
 
     def check(self) -> None:
         limits = data.LIMITS
+        if not 0 <= self.min_mos <= 5:
+            raise ValueError(f"--min-mos {self.min_mos:g} must lie in 0-5 (0 = off; MOS runs 1-5)")
         if not limits.min_target_seconds <= self.min_seconds < self.max_seconds <= limits.max_target_seconds:
             raise ValueError(f"--min-seconds {self.min_seconds:g} and --max-seconds {self.max_seconds:g} must satisfy "
                              f"{limits.min_target_seconds:g} <= min < max <= {limits.max_target_seconds:g} (data.LIMITS)")
@@ -113,17 +135,24 @@ def speech_spans(samples: np.ndarray, vad, max_seconds: float) -> list[tuple[flo
     return [(stamp["start"] / VAD_RATE, stamp["end"] / VAD_RATE) for stamp in stamps]
 
 
-def plan_clips(spans: list[tuple[float, float]], duration: float, max_seconds: float,
-               pad: float = EDGE_PAD_SECONDS) -> list[tuple[float, float]]:
-    """Clips (start, end) from stretches of speech: neighbours are merged while the clip, with `pad` of silence
-    on each side, stays within `max_seconds`; the cut between two clips is the middle of the pause between them,
-    and each clip keeps up to `pad` of that pause on each side."""
+def plan_clips(spans: list[tuple[float, float]], duration: float, max_seconds: float, pad: float = EDGE_PAD_SECONDS,
+               max_pause: float = MAX_MERGE_PAUSE,
+               same_speaker: Callable[[list[int], int], bool] | None = None) -> list[tuple[float, float]]:
+    """Clips (start, end) from stretches of speech: a stretch joins the clip before it when the pause between
+    them is at most `max_pause`, the clip with `pad` of silence on each side stays within `max_seconds`, and
+    `same_speaker(indices of the clip's stretches, index of the stretch)` holds (None: not checked); the cut
+    between two clips is the middle of the pause between them, and each clip keeps up to `pad` of that pause
+    on each side."""
     groups: list[list[float]] = []
-    for start, end in spans:
-        if groups and end - groups[-1][0] + 2 * pad <= max_seconds:
+    members: list[list[int]] = []
+    for index, (start, end) in enumerate(spans):
+        if (groups and start - groups[-1][1] <= max_pause and end - groups[-1][0] + 2 * pad <= max_seconds
+                and (same_speaker is None or same_speaker(members[-1], index))):
             groups[-1][1] = end
+            members[-1].append(index)
         else:
             groups.append([start, end])
+            members.append([index])
     cuts = [0.0] + [(left[1] + right[0]) / 2 for left, right in zip(groups, groups[1:])] + [duration]
     return [(max(cuts[i], start - pad), min(cuts[i + 1], end + pad)) for i, (start, end) in enumerate(groups)]
 
@@ -131,6 +160,29 @@ def plan_clips(spans: list[tuple[float, float]], duration: float, max_seconds: f
 # --------------------------------------------------------------------------
 # Which clips to keep
 # --------------------------------------------------------------------------
+
+
+class SpeakerTurns:
+    """Whether a stretch of speech is spoken by the voice of the clip before it: the cosine between the stretch's
+    embedding and the clip's (its stretches' embeddings averaged by duration, as resemblyzer averages its
+    windows), against `SAME_SPEAKER_COSINE`. A stretch is embedded once, when first compared."""
+
+    def __init__(self, encoder: metrics.SpeakerEncoder, samples: np.ndarray, spans: list[tuple[float, float]]):
+        self.encoder, self.samples, self.spans = encoder, samples, spans
+        self.embeddings: dict[int, np.ndarray | None] = {}
+
+    def embedding(self, index: int) -> np.ndarray | None:
+        if index not in self.embeddings:
+            start, end = self.spans[index]
+            self.embeddings[index] = self.encoder.embed(self.samples[round(start * VAD_RATE) : round(end * VAD_RATE)], VAD_RATE)
+        return self.embeddings[index]
+
+    def __call__(self, clip: list[int], index: int) -> bool:
+        embedded = [i for i in clip if self.embedding(i) is not None]
+        if not embedded or self.embedding(index) is None:
+            return False  # a stretch with no voice to compare is not merged: a split costs less than a mixed clip
+        voice = sum((self.spans[i][1] - self.spans[i][0]) * self.embeddings[i] for i in embedded)
+        return metrics.cosine(voice, self.embeddings[index]) >= SAME_SPEAKER_COSINE
 
 
 def clip_problem(samples: np.ndarray, rate: int, text: str, settings: Settings) -> tuple[str, str] | None:
@@ -147,7 +199,7 @@ def clip_problem(samples: np.ndarray, rate: int, text: str, settings: Settings) 
     rms = 20 * np.log10(max(float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))), 1e-10))
     if rms < MIN_RMS_DBFS:
         return "too_quiet", f"RMS {rms:.1f} dBFS, under {MIN_RMS_DBFS:g}"
-    characters = sum(character.isalnum() for character in text)
+    characters = metrics.text_characters(text)
     if not characters:
         return "empty_transcript", "the ASR heard no word"
     if not MIN_CHARS_PER_SECOND <= characters / seconds <= MAX_CHARS_PER_SECOND:
@@ -171,6 +223,8 @@ class Segmenter:
     settings: Settings
     vad: object
     asr: metrics.Transcriber
+    encoder: metrics.SpeakerEncoder
+    mos: metrics.MosPredictor | None  # None: --min-mos 0
 
     def recording(self, path: Path, speaker: str) -> tuple[list[dict], list[Rejection]]:
         """The kept rows (clip paths relative to the output folder, which may move) and the rejections of one recording."""
@@ -187,12 +241,18 @@ class Segmenter:
         if not spans:  # reported, so that a recording that yields nothing is never silently counted as done
             return [], [Rejection(str(path), None, None, "no_speech", f"the VAD found no speech in its {len(mono) / rate:.1f} s")]
         rows, rejections = [], []
-        for index, (start, end) in enumerate(plan_clips(spans, len(mono) / rate, self.settings.max_seconds)):
+        turns = SpeakerTurns(self.encoder, at_vad_rate, spans)
+        for index, (start, end) in enumerate(plan_clips(spans, len(mono) / rate, self.settings.max_seconds, same_speaker=turns)):
             span = slice(round(start * rate), round(end * rate))
             clip = mono[span]
             text = self.asr.transcribe(clip, rate, self.settings.language) if len(clip) else ""
             text = " ".join(text.split())
             problem = clip_problem(clip, rate, text, self.settings)
+            mos = None
+            if problem is None and self.mos is not None:
+                mos = self.mos.score(clip, rate)
+                if mos < self.settings.min_mos:
+                    problem = "low_mos", f"MOS {mos:.2f} ({self.mos.name}), under --min-mos {self.settings.min_mos:g}"
             if problem:
                 rejections.append(Rejection(str(path), round(start, 3), round(end, 3), *problem))
                 continue
@@ -200,6 +260,7 @@ class Segmenter:
             audio = importers.ClipFiles(self.out / "clips" / speaker).from_samples(clip_id, samples[span], rate)
             row = {"id": clip_id, "audio": str(audio.relative_to(self.out)), "text": text, "speaker": speaker,
                    "source": str(path), "start": round(start, 3), "end": round(end, 3)}
+            row |= {"mos": round(mos, 3)} if mos is not None else {}
             rows.append(dict(row, language=self.settings.language) if self.settings.language else row)
         return rows, rejections
 
@@ -276,7 +337,8 @@ def _segmenter(out: Path, settings: Settings, asr: metrics.Transcriber | None) -
     if not asr.supports(settings.language):
         raise ValueError(f"{asr.name} does not transcribe language {settings.language!r}: give --language en, "
                          "or a Whisper directory with --asr-model")
-    return Segmenter(out, settings, load_silero_vad(), asr)
+    mos = metrics.mos_predictor() if settings.min_mos > 0 else None
+    return Segmenter(out, settings, load_silero_vad(), asr, metrics.speaker_encoder(), mos)
 
 
 def _check_settings(out: Path, settings: Settings) -> None:
@@ -325,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _segment_and_report(args: argparse.Namespace) -> int:
     language = manifest.canonical_language(args.language) if args.language else None
-    settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from)
+    settings = Settings(args.min_seconds, args.max_seconds, language, args.asr_model or Settings.asr, args.speaker_from,
+                        args.min_mos)
     result = segment(args.inputs, args.out, settings, progress=True)
     commands.list_first([f"{r.where()}: {r.reason}: {r.detail}" for r in result.rejections])
     out = Path(args.out)
@@ -349,6 +412,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--asr-model", help="local Whisper directory for the transcripts [pocketsphinx en-us: English only]")
     add("--speaker-from", choices=("folder", "file"), default="folder",
         help="the speaker id is the recording's folder name, or its file name [folder]")
+    add("--min-mos", type=float, default=Settings.min_mos,
+        help=f"drop clips whose predicted MOS (distillmos, 1-5) is under this, as low_mos; 0 = off [{Settings.min_mos:g}]")
     return parser.parse_args(argv)
 
 

@@ -143,21 +143,26 @@ def bench_segment(prompts: Path) -> None:
         result = segment.segment([str(Path(folder) / "joined")], Path(folder) / "out", segment.Settings(1.0, 11.0, "en"))
         seconds = time.perf_counter() - started
     clips = [(row["start"], row["end"]) for row in result.rows]
-    cuts = [(left[1] + right[0]) / 2 for left, right in zip(clips, clips[1:])]
     pause_spans = [(left[1], right[0]) for left, right in zip(spans, spans[1:])]
-    outside = [min(max(a - cut, cut - b, 0.0) for a, b in pause_spans) for cut in cuts]
-    from_middle = [min(abs(cut - (a + b) / 2) for a, b in pause_spans) for cut in cuts]
+    # The cut at each inserted pause: the middle between the last clip ending before its end and the first starting
+    # after its start. Other cuts fall inside one prompt, at its own pauses (a short pause between two stretches
+    # the speaker check did not join).
+    cuts = [(max(end for _, end in clips if end <= b) + min(start for start, _ in clips if start >= a)) / 2 for a, b in pause_spans]
+    outside = [max(a - cut, cut - b, 0.0) for cut, (a, b) in zip(cuts, pause_spans)]
+    from_middle = [abs(cut - (a + b) / 2) for cut, (a, b) in zip(cuts, pause_spans)]
     print(f"segment: {position:.1f} s of audio in {seconds:.1f} s ({position / seconds:.2f} s of audio per s, "
-          f"VAD + pocketsphinx); {len(clips)} clips for {len(ENGLISH)} prompts; {result.summary()}")
-    print(f"  cut outside its pause: mean {1000 * np.mean(outside):.0f} ms, max {1000 * max(outside):.0f} ms; "
+          f"VAD, speaker embeddings, pocketsphinx, MOS); {len(clips)} clips for {len(ENGLISH)} prompts "
+          f"({len(clips) - len(ENGLISH)} cuts inside a prompt); {result.summary()}")
+    print(f"  cut at each inserted pause, outside it: mean {1000 * np.mean(outside):.0f} ms, max {1000 * max(outside):.0f} ms; "
           f"from the pause's middle: mean {1000 * np.mean(from_middle):.0f} ms, max {1000 * max(from_middle):.0f} ms")
     words = errors = 0.0
-    for row, name in zip(result.rows, ENGLISH):
+    for (start, end), name in zip(spans, ENGLISH):  # a prompt may give several clips (one voice, short pauses): their texts joined
+        said = " ".join(row["text"] for row in result.rows if start - 0.15 <= row["start"] < row["end"] <= end + 0.15)
         truth = text_of(prompts, name)
-        wer = metrics.error_rate(truth, row["text"], "en")
+        wer = metrics.error_rate(truth, said, "en")
         count = len(metrics.normalize_for_scoring(truth).split())
         words, errors = words + count, errors + wer * count
-        print(f"  {name:<9} WER {wer:.3f}  {row['text']!r}")
+        print(f"  {name:<9} WER {wer:.3f}  {said!r}")
     print(f"  WER over all {int(words)} words: {errors / words:.3f}")
 
 

@@ -83,7 +83,7 @@ def test_a_negative_depth_is_refused_when_the_flags_are_parsed():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--best-by", "loss"], "--best-by must be one of val_loss, sim, wer, sim_wer, not loss"),
+    (["--best-by", "loss"], "--best-by must be one of val_loss, sim, wer, sim_wer, mos, not loss"),
     (["--patience", "-1"], "--patience must be at least 0, not -1"),
     (["--best-by", "sim", "--val-manifest", ""], "evaluations: set --val-manifest"),
     (["--patience", "3", "--eval-every", "0"], "evaluations: set --val-manifest"),
@@ -216,7 +216,10 @@ def test_a_checkpoint_whose_config_holds_strings_resumes(tmp_path):
     (["--train-manifest", "vi:1=a", "--train-manifest", "en:1=b", "--epochs", "2"], "--epochs is ambiguous for a mixture"),
     (["--best-by", "sim@vi", "--eval-prompts", "1"], "--best-by sim@vi: no validation set named vi"),
     (["--guard", "wer@en<0.3"], "--guard wer@en<0.3: expected METRIC@SET<=+X"),
-    (["--guard", "loss<=1"], "--guard loss<=1: the metric must be one of val_loss, sim, wer, sim_wer, kl"),
+    (["--guard", "loss<=1"], "--guard loss<=1: the metric must be one of val_loss, sim, wer, sim_wer, mos, kl, fail_runaway, "
+                             "fail_silent, fail_short, fail_clamped, fail_any"),
+    (["--best-by", "fail_any"], "--best-by must be one of val_loss, sim, wer, sim_wer, mos, not fail_any"),
+    (["--guard", "fail_silent<=0.1", "--eval-prompts", "0"], "--best-by or --guard fail_silent measures generated clips"),
     (["--guard", "val_loss<=+1", "--eval-every", "0"], "--guard val_loss<=+1 needs evaluations"),
     (["--guard", "kl<=0.1"], "--guard kl measures KL to the base, which only LoRA has"),
     (["--scope", "lora", "--kl-replay", "en"], "--kl-replay names where the --kl-weight term is taken: set --kl-weight"),
@@ -250,3 +253,6 @@ def test_best_by_and_guards_name_a_validation_set_or_take_the_first():
         ("wer", "en", True, 0.05, True), ("sim", "vi", False, 0.6, False)]
     assert rules[0].breached(0.36, first=0.3) and not rules[0].breached(0.35, first=0.3)
     assert rules[1].breached(0.59, first=None) and not rules[1].breached(0.6, first=None)
+    assert config.selection(config.parse_config(named + ["--best-by", "mos@en"])) == ("mos", "en")
+    rules = config.guard_rules(config.parse_config(named + ["--guard", "fail_any@en<=0.1", "--guard", "mos>=-0.2"]))
+    assert [(rule.metric, rule.set_name, rule.relative) for rule in rules] == [("fail_any", "en", False), ("mos", "vi", True)]

@@ -44,6 +44,16 @@ def test_a_stream_the_model_ended_is_told_from_one_the_length_limit_cut(capsys):
     assert "reached --max-seconds" in capsys.readouterr().err
 
 
+def test_codes_outside_the_codebook_are_counted_on_the_clone(tiny, capsys):
+    frames = torch.randint(0, 1024, (8, 12))
+    frames[2, 5] = 1030  # outside the codebook (0..1023): clamped before decoding
+    clone = generation.clip_from_stream(tiny, _delayed_stream(frames, ended=True))
+    assert (clone.clamped, clone.stopped) == (1, True)
+    assert "1 generated codes outside 0..1023 clamped before decoding" in capsys.readouterr().err
+    in_range = _delayed_stream(frames.clamp(0, 1023), ended=True)
+    assert generation.out_of_codebook(generation.unclamped_codes(in_range, 1024, True), 1024) == 0
+
+
 # ---- the frame budget and the KV cache ---------------------------------------------------------------------
 
 

@@ -44,14 +44,17 @@ def test_in_loop_evaluation_writes_quality_and_accuracy_scalars_and_a_table(pati
     events = _events(patient_run)
     scalars = set(events.Tags()["scalars"])
     quality = {f"quality/{name}" for name in ("sim", "error_rate", "duration_ratio", "stopped", "lead_silence", "trail_silence",
-                                              "target_sim", "target_error_rate")}
+                                              "target_sim", "target_error_rate", "mos", "target_mos", "fail_runaway",
+                                              "fail_silent", "fail_short", "fail_clamped", "fail_any")}
     accuracy = {f"accuracy/codebook_{k}" for k in range(8)} | {"accuracy/all", "accuracy/eos"}
     assert quality <= scalars and accuracy <= scalars
     assert all(0 <= event.value <= 1 for tag in accuracy for event in events.Scalars(tag))
     tables = events.Tensors("quality/table/text_summary")
     assert len(tables) == len(events.Scalars("quality/sim"))
     table = tables[-1].tensor_proto.string_val[0].decode()
-    assert table.startswith("| id | SIM") and "en_female_0" in table
+    assert table.startswith("| id | SIM | WER/CER | MOS") and "en_female_0" in table
+    assert table.endswith("judged by speaker encoder resemblyzer, ASR pocketsphinx-en-us, MOS predictor distillmos-0.9.1")
+    assert all(1 <= event.value <= 5 for event in events.Scalars("quality/mos"))
     mel = events.Images("mel/en_female_0")  # plots.mel_figure: three stacked panels, 10 x 7.4 inches at 100 dpi
     assert len(mel) == len(tables) and (mel[-1].width, mel[-1].height) == (1000, 740)
 
@@ -128,6 +131,9 @@ def test_selection_score_orders_each_metric_so_lower_is_better():
     assert heldout.selection_score("sim_wer", val, {"sim": 0.8, "error_rate": 0.2}) == pytest.approx(-0.6)
     assert heldout.selection_score("sim", val, {}) == float("inf")  # unavailable never counts as a new best
     assert heldout.Best(-0.8).value("sim") == 0.8
+    assert heldout.selection_score("mos", val, {"mos": 4.1}) < heldout.selection_score("mos", val, {"mos": 3.2})
+    assert heldout.Best(-4.1).value("mos") == 4.1 and heldout.selection_score("mos", val, {}) == float("inf")
+    assert heldout.metric_value("fail_silent", val, {"fail_silent": 0.25}) == 0.25
 
 
 # --------------------------------------------------------------------------
@@ -154,7 +160,8 @@ def test_each_validation_set_is_logged_under_its_name_and_best_by_names_the_set(
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for name in ("ar", "en"):
-        assert {f"val/{name}/total", f"val/{name}/audio", f"val/{name}/kl", f"quality/{name}/sim"} <= scalars
+        assert {f"val/{name}/total", f"val/{name}/audio", f"val/{name}/kl", f"quality/{name}/sim", f"quality/{name}/mos",
+                f"quality/{name}/fail_any"} <= scalars
         assert any(tag.startswith(f"generated/{name}/") for tag in events.Tags()["audio"])
     assert not {"val/total", "quality/sim"} & scalars, "a named set never writes the unnamed panels"
     [arabic], [english] = events.Scalars("val/ar/total"), events.Scalars("val/en/total")

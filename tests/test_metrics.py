@@ -240,3 +240,93 @@ def test_whisper_directory_transcribes_the_languages_it_knows(tmp_path):
     assert isinstance(asr.transcribe(waveform[:RATE], RATE, "ar"), str)
     with pytest.raises(FileNotFoundError, match="--asr-model"):
         metrics.transcriber(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------
+# Naturalness (MOS) and failures
+# --------------------------------------------------------------------------
+
+MOS_RATE = metrics.MOS_RATE
+# distillmos on each prompt's first 7.68 s (one of its windows) at 16 kHz, measured: clean 3.04 (chadwick) to 4.64
+# (en_man); the smallest drop over the seven prompts with white noise at 5 dB SNR is 1.31 (chadwick), clipped
+# (a gain that puts 10% of the samples over full scale) 0.22 (vex), low-passed at 4 kHz 0.19 (en_man).
+# Required, with room for numeric drift:
+MOS_DROP = {"noise at 5 dB SNR": 1.0, "clipped": 0.15, "band-limited to 4 kHz": 0.1}
+
+
+def _degraded(clean: np.ndarray) -> dict[str, np.ndarray]:
+    import scipy.signal
+
+    noise = np.random.default_rng(0).standard_normal(len(clean))
+    low_pass = scipy.signal.butter(10, 4000, "low", fs=MOS_RATE, output="sos")
+    return {"noise at 5 dB SNR": clean + noise * np.sqrt(np.mean(clean**2) / 10 ** (5 / 10)),
+            "clipped": np.clip(clean / np.quantile(np.abs(clean), 0.9), -1, 1),
+            "band-limited to 4 kHz": scipy.signal.sosfiltfilt(low_pass, clean)}
+
+
+@pytest.fixture(scope="module")
+def mos() -> metrics.MosPredictor:
+    return metrics.mos_predictor()
+
+
+@pytest.mark.parametrize("name", SPEAKERS)
+def test_mos_falls_with_noise_clipping_and_band_limiting(mos, name):
+    clean = data.load_audio(VOICE_PROMPTS / f"{name}.wav", MOS_RATE)[: int(7.68 * MOS_RATE)]
+    clean_mos = mos.score(clean, MOS_RATE)
+    assert 2.5 <= clean_mos <= 5.0, clean_mos
+    for kind, degraded in _degraded(clean).items():
+        assert mos.score(degraded.astype(np.float32), MOS_RATE) <= clean_mos - MOS_DROP[kind], kind
+
+
+def test_a_clip_shorter_than_the_window_is_repeated_not_padded_with_silence(mos):
+    """distillmos pads a short clip with zeros and scores the silence with it; repeated, a second of speech scores
+    near its recording's score (measured: en_man 0.3-1.3 s, 2.21 padded, 3.83 repeated; 4.64 for 7.68 s)."""
+    second = data.load_audio(VOICE_PROMPTS / "en_man.wav", MOS_RATE)[int(0.3 * MOS_RATE) : int(1.3 * MOS_RATE)]
+    with torch.no_grad():
+        padded = float(mos.model(torch.from_numpy(second)[None]).mean())
+    assert padded < 2.5 < 3.5 < mos.score(second, MOS_RATE), padded
+
+
+def test_a_judge_that_cannot_load_is_one_line_naming_its_package(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "distillmos", None)  # what Python does for a package not installed
+    with pytest.raises(RuntimeError) as error:
+        metrics.DistillMos()
+    assert str(error.value).startswith("the naturalness judge needs the distillmos package (pip install distillmos==0.9.1")
+    assert "\n" not in str(error.value)
+
+
+def _timing_scores(waveform: np.ndarray) -> metrics.ClipScores:
+    """What the failure flags read of a clip (its length and loudest frame), measured as `Judge.score_clip` does,
+    without the models, which the flags do not use."""
+    lead, trail = metrics.edge_silence(waveform, RATE)
+    return metrics.ClipScores(len(waveform) / RATE, None, None, None, lead, trail, None, metrics.peak_dbfs(waveform, RATE))
+
+
+def test_failure_rates_count_each_kind_on_clips_made_to_fail_that_way():
+    """Five real clips: healthy speech, and four made to fail one way each; each failure counted once, on its clip."""
+    speech, text = _prompt("en_man")
+    speech = speech[: 4 * RATE]
+    cases = {  # id: (waveform, the model ended it itself, codes clamped before decoding)
+        "healthy": (speech, True, 0),
+        "runaway": (speech, False, 0),
+        "silent": (np.zeros_like(speech), True, 0),
+        "short": (speech[: RATE // 2], True, 0),  # 0.5 s for a sentence of 100-odd letters: 30 a second need 3 s
+        "clamped": (speech, True, 3),
+    }
+    records = [metrics.row_record(row_id, "en", text, _timing_scores(waveform), stopped, None, clamped=clamped)
+               for row_id, (waveform, stopped, clamped) in cases.items()]
+    by_id = {record["id"]: record for record in records}
+    for kind in ("runaway", "silent", "short", "clamped"):
+        assert [record["id"] for record in records if record[f"fail_{kind}"]] == [kind]
+    assert not by_id["healthy"]["fail_any"] and by_id["healthy"]["mos"] is None
+    assert by_id["silent"]["peak_dbfs"] < metrics.SILENT_DBFS < by_id["healthy"]["peak_dbfs"]
+    rates = metrics.failure_rates(records)
+    assert {name: (rate["count"], rate["n"]) for name, rate in rates.items()} == {
+        "fail_runaway": (1, 5), "fail_silent": (1, 5), "fail_short": (1, 5), "fail_clamped": (1, 5), "fail_any": (4, 5)}
+    assert metrics.format_failures(rates) == ("failures of 5 clips: ran to the length limit without ending 1, silent 1, "
+                                              "far shorter than the text needs 1, codes clamped before decoding 1; any 4")
+    summary = metrics.summarize_records(records)
+    assert summary["fail_any"]["mean"] == pytest.approx(0.8) and summary["mos"]["n"] == 0
+    failed = metrics.row_record("x", "en", text, None, None, None, "no audio")
+    assert failed["fail_any"] is None and metrics.failure_rates([failed])["fail_any"] == {"n": 0, "count": 0, "rate": None}
+

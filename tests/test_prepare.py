@@ -454,3 +454,29 @@ def test_a_manifest_with_no_usable_row_is_an_error_and_prints_no_next_command(tm
     assert "rows read 1 = kept 0 + rejected 1 (missing_audio 1)" in printed.out and "train with" not in printed.out
     assert printed.err.strip().splitlines()[-1] == (f"error: nothing usable found in {rejected}: no row kept; "
                                                     f"report: {tmp_path / 'cache' / 'report.jsonl'}")
+
+
+def test_min_mos_rejects_noisy_clips_as_low_mos_and_names_its_judge(tmp_path, capsys):
+    """Two clean voice-prompt clips of one speaker and one with white noise at 5 dB SNR (MOS about 2, the clean
+    ones about 4: tests/test_metrics.py)."""
+    import soundfile as sf
+    from conftest import VOICE_PROMPTS
+
+    import data
+
+    speech = {name: data.load_audio(VOICE_PROMPTS / f"{name}.wav", 16000)[int(0.3 * 16000) : int(3.3 * 16000)]
+              for name in ("en_man", "en_woman")}  # 3 s of speech, past the prompts' leading silence
+    noise = np.random.default_rng(0).standard_normal(3 * 16000) * np.sqrt(np.mean(speech["en_man"] ** 2) / 10 ** 0.5)
+    speech["noisy"] = (speech["en_man"] + noise).astype(np.float32)
+    for name, samples in speech.items():
+        sf.write(tmp_path / f"{name}.wav", samples, 16000)
+    manifest_path = write_manifest(tmp_path / "m.jsonl", [row(name, f"{name}.wav", speaker="s") for name in speech])
+    cache = tmp_path / "cache"
+    assert prepare.main(["--manifest", str(manifest_path), "--out", str(cache), "--min-mos", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("rows read 3 = kept 2 + rejected 1 (low_mos 1)") and "clips: 2 encoded" in out
+    [rejection] = [json.loads(line) for line in (cache / "report.jsonl").read_text().splitlines()]
+    assert rejection["id"] == "noisy" and "(distillmos-0.9.1), under --min-mos 3" in rejection["detail"]
+    assert json.loads((cache / "summary.json").read_text())["mos_filter"] == {"min_mos": 3.0, "mos_model": "distillmos-0.9.1"}
+    assert prepare.main(["--manifest", str(manifest_path), "--out", str(tmp_path / "c2"), "--min-mos", "6"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --min-mos 6 must lie in 0-5 (0 = off; MOS runs 1-5)"

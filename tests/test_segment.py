@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import data
 import manifest
 import metrics
 import segment
@@ -146,12 +147,54 @@ def test_other_settings_for_a_begun_output_are_refused(joined, capsys):
                                                "use the same settings to resume, or another --out")
 
 
+# Four different speakers, one after another, 1.5 s apart: as a podcast's turns, or an audiobook's cast.
+FOUR_SPEAKERS = ("en_woman", "en_man", "belinda", "chadwick")
+TURN_PAUSE = 1.5
+
+
+def test_four_speakers_segmented_with_default_settings_give_clips_that_each_hold_one_voice(tmp_path):
+    """With the defaults (--max-seconds 30) these became 2 clips of 25 and 28 s holding two or three voices each:
+    the 1.5 s pauses were merged over and a cut fell inside a speaker's speech. Now a clip ends at every pause
+    over segment.MAX_MERGE_PAUSE and never joins two voices."""
+    parts, stretches, position = [], [], 0.0
+    for name in FOUR_SPEAKERS:
+        samples = data.load_audio(VOICE_PROMPTS / f"{name}.wav", RATE)
+        stretches.append((position, position + len(samples) / RATE, name))
+        parts += [samples, np.zeros(round(TURN_PAUSE * RATE), dtype=np.float32)]
+        position += len(samples) / RATE + TURN_PAUSE
+    (tmp_path / "in" / "cast").mkdir(parents=True)
+    sf.write(tmp_path / "in" / "cast" / "show.wav", np.concatenate(parts[:-1]), RATE)
+    assert segment.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--language", "en"]) == 0
+    rows = manifest.rows_before_audio(tmp_path / "out" / "manifest.jsonl")
+    holders = []
+    for row in rows:
+        inside = [name for start, end, name in stretches if start - CUT_BOUND <= row["start"] < row["end"] <= end + CUT_BOUND]
+        assert len(inside) == 1, (row["start"], row["end"], stretches)
+        assert row["text"].strip() and row["mos"] >= segment.DEFAULT_MIN_MOS, row
+        holders += inside
+    assert set(holders) == set(FOUR_SPEAKERS), "every speaker's speech gave at least one clip"
+
+
 def test_clips_are_planned_at_pauses_within_max_seconds():
     spans = [(0.5, 2.0), (2.3, 4.0), (6.0, 9.5), (9.8, 10.0), (20.0, 31.0)]
     clips = segment.plan_clips(spans, duration=40.0, max_seconds=6.0, pad=0.1)
     # 0.5-4.0 merge (3.7 s with pads); 6.0-10.0 merge; a stretch longer than the limit stays whole (silero splits those).
     assert clips == [(0.4, 4.1), (5.9, 10.1), (19.9, 31.1)]
     assert segment.plan_clips([(1.0, 2.0), (2.1, 3.0)], duration=3.05, max_seconds=9, pad=0.2) == [(0.8, 3.05)]
+
+
+def test_a_clip_is_merged_only_across_a_short_pause_and_one_speaker():
+    spans = [(0.0, 2.0), (2.5, 4.0), (5.0, 6.0), (6.2, 7.0)]  # pauses 0.5, 1.0, 0.2 s
+    assert segment.plan_clips(spans, 8.0, 30.0, pad=0.1, max_pause=0.8) == [(0.0, 4.1), (4.9, 7.1)]
+    asked = []
+
+    def same_speaker(clip: list[int], index: int) -> bool:
+        asked.append((list(clip), index))
+        return index != 3  # the last stretch is another voice
+
+    clips = segment.plan_clips(spans, 8.0, 30.0, pad=0.1, max_pause=0.8, same_speaker=same_speaker)
+    assert np.allclose(clips, [(0.0, 4.1), (4.9, 6.1), (6.1, 7.1)]), clips
+    assert asked == [([0], 1), ([2], 3)], "only stretches within the pause bound are compared"
 
 
 @pytest.mark.parametrize("case,expected", [
@@ -263,3 +306,9 @@ def test_ctrl_c_is_one_line_and_status_130_and_the_run_resumes(tmp_path):
     assert last.startswith("interrupted: ") and "the same command" in last, last
     resumed = segment.segment(inputs, out, segment.Settings(1.0, 30.0, "en"))
     assert (resumed.redone, resumed.reused) == (1, 1) and {row["speaker"] for row in resumed.rows} == {"bob", "carol"}
+
+
+def test_min_mos_outside_the_mos_scale_is_one_line(tmp_path, capsys):
+    assert segment.main([str(tmp_path), "--out", str(tmp_path / "out"), "--language", "en", "--min-mos", "7"]) == 2
+    assert capsys.readouterr().err == "error: --min-mos 7 must lie in 0-5 (0 = off; MOS runs 1-5)\n"
+    assert not (tmp_path / "out").exists()
