@@ -257,7 +257,8 @@ def fill(folder: Path) -> None:
 
 def scored_records(count: int, seed: int = 0) -> list[dict]:
     """`count` rows as `--eval` scores them (`metrics.row_record`: English, a real target), with values drawn at
-    random: SIM 0.3-0.7, clips 1-3 s about 1.3 x their target's length, a transcript missing a word in one row of four."""
+    random: SIM 0.3-0.7, MOS 2.5-4.5, clips 1-3 s about 1.3 x their target's length, a transcript missing a word in
+    one row of four, no failure but a run to the length limit in one row of eight."""
     import metrics
 
     rng = np.random.default_rng(seed)
@@ -265,7 +266,8 @@ def scored_records(count: int, seed: int = 0) -> list[dict]:
     for index in range(count):
         seconds, transcript = float(rng.uniform(1, 3)), "said this" if index % 4 else "said"
         generated = metrics.ClipScores(seconds, float(rng.uniform(0.3, 0.7)), metrics.error_rate("Said this.", transcript, "en"),
-                                       transcript, 0.05, float(rng.uniform(0, 0.3)))
-        target = metrics.ClipScores(seconds / float(rng.uniform(1.1, 1.5)), float(rng.uniform(0.6, 0.9)), 0.0, "said this", 0.0, 0.1)
-        records.append(metrics.row_record(f"row{index}", "en", "Said this.", generated, True, target))
+                                       transcript, 0.05, float(rng.uniform(0, 0.3)), float(rng.uniform(2.5, 4.5)), -10.0)
+        target = metrics.ClipScores(seconds / float(rng.uniform(1.1, 1.5)), float(rng.uniform(0.6, 0.9)), 0.0, "said this", 0.0, 0.1,
+                                    4.0, -8.0)
+        records.append(metrics.row_record(f"row{index}", "en", "Said this.", generated, index % 8 != 7, target, clamped=0))
     return records

@@ -47,4 +47,5 @@ def test_summary_figure_has_a_panel_per_row_metric_with_the_targets_overlaid():
     assert legends["sim"][0].startswith("generated: n=12, mean") and legends["sim"][1].startswith("real targets: n=12")
     assert len(legends["stopped"]) == 1, "no target_stopped column"
     assert panels[metrics.ROW_METRICS.index("lead_silence")].texts[0].get_text() == "n/a in every row"
-    assert plots.render(figure).shape == (640, 1260, 3)
+    rows = -(-len(metrics.ROW_METRICS) // 3)  # three panels a row, 300 pixels each, 40 for the heading
+    assert plots.render(figure).shape == (40 + 300 * rows, 1260, 3)
