@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import collate
 import data
+import files
 import generation
 import loader
 import metrics
@@ -56,9 +57,9 @@ from config import TrainConfig
 def build(config: TrainConfig, bundle: model_utils.Bundle, sets: list[loader.TrainingSet], world: parallel.World):
     """The objective of --objective (None for sft); DPO keeps, of the training rows, those with a pair."""
     if config.objective == "dpo":
-        return DPO(config, bundle, sets)
+        return DPO.from_config(config, bundle, sets)
     if config.objective == "grpo":
-        return GRPO(config, bundle, sets, world)
+        return GRPO.from_config(config, bundle, sets, world)
     return None
 
 
@@ -87,15 +88,16 @@ class ObjectiveStats:
                                     kl_sum / kl_batches if kl_batches else math.nan, read[-3] > 0, dict(zip(names, panels)))
 
 
-def forward_logprobs(model, batch, config: TrainConfig, world: parallel.World):
-    """The training forward of a collated batch of clips: model inputs, outputs and each sample's log p of its codes."""
+def forward_logprobs(model, batch, config: TrainConfig, world: parallel.World, weights: torch.Tensor | None = None):
+    """The training forward of a collated batch of clips: model inputs, outputs and each sample's log p of its codes
+    (at the positions `weights` picks; default every labelled one)."""
     model_config = model_utils.higgs_model(parallel.unwrap(model)).config
     inputs = collate.batch_to_model_inputs(batch, world.device)
     if config.text_logits == "labelled":
         inputs[trainable.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
     owners = preference.column_owners(batch, model_config.audio_out_token_idx)
     outputs = model(**inputs)
-    logp = preference.clip_logprobs(outputs.audio_logits, inputs["label_audio_ids"], owners, len(batch.input_ids))
+    logp = preference.clip_logprobs(outputs.audio_logits, inputs["label_audio_ids"], owners, len(batch.input_ids), weights)
     return inputs, outputs, logp
 
 
@@ -127,20 +129,21 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, chosen_ref: torch.Ten
 class DPO:
     """`--objective dpo`: chosen over rejected clips of `--pairs`, against their stored reference log-probabilities."""
 
-    def __init__(self, config: TrainConfig, bundle: model_utils.Bundle, sets: list[loader.TrainingSet]):
-        self.pairs, report = preference.read_pairs(config.pairs)
-        self.check_source(config, report)
-        self.bundle, self.beta = bundle, config.dpo_beta
-        kept = []
-        for training_set in sets:
-            rows = [row for row in training_set.rows if row["id"] in self.pairs]
-            kept.append(replace(training_set, rows=rows))
-        sets[:] = kept
-        self.rows = sum(len(training_set.rows) for training_set in sets)
-        print(f"--pairs {config.pairs}: {len(self.pairs)} pairs; {self.rows} training rows have one "
-              f"({report['ties']} ties and {report['all_failed']} rows with fewer than two scored clips had none)")
-        if not self.rows:
+    def __init__(self, bundle: model_utils.Bundle, pairs: dict[str, dict], beta: float, source: str = ""):
+        self.bundle, self.pairs, self.beta, self.source = bundle, pairs, beta, source
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, bundle: model_utils.Bundle, sets: list[loader.TrainingSet]) -> DPO:
+        """The pairs of --pairs, checked against the run; of the training rows, those with a pair are kept (in `sets`)."""
+        pairs, report = preference.read_pairs(config.pairs)
+        cls.check_source(config, report)
+        sets[:] = [replace(training_set, rows=[row for row in training_set.rows if row["id"] in pairs]) for training_set in sets]
+        rows = sum(len(training_set.rows) for training_set in sets)
+        print(f"--pairs {config.pairs}: {len(pairs)} pairs; {rows} training rows have one "
+              f"({report['ties']} ties and {report['all_failed']} rows with fewer than two scored clips have none)")
+        if not rows:
             raise ValueError(f"--pairs {config.pairs}: no training row has a pair (its ids are not those of --train-manifest)")
+        return cls(bundle, pairs, config.dpo_beta, config.pairs)
 
     @staticmethod
     def check_source(config: TrainConfig, report: dict) -> None:
@@ -157,9 +160,8 @@ class DPO:
                              f"start DPO from that model (--model), not {config.model}")
 
     def fingerprints(self, config: TrainConfig) -> dict[str, str]:
-        from files import sha256
-
-        return {"pairs": sha256(Path(config.pairs) / preference.PAIRS_FILE)}
+        """The pairs' content, which a resume must match as it matches the data's."""
+        return {"pairs": files.sha256(Path(self.source) / preference.PAIRS_FILE)}
 
     def inputs(self, micro: list[loader.MicroBatch], step: int) -> list[list[dict]]:
         return [[self.pairs[pair.id] for pair in each.pairs] for each in micro]
@@ -231,19 +233,27 @@ class GroupInput:
 class GRPO:
     """`--objective grpo`: G clips per prompt sampled in the step, scored, their group-normalised advantages."""
 
-    def __init__(self, config: TrainConfig, bundle: model_utils.Bundle, sets: list[loader.TrainingSet], world: parallel.World):
+    def __init__(self, bundle: model_utils.Bundle, reward: preference.RewardSpec, group: int, seed: int, codes,
+                 languages: dict[str, str | None], layout: data.PromptLayout, max_seconds: float, judge=None):
+        self.bundle, self.reward, self.group, self.seed, self.codes = bundle, reward, group, seed, codes
+        self.languages, self.layout, self.judge = languages, layout, judge
+        self.whisper = layout.ref_in_system and collate.uses_whisper(bundle.model.config)
+        self.sampling = generation.Sampling(temperature=1.0, top_k=None, top_p=1.0, ras_win_len=None, seed=None,
+                                            max_seconds=max_seconds)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, bundle: model_utils.Bundle, sets: list[loader.TrainingSet],
+                    world: parallel.World) -> GRPO:
+        """Prompts from the training rows (the first set's codes), the judge of --speaker-model / --asr-model where
+        the reward needs one."""
         if world.distributed:
             raise ValueError("--objective grpo runs on one process (its sampling is not sharded across processes yet)")
-        self.reward = preference.RewardSpec.parse(config.reward)
-        self.judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None,
-                                         world.device) if self.reward.needs_judge else None
-        self.bundle, self.group, self.seed = bundle, config.group, config.seed
-        self.codes = sets[0].builder.codes
-        self.languages = {row["id"]: row.get("language") for training_set in sets for row in training_set.rows}
-        self.whisper = config.ref_in_system and collate.uses_whisper(bundle.model.config)
-        self.sampling = generation.Sampling(temperature=1.0, top_k=None, top_p=1.0, ras_win_len=None, seed=None,
-                                            max_seconds=config.sample_max_seconds)
-        self.layout = data.PromptLayout(config.ref_in_system)
+        reward = preference.RewardSpec.parse(config.reward)
+        judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None,
+                                    world.device) if reward.needs_judge else None
+        languages = {row["id"]: row.get("language") for training_set in sets for row in training_set.rows}
+        return cls(bundle, reward, config.group, config.seed, sets[0].builder.codes, languages,
+                   data.PromptLayout(config.ref_in_system), config.sample_max_seconds, judge)
 
     def fingerprints(self, config: TrainConfig) -> dict[str, str]:
         return {}
@@ -293,11 +303,11 @@ class GRPO:
             started = time.perf_counter()
             if trained:
                 batch = preference.training_batch(self.bundle, [prompts[i] for i in trained], [clips[i][0].codes for i in trained])
-                weights = torch.tensor([advantages[i] for i in trained], dtype=torch.float32, device=device)
-                positions = float((batch.label_audio_ids != model_utils.IGNORE_INDEX).sum())
+                advantage = torch.tensor([advantages[i] for i in trained], dtype=torch.float32, device=device)
+                sampled = preference.sampled_weights(batch, [clips[i][0] for i in trained], self.bundle.model.config)
                 with sync_context(model, index == len(inputs) - 1), trainable.autocast(config.precision, device):
-                    inputs_, outputs, logp = forward_logprobs(model, batch, config, world)
-                    total = -(weights * logp).sum() / positions
+                    inputs_, outputs, logp = forward_logprobs(model, batch, config, world, sampled)
+                    total = -(advantage * logp).sum() / float(sampled.sum())
                     if config.kl_weight:
                         divergence = trainable.forgetting_kl(model, inputs_, outputs.audio_logits, inputs_["label_audio_ids"])
                         total = total + config.kl_weight * divergence

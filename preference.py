@@ -178,10 +178,12 @@ def training_batch(bundle: model_utils.Bundle, prompts: list[Prompt], codes: lis
     return collate.collate(collator, samples, config.audio_codebook_size)
 
 
-def target_start(batch, row: int, audio_out_token: int) -> int:
-    """The first audio-out column of sample `row`'s target clip (its last clip) in a collated batch."""
+def target_span(batch, row: int, audio_out_token: int) -> tuple[int, int]:
+    """The audio-out columns [start, end) of sample `row`'s target clip (its last clip) in a collated batch."""
+    starts = batch.audio_out_ids_start.tolist()
+    ends = starts[1:] + [batch.audio_out_ids.shape[1]]
     owners = clip_owners(batch, audio_out_token).tolist()
-    return max(start for start, owner in zip(batch.audio_out_ids_start.tolist(), owners) if owner == row)
+    return max((start, end) for start, end, owner in zip(starts, ends, owners) if owner == row)
 
 
 def parity_weights(batch, clips: list[SampledClip], config) -> torch.Tensor:
@@ -190,7 +192,7 @@ def parity_weights(batch, clips: list[SampledClip], config) -> torch.Tensor:
     (the package's ragged stream end, a clamped code); each clip's `positions` is set."""
     weights = torch.zeros(batch.label_audio_ids.shape, dtype=torch.float32)
     for row, clip in enumerate(clips):
-        start = target_start(batch, row, config.audio_out_token_idx)
+        start, _ = target_span(batch, row, config.audio_out_token_idx)
         built = batch.audio_out_ids[:, start : start + clip.stream.shape[1]]
         width = built.shape[1]
         labels = batch.label_audio_ids[:, start : start + width] != model_utils.IGNORE_INDEX
@@ -199,6 +201,19 @@ def parity_weights(batch, clips: list[SampledClip], config) -> torch.Tensor:
         end = int(bad[0]) if len(bad) else width
         weights[:, start + 1 : start + end] = labels[:, 1:end].float()
         clip.positions = int(labels[:, 1:end].sum())
+    return weights
+
+
+def sampled_weights(batch, clips: list[SampledClip], config) -> torch.Tensor:
+    """(n_q, columns) of the batch: 1 at each clip's labelled positions, less the EOS the builder appends to a clip
+    the model did not end (stopped by the length limit): positions the policy never sampled, whose gradient would
+    teach it to stop where the limit stopped it."""
+    labels = batch.label_audio_ids
+    weights = (labels != model_utils.IGNORE_INDEX).float()
+    for row, clip in enumerate(clips):
+        if not clip.stopped:
+            start, end = target_span(batch, row, config.audio_out_token_idx)
+            weights[:, start:end] *= (labels[:, start:end] != config.audio_stream_eos_id).float()
     return weights
 
 
@@ -218,7 +233,7 @@ def training_logprobs(bundle: model_utils.Bundle, prompts: list[Prompt], clips: 
         full = clip_logprobs(outputs.audio_logits, batch.label_audio_ids, owners, len(kept)).tolist()
         at_parity = clip_logprobs(outputs.audio_logits, batch.label_audio_ids, owners, len(kept), weights).tolist()
     for row, (clip, logp, parity_logp) in enumerate(zip(chosen, full, at_parity)):
-        start = target_start(batch, row, config.audio_out_token_idx)
+        start, _ = target_span(batch, row, config.audio_out_token_idx)
         mask = weights[:, start : start + clip.stream.shape[1]]
         clip.logp, clip.training_logp = logp, parity_logp
         clip.sampler_logp = float((clip.stream_logprobs[:, : mask.shape[1]] * mask).sum())
@@ -231,8 +246,10 @@ def training_logprobs(bundle: model_utils.Bundle, prompts: list[Prompt], clips: 
 # Names a reward may use for the judge's row columns, and the columns that are better lower (negated in the sum).
 ALIASES = {"wer": "error_rate", "cer": "error_rate", "stop": "stopped"}
 LOWER_IS_BETTER = {"error_rate", "wer_seedtts", "lead_silence", "trail_silence"}
-# Terms computed from the codes alone: checks that the pipeline learns (the tests' reward); no listener cares for them.
-CODE_TERMS = {"low_codes": lambda codes, size: float((codes[0] < size // 2).double().mean())}
+# Terms computed from the codes alone, checks that the pipeline learns (the tests' rewards; no listener cares for them):
+# the clip's length in frames, and the share of its codes in the lower half of the codebook.
+CODE_TERMS = {"frames": lambda codes, size: float(codes.shape[1]),
+              "low_codes": lambda codes, size: float((codes < size // 2).double().mean())}
 
 
 @dataclass(frozen=True)

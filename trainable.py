@@ -59,6 +59,10 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.W
         model = add_lora(model, config)
     else:
         select_trainable(model, config.scope)
+    if config.objective != "sft":
+        # DPO and GRPO score audio codes only (objectives.py): the text head gets no gradient, and AdamW holds no state
+        # for a parameter without one, which a checkpoint's optimizer state could not be loaded back into.
+        model_utils.higgs_model(model).audio_decoder_proj.text_lm_head.requires_grad_(False)
     reduce_memory(model, config)
     wrap_decoder_layers(model, config)
     if config.compile:
