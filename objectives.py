@@ -30,6 +30,7 @@ every clip of a prompt, are left out). Both end in `trainable.apply_update`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -103,8 +104,6 @@ def forward_logprobs(model, batch, config: TrainConfig, world: parallel.World, w
 
 def sync_context(model, last: bool):
     """DDP's gradient all-reduce on the step's last micro-batch only."""
-    import contextlib
-
     return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
 
 

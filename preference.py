@@ -29,13 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 from tqdm import tqdm
 
 import batched_generation
 import collate
 import data
+import evaluate
 import files
 import generation
+import manifest
 import model_utils
 
 CANDIDATES_FILE, CLIPS_FILE, PAIRS_FILE, REPORT_FILE = "candidates.pt", "candidates.jsonl", "pairs.jsonl", "report.json"
@@ -164,8 +167,6 @@ def sample_clips(bundle: model_utils.Bundle, prompts: list[Prompt], seeds: list[
 
 def revert(stream: torch.Tensor, config) -> torch.Tensor:
     """The clip's frames of a stream, BOS and EOS frames cut, before clamping (to count stray codes)."""
-    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
-
     frames = revert_delay_pattern(stream) if config.use_delay_pattern else stream
     return frames[:, 1:-1] if bool((stream[:, -1] == config.audio_stream_eos_id).all()) else frames[:, 1:]
 
@@ -334,9 +335,6 @@ class CandidateCounts:
 
 def judged_record(judge, prompt: Prompt, clip: SampledClip, bundle: model_utils.Bundle, target_audio: str | None) -> dict:
     """The judge's row for one clip (evaluate.score_row: SIM, WER/CER, timing; a failed clip its error)."""
-    import evaluate
-    import manifest
-
     clone = generation.Clone(None, error=clip.error) if clip.codes is None else \
         generation.Clone(generation.decode_codes(bundle, clip.codes), clip.stopped)
     pair = manifest.Pair(prompt.id, prompt.ref_audio, prompt.ref_text, target_audio, prompt.text, prompt.layout.scene)
