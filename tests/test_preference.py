@@ -202,3 +202,12 @@ def test_the_objectives_flags_are_checked_together():
         config.parse_config(["--pairs", "somewhere"])
     with pytest.raises(config.ConfigError, match="--kl-weight with --objective dpo"):
         config.parse_config(["--objective", "dpo", "--pairs", "x", "--kl-weight", "1", "--scope", "lora"])
+
+
+def test_candidates_refuse_a_k_under_two_and_an_output_folder_in_use(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    for flags, said in ((["--k", "1", "--out", str(tmp_path / "new")], "--k must be at least 2"),
+                        (["--out", str(tmp_path / "used")], "is not an empty directory")):
+        assert infer.main(["--candidates", "demo/data/manifest.jsonl", "--model", "tiny", *flags]) == 2
+        assert said in capsys.readouterr().err
