@@ -125,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "and pair the best with the worst by --reward for train.py --objective dpo; --out is a new directory")
     candidates.add_argument("--k", type=int, default=4, help="clips sampled per row, one batch each (>= 2) [4]")
     candidates.add_argument("--reward", default="wer:1,sim:1", help="NAME:WEIGHT,... over the judge's metrics (wer, cer and "
-                            "silences negated; sim, mos, stop) [wer:1,sim:1]")
+                            "silences negated; sim, mos, stop; any numeric column of --eval's rows) and frames / low_codes, "
+                            "code-only checks (docs/preference-tuning.md) [wer:1,sim:1]")
     return parser.parse_args(argv)
 
 
@@ -347,7 +348,7 @@ def run_candidates_cli(args: argparse.Namespace) -> int:
     bundle = _load(args)
     judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device, args.score_cache or None) \
         if reward.needs_judge else None
-    checked, pairs, languages = evaluate.read_eval_rows(args.candidates, evaluate.CheckedClips(
+    _, pairs, languages = evaluate.read_eval_rows(args.candidates, evaluate.CheckedClips(
         bundle.audio_tokenizer.sampling_rate, bundle.model.config.audio_num_codebooks), args.seed)
     codes = evaluate.reference_codes(bundle, args.codes_cache, [pair.ref_audio for pair in pairs])
     rows = [(preference.Prompt(pair.id, pair.ref_text, codes(pair.ref_audio), pair.text,
