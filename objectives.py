@@ -20,8 +20,9 @@ every clip of a prompt, are left out). Both end in `trainable.apply_update`
   micro-batch (the loader's rows) is sampled G times by the batched generator
   from the model as it is now (temperature 1, no top-p or repetition window:
   the policy itself), each clip scored by `preference.RewardSpec` (the judge
-  for its metrics), rewards normalised within each group, and the step
-  descends -sum(advantage x log p) over the clips' labelled positions; with
+  for its metrics, in a thread beside the next micro-batch's generation),
+  rewards normalised within each group, and the step descends
+  -sum(advantage x log p) over the clips' sampled positions; with
   `--kl-weight` (LoRA only) plus the KL to the base through disabled adapters
   (`trainable.forgetting_kl`). Each clip's sampling seed is a function of
   (--seed, step, micro-batch, prompt, clip), so a resumed run samples what
@@ -34,6 +35,7 @@ import contextlib
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -267,8 +269,8 @@ class GRPO:
                                   pair.ref_audio, data.load_audio(pair.ref_audio, rate) if self.whisper else None, rate)
                 for pair in pairs]
 
-    def sample_and_score(self, model, group: GroupInput, timings: dict) -> tuple[list, list, dict]:
-        """The group's clips from the model as it is now, their rewards, and the step's reward counts."""
+    def sample(self, model, group: GroupInput, timings: dict) -> tuple[list, list, model_utils.Bundle]:
+        """The group's prompts (each G times), their clips from the model as it is now, and the bundle that sampled."""
         prompts = [prompt for prompt in self.prompts(group.pairs) for _ in range(self.group)]
         seeds = [clip_seed(self.seed, group.step, group.index, row, clip) for row in range(len(group.pairs))
                  for clip in range(self.group)]
@@ -278,49 +280,73 @@ class GRPO:
         model.eval()
         clips = preference.sample_clips(live, prompts, seeds, self.sampling)
         model.train()
-        scored_at = time.perf_counter()
+        timings["generation"] += time.perf_counter() - started
+        return prompts, clips, live
+
+    def score(self, prompts: list, clips: list, live: model_utils.Bundle, timings: dict) -> tuple[list, dict]:
+        """Each clip with its (reward, terms), and the counts of failed clips and terms not computed."""
+        started = time.perf_counter()
         records = [preference.judged_record(self.judge, prompt, clip, live, None) if self.judge else None
                    for prompt, clip in zip(prompts, clips)]
         counts = preference.CandidateCounts()
         scored = preference.score_clips(clips, records, self.reward, live.model.config.audio_codebook_size, counts)
-        timings["generation"] += scored_at - started
-        timings["scoring"] += time.perf_counter() - scored_at
-        return prompts, list(zip(clips, scored)), vars(counts)
+        timings["scoring"] += time.perf_counter() - started
+        return list(zip(clips, scored)), vars(counts)
 
     def step(self, model, optimizer, inputs: list[GroupInput], config: TrainConfig, world: parallel.World) -> ObjectiveStats:
+        """Every micro-batch sampled first (the weights change only at the step's end), each scored in a thread
+        beside the next one's generation, as --eval scores; then each one's update, once its scores are in."""
         device = world.device
-        timings = dict.fromkeys(("generation", "scoring", "update"), 0.0)
+        timings = dict.fromkeys(("generation", "scoring", "scoring_wait", "update"), 0.0)
         loss_sum, kl = torch.zeros((), dtype=torch.float64, device=device), torch.zeros(2, dtype=torch.float64, device=device)
         counts = torch.zeros(3, dtype=torch.float64, device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
         seen = GroupRecord()
-        for index, group in enumerate(inputs):
-            prompts, clips, reward_counts = self.sample_and_score(model, group, timings)
-            advantages, flat = group_advantages([total for _, (total, _) in clips], self.group)
-            seen.add(clips, flat, reward_counts, self.group)
-            trained = [i for i, advantage in enumerate(advantages) if advantage is not None]
-            started = time.perf_counter()
-            if trained:
-                batch = preference.training_batch(self.bundle, [prompts[i] for i in trained], [clips[i][0].codes for i in trained])
-                advantage = torch.tensor([advantages[i] for i in trained], dtype=torch.float32, device=device)
-                sampled = preference.sampled_weights(batch, [clips[i][0] for i in trained], self.bundle.model.config)
-                with sync_context(model, index == len(inputs) - 1), trainable.autocast(config.precision, device):
-                    inputs_, outputs, logp = forward_logprobs(model, batch, config, world, sampled)
-                    total = -(advantage * logp).sum() / float(sampled.sum())
-                    if config.kl_weight:
-                        divergence = trainable.forgetting_kl(model, inputs_, outputs.audio_logits, inputs_["label_audio_ids"])
-                        total = total + config.kl_weight * divergence
-                        kl += torch.stack([divergence.detach().double(), kl.new_ones(())])
-                    (total / len(inputs)).backward()
-                finite = finite & torch.isfinite(total.detach())
-                loss_sum += total.detach().double() / len(inputs)
-                counts += batch_counts(outputs, len(trained))
-            timings["update"] += time.perf_counter() - started
+        with ThreadPoolExecutor(max_workers=1) as scorer:
+            sampled = []
+            for group in inputs:
+                prompts, clips, live = self.sample(model, group, timings)
+                sampled.append((prompts, scorer.submit(self.score, prompts, clips, live, timings)))
+            for index, (prompts, scoring) in enumerate(sampled):
+                waited = time.perf_counter()
+                clips, reward_counts = scoring.result()
+                timings["scoring_wait"] += time.perf_counter() - waited
+                advantages, flat = group_advantages([total for _, (total, _) in clips], self.group)
+                seen.add(clips, flat, reward_counts, self.group)
+                trained = [i for i, advantage in enumerate(advantages) if advantage is not None]
+                started = time.perf_counter()
+                if trained:
+                    last = index == len(inputs) - 1
+                    total, outputs, divergence = self.update(model, prompts, clips, advantages, trained, config, world, last,
+                                                             len(inputs))
+                    if divergence is not None:
+                        kl += torch.stack([divergence.double(), kl.new_ones(())])
+                    finite = finite & torch.isfinite(total)
+                    loss_sum += total.double() / len(inputs)
+                    counts += batch_counts(outputs, len(trained))
+                timings["update"] += time.perf_counter() - started
         started = time.perf_counter()
         grad_norm, skipped = trainable.apply_update(model, optimizer, finite, config, world)
         timings["update"] += time.perf_counter() - started
         return ObjectiveStats(loss_sum, counts, grad_norm, skipped, kl,
                               {**seen.panels(), **{f"time/{name}_s": seconds for name, seconds in timings.items()}})
+
+    def update(self, model, prompts: list, clips: list, advantages: list, trained: list[int], config: TrainConfig,
+               world: parallel.World, last: bool, micro_batches: int):
+        """One micro-batch's backward of -sum(A x logp) / positions (+ the KL term): its loss, outputs and KL, detached."""
+        device = world.device
+        batch = preference.training_batch(self.bundle, [prompts[i] for i in trained], [clips[i][0].codes for i in trained])
+        advantage = torch.tensor([advantages[i] for i in trained], dtype=torch.float32, device=device)
+        sampled = preference.sampled_weights(batch, [clips[i][0] for i in trained], self.bundle.model.config)
+        divergence = None
+        with sync_context(model, last), trainable.autocast(config.precision, device):
+            inputs, outputs, logp = forward_logprobs(model, batch, config, world, sampled)
+            total = -(advantage * logp).sum() / float(sampled.sum())
+            if config.kl_weight:
+                divergence = trainable.forgetting_kl(model, inputs, outputs.audio_logits, inputs["label_audio_ids"])
+                total = total + config.kl_weight * divergence
+            (total / micro_batches).backward()
+        return total.detach(), outputs, None if divergence is None else divergence.detach()
 
 
 class GroupRecord:

@@ -10,8 +10,10 @@ the batched generator, scores them with the judge (`--reward`: resemblyzer
 SIM and pocketsphinx WER, English; a code-only reward needs no judge), and
 takes the update. The references and texts are the shared voice prompts
 (../shared/data/voice_prompts, cut to 3 s). Printed: each step's seconds by
-phase (the step's own `time/*` panels) and their shares over the steps after
-the first (which pays for warm-up), with the mean reward. Weights are random,
+phase (the step's own `time/*` panels: generation, the wait for the scoring
+thread, the update; and the scoring thread's own time, which overlaps the
+next micro-batch's generation when there is one) and their shares over the
+steps after the first (which pays for warm-up), with the mean reward. Weights are random,
 so most clips run to `--max-seconds`; on a shared machine, quote the shares,
 not the seconds.
 """
@@ -41,7 +43,7 @@ import voice_prompts  # noqa: E402
 from codes import EncodedClips  # noqa: E402
 from parallel import World  # noqa: E402
 
-PHASES = ("generation", "scoring", "update")
+PHASES = ("generation", "scoring_wait", "update")  # what the step's time is made of; scoring runs in a thread
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                                          objective=grpo)
             values = stats.read(World())
             seconds = time.perf_counter() - started
-            row = {phase: values.panels[f"time/{phase}_s"] for phase in PHASES}
+            row = {phase: values.panels[f"time/{phase}_s"] for phase in (*PHASES, "scoring")}
             rows.append({**row, "step": seconds, "reward": values.panels["grpo/reward"], "frames": values.panels["grpo/frames"]})
             print(f"step {step}: {seconds:.2f} s = " + ", ".join(f"{phase} {row[phase]:.2f}" for phase in PHASES)
-                  + f"; reward {rows[-1]['reward']:.3f}, mean frames {rows[-1]['frames']:.1f}")
+                  + f" (scoring thread {row['scoring']:.2f})" + f"; reward {rows[-1]['reward']:.3f}, mean frames {rows[-1]['frames']:.1f}")
     later = rows[1:] or rows
     total = sum(row["step"] for row in later)
     shares = {phase: sum(row[phase] for row in later) / total for phase in PHASES}
