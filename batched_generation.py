@@ -67,6 +67,7 @@ class _Stream:
     columns: list[torch.Tensor]
     history: torch.Tensor  # the row's audio-out columns before this stream (the repetition window looks back into them)
     generator: torch.Generator | None
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # log p of each column's codes (the model's, temperature 1)
     released: int = 0
     closing: int | None = None
     ended: bool = False
@@ -87,10 +88,15 @@ class _Batch:
     rows: list[int] = field(default_factory=list)  # prompt index of each batch row
 
 
-def generate_batch(bundle: model_utils.Bundle, prompts: list[ChatMLDatasetSample],
-                   sampling: generation.Sampling) -> list[torch.Tensor]:
+def generate_batch(bundle: model_utils.Bundle, prompts: list[ChatMLDatasetSample], sampling: generation.Sampling,
+                   seeds: list[int] | None = None, logprobs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The audio stream of each prompt (n_q, columns), as the package's `generate` returns it for that prompt alone
-    with `<|audio_out_bos|>` forced: an all-BOS column, the delayed codes, the EOS tail without its last column."""
+    with `<|audio_out_bos|>` forced: an all-BOS column, the delayed codes, the EOS tail without its last column.
+
+    `seeds`: each row's own sampling seed (default: `sampling.seed` for every row, as the package seeds its one).
+    `logprobs`, a list, receives each row's (n_q, columns) log-probabilities of the codes its stream holds under
+    the model's own distribution (the audio head's softmax at temperature 1, before any logits processor; 0 in
+    the all-BOS column): what `preference.py` records as the sampling model's log-probability of a clip."""
     model, config = bundle.model, bundle.model.config
     problem = unsupported(config)
     if problem:
@@ -101,7 +107,8 @@ def generate_batch(bundle: model_utils.Bundle, prompts: list[ChatMLDatasetSample
     processors = _logits_processors(model, sampling, device)
     with torch.inference_mode():
         batch, text_vocab = _prefill(model, inputs)
-        streams = [_Stream([], _audio_out_history(inputs, row, config), _generator(sampling.seed, device))
+        seeds = [sampling.seed] * len(prompts) if seeds is None else seeds
+        streams = [_Stream([], _audio_out_history(inputs, row, config), _generator(seeds[row], device))
                    for row in range(len(prompts))]
         if not sampling.greedy:
             _draw_forced_token(streams, text_vocab, config.audio_out_bos_token_id, device)
@@ -109,6 +116,7 @@ def generate_batch(bundle: model_utils.Bundle, prompts: list[ChatMLDatasetSample
         hidden = _step(model, model.embed_tokens(forced), batch, audio=False)
         for stream in streams:
             stream.columns.append(torch.full((config.audio_num_codebooks,), config.audio_stream_bos_id, device=device))
+            stream.logprobs.append(torch.zeros(config.audio_num_codebooks, device=device))
         for _ in range(generation.max_new_tokens(config, sampling.max_seconds) - 2):
             columns = torch.stack([streams[row].columns[-1] for row in batch.rows], dim=1)
             hidden = _step(model, model._embed_audio_ids(columns)[:, None], batch, audio=True)
@@ -119,6 +127,8 @@ def generate_batch(bundle: model_utils.Bundle, prompts: list[ChatMLDatasetSample
             _drop_ended(batch, streams)
             if not batch.rows:
                 break
+    if logprobs is not None:
+        logprobs.extend(torch.stack(stream.logprobs, dim=1).cpu() for stream in streams)
     return [torch.stack(stream.columns, dim=1).cpu() for stream in streams]
 
 
@@ -204,6 +214,7 @@ def _next_column(stream: _Stream, logits: torch.Tensor, sampling: generation.Sam
             column[repeated] = logits[repeated].softmax(-1).multinomial(1, replacement=True, generator=stream.generator).squeeze(1)
     _hold_to_delay_pattern(stream, column, config)
     stream.columns.append(column)
+    stream.logprobs.append(logits.log_softmax(-1).gather(1, column[:, None]).squeeze(1))
 
 
 def _hold_to_delay_pattern(stream: _Stream, column: torch.Tensor, config) -> None:

@@ -120,6 +120,19 @@ class TrainConfig:
                                     "adapters disabled (0 = off)", limit=at_least(0))
     kl_replay: str = setting("", "the training set (NAME of a mixture) whose micro-batches take the --kl-weight term "
                                  "('' = every micro-batch)")
+    # preference tuning (docs/preference-tuning.md)
+    objective: str = setting("sft", "what the step optimises: sft (the supervised loss), dpo (chosen over rejected clips of "
+                                    "--pairs) or grpo (--group clips sampled per prompt of the training set in each step, "
+                                    "scored by --reward)", choices=("sft", "dpo", "grpo"))
+    pairs: str = setting("", "with --objective dpo: a folder written by python infer.py --candidates (its pairs, their codes "
+                             "and the sampling model's log-probabilities, the reference)")
+    dpo_beta: float = setting(0.1, "with --objective dpo: beta, how far the log-probability ratios may move from the reference",
+                              limit=positive())
+    group: int = setting(4, "with --objective grpo: clips sampled per prompt, whose rewards are normalised within the group",
+                         limit=at_least(2))
+    reward: str = setting("wer:1,sim:1", "with --objective grpo: NAME:WEIGHT,... over the judge's metrics (wer/cer negated, "
+                                         "sim, mos, stop; any numeric column of the judge's rows) and frames / low_codes, code-only checks for tests")
+    sample_max_seconds: float = setting(4.0, "with --objective grpo: longest clip sampled", limit=positive())
     # run
     out_dir: str = setting("runs", "where runs are written", resume=True)
     run_name: str | None = setting(None, "run folder name (default: a timestamp)", resume=True)
@@ -284,7 +297,7 @@ def check_config(config: TrainConfig) -> None:
         value, limit = getattr(config, name), declared["limit"]
         if limit is not None and not (math.isfinite(value) and limit.valid(value)):
             raise ConfigError(f"{flag(name)} must be {limit.rule}, not {value}")
-    problem = sets_problem(config) or selection_problem(config) or forgetting_problem(config)
+    problem = sets_problem(config) or selection_problem(config) or forgetting_problem(config) or objective_problem(config)
     if problem:
         raise ConfigError(f"{problem} (see --help)")
 
@@ -440,6 +453,15 @@ def forgetting_problem(config: TrainConfig) -> str | None:
         if config.parallel == "fsdp":
             return ("--kl-replay with --parallel fsdp: the base pass would run on some processes only, and FSDP needs "
                     "every process in each pass; use --kl-weight on every micro-batch")
+    return None
+
+
+def objective_problem(config: TrainConfig) -> str | None:
+    """Why --objective and its settings cannot work as given, in one line; None when they can."""
+    if (config.objective == "dpo") != bool(config.pairs):
+        return "--objective dpo trains on --pairs DIR (python infer.py --candidates M --out DIR), and --pairs needs it"
+    if config.objective == "dpo" and config.kl_weight:
+        return "--kl-weight with --objective dpo: DPO's reference log-probabilities already hold it to the sampling model"
     return None
 
 

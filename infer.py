@@ -23,6 +23,10 @@ Compare two --eval runs of the same list row by row (paired; no model is loaded;
 
     python infer.py --compare eval/base eval/tuned
 
+Sample K clips per row, judge them, and pair the best with the worst for DPO (see docs/preference-tuning.md):
+
+    python infer.py --candidates train.jsonl --k 4 --out pairs/ --reward wer:1,sim:1
+
 This file reads the flags, checks them and loads the model; generation.py
 generates the clips, parity.py holds the parity suite, evaluate.py judges
 the clones, compare.py compares two evaluations.
@@ -58,6 +62,7 @@ import manifest
 import metrics
 import model_utils
 import parity
+import preference
 import score_cache
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "data"
@@ -142,6 +147,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             help="compare two --eval directories of the same list, judge and sampling row by row: per metric "
                             "B - A with a paired bootstrap 95%% interval, a verdict where it excludes 0; writes compare.json "
                             "and differences.png into --out; loads no model")
+    candidates = parser.add_argument_group("preference candidates (--candidates)")
+    candidates.add_argument("--candidates", metavar="MANIFEST", help="sample --k clips per row of a manifest, judge each, "
+                            "and pair the best with the worst by --reward for train.py --objective dpo; --out is a new directory")
+    candidates.add_argument("--k", type=int, default=4, help="clips sampled per row, one batch each (>= 2) [4]")
+    candidates.add_argument("--reward", default="wer:1,sim:1", help="NAME:WEIGHT,... over the judge's metrics (wer, cer and "
+                            "silences negated; sim, mos, stop; any numeric column of --eval's rows) and frames / low_codes, "
+                            "code-only checks (docs/preference-tuning.md) [wer:1,sim:1]")
     return parser.parse_args(argv)
 
 
@@ -393,6 +405,34 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_candidates_cli(args: argparse.Namespace) -> int:
+    """`--candidates M --k K --out DIR`: K judged clips per row (codes, scores, log-probabilities) and the pairs."""
+    check_sampling_args(args)
+    if args.k < 2:
+        raise ValueError(f"--k must be at least 2 (a pair needs two clips), got {args.k}")
+    reward = preference.RewardSpec.parse(args.reward)
+    if not args.out:
+        raise ValueError("--candidates writes into a new directory: give --out DIR")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory; candidates go to a new one")
+    layout = layout_from_args(args)
+    bundle = _load(args)
+    judge = metrics.build_judge(args.speaker_model, args.asr_model, args.language, args.device, args.score_cache or None) \
+        if reward.needs_judge else None
+    _, pairs, languages = evaluate.read_eval_rows(args.candidates, evaluate.CheckedClips(
+        bundle.audio_tokenizer.sampling_rate, bundle.model.config.audio_num_codebooks), args.seed)
+    codes = evaluate.reference_codes(bundle, args.codes_cache, [pair.ref_audio for pair in pairs], args.ref_codes_cache or None)
+    rows = [(preference.Prompt(pair.id, pair.ref_text, codes(pair.ref_audio), pair.text,
+                               data.PromptLayout(layout.ref_in_system, pair.scene or layout.scene),
+                               languages.get(pair.id) or args.language, pair.ref_audio), pair.audio) for pair in pairs]
+    counts = preference.make_candidates(bundle, judge, rows, args.k, sampling_from_args(args), reward, out,
+                                        {"manifest": str(Path(args.candidates).resolve()), "model": args.model,
+                                         "checkpoint": args.checkpoint, "dtype": str(resolve_dtype(args.dtype, args.device))})
+    print(preference.describe_counts(counts, out))
+    return 0
+
+
 def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict:
     """What makes two --eval runs comparable, recorded in DIR/run.json: a --resume with other values is refused."""
     return {"list": str(Path(args.eval).resolve()), "list_sha256": files.sha256(args.eval), "model": args.model,
@@ -421,6 +461,8 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     choose_model(args)
     if args.parity:
         return run_parity_cli(args)
+    if args.candidates:
+        return run_candidates_cli(args)
     if not args.eval:
         return run_clone_cli(args)
     try:

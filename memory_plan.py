@@ -5,6 +5,7 @@
     python memory_plan.py plan-table            # the table of docs/memory-and-speed.md: scopes x tokens x checkpointing
     python memory_plan.py plan-optimizer        # fp32 vs 8-bit AdamW moments, 4,096 tokens, checkpointing
     python memory_plan.py validate              # the plan against the same step run for real on the CPU (164M model)
+    python memory_plan.py plan-preference       # DPO and GRPO steps (docs/preference-tuning.md), LoRA and audio scopes
 
 **What runs.** `plan_step` runs the step `train.py` runs: the model
 `trainable.prepare_model` makes (scope or LoRA, frozen weights in bf16,
@@ -506,6 +507,41 @@ def optimizer_table(tokens: int, scopes: list[str]) -> list[dict]:
     return rows
 
 
+def sampling_cache_gib(config: HiggsAudioConfig, rows: int, positions: int) -> float:
+    """The KV cache of `rows` clips sampled together to `positions` each, bf16: keys and values of every decoder
+    layer (the batched generator's dynamic cache; the audio FFNs add no attention of their own in this layout)."""
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2 * rows * positions / GIB
+
+
+def preference_table(scopes: list[str], sample_tokens: int = 1024, pairs: int = 2, group: int = 4) -> list[dict]:
+    """DPO and GRPO steps of the released layout, activation checkpointing on.
+
+    Their update is the supervised step's forward and backward over the same
+    samples (`trainable.train_step`, planned as above): DPO's over `pairs`
+    chosen and rejected clips (2 x pairs samples; the reference log-probs are
+    stored with the pairs, so no second model), GRPO's over `group` sampled clips
+    of one prompt, with the KL base pass through disabled adapters for LoRA
+    (`--kl-weight 1`). Both losses read the audio logits the supervised loss
+    reads. GRPO's sampling comes before the update, the gradients released: its
+    peak is the weights, the optimizer state and the `group` clips' KV cache
+    (`sampling_cache_gib`)."""
+    config, rows = released_config(), []
+    for scope in scopes:
+        settings = step_settings(scope=scope, grad_checkpoint=True)
+        dpo = plan_step(config, settings, 2 * pairs * sample_tokens, sample_tokens)
+        grpo = plan_step(config, replace(settings, kl_weight=1.0 if scope == "lora" else 0.0), group * sample_tokens, sample_tokens)
+        sampling = grpo.weights_gib + grpo.optimizer_gib + sampling_cache_gib(config, group, sample_tokens)
+        grpo_peak = max(grpo.peak_gib, sampling)
+        rows.append({"scope": scope, "sample_tokens": sample_tokens, "dpo_pairs": pairs, "dpo_gib": dpo.peak_gib,
+                     "dpo_activations": dpo.activations_gib, "grpo_group": group, "grpo_update_gib": grpo.peak_gib,
+                     "grpo_sampling_gib": sampling, "grpo_gib": grpo_peak, "weights": grpo.weights_gib,
+                     "optimizer": grpo.optimizer_gib, "fits_dpo": fits(dpo.peak_gib), "fits_grpo": fits(grpo_peak)})
+        print_table(rows[-1:], list(rows[-1]))
+    return rows
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     cells = [[f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
@@ -545,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
     optimizer.add_argument("--tokens", type=int, default=4096, help="merged positions per micro-batch [4096]")
     optimizer.add_argument("--scopes", default="lora,audio,full", help="comma-separated scopes [lora,audio,full]")
     commands.add_parser("validate", help="the plan against a measured CPU step of a 164M-parameter model")
+    preference = commands.add_parser("plan-preference", help="the released model: DPO and GRPO steps, checkpointing on")
+    preference.add_argument("--scopes", default="lora,audio", help="comma-separated scopes [lora,audio]")
+    preference.add_argument("--sample-tokens", type=int, default=1024, help="positions per sample [1024]")
+    preference.add_argument("--pairs", type=int, default=2, help="DPO pairs per micro-batch [2]")
+    preference.add_argument("--group", type=int, default=4, help="GRPO clips per prompt [4]")
     for sub in commands.choices.values():
         sub.add_argument("--json", help="also write the rows to this JSON file")
     return parser
@@ -572,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = plan_table([int(t) for t in args.tokens.split(",")], args.scopes.split(","))
     elif args.command == "plan-optimizer":
         rows = optimizer_table(args.tokens, args.scopes.split(","))
+    elif args.command == "plan-preference":
+        rows = preference_table(args.scopes.split(","), args.sample_tokens, args.pairs, args.group)
     else:
         rows = validate()
     return report(rows, args.json)

@@ -18,7 +18,11 @@ training collator, the loss) and inference's (the prompt, the collator,
   `examples/generation.py` builds for its chunks (`upstream_chunked_prompt`);
 - batched (not in the default `run_parity`, in `python infer.py --parity`):
   greedy codes of `batched_generation.generate_batch` equal the package's
-  batch-1 `generate`, row by row, for prompts of different lengths.
+  batch-1 `generate`, row by row, for prompts of different lengths;
+- logprobs (likewise): the log-probability the batched sampler recorded for
+  each sampled clip equals the training forward's for the same codes in the
+  sample the builder makes (`preference.training_logprobs`), the alignment
+  preference tuning (DPO, GRPO) rests on.
 
 `Pipeline` names the pieces compared, so tests can swap one for a known bug
 and expect a check to fail. `python infer.py --parity` runs the suite through
@@ -44,6 +48,7 @@ import collate
 import data
 import generation
 import model_utils
+import preference
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo" / "data"
 
@@ -113,6 +118,10 @@ class ParityTolerance:
     memorise_lr: float = 3e-3
     batched_rows: int = 4
     batched_seconds: float = 2.0
+    # log-probabilities of sampled clips, fp32: |sampler - training| <= this x the positions compared (measured on
+    # the tiny preset: at most 1.3e-6 nats a position, from the logits' ~1e-6 rounding)
+    logprob_per_position: float = 1e-4
+    logprob_clips: int = 4
 
 
 @dataclass
@@ -506,8 +515,32 @@ def _compare_streams(alone: torch.Tensor, together: torch.Tensor) -> str:
     return f"DIFFERENT ({alone.shape[1]} vs {together.shape[1]} columns, first difference at column {first})"
 
 
+def check_logprobs(bundle, case: ParityCase, tolerance: ParityTolerance) -> CheckResult:
+    """Sampled clips (the serve engine's sampling settings, one seed each, in one batch): the log-probability the
+    sampler recorded for each equals the training forward's for the same codes in the builder's sample, summed
+    over the positions both cover (`preference.parity_weights`)."""
+    prompt = preference.Prompt("parity", case.ref_text, case.ref_codes, case.text, case.layout,
+                               ref_waveform=case.ref_waveform, sample_rate=case.sample_rate)
+    prompts = [prompt] * tolerance.logprob_clips
+    sampling = generation.Sampling(seed=0, max_seconds=tolerance.batched_seconds)
+    clips = preference.sample_clips(bundle, prompts, list(range(len(prompts))), sampling)
+    preference.training_logprobs(bundle, prompts, clips)
+    rows, passed = [], True
+    for clip in clips:
+        if clip.codes is None or not clip.positions:
+            passed = False
+            rows.append(f"seed {clip.seed}: no position to compare ({clip.error or 'the stream departs at once'})")
+            continue
+        difference = abs(clip.sampler_logp - clip.training_logp)
+        passed &= difference <= tolerance.logprob_per_position * clip.positions
+        rows.append(f"seed {clip.seed}: {clip.positions} positions, {clip.sampler_logp:.3f} vs {clip.training_logp:.3f} "
+                    f"({difference / clip.positions:.1e} a position)")
+    return CheckResult("sampler log-probabilities = training forward's", passed,
+                       f"tolerance {tolerance.logprob_per_position:.0e} nats a position; " + "; ".join(rows))
+
+
 CHECKS = ("prefix", "official", "collated", "labels", "logits", "memorise", "chunked")
-ALL_CHECKS = CHECKS + ("batched",)
+ALL_CHECKS = CHECKS + ("batched", "logprobs")
 
 
 def run_parity(
@@ -530,6 +563,7 @@ def run_parity(
         "memorise": lambda: check_memorisation(bundle, case, prepared, pipeline, tolerance),
         "batched": lambda: check_batched_generation(bundle, case, tolerance),
         "chunked": lambda: check_chunked_prompt(bundle, case),
+        "logprobs": lambda: check_logprobs(bundle, case, tolerance),
     }
     return [runners[name]() for name in checks]
 

@@ -50,6 +50,7 @@ import files
 import heldout
 import loader
 import model_utils
+import objectives
 import parallel
 import trainable
 from config import TrainConfig, as_flags, guard_rules, parse_config, selection, settle_auto
@@ -111,6 +112,7 @@ class Run:
     fingerprints: dict[str, str]  # the data's content (`loader.data_fingerprint`), which a resume must match
     eval_settings: dict  # what a best score is measured with (`heldout.eval_settings`)
     guards: heldout.Guards
+    objective: objectives.DPO | objectives.GRPO | None = None  # --objective dpo|grpo: the step's (None: supervised)
     writer: SummaryWriter | None = None
     stop: StopRequested | None = None
 
@@ -180,6 +182,7 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, on_exit: conte
     # model pieces and data: rows whose every problem was counted and reported
     bundle = model_utils.load_bundle(config.model, config.audio_tokenizer, seed=config.seed, device=world.device)
     sets = loader.training_sets(config, bundle, world, run_dir)
+    objective = objectives.build(config, bundle, sets, world)  # DPO keeps the rows that have a pair
     builder = sets[0].builder
     validations = heldout.load_validation(config, bundle, builder.codes, world, run_dir)
     if len(validations) > 1 and "@" not in config.best_by:
@@ -202,8 +205,9 @@ def _train(config: TrainConfig, given: TrainConfig, world: World, on_exit: conte
         return run_dir
 
     optimizer = trainable.build_optimizer(model, config, world.device)
-    run = Run(config, given, plan, run_dir, bundle, validations, data_fingerprints(sets, validations),
-              heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action))
+    fingerprints = data_fingerprints(sets, validations) | (objective.fingerprints(config) if objective else {})
+    run = Run(config, given, plan, run_dir, bundle, validations, fingerprints,
+              heldout.eval_settings(config, validations), heldout.Guards(guard_rules(config), config.guard_action), objective)
     state = resume(model, optimizer, run, resume_from, saved) if resume_from is not None else LoopState()
     if state.step >= plan.max_steps:
         return already_finished(model, state, run)
@@ -313,8 +317,8 @@ def loop(model, optimizer, batches: loader.Prefetcher, state: LoopState, run: Ru
         interval.begin_step()
         micro = batches.take(config.grad_accum)
         lr = trainable.lr_at(state.step, config, plan.max_steps)
-        stats = trainable.train_step(model, optimizer, [m.batch for m in micro], config, plan.world, lr,
-                                    [m.set_name for m in micro])
+        inputs = [m.batch for m in micro] if run.objective is None else run.objective.inputs(micro, state.step)
+        stats = trainable.train_step(model, optimizer, inputs, config, plan.world, lr, [m.set_name for m in micro], run.objective)
         skipped.add(state.step, stats.skipped, [pair.id for m in micro for pair in m.pairs])
         state.step, state.position = state.step + 1, micro[-1].position
         logs = state.step % config.log_every == 0 or state.step == plan.last_step
@@ -442,7 +446,7 @@ def log_step(run: Run, state: LoopState, values: trainable.StepValues, lr: float
         writer.add_scalar(f"loss/{name}", value, step)
     if math.isfinite(values.kl):  # NaN on a step none of whose micro-batches took the forgetting term
         writer.add_scalar("loss/kl", values.kl, step)
-    for tag, value in loader.mixture_panels(state.position).items():
+    for tag, value in (loader.mixture_panels(state.position) | values.panels).items():  # panels: an objective's own
         writer.add_scalar(tag, value, step)
     writer.add_scalar("train/lr", lr, step)
     writer.add_scalar("train/grad_norm", values.grad_norm, step)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -59,6 +59,10 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig, world: parallel.W
         model = add_lora(model, config)
     else:
         select_trainable(model, config.scope)
+    if config.objective != "sft":
+        # DPO and GRPO score audio codes only (objectives.py): the text head gets no gradient, and AdamW holds no state
+        # for a parameter without one, which a checkpoint's optimizer state could not be loaded back into.
+        model_utils.higgs_model(model).audio_decoder_proj.text_lm_head.requires_grad_(False)
     reduce_memory(model, config)
     wrap_decoder_layers(model, config)
     if config.compile:
@@ -379,6 +383,7 @@ class StepValues:
     skipped: bool
     kl: float  # mean forgetting KL of the micro-batches that took it; NaN where none did
     stop: bool = False  # some process asked to stop (a signal)
+    panels: dict[str, float] = field(default_factory=dict)  # an objective's own scalars, by TensorBoard tag (objectives.py)
 
 
 def loss_names(num_codebooks: int) -> list[str]:
@@ -387,7 +392,7 @@ def loss_names(num_codebooks: int) -> list[str]:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[HiggsAudioBatchInput],
                config: TrainConfig, world: parallel.World, lr: float,
-               set_names: list[str] | None = None) -> StepStats:
+               set_names: list[str] | None = None, objective=None) -> StepStats:
     """One optimizer step at learning rate `lr` over `batches`, the step's micro-batches (its gradient accumulation).
 
     Each micro-batch's loss is scaled by 1/len(batches), so the gradient is
@@ -398,9 +403,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     `--kl-weight`, each micro-batch that `takes_kl` (`set_names`: the training
     set each came from) adds that weight times `forgetting_kl` to its loss. With
     torch's fused AdamW nothing here makes the host wait for the device
-    (`syncs.py` counts; tests/test_trainable.py checks).
+    (`syncs.py` counts; tests/test_trainable.py checks). With `objective`
+    (`--objective dpo|grpo`, objectives.py) the step is that objective's, over
+    the inputs it made of the micro-batches, and ends in the same `apply_update`.
     """
     set_learning_rate(optimizer, lr)
+    if objective is not None:
+        return objective.step(model, optimizer, batches, config, world)
     device = world.device
     model_config = model_utils.higgs_model(parallel.unwrap(model)).config
     codebooks, stream_eos = model_config.audio_num_codebooks, model_config.audio_codebook_size + 1
@@ -430,14 +439,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
         real = outputs.attention_mask.sum()  # positions of the merged text-and-audio sequence the model ran on
         counts += torch.stack([real, outputs.attention_mask.numel() - real, torch.full_like(real, len(batch.input_ids))])
         hits += metrics.teacher_forced_hits(outputs.audio_logits.detach(), inputs["label_audio_ids"], stream_eos)
+    grad_norm, skipped = apply_update(model, optimizer, finite, config, world)
+    return StepStats(losses, counts, hits, grad_norm, skipped, kl)
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, finite: torch.Tensor, config: TrainConfig,
+                 world: parallel.World) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of every step, whatever its objective: the gradients clipped, the update applied unless a loss was
+    not `finite` on some process, the gradients dropped; the gradient norm and the skip flag (on the device)."""
     skipped = _on_any_process(~finite, world)
     trained = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip if config.grad_clip > 0 else float("inf"))
     # Under FSDP the norm is a DTensor; making it whole is a collective, so every process does it.
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    _update_unless(skipped, optimizer, device)
+    _update_unless(skipped, optimizer, world.device)
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(losses, counts, hits, grad_norm.detach(), skipped, kl)
+    return grad_norm.detach(), skipped
 
 
 def takes_kl(config: TrainConfig, set_names: list[str] | None, count: int) -> list[bool]:

@@ -56,3 +56,8 @@ def test_plan_shows_what_each_fix_saves(tiny_config):
     assert plans["bf16"].weights_bytes < plans["before"].weights_bytes
     assert plans["labelled"].peak_gib < plans["before"].peak_gib
     assert plans["labelled"].text_logits_gib * 100 < plans["before"].text_logits_gib
+
+
+def test_grpo_sampling_cache_is_keys_and_values_of_every_layer_in_bf16():
+    """The released layout: 28 layers x 8 KV heads x 128 wide, keys and values, 2 bytes: 112 KiB a position."""
+    assert memory_plan.sampling_cache_gib(memory_plan.released_config(), 4, 1024) * 2**30 == 2 * 28 * 8 * 128 * 2 * 4 * 1024
