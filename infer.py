@@ -151,8 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     candidates.add_argument("--candidates", metavar="MANIFEST", help="sample --k clips per row of a manifest, judge each, "
                             "and pair the best with the worst by --reward for train.py --objective dpo; --out is a new directory")
     candidates.add_argument("--k", type=int, default=4, help="clips sampled per row, one batch each (>= 2) [4]")
-    candidates.add_argument("--reward", default="wer:1,sim:1", help="NAME:WEIGHT,... over the judge's metrics (wer, cer and "
-                            "silences negated; sim, mos, stop; any numeric column of --eval's rows) and frames / low_codes, "
+    candidates.add_argument("--reward", default="wer:1,sim:1", help="NAME:WEIGHT,... over the judge's metrics (wer, cer, "
+                            "silences and fail_* negated, duration_ratio as its distance from 1; sim, mos, stop; any numeric column of "
+                            "--eval's rows) and frames / low_codes, "
                             "code-only checks (docs/preference-tuning.md) [wer:1,sim:1]")
     return parser.parse_args(argv)
 

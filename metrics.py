@@ -633,7 +633,7 @@ ROW_METRICS = tuple(column for column in SUMMARY_COLUMNS if not column.startswit
 # Which way a metric gets better; `near 1` is judged by the distance from 1. A metric not named here is compared
 # without a direction (its verdict is `differs`, never better or worse).
 BETTER = {"sim": "higher", "error_rate": "lower", "mos": "higher", "duration_ratio": "near 1", "stopped": "higher",
-          "lead_silence": "lower", "trail_silence": "lower"} | dict.fromkeys(FAILURES + ("fail_any",), "lower")
+          "lead_silence": "lower", "trail_silence": "lower", "wer_seedtts": "lower"} | dict.fromkeys(FAILURES + ("fail_any",), "lower")
 
 
 def _numbers(values) -> np.ndarray:

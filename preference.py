@@ -39,6 +39,7 @@ import evaluate
 import files
 import generation
 import manifest
+import metrics
 import model_utils
 
 CANDIDATES_FILE, CLIPS_FILE, PAIRS_FILE, REPORT_FILE = "candidates.pt", "candidates.jsonl", "pairs.jsonl", "report.json"
@@ -244,9 +245,9 @@ def training_logprobs(bundle: model_utils.Bundle, prompts: list[Prompt], clips: 
 # Rewards: a weighted sum of named judge metrics
 # --------------------------------------------------------------------------
 
-# Names a reward may use for the judge's row columns, and the columns that are better lower (negated in the sum).
+# Names a reward may use for the judge's row columns; each column counts in the direction `metrics.BETTER` gives it
+# (`term_value`), so error rates, silences and failure flags are negated and the duration ratio is its distance from 1.
 ALIASES = {"wer": "error_rate", "cer": "error_rate", "stop": "stopped"}
-LOWER_IS_BETTER = {"error_rate", "wer_seedtts", "lead_silence", "trail_silence"}
 # Terms computed from the codes alone, checks that the pipeline learns (the tests' rewards; no listener cares for them):
 # the clip's length in frames, and the share of its codes in the lower half of the codebook.
 CODE_TERMS = {"frames": lambda codes, size: float(codes.shape[1]),
@@ -295,13 +296,20 @@ class RewardSpec:
                 raise ValueError(f"--reward {name}: the judge's rows have no column {column!r} "
                                  f"(numeric ones: {', '.join(k for k, v in record.items() if isinstance(v, (int, float)))})")
             value = None if record is None else record.get(column)
-            values[name] = None if value is None or value == "" else float(value) * (-1 if column in LOWER_IS_BETTER else 1)
+            values[name] = None if value is None or value == "" else term_value(column, float(value))
         return values
 
     def total(self, terms: dict[str, float | None]) -> float | None:
         """The weighted sum over the terms computed; None when none was."""
         present = [(weight, terms[name]) for name, weight in self.weights if terms.get(name) is not None]
         return sum(weight * value for weight, value in present) if present else None
+
+
+def term_value(column: str, value: float) -> float:
+    """A judge column's value as a reward term, higher better: `metrics.BETTER`'s direction (a column it does not
+    name counts as it is)."""
+    better = metrics.BETTER.get(column, "higher")
+    return {"higher": value, "lower": -value, "near 1": -abs(value - 1.0)}[better]
 
 
 def choose_pair(rewards: list[float | None]) -> tuple[int, int] | str:
