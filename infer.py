@@ -126,6 +126,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite = parser.add_argument_group("parity")
     suite.add_argument("--parity", action="store_true", help="run the training/inference parity suite and exit")
     suite.add_argument("--checks", default=",".join(parity.ALL_CHECKS), help=f"comma-separated parity checks [{','.join(parity.ALL_CHECKS)}]")
+    add_evaluation_flags(parser)
+    return parser.parse_args(argv)
+
+
+def add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of --eval, --compare and --candidates."""
     evaluation = parser.add_argument_group("evaluation (--eval)")
     evaluation.add_argument("--eval", metavar="MANIFEST", help="clone every row of a paired or speaker-grouped manifest "
                             "(speaker pairing fixed by --seed) and measure SIM, WER/CER and timing; --out is a directory")
@@ -155,7 +161,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "silences and fail_* negated, duration_ratio as its distance from 1; sim, mos, stop; any numeric column of "
                             "--eval's rows) and frames / low_codes, "
                             "code-only checks (docs/preference-tuning.md) [wer:1,sim:1]")
-    return parser.parse_args(argv)
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
