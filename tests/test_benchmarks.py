@@ -79,7 +79,7 @@ def test_a_missing_voice_prompts_folder_is_one_error_line_naming_it_and_the_flag
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and error.startswith("error: ") and error.count("\n") == 1
     assert str(missing) in error and "--voice-prompts DIR" in error
-    assert len(READING_VOICE_PROMPTS) == 6
+    assert len(READING_VOICE_PROMPTS) == 8
 
 
 def test_the_benchmarked_loop_gives_train_py_s_losses_for_the_same_batches(tmp_path, small_manifest, tiny, tiny_config):
