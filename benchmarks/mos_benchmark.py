@@ -124,25 +124,20 @@ def four_speakers(prompts: Path) -> None:
     """`python segment.py` with its defaults (and --language en for pocketsphinx) on four speakers' prompts joined
     by 1.5 s pauses."""
     rate, pause = 24000, 1.5
-    parts, stretches, position = [], [], 0.0
-    for name in FOUR_SPEAKERS:
-        samples = data.load_audio(prompts / f"{name}.wav", rate)
-        stretches.append((position, position + len(samples) / rate, name))
-        parts += [samples, np.zeros(round(pause * rate), dtype=np.float32)]
-        position += len(samples) / rate + pause
+    recording, stretches = voice_prompts.joined_with_pauses(prompts, FOUR_SPEAKERS, rate, pause)
     folder = Path(tempfile.mkdtemp())
     try:
         (folder / "in" / "cast").mkdir(parents=True)
         data_file = folder / "in" / "cast" / "show.wav"
         import soundfile as sf
 
-        sf.write(data_file, np.concatenate(parts[:-1]), rate)
+        sf.write(data_file, recording, rate)
         started = time.perf_counter()
         result = segment.segment([str(folder / "in")], folder / "out", segment.Settings(language="en"))
         seconds = time.perf_counter() - started
     finally:
         shutil.rmtree(folder)
-    print(f"\nsegment.py defaults on {' + '.join(FOUR_SPEAKERS)} joined by {pause} s pauses ({position - pause:.1f} s, "
+    print(f"\nsegment.py defaults on {' + '.join(FOUR_SPEAKERS)} joined by {pause} s pauses ({len(recording) / rate:.1f} s, "
           f"segmented in {seconds:.1f} s): {result.summary()}")
     print("  speakers' stretches: " + ", ".join(f"{name} {start:.2f}-{end:.2f}" for start, end, name in stretches))
     for row in result.rows:

@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 DEFAULT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "voice_prompts"
 
 
@@ -23,3 +25,17 @@ def folder(args: argparse.Namespace) -> Path:
               f"(../shared/data/voice_prompts) or give --voice-prompts DIR", file=sys.stderr)
         raise SystemExit(2)
     return args.voice_prompts
+
+
+def joined_with_pauses(folder: Path, names: list[str], rate: int, pause: float) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """The named prompts one after another with `pause` seconds of silence between them, as one recording at
+    `rate`, and each speaker's stretch in it (start and end seconds, name): a conversation to segment."""
+    import data
+
+    parts, stretches, position = [], [], 0.0
+    for name in names:
+        samples = data.load_audio(folder / f"{name}.wav", rate)
+        stretches.append((position, position + len(samples) / rate, name))
+        parts += [samples, np.zeros(round(pause * rate), dtype=np.float32)]
+        position += len(samples) / rate + pause
+    return np.concatenate(parts[:-1]), stretches

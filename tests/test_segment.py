@@ -21,6 +21,7 @@ import data
 import manifest
 import metrics
 import segment
+from benchmarks import voice_prompts
 from conftest import ROOT, VOICE_PROMPTS
 
 RATE = 24000
@@ -156,14 +157,9 @@ def test_four_speakers_segmented_with_default_settings_give_clips_that_each_hold
     """With the defaults (--max-seconds 30) these became 2 clips of 25 and 28 s holding two or three voices each:
     the 1.5 s pauses were merged over and a cut fell inside a speaker's speech. Now a clip ends at every pause
     over segment.MAX_MERGE_PAUSE and never joins two voices."""
-    parts, stretches, position = [], [], 0.0
-    for name in FOUR_SPEAKERS:
-        samples = data.load_audio(VOICE_PROMPTS / f"{name}.wav", RATE)
-        stretches.append((position, position + len(samples) / RATE, name))
-        parts += [samples, np.zeros(round(TURN_PAUSE * RATE), dtype=np.float32)]
-        position += len(samples) / RATE + TURN_PAUSE
+    recording, stretches = voice_prompts.joined_with_pauses(VOICE_PROMPTS, FOUR_SPEAKERS, RATE, TURN_PAUSE)
     (tmp_path / "in" / "cast").mkdir(parents=True)
-    sf.write(tmp_path / "in" / "cast" / "show.wav", np.concatenate(parts[:-1]), RATE)
+    sf.write(tmp_path / "in" / "cast" / "show.wav", recording, RATE)
     assert segment.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--language", "en"]) == 0
     rows = manifest.rows_before_audio(tmp_path / "out" / "manifest.jsonl")
     holders = []
