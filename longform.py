@@ -137,7 +137,24 @@ def chunk_text(text: str, max_chars: int = DEFAULT_CHUNK_CHARS) -> list[str]:
     for paragraph in _PARAGRAPH.split(text):
         sentences = [piece for sentence in split_sentences(paragraph) for piece in _fit(sentence, max_chars)]
         chunks += _pack(sentences, max_chars)
-    return chunks
+    return _attach_unspeakable(chunks)
+
+
+def _attach_unspeakable(chunks: list[str]) -> list[str]:
+    """A chunk with nothing to say (a `* * *` section break, a lone `...`) joined to the chunk before it (the first
+    one to the chunk after it): the sample builder refuses a text without a letter or digit."""
+    kept: list[str] = []
+    pending = ""
+    for chunk in chunks:
+        if not data.is_speakable(data.normalize_text(chunk)):
+            if kept:
+                kept[-1] = _join(kept[-1], chunk)
+            else:
+                pending = _join(pending, chunk)
+            continue
+        kept.append(_join(pending, chunk))
+        pending = ""
+    return kept if kept or not pending else [pending]
 
 
 # --------------------------------------------------------------------------

@@ -194,3 +194,10 @@ def test_a_second_eval_encodes_no_reference_and_a_long_row_gets_its_drift(demo_c
     [line] = (tmp_path / "first" / "drift.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["id"] == long_id and len(json.loads(line)["chunks"]) == 2
     assert summaries[0]["drift"]["chunks"]["n"] == 1
+
+
+def test_a_chunk_with_nothing_to_say_joins_its_neighbour():
+    # A section break ("* * *") is a paragraph of its own; as a chunk the builder refused it mid-text.
+    chunks = longform.chunk_text("* * *\n\nChapter one begins.\n\n* * *\n\nChapter two begins.", 300)
+    assert chunks == ["* * * Chapter one begins. * * *", "Chapter two begins."]
+    assert all(data.is_speakable(data.normalize_text(chunk)) for chunk in chunks)
