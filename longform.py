@@ -237,7 +237,8 @@ def speak_documents(bundle: model_utils.Bundle, documents: list[Document], sampl
 
 
 def join_chunks(spoken: list[SpokenChunk]) -> LongClone:
-    """The good chunks' clips end to end; a text none of whose chunks came out is a clone with an error."""
+    """The good chunks' clips end to end, stopped when the model ended every chunk; a text none of whose chunks came
+    out is a clone with an error."""
     good = [chunk for chunk in spoken if chunk.failure is None]
     if not good:
         reasons = "; ".join(f"chunk {chunk.index}: {chunk.failure}" for chunk in spoken)
@@ -245,7 +246,10 @@ def join_chunks(spoken: list[SpokenChunk]) -> LongClone:
         return LongClone(None, error=error, chunks=spoken)
     waveform = np.concatenate([chunk.clone.waveform for chunk in good])
     clamped = [chunk.clone.clamped for chunk in good]
-    return LongClone(waveform, all(chunk.clone.stopped for chunk in good),
+    # Stopped only when the model ended every chunk it made, the failed ones too: a good chunk always ended, so
+    # judging the good ones alone would never count a long text as running to the limit (fail_runaway, stop rate).
+    ended = [chunk.clone.stopped for chunk in spoken if chunk.clone.error is None]
+    return LongClone(waveform, all(ended),
                      clamped=None if None in clamped else sum(clamped), chunks=spoken)
 
 

@@ -201,3 +201,11 @@ def test_a_chunk_with_nothing_to_say_joins_its_neighbour():
     chunks = longform.chunk_text("* * *\n\nChapter one begins.\n\n* * *\n\nChapter two begins.", 300)
     assert chunks == ["* * * Chapter one begins. * * *", "Chapter two begins."]
     assert all(data.is_speakable(data.normalize_text(chunk)) for chunk in chunks)
+
+
+def test_a_long_text_with_a_chunk_that_ran_to_the_limit_is_not_stopped():
+    # The good chunks all ended by definition; the joined clip's stop flag (fail_runaway) must see the failed one.
+    runaway = longform.SpokenChunk(1, "chunk 1.", generation.Clone(np.zeros(10, np.float32), False),
+                                   "ran to --max-seconds before the model ended it")
+    assert longform.join_chunks([_spoken(0), _spoken(2)]).stopped
+    assert not longform.join_chunks([_spoken(0), runaway, _spoken(2)]).stopped
