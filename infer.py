@@ -192,11 +192,15 @@ def _texts(args: argparse.Namespace) -> list[str]:
         path = Path(args.text_file)
         if not path.is_file():
             raise FileNotFoundError(f"no such text file: {path}")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:  # its message names no file
+            raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8") from None
         if one_clip_out(args):
-            text = path.read_text(encoding="utf-8").strip()
+            text = content.strip()
             check_text(text, str(path))
             return [text]
-        numbered = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        numbered = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
         if not numbered:
             raise ValueError(f"{path} has no non-empty line")
         for number, line in numbered:

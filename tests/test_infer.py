@@ -141,6 +141,8 @@ BAD_INPUTS = {
     "--batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "emoji-only text": (["--text", "😀 🎉"], "--text has no letter or digit to speak"),
     "emoji-only line": (["--text-file", "{clips}/lines.txt", "--out", "{clips}/wavs"], "lines.txt:2 has no letter or digit to speak"),
+    "latin-1 text file": (["--text-file", "{clips}/latin1.txt", "--out", "{clips}/long.wav"],
+                          "latin1.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
     "--chunk-chars 10": (["--text", "a" * 5000, "--chunk-chars", "10"], "--chunk-chars must lie in 20 to 1000"),
     "--chunk-chars 5000": (["--chunk-chars", "5000"], "--chunk-chars must lie in 20 to 1000 (the longest text training accepts)"),
     "--context-chunks -1": (["--context-chunks", "-1"], "--context-chunks must be >= 0"),
