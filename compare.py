@@ -121,7 +121,8 @@ def format_comparison(report: dict) -> str:
 
 def _protocol(figures: dict) -> str:
     shown = lambda entry: "n/a" if entry["value"] is None else f"{entry['value']:.2f} (n={entry['n']})"  # noqa: E731
-    return f"WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}"
+    mos = f", MOS {shown(figures['mos'])}" if figures["mos"]["n"] else ""  # as --eval's Seed-TTS-eval line shows it
+    return f"WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}{mos}"
 
 
 def _label(name: str, stats: dict) -> str:

@@ -96,6 +96,8 @@ def test_compare_as_a_user_runs_it_prints_a_table_and_writes_beside_b(runs, caps
     assert "rows: 38 matched; only in A 2 (row0, row1); only in B 1 (extra)" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
     assert lines["sim"].split()[1:3] == ["higher", "38"] and lines["sim"].endswith("no clear difference")
+    seedtts_line = next(line for line in out.splitlines() if line.startswith("Seed-TTS-eval over the matched rows"))
+    assert seedtts_line.count("MOS ") == 2, seedtts_line  # both runs' mean MOS, as --eval prints it
     written = runs["folder"] / "base_vs_partial"
     report = json.loads((written / "compare.json").read_text(encoding="utf-8"))
     assert report["only_in_a"] == ["row0", "row1"] and report["matched"] == 38
