@@ -344,8 +344,10 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     documents = [longform.Document(reference, longform.chunk_text(text, args.chunk_chars)) for text in texts]
     chunked = [len(document.chunks) for document in documents if len(document.chunks) > 1]
     if chunked:
-        print(f"{len(chunked)} text(s) over --chunk-chars {args.chunk_chars}, spoken in {sum(chunked)} chunks, "
-              f"each after the last {args.context_chunks} said")
+        # A text under --chunk-chars with several paragraphs is chunked too (a paragraph starts a chunk).
+        context = f"the last {args.context_chunks} said" if args.context_chunks else "the reference alone"
+        print(f"{len(chunked)} text(s) spoken in {sum(chunked)} chunks (at paragraphs, and at sentence ends within "
+              f"--chunk-chars {args.chunk_chars}), each after {context}")
     clips = longform.speak_documents(bundle, documents, sampling_from_args(args), layout, args.context_chunks,
                                      args.force_audio, args.batch_size, _kv_cache(args, bundle))
     failed = sum(_write_clip(args, texts[index], targets[index], clip, rate) for index, clip in clips)

@@ -141,7 +141,9 @@ def test_a_long_text_file_is_one_clip_with_its_chunks_json(tmp_path, capsys):
     assert rate == RATE and len(waveform) / rate == pytest.approx(sum(chunk["seconds"] for chunk in chunks), abs=1e-3)
     assert [chunk["start"] for chunk in chunks] == pytest.approx(np.cumsum([0] + [c["seconds"] for c in chunks])[:-1].tolist())
     assert all(chunk["ended_by_model"] and chunk["failure"] is None for chunk in chunks)
-    assert "from 3 of 3 chunks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "from 3 of 3 chunks" in printed
+    assert "1 text(s) spoken in 3 chunks (at paragraphs, and at sentence ends within --chunk-chars 50)" in printed
 
 
 @pytest.fixture(scope="module")
