@@ -102,3 +102,14 @@ def test_compare_as_a_user_runs_it_prints_a_table_and_writes_beside_b(runs, caps
     report = json.loads((written / "compare.json").read_text(encoding="utf-8"))
     assert report["only_in_a"] == ["row0", "row1"] and report["matched"] == 38
     assert (written / "differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_directory_from_another_version_is_refused_in_one_short_line(runs, capsys):
+    old = runs["folder"] / "old"
+    shutil.copytree(runs["a"], old)
+    rows = (old / eval_dir.ROWS_FILE).read_text(encoding="utf-8").splitlines()
+    (old / eval_dir.ROWS_FILE).write_text("\n".join([rows[0].replace(",mos,", ",")] + rows[1:]) + "\n", encoding="utf-8")
+    assert infer.main(["--compare", str(old), str(runs["b"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {old} was written by another version of this code (its rows.csv has other columns): "
+                   "run --eval into a new directory to compare it"), err
