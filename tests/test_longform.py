@@ -211,3 +211,14 @@ def test_a_long_text_with_a_chunk_that_ran_to_the_limit_is_not_stopped():
                                    "ran to --max-seconds before the model ended it")
     assert longform.join_chunks([_spoken(0), _spoken(2)]).stopped
     assert not longform.join_chunks([_spoken(0), runaway, _spoken(2)]).stopped
+
+
+def test_a_long_row_with_a_silent_chunk_is_counted_silent():
+    import evaluate
+    from conftest import scored_records
+
+    silent = longform.SpokenChunk(1, "chunk 1.", generation.Clone(np.zeros(10, np.float32), True), "silent")
+    record = {**scored_records(1)[0], "fail_silent": False, "fail_any": False}
+    flagged = evaluate.with_chunk_failures(dict(record), longform.join_chunks([_spoken(0), silent, _spoken(2)]))
+    assert flagged["fail_silent"] and flagged["fail_any"]
+    assert not evaluate.with_chunk_failures(dict(record), longform.join_chunks([_spoken(0), _spoken(2)]))["fail_silent"]
