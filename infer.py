@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--ref-audio", help="reference clip (WAV/FLAC, any rate 8-48 kHz); default: a demo clip")
     io.add_argument("--ref-text", help="transcript of the reference clip (default: the demo clip's)")
     io.add_argument("--text", help="text to speak in the reference voice")
-    io.add_argument("--text-file", help="a UTF-8 text file: one long text spoken into one clip when --out names a .wav "
-                    "or .flac file, else one text per line, one wav per line written into --out as a directory")
+    io.add_argument("--text-file", help="a UTF-8 text file: one long text spoken into one clip when --out names an "
+                    "audio file (.wav, .flac, .ogg, .mp3), else one text per line, one wav per line written into --out as a directory")
     io.add_argument("--out", help="output wav (or directory with --text-file) [out.wav]; with --eval, the results' "
                     "directory; with --compare, the comparison's [A_vs_B beside B]")
     io.add_argument("--chunk-chars", type=int, default=longform.DEFAULT_CHUNK_CHARS,
@@ -183,8 +183,20 @@ def clone_out(args: argparse.Namespace) -> Path:
 
 
 def one_clip_out(args: argparse.Namespace) -> bool:
-    """Whether --out names one audio file, so that --text-file is one long text rather than one text per line."""
-    return clone_out(args).suffix.lower() in (".wav", ".flac")
+    """Whether --out names one audio file (a format libsndfile writes: .wav, .flac, .ogg, .mp3, ...), so that
+    --text-file is one long text rather than one text per line."""
+    return clone_out(args).suffix[1:].upper() in sf.available_formats()
+
+
+def check_clip_out(args: argparse.Namespace) -> None:
+    """An --out a clip can be written to, refused before the model loads: not a folder, an audio format."""
+    out = clone_out(args)
+    if args.text_file and not one_clip_out(args):
+        return  # a folder of one wav per line
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give an audio file (out.wav), or --text-file for one wav per line in it")
+    if out.suffix and not one_clip_out(args):
+        raise ValueError(f"--out {out}: {out.suffix} is not an audio format libsndfile writes (.wav, .flac, .ogg, .mp3)")
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -333,6 +345,7 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     """Each text's clip; a text over --chunk-chars in chunks, with a JSON of them beside its clip. Exit status 1
     when a chunk failed (named; the clip holds the rest)."""
     check_sampling_args(args)
+    check_clip_out(args)
     texts = _texts(args)
     layout = layout_from_args(args)
     ref_audio, ref_text = _reference_paths(args, layout)

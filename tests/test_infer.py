@@ -143,6 +143,8 @@ BAD_INPUTS = {
     "emoji-only line": (["--text-file", "{clips}/lines.txt", "--out", "{clips}/wavs"], "lines.txt:2 has no letter or digit to speak"),
     "latin-1 text file": (["--text-file", "{clips}/latin1.txt", "--out", "{clips}/long.wav"],
                           "latin1.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
+    "--out a folder": (["--out", "{clips}"], "is a folder: give an audio file (out.wav)"),
+    "--out clip.txt": (["--out", "{clips}/clip.txt"], "clip.txt: .txt is not an audio format libsndfile writes"),
     "--chunk-chars 10": (["--text", "a" * 5000, "--chunk-chars", "10"], "--chunk-chars must lie in 20 to 1000"),
     "--chunk-chars 5000": (["--chunk-chars", "5000"], "--chunk-chars must lie in 20 to 1000 (the longest text training accepts)"),
     "--context-chunks -1": (["--context-chunks", "-1"], "--context-chunks must be >= 0"),
@@ -167,3 +169,9 @@ def test_bad_input_is_one_line_and_exit_status_2(limit_clips, capsys, monkeypatc
 def test_the_limits_are_trainings():
     assert manifest.Filters.max_text_chars == data.LIMITS.max_text_chars == 1000
     assert (data.LIMITS.min_reference_seconds, data.LIMITS.max_reference_seconds) == (1.0, collate.WHISPER_MAX_SECONDS)
+
+
+def test_a_text_file_to_any_audio_format_is_one_clip():
+    # An mp3 --out was a folder of one wav per line, though --text writes it as an mp3.
+    for out, one_clip in (("chapter.mp3", True), ("chapter.ogg", True), ("chapter.FLAC", True), ("wavs", False)):
+        assert infer.one_clip_out(infer.parse_args(["--text-file", "t.txt", "--out", out])) == one_clip, out
