@@ -370,7 +370,11 @@ def run_clone_cli(args: argparse.Namespace) -> int:
 def _write_clip(args: argparse.Namespace, text: str, target: Path, clip: longform.LongClone, rate: int) -> int:
     """One text's clip (and, when chunked, its JSON); the number of its chunks that failed, each named."""
     if len(clip.chunks) == 1 and clip.error is not None:
-        raise RuntimeError(clip.error)
+        if not (args.text_file and not one_clip_out(args)):
+            raise RuntimeError(clip.error)
+        # One line of many: named, and the other lines still come out (exit status 1), as a failed chunk is.
+        print(f"error: {target} not written: {clip.error}: {text}", file=sys.stderr)
+        return 1
     failures = [chunk for chunk in clip.chunks if chunk.failure]
     for chunk in failures:
         print(f"warning: {target}: chunk {chunk.index} left out ({chunk.failure}): {chunk.text}", file=sys.stderr)

@@ -51,6 +51,18 @@ def test_text_file_gives_one_wav_per_line(tmp_path):
     assert sorted(path.name for path in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
 
 
+def test_a_line_that_yields_no_clip_is_named_and_the_other_lines_still_run(tmp_path, capsys):
+    # Without forced audio the random tiny model answers every line in text: each line is named, none stops the rest.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\nSecond line.\n", encoding="utf-8")
+    assert infer.main(["--model", "tiny", "--text-file", str(lines), "--out", str(tmp_path / "wavs"), "--max-seconds", "0.2",
+                       "--no-force-audio"]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    for number, text in enumerate(["First line.", "Second line."]):
+        assert (f"error: {tmp_path / 'wavs' / f'{number:04d}.wav'} not written: the model produced no audio (it answered "
+                f"in text); leave out --no-force-audio: {text}") in errors, errors
+
+
 def test_weights_are_bf16_on_cuda_and_fp32_on_the_cpu_by_default():
     assert infer.parse_args([]).dtype == "auto"
     assert infer.resolve_dtype("auto", "cuda") == torch.bfloat16 and infer.resolve_dtype("auto", "cuda:1") == torch.bfloat16
