@@ -45,7 +45,11 @@ def read_eval(path: Path) -> tuple[dict, list[dict]]:
     run_file = path / eval_dir.RUN_FILE
     if not run_file.is_file():
         raise CompareError(f"{path} is not an --eval directory (no {eval_dir.RUN_FILE})")
-    rows = eval_dir.read_rows(path / eval_dir.ROWS_FILE)
+    try:
+        rows = eval_dir.read_rows(path / eval_dir.ROWS_FILE)
+    except eval_dir.EvalDirError:  # its advice (another --out) is --eval's; it lists every column
+        raise CompareError(f"{path} was written by another version of this code (its {eval_dir.ROWS_FILE} has other "
+                           "columns): run --eval into a new directory to compare it") from None
     if not rows:
         raise CompareError(f"{path} holds no scored row (no {eval_dir.ROWS_FILE}, or an empty one)")
     return json.loads(run_file.read_text(encoding="utf-8")), rows
@@ -121,7 +125,8 @@ def format_comparison(report: dict) -> str:
 
 def _protocol(figures: dict) -> str:
     shown = lambda entry: "n/a" if entry["value"] is None else f"{entry['value']:.2f} (n={entry['n']})"  # noqa: E731
-    return f"WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}"
+    mos = f", MOS {shown(figures['mos'])}" if figures["mos"]["n"] else ""  # as --eval's Seed-TTS-eval line shows it
+    return f"WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}{mos}"
 
 
 def _label(name: str, stats: dict) -> str:

@@ -80,8 +80,17 @@ def score_row(judge: metrics.Judge, pair: manifest.Pair, language: str | None, c
     if isinstance(clone, longform.LongClone):  # a row spoken in chunks: its drift, per chunk kept on the clone
         clone.drift = longform.measure_drift(judge, clone, embedding, language, rate)
     drift = clone.drift["summary"] if isinstance(clone, longform.LongClone) else None
-    return metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target, drift=drift,
-                              clamped=clone.clamped)
+    record = metrics.row_record(pair.id, language, pair.text, scores, clone.stopped, target, drift=drift,
+                                clamped=clone.clamped)
+    return with_chunk_failures(record, clone)
+
+
+def with_chunk_failures(record: dict, clone: generation.Clone) -> dict:
+    """A row spoken in chunks is `fail_silent` when any chunk was silent: that chunk is left out of the joined
+    clip, whose level cannot tell (a chunk that ran to the limit makes the clip unstopped: longform.join_chunks)."""
+    if isinstance(clone, longform.LongClone) and any(chunk.failure == "silent" for chunk in clone.chunks):
+        record.update(fail_silent=True, fail_any=True)
+    return record
 
 
 def clones_of(bundle: model_utils.Bundle, pairs: list[manifest.Pair], codes: Callable[[str], torch.Tensor],

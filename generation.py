@@ -250,7 +250,7 @@ def clone(
     with torch.inference_mode():
         _, audio_sequences = generate(bundle, inputs, sampling, processors, kv_cache)
     if not audio_sequences:
-        raise RuntimeError("the model produced no audio (it answered in text); try --force-audio")
+        raise RuntimeError("the model produced no audio (it answered in text); leave out --no-force-audio")
     return clip_from_stream(bundle, audio_sequences[0])
 
 

@@ -74,8 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--ref-audio", help="reference clip (WAV/FLAC, any rate 8-48 kHz); default: a demo clip")
     io.add_argument("--ref-text", help="transcript of the reference clip (default: the demo clip's)")
     io.add_argument("--text", help="text to speak in the reference voice")
-    io.add_argument("--text-file", help="a UTF-8 text file: one long text spoken into one clip when --out names a .wav "
-                    "or .flac file, else one text per line, one wav per line written into --out as a directory")
+    io.add_argument("--text-file", help="a UTF-8 text file: one long text spoken into one clip when --out names an "
+                    "audio file (.wav, .flac, .ogg, .mp3), else one text per line, one wav per line written into --out as a directory")
     io.add_argument("--out", help="output wav (or directory with --text-file) [out.wav]; with --eval, the results' "
                     "directory; with --compare, the comparison's [A_vs_B beside B]")
     io.add_argument("--chunk-chars", type=int, default=longform.DEFAULT_CHUNK_CHARS,
@@ -201,8 +201,20 @@ def clone_out(args: argparse.Namespace) -> Path:
 
 
 def one_clip_out(args: argparse.Namespace) -> bool:
-    """Whether --out names one audio file, so that --text-file is one long text rather than one text per line."""
-    return clone_out(args).suffix.lower() in (".wav", ".flac")
+    """Whether --out names one audio file (a format libsndfile writes: .wav, .flac, .ogg, .mp3, ...), so that
+    --text-file is one long text rather than one text per line."""
+    return clone_out(args).suffix[1:].upper() in sf.available_formats()
+
+
+def check_clip_out(args: argparse.Namespace) -> None:
+    """An --out a clip can be written to, refused before the model loads: not a folder, an audio format."""
+    out = clone_out(args)
+    if args.text_file and not one_clip_out(args):
+        return  # a folder of one wav per line
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give an audio file (out.wav), or --text-file for one wav per line in it")
+    if out.suffix and not one_clip_out(args):
+        raise ValueError(f"--out {out}: {out.suffix} is not an audio format libsndfile writes (.wav, .flac, .ogg, .mp3)")
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -210,11 +222,15 @@ def _texts(args: argparse.Namespace) -> list[str]:
         path = Path(args.text_file)
         if not path.is_file():
             raise FileNotFoundError(f"no such text file: {path}")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:  # its message names no file
+            raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): save it as UTF-8") from None
         if one_clip_out(args):
-            text = path.read_text(encoding="utf-8").strip()
+            text = content.strip()
             check_text(text, str(path))
             return [text]
-        numbered = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        numbered = [(n, line.strip()) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
         if not numbered:
             raise ValueError(f"{path} has no non-empty line")
         for number, line in numbered:
@@ -347,6 +363,7 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     """Each text's clip; a text over --chunk-chars in chunks, with a JSON of them beside its clip. Exit status 1
     when a chunk failed (named; the clip holds the rest)."""
     check_sampling_args(args)
+    check_clip_out(args)
     texts = _texts(args)
     layout = layout_from_args(args)
     ref_audio, ref_text = _reference_paths(args, layout)
@@ -358,8 +375,10 @@ def run_clone_cli(args: argparse.Namespace) -> int:
     documents = [longform.Document(reference, longform.chunk_text(text, args.chunk_chars)) for text in texts]
     chunked = [len(document.chunks) for document in documents if len(document.chunks) > 1]
     if chunked:
-        print(f"{len(chunked)} text(s) over --chunk-chars {args.chunk_chars}, spoken in {sum(chunked)} chunks, "
-              f"each after the last {args.context_chunks} said")
+        # A text under --chunk-chars with several paragraphs is chunked too (a paragraph starts a chunk).
+        context = f"the last {args.context_chunks} said" if args.context_chunks else "the reference alone"
+        print(f"{len(chunked)} text(s) spoken in {sum(chunked)} chunks (at paragraphs, and at sentence ends within "
+              f"--chunk-chars {args.chunk_chars}), each after {context}")
     clips = longform.speak_documents(bundle, documents, sampling_from_args(args), layout, args.context_chunks,
                                      args.force_audio, args.batch_size, _kv_cache(args, bundle))
     failed = sum(_write_clip(args, texts[index], targets[index], clip, rate) for index, clip in clips)
@@ -369,7 +388,11 @@ def run_clone_cli(args: argparse.Namespace) -> int:
 def _write_clip(args: argparse.Namespace, text: str, target: Path, clip: longform.LongClone, rate: int) -> int:
     """One text's clip (and, when chunked, its JSON); the number of its chunks that failed, each named."""
     if len(clip.chunks) == 1 and clip.error is not None:
-        raise RuntimeError(clip.error)
+        if not (args.text_file and not one_clip_out(args)):
+            raise RuntimeError(clip.error)
+        # One line of many: named, and the other lines still come out (exit status 1), as a failed chunk is.
+        print(f"error: {target} not written: {clip.error}: {text}", file=sys.stderr)
+        return 1
     failures = [chunk for chunk in clip.chunks if chunk.failure]
     for chunk in failures:
         print(f"warning: {target}: chunk {chunk.index} left out ({chunk.failure}): {chunk.text}", file=sys.stderr)

@@ -137,7 +137,24 @@ def chunk_text(text: str, max_chars: int = DEFAULT_CHUNK_CHARS) -> list[str]:
     for paragraph in _PARAGRAPH.split(text):
         sentences = [piece for sentence in split_sentences(paragraph) for piece in _fit(sentence, max_chars)]
         chunks += _pack(sentences, max_chars)
-    return chunks
+    return _attach_unspeakable(chunks)
+
+
+def _attach_unspeakable(chunks: list[str]) -> list[str]:
+    """A chunk with nothing to say (a `* * *` section break, a lone `...`) joined to the chunk before it (the first
+    one to the chunk after it): the sample builder refuses a text without a letter or digit."""
+    kept: list[str] = []
+    pending = ""
+    for chunk in chunks:
+        if not data.is_speakable(data.normalize_text(chunk)):
+            if kept:
+                kept[-1] = _join(kept[-1], chunk)
+            else:
+                pending = _join(pending, chunk)
+            continue
+        kept.append(_join(pending, chunk))
+        pending = ""
+    return kept if kept or not pending else [pending]
 
 
 # --------------------------------------------------------------------------
@@ -220,7 +237,8 @@ def speak_documents(bundle: model_utils.Bundle, documents: list[Document], sampl
 
 
 def join_chunks(spoken: list[SpokenChunk]) -> LongClone:
-    """The good chunks' clips end to end; a text none of whose chunks came out is a clone with an error."""
+    """The good chunks' clips end to end, stopped when the model ended every chunk; a text none of whose chunks came
+    out is a clone with an error."""
     good = [chunk for chunk in spoken if chunk.failure is None]
     if not good:
         reasons = "; ".join(f"chunk {chunk.index}: {chunk.failure}" for chunk in spoken)
@@ -228,7 +246,10 @@ def join_chunks(spoken: list[SpokenChunk]) -> LongClone:
         return LongClone(None, error=error, chunks=spoken)
     waveform = np.concatenate([chunk.clone.waveform for chunk in good])
     clamped = [chunk.clone.clamped for chunk in good]
-    return LongClone(waveform, all(chunk.clone.stopped for chunk in good),
+    # Stopped only when the model ended every chunk it made, the failed ones too: a good chunk always ended, so
+    # judging the good ones alone would never count a long text as running to the limit (fail_runaway, stop rate).
+    ended = [chunk.clone.stopped for chunk in spoken if chunk.clone.error is None]
+    return LongClone(waveform, all(ended),
                      clamped=None if None in clamped else sum(clamped), chunks=spoken)
 
 

@@ -653,10 +653,15 @@ def summarize(values, seed: int = 0, resamples: int = 1000) -> dict:
             "ci95": [float(low), float(high)]}
 
 
+# Fewer matched rows get no verdict: when every row's B - A has one sign (a chance of 2 / 2^n with no real difference,
+# 6.25% at 5 rows, 50% at 2) the percentile interval lies within their range and excludes 0 whatever the noise.
+MIN_VERDICT_ROWS = 6
+
+
 def paired_difference(a_values, b_values, better: str | None, seed: int = 0, resamples: int = 1000) -> dict:
     """B - A over the rows (in the same order) where both have a value: `summarize` of the per-row differences (its
     bootstrap resamples rows, so the interval is paired), the share of rows that improved and that worsened, and a
-    verdict only where the 95% interval excludes 0. A `near 1` metric is compared by the distance from 1
+    verdict only where the 95% interval excludes 0 over at least MIN_VERDICT_ROWS rows. A `near 1` metric is compared by the distance from 1
     (|B - 1| - |A - 1|); a metric without a direction by B - A with the verdict `differs`."""
     both = np.array([(float(a), float(b)) for a, b in zip(a_values, b_values) if _numbers([a]).size and _numbers([b]).size],
                     dtype=np.float64).reshape(-1, 2)
@@ -670,6 +675,8 @@ def paired_difference(a_values, b_values, better: str | None, seed: int = 0, res
     low, high = stats["ci95"]
     if not stats["n"]:
         verdict = "n/a"
+    elif stats["n"] < MIN_VERDICT_ROWS:
+        verdict = "too few rows"
     elif not (low > 0 or high < 0):
         verdict = "no clear difference"
     elif sign is None:

@@ -342,9 +342,11 @@ def _segmenter(out: Path, settings: Settings, asr: metrics.Transcriber | None) -
 
 
 def _check_settings(out: Path, settings: Settings) -> None:
-    """Record the settings of a new output folder; refuse other settings for one already begun."""
+    """Record the settings of a new output folder; refuse other settings for one already begun (a clip written).
+    A folder whose first run stopped before writing anything (no --language for pocketsphinx) takes the new ones."""
     path = out / SETTINGS_FILE
-    if path.is_file():
+    begun = any((out / "done").glob("*")) or any((out / "clips").rglob("*"))
+    if path.is_file() and begun:
         recorded = json.loads(path.read_text(encoding="utf-8"))
         if recorded != asdict(settings):
             changed = ", ".join(f"{name} {recorded.get(name)!r} (now {value!r})" for name, value in asdict(settings).items()

@@ -121,6 +121,7 @@ def limit_clips(tmp_path_factory):
     for name, seconds in (("one-sample", 1 / 8000), ("tenth", 0.1), ("long", 31.0)):
         sf.write(folder / f"{name}.wav", noise[: max(1, int(seconds * 8000))], 8000)
     (folder / "lines.txt").write_text("Fine words.\n😀 🎉\n", encoding="utf-8")
+    (folder / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me.".encode("latin-1"))
     return folder
 
 

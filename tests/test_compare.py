@@ -96,7 +96,20 @@ def test_compare_as_a_user_runs_it_prints_a_table_and_writes_beside_b(runs, caps
     assert "rows: 38 matched; only in A 2 (row0, row1); only in B 1 (extra)" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
     assert lines["sim"].split()[1:3] == ["higher", "38"] and lines["sim"].endswith("no clear difference")
+    seedtts_line = next(line for line in out.splitlines() if line.startswith("Seed-TTS-eval over the matched rows"))
+    assert seedtts_line.count("MOS ") == 2, seedtts_line  # both runs' mean MOS, as --eval prints it
     written = runs["folder"] / "base_vs_partial"
     report = json.loads((written / "compare.json").read_text(encoding="utf-8"))
     assert report["only_in_a"] == ["row0", "row1"] and report["matched"] == 38
     assert (written / "differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_directory_from_another_version_is_refused_in_one_short_line(runs, capsys):
+    old = runs["folder"] / "old"
+    shutil.copytree(runs["a"], old)
+    rows = (old / eval_dir.ROWS_FILE).read_text(encoding="utf-8").splitlines()
+    (old / eval_dir.ROWS_FILE).write_text("\n".join([rows[0].replace(",mos,", ",")] + rows[1:]) + "\n", encoding="utf-8")
+    assert infer.main(["--compare", str(old), str(runs["b"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {old} was written by another version of this code (its rows.csv has other columns): "
+                   "run --eval into a new directory to compare it"), err

@@ -72,3 +72,13 @@ def test_every_flag_of_a_documented_command_is_in_its_help():
             checked += len(script_and_flags(command)[2])
             unknown += [f"{page.relative_to(ROOT)}: {flag} in: {command}" for flag in unknown_flags(command)]
     assert checked >= 100 and not unknown, "\n".join(unknown)
+
+
+def test_the_training_flag_table_names_every_best_by_and_guard_metric():
+    import config
+
+    rows = {line.split("|")[1].strip(): line for line in (ROOT / "docs" / "training.md").read_text().splitlines()
+            if line.startswith("| `--best-by") or line.startswith("| `--guard RULE")}
+    best_by, guard = rows["`--best-by METRIC@SET`"], rows["`--guard RULE`"]
+    assert all(f"`{metric}`" in best_by for metric in config.BEST_BY), best_by
+    assert all(f"`{metric}`" in guard for metric in config.GUARDED), guard

@@ -51,6 +51,18 @@ def test_text_file_gives_one_wav_per_line(tmp_path):
     assert sorted(path.name for path in (tmp_path / "wavs").iterdir()) == ["0000.wav", "0001.wav"]
 
 
+def test_a_line_that_yields_no_clip_is_named_and_the_other_lines_still_run(tmp_path, capsys):
+    # Without forced audio the random tiny model answers every line in text: each line is named, none stops the rest.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("First line.\nSecond line.\n", encoding="utf-8")
+    assert infer.main(["--model", "tiny", "--text-file", str(lines), "--out", str(tmp_path / "wavs"), "--max-seconds", "0.2",
+                       "--no-force-audio"]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    for number, text in enumerate(["First line.", "Second line."]):
+        assert (f"error: {tmp_path / 'wavs' / f'{number:04d}.wav'} not written: the model produced no audio (it answered "
+                f"in text); leave out --no-force-audio: {text}") in errors, errors
+
+
 def test_weights_are_bf16_on_cuda_and_fp32_on_the_cpu_by_default():
     assert infer.parse_args([]).dtype == "auto"
     assert infer.resolve_dtype("auto", "cuda") == torch.bfloat16 and infer.resolve_dtype("auto", "cuda:1") == torch.bfloat16
@@ -141,6 +153,10 @@ BAD_INPUTS = {
     "--batch-size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "emoji-only text": (["--text", "😀 🎉"], "--text has no letter or digit to speak"),
     "emoji-only line": (["--text-file", "{clips}/lines.txt", "--out", "{clips}/wavs"], "lines.txt:2 has no letter or digit to speak"),
+    "latin-1 text file": (["--text-file", "{clips}/latin1.txt", "--out", "{clips}/long.wav"],
+                          "latin1.txt is not UTF-8 text (invalid continuation byte at byte 3)"),
+    "--out a folder": (["--out", "{clips}"], "is a folder: give an audio file (out.wav)"),
+    "--out clip.txt": (["--out", "{clips}/clip.txt"], "clip.txt: .txt is not an audio format libsndfile writes"),
     "--chunk-chars 10": (["--text", "a" * 5000, "--chunk-chars", "10"], "--chunk-chars must lie in 20 to 1000"),
     "--chunk-chars 5000": (["--chunk-chars", "5000"], "--chunk-chars must lie in 20 to 1000 (the longest text training accepts)"),
     "--context-chunks -1": (["--context-chunks", "-1"], "--context-chunks must be >= 0"),
@@ -165,3 +181,9 @@ def test_bad_input_is_one_line_and_exit_status_2(limit_clips, capsys, monkeypatc
 def test_the_limits_are_trainings():
     assert manifest.Filters.max_text_chars == data.LIMITS.max_text_chars == 1000
     assert (data.LIMITS.min_reference_seconds, data.LIMITS.max_reference_seconds) == (1.0, collate.WHISPER_MAX_SECONDS)
+
+
+def test_a_text_file_to_any_audio_format_is_one_clip():
+    # An mp3 --out was a folder of one wav per line, though --text writes it as an mp3.
+    for out, one_clip in (("chapter.mp3", True), ("chapter.ogg", True), ("chapter.FLAC", True), ("wavs", False)):
+        assert infer.one_clip_out(infer.parse_args(["--text-file", "t.txt", "--out", out])) == one_clip, out

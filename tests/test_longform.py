@@ -141,7 +141,9 @@ def test_a_long_text_file_is_one_clip_with_its_chunks_json(tmp_path, capsys):
     assert rate == RATE and len(waveform) / rate == pytest.approx(sum(chunk["seconds"] for chunk in chunks), abs=1e-3)
     assert [chunk["start"] for chunk in chunks] == pytest.approx(np.cumsum([0] + [c["seconds"] for c in chunks])[:-1].tolist())
     assert all(chunk["ended_by_model"] and chunk["failure"] is None for chunk in chunks)
-    assert "from 3 of 3 chunks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "from 3 of 3 chunks" in printed
+    assert "1 text(s) spoken in 3 chunks (at paragraphs, and at sentence ends within --chunk-chars 50)" in printed
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +196,29 @@ def test_a_second_eval_encodes_no_reference_and_a_long_row_gets_its_drift(demo_c
     [line] = (tmp_path / "first" / "drift.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["id"] == long_id and len(json.loads(line)["chunks"]) == 2
     assert summaries[0]["drift"]["chunks"]["n"] == 1
+
+
+def test_a_chunk_with_nothing_to_say_joins_its_neighbour():
+    # A section break ("* * *") is a paragraph of its own; as a chunk the builder refused it mid-text.
+    chunks = longform.chunk_text("* * *\n\nChapter one begins.\n\n* * *\n\nChapter two begins.", 300)
+    assert chunks == ["* * * Chapter one begins. * * *", "Chapter two begins."]
+    assert all(data.is_speakable(data.normalize_text(chunk)) for chunk in chunks)
+
+
+def test_a_long_text_with_a_chunk_that_ran_to_the_limit_is_not_stopped():
+    # The good chunks all ended by definition; the joined clip's stop flag (fail_runaway) must see the failed one.
+    runaway = longform.SpokenChunk(1, "chunk 1.", generation.Clone(np.zeros(10, np.float32), False),
+                                   "ran to --max-seconds before the model ended it")
+    assert longform.join_chunks([_spoken(0), _spoken(2)]).stopped
+    assert not longform.join_chunks([_spoken(0), runaway, _spoken(2)]).stopped
+
+
+def test_a_long_row_with_a_silent_chunk_is_counted_silent():
+    import evaluate
+    from conftest import scored_records
+
+    silent = longform.SpokenChunk(1, "chunk 1.", generation.Clone(np.zeros(10, np.float32), True), "silent")
+    record = {**scored_records(1)[0], "fail_silent": False, "fail_any": False}
+    flagged = evaluate.with_chunk_failures(dict(record), longform.join_chunks([_spoken(0), silent, _spoken(2)]))
+    assert flagged["fail_silent"] and flagged["fail_any"]
+    assert not evaluate.with_chunk_failures(dict(record), longform.join_chunks([_spoken(0), _spoken(2)]))["fail_silent"]

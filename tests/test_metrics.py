@@ -171,10 +171,18 @@ def test_summary_table_columns_line_up_with_long_names_and_counts():
 
 
 def test_a_paired_difference_without_a_direction_differs_but_is_never_better_or_worse():
-    stats = metrics.paired_difference([0.1, 0.2, None, 0.4], [1.1, 1.2, 1.3, None], better=None)
-    assert (stats["n"], stats["mean"], stats["verdict"], stats["improved"]) == (2, 1.0, "differs", None)
-    near_one = metrics.paired_difference([1.5, 0.5], [1.1, 0.9], better="near 1")
+    a, b = [0.1, 0.2, None, 0.4, 0.5, 0.6, 0.7, 0.8], [1.1, 1.2, 1.3, None, 1.5, 1.6, 1.7, 1.8]
+    stats = metrics.paired_difference(a, b, better=None)
+    assert (stats["n"], stats["mean"], stats["verdict"], stats["improved"]) == (6, pytest.approx(1.0), "differs", None)
+    near_one = metrics.paired_difference([1.5, 0.5] * 3, [1.1, 0.9] * 3, better="near 1")
     assert near_one["mean"] == pytest.approx(-0.4) and near_one["verdict"] == "better" and near_one["improved"] == 1.0
+
+
+def test_a_paired_difference_over_too_few_rows_gives_no_verdict():
+    # One row, or two of one sign: the bootstrap interval is their range and excludes 0 however small the change.
+    for a, b in (([0.5], [0.51]), ([0.5, 0.6], [0.51, 0.62])):
+        stats = metrics.paired_difference(a, b, better="higher")
+        assert stats["ci95"][0] > 0 and stats["verdict"] == "too few rows", stats
 
 
 def test_corpus_error_rate_weighs_rows_by_their_words():

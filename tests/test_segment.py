@@ -223,7 +223,8 @@ def test_a_whisper_directory_transcribes_what_pocketsphinx_cannot(tmp_path, caps
     shutil.copy(VOICE_PROMPTS / "vex.wav", tmp_path / "rec" / "zaid" / "one.wav")
     assert segment.main([str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--language", "ar"]) == 2
     assert "pocketsphinx-en-us does not transcribe language 'ar'" in capsys.readouterr().err
-    result = segment.segment([str(tmp_path / "rec")], tmp_path / "out-whisper",
+    # The corrected command in the same --out: the refused run wrote no clip, so its settings do not bind.
+    result = segment.segment([str(tmp_path / "rec")], tmp_path / "out",
                              segment.Settings(1.0, 10.0, "ar", asr=str(tmp_path / "whisper")))
     # A random Whisper says random things: each clip is kept with its words or rejected under a filter's reason.
     assert len(result.rows) + len(result.rejections) >= 1
