@@ -32,7 +32,7 @@ import seedtts
 # What a comparison compares: the model and how it ran. Every other field of run.json must be equal in both.
 MODEL_FIELDS = ("list", "model", "checkpoint", "audio_tokenizer", "dtype", "device", "scene", "ref_in_system")
 # The fields that choose the judge; a difference in any other is one of protocol.
-JUDGE_FIELDS = ("asr_model", "speaker_model")
+JUDGE_FIELDS = ("asr_model", "speaker_model", "mos_model")
 SHOWN_IDS = 10
 
 

@@ -469,8 +469,8 @@ def eval_run_record(args: argparse.Namespace, layout: data.PromptLayout) -> dict
             "audio_tokenizer": args.audio_tokenizer, "dtype": str(resolve_dtype(args.dtype, args.device)),
             "device": torch.device(args.device).type, "sampling": vars(sampling_from_args(args)), "scene": layout.scene,
             "ref_in_system": layout.ref_in_system, "force_audio": args.force_audio, "language": args.language,
-            "asr_model": args.asr_model, "speaker_model": args.speaker_model, "chunk_chars": args.chunk_chars,
-            "context_chunks": args.context_chunks}
+            "asr_model": args.asr_model, "speaker_model": args.speaker_model, "mos_model": metrics.mos_identity(),
+            "chunk_chars": args.chunk_chars, "context_chunks": args.context_chunks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,9 @@ def test_runs_judged_or_sampled_otherwise_are_refused_naming_the_difference(runs
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot compare {runs['a']} and {other_judge}: different judges "
                           '(speaker_model null -> "/models/wavlm-sv")') and "\n" not in err
+    other_mos = _eval_dir(folder / "mos", runs["rows"], runs["run"] | {"mos_model": "distillmos-0.9.0-filled"})
+    with pytest.raises(compare.CompareError, match=r"different judges \(mos_model .*distillmos-0.9.1-filled.* -> .*0.9.0"):
+        compare.compare(runs["a"], other_mos)
     other_seed = _eval_dir(folder / "seed1", runs["rows"], _run_record("--seed", "1"))
     with pytest.raises(compare.CompareError, match=r"different protocols \(sampling.seed 0 -> 1\)"):
         compare.compare(runs["a"], other_seed)

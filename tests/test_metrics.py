@@ -338,3 +338,16 @@ def test_failure_rates_count_each_kind_on_clips_made_to_fail_that_way():
     failed = metrics.row_record("x", "en", text, None, None, None, "no audio")
     assert failed["fail_any"] is None and metrics.failure_rates([failed])["fail_any"] == {"n": 0, "count": 0, "rate": None}
 
+
+
+def test_the_paired_interval_of_a_short_list_rarely_gives_a_verdict_when_nothing_changed():
+    """B = A plus noise: the plain percentile interval excludes 0 in far more than 5% of short lists; the expanded
+    one (what paired_difference uses) stays near 5%."""
+    rng, plain, expanded = np.random.default_rng(0), 0, 0
+    for trial in range(300):
+        a = rng.uniform(0.3, 0.7, 8)
+        difference = a + rng.normal(0, 0.02, 8) - a
+        low, high = metrics.summarize(difference, trial, 4000)["ci95"]
+        plain += low > 0 or high < 0
+        expanded += metrics.paired_difference(a, a + difference, "higher", seed=trial)["verdict"] in ("better", "worse")
+    assert plain / 300 > 0.09 and expanded / 300 < 0.08, (plain / 300, expanded / 300)
