@@ -519,6 +519,8 @@ def finish(model, optimizer, state: LoopState, run: Run, train_loss: float) -> P
         export = checkpoints.export_model(model, config, run.bundle, plan.world, run.dir / "export")
         run.say(f"done: {state.step} steps, final train loss {train_loss:.3f}"
                 + (f", best {config.best_by} {best:.3f}" if math.isfinite(best) else "")
+                + ("; no evaluation gave a score to keep (no best.pt), so the export holds the last weights"
+                   if run.validations and not math.isfinite(best) else "")
                 + f"\nTensorBoard: tensorboard --logdir {config.out_dir}\n"
                 f"next: python infer.py --model {export}"
                 + (" (or just python infer.py: it takes the newest export)" if config.out_dir == "runs" else ""))

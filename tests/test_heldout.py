@@ -189,6 +189,17 @@ def test_a_breached_guard_vetoes_the_evaluation_and_can_stop_the_run(demo_clips,
     assert logged(run, "guard/breaches") == {1: 1.0}
 
 
+def test_a_run_whose_every_evaluation_was_vetoed_says_its_export_holds_the_last_weights(demo_clips, tmp_path, capsys):
+    arabic = write_jsonl(tmp_path / "ar.jsonl", [demo_clips[row_id] for row_id in ("ar_male_0", "ar_male_2")])
+    settings = config.TrainConfig(
+        train_manifest=str(arabic), val_manifest=f"ar={arabic}", out_dir=str(tmp_path / "runs"), run_name="run",
+        device="cpu", precision="fp32", batch_size=2, max_steps=2, warmup_steps=1, save_every=100, eval_every=1,
+        eval_prompts=0, guard=("val_loss@ar<=0.001",))
+    run = train.train(settings)
+    assert "no evaluation gave a score to keep (no best.pt), so the export holds the last weights" in capsys.readouterr().out
+    assert not (run / "checkpoints" / "best.pt").exists() and (run / "export").is_dir()
+
+
 def test_guards_veto_breached_and_unmeasured_evaluations_against_their_first_value():
     rules = config.guard_rules(config.TrainConfig(val_manifest=("vi=v", "en=e"), eval_prompts=1,
                                                   guard=("wer@en<=+0.05", "sim@vi>=0.5")))
