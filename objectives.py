@@ -159,6 +159,11 @@ class DPO:
         if not same:
             raise ValueError(f"--pairs {config.pairs} was sampled by {sampled}, whose log-probabilities are its reference: "
                              f"start DPO from that model (--model), not {config.model}")
+        # a tiny preset is drawn from --seed (model_utils.load_bundle): the same name with another seed is another model
+        sampled_seed = report.get("sampling", {}).get("seed")
+        if sampled in (model_utils.TINY_PRESET, model_utils.TINY_WHISPER_PRESET) and sampled_seed != config.seed:
+            raise ValueError(f"--pairs {config.pairs} was sampled by the {sampled} preset drawn with --seed {sampled_seed}, "
+                             f"whose log-probabilities are its reference: train with --seed {sampled_seed}, not {config.seed}")
 
     def fingerprints(self, config: TrainConfig) -> dict[str, str]:
         """The pairs' content, which a resume must match as it matches the data's."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -211,3 +212,13 @@ def test_candidates_refuse_a_k_under_two_and_an_output_folder_in_use(tmp_path, c
                         (["--out", str(tmp_path / "used")], "is not an empty directory")):
         assert infer.main(["--candidates", "demo/data/manifest.jsonl", "--model", "tiny", *flags]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_dpo_refuses_pairs_sampled_by_the_tiny_preset_drawn_from_another_seed():
+    """The tiny preset is drawn from --seed: pairs sampled with --seed 0 have another model's references under --seed 1
+    (the first step's loss was 1.675, not log 2, with no error)."""
+    report = {"manifest": str(config.DEMO_MANIFEST), "model": "tiny", "checkpoint": None, "sampling": {"seed": 0}}
+    settings = config.TrainConfig(model="tiny", pairs="pairs", seed=0)
+    objectives.DPO.check_source(settings, report)
+    with pytest.raises(ValueError, match="train with --seed 0, not 1"):
+        objectives.DPO.check_source(replace(settings, seed=1), report)
