@@ -344,7 +344,7 @@ class CandidateCounts:
 def judged_record(judge, prompt: Prompt, clip: SampledClip, bundle: model_utils.Bundle, target_audio: str | None) -> dict:
     """The judge's row for one clip (evaluate.score_row: SIM, WER/CER, timing; a failed clip its error)."""
     clone = generation.Clone(None, error=clip.error) if clip.codes is None else \
-        generation.Clone(generation.decode_codes(bundle, clip.codes), clip.stopped)
+        generation.Clone(generation.decode_codes(bundle, clip.codes), clip.stopped, clamped=clip.stray)
     pair = manifest.Pair(prompt.id, prompt.ref_audio, prompt.ref_text, target_audio, prompt.text, prompt.layout.scene)
     return evaluate.score_row(judge, pair, prompt.language, clone, bundle.audio_tokenizer.sampling_rate)
 

@@ -17,6 +17,7 @@ import config
 import generation
 import infer
 import manifest
+import metrics
 import model_utils
 import objectives
 import preference
@@ -222,3 +223,17 @@ def test_dpo_refuses_pairs_sampled_by_the_tiny_preset_drawn_from_another_seed():
     objectives.DPO.check_source(settings, report)
     with pytest.raises(ValueError, match="train with --seed 0, not 1"):
         objectives.DPO.check_source(replace(settings, seed=1), report)
+
+
+def test_a_judged_clip_is_flagged_clamped_by_its_stray_codes(tiny, parity_case):
+    """`fail_clamped` (a documented reward term, and part of `fail_any`) comes from the clip's stray codes; it was
+    never passed to the judge, so the term was None for every clip and excluded from every reward."""
+    prompt = preference.Prompt("p", parity_case.ref_text, parity_case.ref_codes, parity_case.text, parity_case.layout,
+                               "en", "demo/data/en_male_0.flac")
+    clip = preference.sample_clips(tiny, [prompt], [0], generation.Sampling(seed=0, max_seconds=0.4))[0]
+    judge = metrics.build_judge()
+    for stray, flagged in ((0, False), (3, True)):
+        clip.stray = stray
+        record = preference.judged_record(judge, prompt, clip, tiny, None)
+        assert record["fail_clamped"] is flagged and preference.RewardSpec.parse("fail_clamped:1").terms(
+            record, clip.codes, 1024)["fail_clamped"] == (-1.0 if flagged else 0.0)
