@@ -131,8 +131,8 @@ class TrainConfig:
     group: int = setting(4, "with --objective grpo: clips sampled per prompt, whose rewards are normalised within the group",
                          limit=at_least(2))
     reward: str = setting("wer:1,sim:1", "with --objective grpo: NAME:WEIGHT,... over the judge's metrics (wer, cer, silences and "
-                                         "fail_* negated, duration_ratio as its distance from 1; sim, mos, stop; any numeric column of the judge's "
-                                         "rows) and frames / low_codes, code-only checks for tests")
+                                         "fail_* negated; sim, mos, stop; any numeric column of the judge's rows but the target's and "
+                                         "duration_ratio, which need the target clip) and frames / low_codes, code-only checks for tests")
     sample_max_seconds: float = setting(4.0, "with --objective grpo: longest clip sampled", limit=positive())
     # run
     out_dir: str = setting("runs", "where runs are written", resume=True)

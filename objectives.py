@@ -255,6 +255,10 @@ class GRPO:
         if world.distributed:
             raise ValueError("--objective grpo runs on one process (its sampling is not sharded across processes yet)")
         reward = preference.RewardSpec.parse(config.reward)
+        needs_target = [name for name, _ in reward.weights if name == "duration_ratio" or name.startswith("target_")]
+        if needs_target:  # GRPO judges each clip without the row's target clip, so these columns would be None for all
+            raise ValueError(f"--reward {needs_target[0]}: GRPO scores its clips without the training row's target clip, "
+                             "so the target's columns and duration_ratio are not computed; use terms of the clip alone")
         judge = metrics.build_judge(config.speaker_model or None, config.asr_model or None, config.eval_language or None,
                                     world.device) if reward.needs_judge else None
         languages = {row["id"]: row.get("language") for training_set in sets for row in training_set.rows}

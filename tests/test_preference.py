@@ -237,3 +237,11 @@ def test_a_judged_clip_is_flagged_clamped_by_its_stray_codes(tiny, parity_case):
         record = preference.judged_record(judge, prompt, clip, tiny, None)
         assert record["fail_clamped"] is flagged and preference.RewardSpec.parse("fail_clamped:1").terms(
             record, clip.codes, 1024)["fail_clamped"] == (-1.0 if flagged else 0.0)
+
+
+def test_grpo_refuses_a_reward_that_needs_the_target_clip(tiny):
+    """GRPO judges its clips without the row's target: a duration_ratio reward was None for every clip, so every group
+    was flat and nothing was learnt (counted, but never said); it is now a one-line error."""
+    settings = config.TrainConfig(objective="grpo", reward="sim:1,duration_ratio:1", device="cpu")
+    with pytest.raises(ValueError, match="--reward duration_ratio: GRPO scores its clips without"):
+        objectives.GRPO.from_config(settings, tiny, [], World())
