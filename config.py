@@ -463,6 +463,9 @@ def objective_problem(config: TrainConfig) -> str | None:
         return "--objective dpo trains on --pairs DIR (python infer.py --candidates M --out DIR), and --pairs needs it"
     if config.objective == "dpo" and config.kl_weight:
         return "--kl-weight with --objective dpo: DPO's reference log-probabilities already hold it to the sampling model"
+    for flag, objective in (("dpo_beta", "dpo"), ("group", "grpo"), ("reward", "grpo"), ("sample_max_seconds", "grpo")):
+        if config.objective != objective and getattr(config, flag) != DEFAULTS[flag]:
+            return f"--{flag.replace('_', '-')} is a setting of --objective {objective}, and this run's is {config.objective}"
     return None
 
 

@@ -204,6 +204,12 @@ def test_the_objectives_flags_are_checked_together():
         config.parse_config(["--pairs", "somewhere"])
     with pytest.raises(config.ConfigError, match="--kl-weight with --objective dpo"):
         config.parse_config(["--objective", "dpo", "--pairs", "x", "--kl-weight", "1", "--scope", "lora"])
+    # a preference setting another objective would silently ignore is refused
+    for flags in (["--reward", "sim:1"], ["--group", "8"], ["--objective", "dpo", "--pairs", "x", "--sample-max-seconds", "2"],
+                  ["--objective", "grpo", "--dpo-beta", "0.5"]):
+        with pytest.raises(config.ConfigError, match="is a setting of --objective"):
+            config.parse_config(flags)
+    config.parse_config(["--objective", "grpo", "--group", "8", "--reward", "sim:1"])
 
 
 def test_candidates_refuse_a_k_under_two_and_an_output_folder_in_use(tmp_path, capsys):
