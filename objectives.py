@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -243,6 +244,7 @@ class GRPO:
                  languages: dict[str, str | None], layout: data.PromptLayout, max_seconds: float, judge=None):
         self.bundle, self.reward, self.group, self.seed, self.codes = bundle, reward, group, seed, codes
         self.languages, self.layout, self.judge = languages, layout, judge
+        self.warned_untrained = False
         self.whisper = layout.ref_in_system and collate.uses_whisper(bundle.model.config)
         self.sampling = generation.Sampling(temperature=1.0, top_k=None, top_p=1.0, ras_win_len=None, seed=None,
                                             max_seconds=max_seconds)
@@ -322,6 +324,7 @@ class GRPO:
                 timings["scoring_wait"] += time.perf_counter() - waited
                 advantages, flat = group_advantages([total for _, (total, _) in clips], self.group)
                 seen.add(clips, flat, reward_counts, self.group)
+                seen.trained += sum(advantage is not None for advantage in advantages)
                 trained = [i for i, advantage in enumerate(advantages) if advantage is not None]
                 started = time.perf_counter()
                 if trained:
@@ -334,6 +337,10 @@ class GRPO:
                     loss_sum += total.double() / len(inputs)
                     counts += batch_counts(outputs, len(trained))
                 timings["update"] += time.perf_counter() - started
+        if not seen.trained and not self.warned_untrained:
+            self.warned_untrained = True
+            print(f"warning: GRPO step {inputs[0].step + 1} trained no clip: {seen.describe()} (said once; the "
+                  "grpo/ panels count each step)", file=sys.stderr)
         started = time.perf_counter()
         grad_norm, skipped = trainable.apply_update(model, optimizer, finite, config, world)
         timings["update"] += time.perf_counter() - started
@@ -363,7 +370,7 @@ class GroupRecord:
 
     def __init__(self):
         self.rewards, self.terms, self.spreads, self.frames = [], {}, [], []
-        self.flat = self.failed = 0
+        self.flat = self.failed = self.trained = 0
         self.excluded: dict[str, int] = {}
 
     def add(self, clips: list, flat: int, reward_counts: dict, group: int) -> None:
@@ -380,6 +387,12 @@ class GroupRecord:
         self.flat, self.failed = self.flat + flat, self.failed + reward_counts["failed_clips"]
         for name, count in reward_counts["excluded_terms"].items():
             self.excluded[name] = self.excluded.get(name, 0) + count
+
+    def describe(self) -> str:
+        """Why a step trained nothing, in words."""
+        excluded = ", ".join(f"{name} {count}" for name, count in self.excluded.items()) or "none"
+        return (f"{self.flat} group(s) whose rewards were all equal or missing, {self.failed} clip(s) without a clip or "
+                f"score; reward terms not computed: {excluded} (no ASR for the language: --asr-model)")
 
     def panels(self) -> dict[str, float]:
         panels = {"grpo/reward": float(np.mean(self.rewards)) if self.rewards else math.nan,

@@ -251,3 +251,19 @@ def test_grpo_refuses_a_reward_that_needs_the_target_clip(tiny):
     settings = config.TrainConfig(objective="grpo", reward="sim:1,duration_ratio:1", device="cpu")
     with pytest.raises(ValueError, match="--reward duration_ratio: GRPO scores its clips without"):
         objectives.GRPO.from_config(settings, tiny, [], World())
+
+
+def test_a_grpo_step_that_trains_no_clip_says_why_once(tiny, parity_case, capsys):
+    """Clips of at most one frame all get the same frames reward: every group is flat and nothing is trained. Such a
+    run (e.g. --reward wer:1 on Arabic rows without --asr-model) ended with 'final train loss 0.000' and no word."""
+    settings = config.TrainConfig(device="cpu", precision="fp32", val_manifest=(), lr=1e-2)
+    model = trainable.prepare_model(copy.deepcopy(tiny.model), settings, World())
+    optimizer = trainable.build_optimizer(model, settings, "cpu")
+    grpo = objectives.GRPO(model_utils.Bundle(model, tiny.tokenizer, tiny.audio_tokenizer),
+                           preference.RewardSpec.parse("frames:1"), 2, 0, OneReference(parity_case.ref_codes), {},
+                           parity_case.layout, 0.04)
+    pair = manifest.Pair("p", "ref", parity_case.ref_text, "", parity_case.text)
+    for step in range(2):
+        trainable.train_step(model, optimizer, grpo.inputs([_Micro([pair])], step), settings, World(), 1e-2, objective=grpo)
+    said = capsys.readouterr().err
+    assert said.count("trained no clip") == 1 and "1 group(s) whose rewards were all equal or missing" in said
