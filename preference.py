@@ -274,6 +274,10 @@ class RewardSpec:
             weights.append((name.strip(), value))
         if not weights:
             raise ValueError("--reward names no term (e.g. wer:1,sim:1)")
+        columns = [ALIASES.get(name, name) for name, _ in weights]
+        repeated = next((name for (name, _), column in zip(weights, columns) if columns.count(column) > 1), None)
+        if repeated:  # wer and cer are one column, the row's error rate: both would count it twice
+            raise ValueError(f"--reward {text}: {repeated} names a term given twice (wer and cer are both the row's error rate)")
         return cls(tuple(weights))
 
     @property

@@ -70,6 +70,9 @@ def test_a_reward_is_a_weighted_sum_of_the_terms_a_clip_has_and_pairs_count_ties
     assert terms["wer"] is None and total == pytest.approx(1.0 + 1.5) and counts.excluded_terms == {"wer": 1}
     with pytest.raises(ValueError, match="NAME:WEIGHT"):
         preference.RewardSpec.parse("wer:x")
+    for repeated in ("wer:1,cer:1", "sim:1,sim:2"):  # one column counted twice
+        with pytest.raises(ValueError, match="given twice"):
+            preference.RewardSpec.parse(repeated)
     with pytest.raises(ValueError, match="no column 'pesq'"):
         preference.RewardSpec.parse("pesq:1").terms(english, None, 1024)
     assert preference.choose_pair([0.1, None, 0.7, 0.3]) == (2, 0)
