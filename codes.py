@@ -53,7 +53,7 @@ class EncodedClips:
         return manifest.Clip(self.seconds[path], codes.shape[1])
 
 
-REFERENCE_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "higgs-clone" / "reference-codes"
+REFERENCE_CACHE_DIR = files.CACHE_ROOT / "reference-codes"
 
 
 class StoredCodes:

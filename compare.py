@@ -119,14 +119,10 @@ def format_comparison(report: dict) -> str:
         lines.append(f"{_label(name, stats):<{width}}{stats['better'] or '?':>8}{stats['n']:>5}{metrics.fmt(stats['a_mean']):>9}"
                      f"{metrics.fmt(stats['b_mean']):>9}{_signed(stats['mean']):>9}   {interval:<20}"
                      f"{_share(stats['improved']):>9}{_share(stats['worsened']):>9}   {stats['verdict']}")
-    lines.append(f"Seed-TTS-eval over the matched rows: A {_protocol(report['seedtts']['a'])}; B {_protocol(report['seedtts']['b'])}")
+    a, b = report["seedtts"]["a"], report["seedtts"]["b"]  # MOS shown as --eval's Seed-TTS-eval line shows it
+    lines.append(f"Seed-TTS-eval over the matched rows: A {seedtts.format_figures(a, bool(a['mos']['n']))}; "
+                 f"B {seedtts.format_figures(b, bool(b['mos']['n']))}")
     return "\n".join(lines)
-
-
-def _protocol(figures: dict) -> str:
-    shown = lambda entry: "n/a" if entry["value"] is None else f"{entry['value']:.2f} (n={entry['n']})"  # noqa: E731
-    mos = f", MOS {shown(figures['mos'])}" if figures["mos"]["n"] else ""  # as --eval's Seed-TTS-eval line shows it
-    return f"WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}{mos}"
 
 
 def _label(name: str, stats: dict) -> str:

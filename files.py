@@ -22,6 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# Where the caches that outlive a run live (`--score-cache`, `--ref-codes-cache`): $XDG_CACHE_HOME/higgs-clone.
+CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "higgs-clone"
+
 
 class WriteError(RuntimeError):
     """A file or folder that could not be written (disk full, read-only...): one line naming it."""

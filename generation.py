@@ -142,20 +142,18 @@ def generate(bundle: model_utils.Bundle, batch_inputs: dict, sampling: Sampling,
     )
 
 
-def audio_sequence_to_codes(sequence: torch.Tensor, codebook_size: int, use_delay_pattern: bool,
-                            warn: bool = True) -> torch.Tensor:
+def audio_sequence_to_codes(sequence: torch.Tensor, codebook_size: int, use_delay_pattern: bool) -> torch.Tensor:
     """A generated audio stream (BOS column, codes, EOS tail) as raw codes (n_q, T).
 
     An unfinished stream (stopped by the length limit) keeps all its complete
     frames. Codes outside the codebook inside the clip are clamped as the
-    package's serve engine does, but reported, never silently (`warn=False`:
-    the caller counts them itself, as preference tuning's many clips do).
+    package's serve engine does, but reported, never silently.
     """
     codes = unclamped_codes(sequence, codebook_size, use_delay_pattern)
     stray = out_of_codebook(codes, codebook_size)
-    if stray and warn:
+    if stray:
         print(f"warning: {stray} generated codes outside 0..{codebook_size - 1} clamped before decoding", file=sys.stderr)
-    if warn and not stream_ended(sequence, codebook_size, use_delay_pattern):
+    if not stream_ended(sequence, codebook_size, use_delay_pattern):
         print("warning: the clip reached --max-seconds before the model ended it", file=sys.stderr)
     return codes.clamp(0, codebook_size - 1)
 

@@ -285,9 +285,9 @@ def measure_drift(judge: metrics.Judge, clone: LongClone, reference, language: s
     for chunk in clone.chunks:
         figures = {"index": chunk.index, "text": chunk.text, "failure": chunk.failure}
         if chunk.failure is None:
-            scores = judge.score_clip(chunk.clone.waveform, rate, reference, chunk.text, language)
             with metrics.full_precision():
                 embedding = judge.encoder.embed(chunk.clone.waveform, rate)
+            scores = judge.score_clip(chunk.clone.waveform, rate, reference, chunk.text, language, embedding)
             first = embedding if first is None else first
             figures.update(sim=scores.sim, sim_to_first=metrics.cosine(embedding, first), error_rate=scores.error_rate,
                            transcript=scores.transcript)

@@ -484,7 +484,9 @@ class Judge:
                 self._embeddings[path] = self.encoder.embed(load(), rate)
         return self._embeddings[path]
 
-    def score_clip(self, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str, language: str | None) -> ClipScores:
+    def score_clip(self, waveform: np.ndarray, rate: int, reference: np.ndarray | None, text: str, language: str | None,
+                   embedding: np.ndarray | None = None) -> ClipScores:
+        """The clip's scores; `embedding`: its speaker embedding, where the caller has already made it."""
         lead, trail = edge_silence(waveform, rate)
         language = self.language(language)
         transcript = rate_value = None
@@ -492,7 +494,7 @@ class Judge:
             if self.intelligibility_available(language):
                 transcript = self.asr.transcribe(waveform, rate, language)
                 rate_value = error_rate(text, transcript, language)
-            sim = cosine(self.encoder.embed(waveform, rate), reference)
+            sim = cosine(self.encoder.embed(waveform, rate) if embedding is None else embedding, reference)
             mos = self.mos.score(waveform, rate) if self.mos and len(waveform) else None
         return ClipScores(len(waveform) / rate, sim, rate_value, transcript, lead, trail, mos, peak_dbfs(waveform, rate))
 
@@ -641,7 +643,8 @@ BETTER = {"sim": "higher", "error_rate": "lower", "mos": "higher", "duration_rat
           "lead_silence": "lower", "trail_silence": "lower", "wer_seedtts": "lower"} | dict.fromkeys(FAILURES + ("fail_any",), "lower")
 
 
-def _numbers(values) -> np.ndarray:
+def present_values(values) -> np.ndarray:
+    """The values that are there, as float64: None, "" (n/a in rows.csv) and NaN left out; booleans as 0 or 1."""
     kept = [float(v) for v in values if v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))]
     return np.array(kept, dtype=np.float64)
 
@@ -658,7 +661,7 @@ def expanded_tail(n: int) -> float:
 def summarize(values, seed: int = 0, resamples: int = 1000, expanded: bool = False) -> dict:
     """n, mean, median and a percentile-bootstrap 95% interval of the mean (`expanded`: the expanded percentile
     interval, `expanded_tail`); unavailable values left out."""
-    numbers = _numbers(values)
+    numbers = present_values(values)
     if len(numbers) == 0:
         return {"n": 0, "mean": None, "median": None, "ci95": [None, None]}
     rng = np.random.default_rng(seed)
@@ -680,7 +683,7 @@ def paired_difference(a_values, b_values, better: str | None, seed: int = 0, res
     short list is not given more often than 5% of the time when nothing changed), the share of rows that improved and that worsened, and a
     verdict only where the 95% interval excludes 0 over at least MIN_VERDICT_ROWS rows. A `near 1` metric is compared by the distance from 1
     (|B - 1| - |A - 1|); a metric without a direction by B - A with the verdict `differs`."""
-    both = np.array([(float(a), float(b)) for a, b in zip(a_values, b_values) if _numbers([a]).size and _numbers([b]).size],
+    both = np.array([(float(a), float(b)) for a, b in zip(a_values, b_values) if present_values([a]).size and present_values([b]).size],
                     dtype=np.float64).reshape(-1, 2)
     a, b = both[:, 0], both[:, 1]
     if better == "near 1":
@@ -714,7 +717,7 @@ def summarize_records(records: list[dict], seed: int = 0) -> dict[str, dict]:
 def corpus_error_rate(records: list[dict], prefix: str = "") -> dict:
     """Errors summed over the rows with a rate, over their words summed (a long row weighs more than in the mean
     of rates): rows, words and the rate (None without any)."""
-    scored = [record for record in records if _numbers([record[f"{prefix}error_rate"]]).size and record["words"]]
+    scored = [record for record in records if present_values([record[f"{prefix}error_rate"]]).size and record["words"]]
     words = sum(int(record["words"]) for record in scored)
     errors = sum(float(record[f"{prefix}error_rate"]) * int(record["words"]) for record in scored)
     return {"n": len(scored), "words": words, "rate": errors / words if words else None}

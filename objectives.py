@@ -31,7 +31,6 @@ every clip of a prompt, are left out). Both end in `trainable.apply_update`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -43,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import collate
 import data
@@ -96,23 +94,11 @@ def forward_logprobs(model, batch, config: TrainConfig, world: parallel.World, w
     """The training forward of a collated batch of clips: model inputs, outputs and each sample's log p of its codes
     (at the positions `weights` picks; default every labelled one)."""
     model_config = model_utils.higgs_model(parallel.unwrap(model)).config
-    inputs = collate.batch_to_model_inputs(batch, world.device)
-    if config.text_logits == "labelled":
-        inputs[trainable.TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
+    inputs = trainable.model_inputs(batch, model_config, config, world.device)
     owners = preference.column_owners(batch, model_config.audio_out_token_idx)
     outputs = model(**inputs)
     logp = preference.clip_logprobs(outputs.audio_logits, inputs["label_audio_ids"], owners, len(batch.input_ids), weights)
     return inputs, outputs, logp
-
-
-def sync_context(model, last: bool):
-    """DDP's gradient all-reduce on the step's last micro-batch only."""
-    return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-
-
-def batch_counts(outputs, samples: int) -> torch.Tensor:
-    real = outputs.attention_mask.sum()
-    return torch.stack([real, outputs.attention_mask.numel() - real, torch.full_like(real, samples)]).double()
 
 
 # --------------------------------------------------------------------------
@@ -185,7 +171,7 @@ class DPO:
             batch = preference.training_batch(self.bundle, prompts, codes)
             references = torch.tensor([pair["chosen_ref"] for pair in pairs] + [pair["rejected_ref"] for pair in pairs],
                                       dtype=torch.float32, device=device)
-            with sync_context(model, index == len(inputs) - 1), trainable.autocast(config.precision, device):
+            with trainable.sync_context(model, index == len(inputs) - 1), trainable.autocast(config.precision, device):
                 _, outputs, logp = forward_logprobs(model, batch, config, world)
                 n = len(pairs)
                 losses, chosen_reward, rejected_reward = dpo_loss(logp[:n], logp[n:], references[:n], references[n:], self.beta)
@@ -194,7 +180,7 @@ class DPO:
             margin = (chosen_reward - rejected_reward).detach()
             sums += torch.stack([losses.detach().sum(), logp[:n].detach().sum(), logp[n:].detach().sum(), margin.sum(),
                                  (margin > 0).sum(), chosen_reward.detach().sum()]).double()
-            counts += batch_counts(outputs, 2 * n)
+            counts += trainable.batch_counts(outputs, 2 * n)
         grad_norm, skipped = trainable.apply_update(model, optimizer, finite, config, world)
         means = sums / total
         panels = {"dpo/loss": means[0], "dpo/chosen_logp": means[1], "dpo/rejected_logp": means[2], "dpo/margin": means[3],
@@ -335,7 +321,7 @@ class GRPO:
                         kl += torch.stack([divergence.double(), kl.new_ones(())])
                     finite = finite & torch.isfinite(total)
                     loss_sum += total.double() / len(inputs)
-                    counts += batch_counts(outputs, len(trained))
+                    counts += trainable.batch_counts(outputs, len(trained))
                 timings["update"] += time.perf_counter() - started
         if not seen.trained and not self.warned_untrained:
             self.warned_untrained = True
@@ -355,7 +341,7 @@ class GRPO:
         advantage = torch.tensor([advantages[i] for i in trained], dtype=torch.float32, device=device)
         sampled = preference.sampled_weights(batch, [clips[i][0] for i in trained], self.bundle.model.config)
         divergence = None
-        with sync_context(model, last), trainable.autocast(config.precision, device):
+        with trainable.sync_context(model, last), trainable.autocast(config.precision, device):
             inputs, outputs, logp = forward_logprobs(model, batch, config, world, sampled)
             total = -(advantage * logp).sum() / float(sampled.sum())
             if config.kl_weight:

@@ -135,8 +135,8 @@ def _grid(count: int, heading: str, panel_inches: tuple[float, float] = (4.2, 3.
 
 
 def _values(records: list[dict], column: str) -> np.ndarray:
-    """The column's values, `n/a` (None) left out; `stopped` counts as 0 or 1."""
-    return np.array([float(record[column]) for record in records if record.get(column) is not None], dtype=np.float64)
+    """The column's values, `n/a` left out; `stopped` counts as 0 or 1."""
+    return metrics.present_values(record.get(column) for record in records)
 
 
 def summary_figure(records: list[dict], heading: str) -> Figure:

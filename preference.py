@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
 from tqdm import tqdm
 
 import batched_generation
@@ -156,20 +155,16 @@ def sample_clips(bundle: model_utils.Bundle, prompts: list[Prompt], seeds: list[
                                                 seeds=seeds, logprobs=recorded)
     clips = []
     for stream, logprobs, seed in zip(streams, recorded, seeds):
-        codes = generation.audio_sequence_to_codes(stream, config.audio_codebook_size, config.use_delay_pattern, warn=False)
-        stray = int((revert(stream, config) >= config.audio_codebook_size).sum()) if codes.shape[1] else 0
+        # as generation.audio_sequence_to_codes makes them, the clamped codes counted here rather than printed per clip
+        frames = generation.unclamped_codes(stream, config.audio_codebook_size, config.use_delay_pattern)
+        stray = generation.out_of_codebook(frames, config.audio_codebook_size)
+        codes = frames.clamp(0, config.audio_codebook_size - 1)
         clip = SampledClip(stream, codes if codes.shape[1] else None, generation.stream_ended(
             stream, config.audio_codebook_size, config.use_delay_pattern), seed, logprobs, stray)
         if clip.codes is None:
             clip.error = "the model ended the clip before producing any frame"
         clips.append(clip)
     return clips
-
-
-def revert(stream: torch.Tensor, config) -> torch.Tensor:
-    """The clip's frames of a stream, BOS and EOS frames cut, before clamping (to count stray codes)."""
-    frames = revert_delay_pattern(stream) if config.use_delay_pattern else stream
-    return frames[:, 1:-1] if bool((stream[:, -1] == config.audio_stream_eos_id).all()) else frames[:, 1:]
 
 
 def training_batch(bundle: model_utils.Bundle, prompts: list[Prompt], codes: list[torch.Tensor]):

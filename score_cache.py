@@ -22,7 +22,7 @@ from pathlib import Path
 
 import files
 
-DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "higgs-clone" / "target-scores"
+DEFAULT_DIR = files.CACHE_ROOT / "target-scores"
 
 
 class TargetScores:

@@ -151,17 +151,21 @@ def aggregates(records: list[dict]) -> dict:
             "mos": mean("mos"), "target_mos": mean("target_mos")}
 
 
+def _shown(entry: dict) -> str:
+    return "n/a" if entry["value"] is None else f"{entry['value']:.2f} (n={entry['n']})"
+
+
+def format_figures(figures: dict, with_mos: bool) -> str:
+    """The generated clips' aggregates in one phrase: `WER x (n=N), SIM y (n=N)[, MOS z (n=N)]`."""
+    return f"WER {_shown(figures['wer'])}, SIM {_shown(figures['sim'])}" + (f", MOS {_shown(figures['mos'])}" if with_mos else "")
+
+
 def format_aggregates(figures: dict, asr: str, speaker_encoder: str, mos_model: str | None = None) -> str:
     """The protocol's figures as printed lines, with the models that made them and the published figures; the
     mean MOS beside them (the protocol has none: F5-TTS's papers add UTMOS the same way)."""
-
-    def shown(entry: dict) -> str:
-        return "n/a" if entry["value"] is None else f"{entry['value']:.2f} (n={entry['n']})"
-
-    targets = [f"WER {shown(figures['target_wer'])}"] * bool(figures["target_wer"]["n"])
-    targets += [f"MOS {shown(figures['target_mos'])}"] * bool(figures["target_mos"]["n"])
-    lines = [f"Seed-TTS-eval ({PROTOCOL_COMMIT}): WER {shown(figures['wer'])}, SIM {shown(figures['sim'])}"
-             + (f", MOS {shown(figures['mos'])}" if mos_model else "")
+    targets = [f"WER {_shown(figures['target_wer'])}"] * bool(figures["target_wer"]["n"])
+    targets += [f"MOS {_shown(figures['target_mos'])}"] * bool(figures["target_mos"]["n"])
+    lines = [f"Seed-TTS-eval ({PROTOCOL_COMMIT}): {format_figures(figures, bool(mos_model))}"
              + (f"; real targets' {', '.join(targets)}" if targets else ""),
              f"  made with ASR {asr}, speaker encoder {speaker_encoder}"
              + (f" and MOS predictor {mos_model}" if mos_model else "") + f"; published ({PUBLISHED['source']}): "

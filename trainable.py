@@ -420,12 +420,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     kl = torch.zeros(2, dtype=torch.float64, device=device)
     guarded = takes_kl(config, set_names, len(batches))
     for index, batch in enumerate(batches):
-        last = index == len(batches) - 1
-        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        inputs = collate.batch_to_model_inputs(batch, device)
-        if config.text_logits == "labelled":
-            inputs[TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
-        with no_sync, autocast(config.precision, device):
+        inputs = model_inputs(batch, model_config, config, device)
+        with sync_context(model, index == len(batches) - 1), autocast(config.precision, device):
             outputs = model(**inputs)
             loss = model_utils.compute_loss(outputs, inputs["label_audio_ids"])
             total = loss.total
@@ -436,11 +432,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
             (total / len(batches)).backward()
         finite = finite & torch.isfinite(total.detach())
         losses += _loss_vector(loss) * (1 / len(batches))
-        real = outputs.attention_mask.sum()  # positions of the merged text-and-audio sequence the model ran on
-        counts += torch.stack([real, outputs.attention_mask.numel() - real, torch.full_like(real, len(batch.input_ids))])
+        counts += batch_counts(outputs, len(batch.input_ids))
         hits += metrics.teacher_forced_hits(outputs.audio_logits.detach(), inputs["label_audio_ids"], stream_eos)
     grad_norm, skipped = apply_update(model, optimizer, finite, config, world)
     return StepStats(losses, counts, hits, grad_norm, skipped, kl)
+
+
+def model_inputs(batch: HiggsAudioBatchInput, model_config, config: TrainConfig, device: str) -> dict:
+    """A collated batch as the training forward's keyword arguments (with `--text-logits labelled`, the count of
+    labelled text positions that `text_logits_at_labels` takes)."""
+    inputs = collate.batch_to_model_inputs(batch, device)
+    if config.text_logits == "labelled":
+        inputs[TEXT_LABEL_COUNT] = collate.text_label_count(batch, model_config)
+    return inputs
+
+
+def sync_context(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's gradient all-reduce on the step's last micro-batch only."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+
+
+def batch_counts(outputs, samples: int) -> torch.Tensor:
+    """Real and padded positions of the merged text-and-audio sequence the model ran on, and the samples (float64)."""
+    real = outputs.attention_mask.sum()
+    return torch.stack([real, outputs.attention_mask.numel() - real, torch.full_like(real, samples)]).double()
 
 
 def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, finite: torch.Tensor, config: TrainConfig,

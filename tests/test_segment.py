@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import data
 import manifest
 import metrics
 import segment
